@@ -121,6 +121,11 @@ impl OnionPeeler for Relay {
             primitives::array("iv", &layer[32..44]).map_err(|_| Error::Malformed("iv"))?;
         let tag: [u8; TAG_LEN] =
             primitives::array("tag", &layer[44..60]).map_err(|_| Error::Malformed("tag"))?;
+        // X25519 ignores the top bit of a public key, so a layer with it
+        // flipped would open too: refuse non-canonical encodings outright.
+        if layer[31] & 0x80 != 0 {
+            return Err(Error::Malformed("non-canonical ephemeral key"));
+        }
         let shared = self
             .secret
             .diffie_hellman(&eph)
