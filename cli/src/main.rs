@@ -1,1 +1,36 @@
-fn main() {}
+//! `meshwhisper`: the MeshWhisper node binary.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod keys;
+
+/// MeshWhisper: end-to-end encrypted messaging through relays that cannot
+/// read it.
+#[derive(Debug, Parser)]
+#[command(name = "meshwhisper", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Key and identifier tools.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Keys(cmd) => keys::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
