@@ -1,4 +1,501 @@
-//! MeshWhisper's durable state: SQLite through sqlx (embedded by default).
+//! MeshWhisper's durable state, in one SQLite file (through sqlx, bundled
+//! SQLite, WAL) plus media and archive files beside it.
 //!
-//! Filled in by the storage work: mailbox, directory, media, archive, push
-//! registrations, address book and the expiry sweeper.
+//! ```text
+//! <data dir>/meshwhisper.db        SQLite: mailbox, directory, opks, push, address book, metadata
+//! <data dir>/media/<32 hex>        encrypted media blobs
+//! <data dir>/archive/<64 hex>      encrypted archives
+//! <data dir>/tmp/                  uploads in progress (cleared at open)
+//! ```
+//!
+//! # Durability contract
+//!
+//! Every write goes through one writer task ([`writer`]) that commits
+//! queued operations together. When a write returns `Ok`, its transaction
+//! has committed to the write-ahead log: it survives the process being
+//! killed (SIGKILL) at any moment. With the default
+//! [`Durability::Process`] (`synchronous = NORMAL`) a power loss or kernel
+//! crash may lose the most recent commits, though never corrupt the file;
+//! [`Durability::PowerLoss`] (`synchronous = FULL`) fsyncs the log at every
+//! commit, which group commit keeps affordable. Files (media, archives) are
+//! written to `tmp/`, fsynced, and renamed into place before their row is
+//! committed.
+//!
+//! # Bad input
+//!
+//! Oversize values, unknown ids, wrong tokens, a full disk, a corrupt or
+//! foreign database: each gives a typed [`Error`] and changes nothing.
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Connection as _, SqliteConnection};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub mod address_book;
+pub mod archive;
+pub mod directory;
+mod error;
+pub mod mailbox;
+pub mod media;
+pub mod push;
+mod writer;
+
+pub use error::{Error, Result};
+
+/// The schema version this binary writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+/// `PRAGMA application_id` of MeshWhisper databases ('MWND').
+pub const APPLICATION_ID: i64 = 0x4D57_4E44;
+/// The database file name inside the data directory.
+pub const DB_FILE: &str = "meshwhisper.db";
+
+const MS_PER_HOUR: u64 = 3_600_000;
+
+/// How much a committed write survives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Survives the process being killed; the last commits may be lost on
+    /// power loss (`synchronous = NORMAL`). The default: a relay's queued
+    /// packets are retried by senders, and this is several times faster.
+    #[default]
+    Process,
+    /// Survives power loss too (`synchronous = FULL`).
+    PowerLoss,
+}
+
+/// Storage limits and placement. Every limit has a documented default.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory for the database, media and archives.
+    pub data_dir: PathBuf,
+    /// Database file; default `<data_dir>/meshwhisper.db` (reference: `DB_PATH`).
+    pub db_path: Option<PathBuf>,
+    /// See [`Durability`]. Default: `Process`.
+    pub durability: Durability,
+    /// How long a queued packet is kept. Default 30 days (reference: `BLOB_TTL_HOURS` = 720).
+    pub mailbox_ttl_ms: u64,
+    /// Most packets queued per destination hash; the oldest is dropped
+    /// beyond it. Default 500 (reference: `MAX_BLOBS_PER_HASH`).
+    pub mailbox_max_per_dest: u32,
+    /// Largest packet, header included. Default 262 144 (reference: `MAX_BLOB_SIZE`).
+    pub max_packet_bytes: usize,
+    /// Largest media blob. Default 50 MiB (reference: `MAX_MEDIA_SIZE`).
+    pub media_max_bytes: u64,
+    /// How long media is kept. Default 168 h (reference: `MEDIA_TTL_HOURS`).
+    pub media_ttl_ms: u64,
+    /// Largest archive. Default 12 MiB.
+    pub archive_max_bytes: u64,
+    /// Largest prekey bundle. Default 16 KiB.
+    pub bundle_max_bytes: usize,
+    /// One-time prekeys accepted per upload. Default 20.
+    pub opk_max_per_upload: usize,
+    /// One-time prekeys kept per identity. Default 100.
+    pub opk_max_per_identity: u32,
+    /// Largest one-time prekey. Default 1 KiB.
+    pub opk_max_bytes: usize,
+    /// Most address records kept. Default 4096.
+    pub address_book_max: u32,
+    /// Writes queued for the writer before callers wait. Default 8192.
+    pub writer_queue: usize,
+    /// Most writes committed in one transaction. Default 1024.
+    pub writer_batch_max: usize,
+    /// Read connections. Default 4.
+    pub reader_connections: u32,
+    /// Cap on the database size (SQLite `max_page_count`); `None` = the disk.
+    pub max_db_bytes: Option<u64>,
+    /// How long a reader waits for a lock. Default 5 s.
+    pub busy_timeout: Duration,
+}
+
+impl Config {
+    /// Defaults, with everything under `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            db_path: None,
+            durability: Durability::Process,
+            mailbox_ttl_ms: 720 * MS_PER_HOUR,
+            mailbox_max_per_dest: 500,
+            max_packet_bytes: 256 * 1024,
+            media_max_bytes: 50 * 1024 * 1024,
+            media_ttl_ms: 168 * MS_PER_HOUR,
+            archive_max_bytes: 12 * 1024 * 1024,
+            bundle_max_bytes: 16 * 1024,
+            opk_max_per_upload: 20,
+            opk_max_per_identity: 100,
+            opk_max_bytes: 1024,
+            address_book_max: 4096,
+            writer_queue: 8192,
+            writer_batch_max: 1024,
+            reader_connections: 4,
+            max_db_bytes: None,
+            busy_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The database file path.
+    pub fn db_path(&self) -> PathBuf {
+        self.db_path
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(DB_FILE))
+    }
+}
+
+struct Inner {
+    cfg: Config,
+    db_path: PathBuf,
+    readers: SqlitePool,
+    writer: writer::WriterHandle,
+    writer_task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    stats: Arc<writer::WriterStats>,
+}
+
+/// The relay's store. Cheap to clone; all clones share one writer.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("db", &self.inner.db_path)
+            .finish()
+    }
+}
+
+fn connect_options(cfg: &Config, path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(match cfg.durability {
+            Durability::Process => SqliteSynchronous::Normal,
+            Durability::PowerLoss => SqliteSynchronous::Full,
+        })
+        .busy_timeout(cfg.busy_timeout)
+        .foreign_keys(true)
+}
+
+fn mkdir(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).map_err(|e| Error::io("create directory", path, e))
+}
+
+/// Reads the first bytes of an existing database file to tell a foreign or
+/// corrupt file from an SQLite one before SQLite touches it.
+fn check_header(path: &Path) -> Result<()> {
+    use std::io::Read as _;
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io("open", path, e)),
+    };
+    let mut header = [0u8; 16];
+    let mut read = 0;
+    while read < header.len() {
+        match f.read(&mut header[read..]) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(e) => return Err(Error::io("read", path, e)),
+        }
+    }
+    if read == 0 {
+        return Ok(()); // an empty file becomes a new database
+    }
+    if read < 16 || &header != b"SQLite format 3\0" {
+        return Err(Error::Corrupt {
+            path: path.to_path_buf(),
+            detail: "file does not start with the SQLite header".into(),
+        });
+    }
+    Ok(())
+}
+
+async fn pragma_i64(conn: &mut SqliteConnection, path: &Path, sql: &'static str) -> Result<i64> {
+    sqlx::query_scalar::<_, i64>(sql)
+        .fetch_one(conn)
+        .await
+        .map_err(|e| Error::db("read pragma", path, e))
+}
+
+/// Refuses databases of other applications and of newer MeshWhisper
+/// versions, before any migration touches them.
+async fn check_identity(conn: &mut SqliteConnection, path: &Path) -> Result<()> {
+    let app = pragma_i64(conn, path, "PRAGMA application_id").await?;
+    let version = pragma_i64(conn, path, "PRAGMA user_version").await?;
+    if app != 0 && app != APPLICATION_ID {
+        return Err(Error::Foreign {
+            path: path.to_path_buf(),
+            why: format!("application_id is {app:#x}"),
+        });
+    }
+    if app == 0 {
+        let tables: Vec<String> = sqlx::query_scalar(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' \
+             AND name != '_sqlx_migrations' LIMIT 5",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| Error::db("list tables", path, e))?;
+        if !tables.is_empty() {
+            return Err(Error::Foreign {
+                path: path.to_path_buf(),
+                why: format!("it holds other tables ({})", tables.join(", ")),
+            });
+        }
+    }
+    if version > SCHEMA_VERSION {
+        return Err(Error::NewerSchema {
+            path: path.to_path_buf(),
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// What one call of [`Store::sweep`] removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SweepReport {
+    /// Expired queued packets deleted.
+    pub mailbox: u64,
+    /// Expired media blobs deleted (rows and files).
+    pub media: u64,
+    /// Whether there may be more to do (a limit was reached).
+    pub more: bool,
+}
+
+impl Store {
+    /// Opens (creating if needed) the store described by `cfg`, migrating
+    /// the schema. Refuses corrupt, foreign and newer databases.
+    pub async fn open(cfg: Config) -> Result<Self> {
+        mkdir(&cfg.data_dir)?;
+        mkdir(&cfg.data_dir.join("media"))?;
+        mkdir(&cfg.data_dir.join("archive"))?;
+        let tmp = cfg.data_dir.join("tmp");
+        mkdir(&tmp)?;
+        clear_dir(&tmp)?;
+        let db_path = cfg.db_path();
+        if let Some(parent) = db_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            mkdir(parent)?;
+        }
+        check_header(&db_path)?;
+
+        let opts = connect_options(&cfg, &db_path).create_if_missing(true);
+        let mut conn = SqliteConnection::connect_with(&opts)
+            .await
+            .map_err(|e| Error::db("open", &db_path, e))?;
+        check_identity(&mut conn, &db_path).await?;
+        sqlx::migrate!("./migrations")
+            .run(&mut conn)
+            .await
+            .map_err(|source| Error::Migrate {
+                path: db_path.clone(),
+                source,
+            })?;
+        if let Some(max) = cfg.max_db_bytes {
+            let page = pragma_i64(&mut conn, &db_path, "PRAGMA page_size").await?;
+            let pages = (max / page.max(512) as u64).max(1);
+            sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA max_page_count = {pages}")))
+                .execute(&mut conn)
+                .await
+                .map_err(|e| Error::db("set max_page_count", &db_path, e))?;
+        }
+
+        let readers = SqlitePoolOptions::new()
+            .max_connections(cfg.reader_connections.max(1))
+            .connect_with(connect_options(&cfg, &db_path))
+            .await
+            .map_err(|e| Error::db("open readers", &db_path, e))?;
+
+        let ctx = writer::WriterCtx {
+            conn,
+            path: db_path.clone(),
+            counts: mailbox::MailboxCounts::default(),
+            mailbox_max_per_dest: cfg.mailbox_max_per_dest.max(1),
+        };
+        let stats = Arc::new(writer::WriterStats::default());
+        let (writer, task) =
+            writer::spawn(ctx, cfg.writer_queue, cfg.writer_batch_max, stats.clone());
+        tracing::debug!(db = %db_path.display(), "store opened");
+        let store = Self {
+            inner: Arc::new(Inner {
+                cfg,
+                db_path,
+                readers,
+                writer,
+                writer_task: tokio::sync::Mutex::new(Some(task)),
+                stats,
+            }),
+        };
+        // Nothing is uploading yet, so files without rows are leftovers.
+        let orphans = store.media().remove_orphans().await?;
+        if orphans > 0 {
+            tracing::info!(orphans, "removed media files left by an interrupted write");
+        }
+        Ok(store)
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.cfg
+    }
+
+    /// The database file.
+    pub fn db_path(&self) -> &Path {
+        &self.inner.db_path
+    }
+
+    /// The queued-packet store.
+    pub fn mailbox(&self) -> mailbox::Mailbox<'_> {
+        mailbox::Mailbox { store: self }
+    }
+
+    /// The prekey and username directory.
+    pub fn directory(&self) -> directory::Directory<'_> {
+        directory::Directory { store: self }
+    }
+
+    /// Encrypted media blobs.
+    pub fn media(&self) -> media::Media<'_> {
+        media::Media { store: self }
+    }
+
+    /// Encrypted archives.
+    pub fn archive(&self) -> archive::Archive<'_> {
+        archive::Archive { store: self }
+    }
+
+    /// Push wake registrations.
+    pub fn push(&self) -> push::Push<'_> {
+        push::Push { store: self }
+    }
+
+    /// Signed relay address records.
+    pub fn address_book(&self) -> address_book::AddressBook<'_> {
+        address_book::AddressBook { store: self }
+    }
+
+    pub(crate) fn readers(&self) -> &SqlitePool {
+        &self.inner.readers
+    }
+
+    pub(crate) fn writer(&self) -> &writer::WriterHandle {
+        &self.inner.writer
+    }
+
+    pub(crate) fn inner_stats(&self) -> &writer::WriterStats {
+        &self.inner.stats
+    }
+
+    pub(crate) fn db_err(&self, context: &'static str, e: sqlx::Error) -> Error {
+        Error::db(context, &self.inner.db_path, e)
+    }
+
+    /// Transactions committed by the writer so far, and operations in them.
+    pub fn commit_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.inner.stats.batches.load(Relaxed),
+            self.inner.stats.ops.load(Relaxed),
+        )
+    }
+
+    /// Deletes expired packets and media, at most `budget` of each per
+    /// call, so a sweep never holds the writer for long. Call it
+    /// periodically; `more` says whether another call would find work.
+    pub async fn sweep(&self, now_ms: u64, budget: u32) -> Result<SweepReport> {
+        let mailbox = self.mailbox().expire(now_ms, budget).await?;
+        let media = self.media().expire(now_ms, budget).await?;
+        Ok(SweepReport {
+            mailbox,
+            media,
+            more: mailbox >= u64::from(budget) || media >= u64::from(budget),
+        })
+    }
+
+    /// Writes a consistent copy of the database to `out` while writes go
+    /// on (`VACUUM INTO` reads one snapshot). `out` must not exist. Media
+    /// and archive files are not included: copy those directories after.
+    pub async fn backup_to(&self, out: &Path) -> Result<()> {
+        backup_database(&self.inner.db_path, out, self.inner.cfg.busy_timeout).await
+    }
+
+    /// Stops the writer after it has committed everything queued, and
+    /// closes all connections.
+    pub async fn close(&self) {
+        let task = self.inner.writer_task.lock().await.take();
+        if let Some(task) = task {
+            self.inner.writer.shutdown().await;
+            let _ = task.await;
+        }
+        self.inner.readers.close().await;
+    }
+}
+
+/// `VACUUM INTO` from a separate read-only connection: usable on a live
+/// database (a relay writing to it) and from the `backup` command.
+pub async fn backup_database(db: &Path, out: &Path, busy_timeout: Duration) -> Result<()> {
+    if out.exists() {
+        return Err(Error::Invalid {
+            what: "backup destination",
+            why: "file already exists",
+        });
+    }
+    check_header(db)?;
+    if !db.exists() {
+        return Err(Error::io(
+            "open",
+            db,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no database here"),
+        ));
+    }
+    let opts = SqliteConnectOptions::new()
+        .filename(db)
+        .read_only(true)
+        .busy_timeout(busy_timeout);
+    let mut conn = SqliteConnection::connect_with(&opts)
+        .await
+        .map_err(|e| Error::db("open for backup", db, e))?;
+    check_identity(&mut conn, db).await?;
+    let target = out.to_str().ok_or(Error::Invalid {
+        what: "backup destination",
+        why: "path is not UTF-8",
+    })?;
+    sqlx::query("VACUUM INTO ?")
+        .bind(target)
+        .execute(&mut conn)
+        .await
+        .map_err(|e| Error::db("backup (VACUUM INTO)", db, e))?;
+    let _ = conn.close().await;
+    Ok(())
+}
+
+fn clear_dir(dir: &Path) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| Error::io("read directory", dir, e))?;
+    for entry in entries.flatten() {
+        let p = entry.path();
+        if p.is_file() {
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+    Ok(())
+}
+
+/// Fresh random bytes from the operating system.
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    let mut out = [0u8; N];
+    getrandom::fill(&mut out).map_err(|e| Error::Io {
+        op: "read randomness",
+        path: PathBuf::from("getrandom"),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(out)
+}
+
+/// Milliseconds → SQLite INTEGER (saturating; times beyond 2^63 ms do not occur).
+pub(crate) fn ms(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,163 @@
+//! Signed relay address records, newest per relay (last writer wins by
+//! timestamp, as [`AddressRecord::supersedes`] decides), capped at
+//! `address_book_max`, listed in key order for anti-entropy.
+//!
+//! Only verified records exist as [`AddressRecord`] values, so only
+//! verified records are stored; freshness against the clock is the
+//! caller's check ([`AddressRecord::check_fresh`]).
+
+use crate::error::{Error, Result};
+use crate::{Store, ms};
+use meshwhisper_crypto::address_record::AddressRecord;
+use sqlx::Row as _;
+
+/// What an upsert did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upsert {
+    /// A relay not known before.
+    Inserted,
+    /// A newer record replaced the stored one.
+    Replaced,
+    /// The stored record is as new or newer: nothing changed.
+    Unchanged,
+}
+
+/// The address book API of a [`Store`].
+#[derive(Debug, Clone, Copy)]
+pub struct AddressBook<'a> {
+    pub(crate) store: &'a Store,
+}
+
+fn decode_row(bytes: &[u8]) -> Option<AddressRecord> {
+    AddressRecord::decode(bytes).ok()
+}
+
+impl AddressBook<'_> {
+    /// Stores `record` if it is newer than what is stored for its relay.
+    /// When the book is full, a new relay's record displaces the record
+    /// with the oldest timestamp if it is newer than that one, and is
+    /// refused with [`Error::BookFull`] otherwise.
+    pub async fn upsert(&self, record: &AddressRecord, now_ms: u64) -> Result<Upsert> {
+        let key = record.relay_key().to_bytes();
+        let bytes = record.encode();
+        let ts = record.timestamp_ms();
+        let max = i64::from(self.store.config().address_book_max.max(1));
+        let record = record.clone();
+        self.store
+            .writer()
+            .run(Box::new(move |ctx| {
+                Box::pin(async move {
+                    let existing: Option<Vec<u8>> =
+                        sqlx::query_scalar("SELECT record FROM address_book WHERE relay_key = ?")
+                            .bind(key.as_slice())
+                            .fetch_optional(&mut ctx.conn)
+                            .await
+                            .map_err(|e| ctx.db_err("read address record", e))?;
+                    let outcome = match existing.as_deref().and_then(decode_row) {
+                        Some(old) if !record.supersedes(&old) => return Ok(Upsert::Unchanged),
+                        Some(_) => Upsert::Replaced,
+                        None => {
+                            let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM address_book")
+                                .fetch_one(&mut ctx.conn)
+                                .await
+                                .map_err(|e| ctx.db_err("count address book", e))?;
+                            if count >= max {
+                                let oldest = sqlx::query(
+                                    "SELECT relay_key, timestamp_ms FROM address_book \
+                                     ORDER BY timestamp_ms LIMIT 1",
+                                )
+                                .fetch_optional(&mut ctx.conn)
+                                .await
+                                .map_err(|e| ctx.db_err("find oldest record", e))?;
+                                let evict = oldest.and_then(|r| {
+                                    let k: Vec<u8> = r.try_get(0).ok()?;
+                                    let t: i64 = r.try_get(1).ok()?;
+                                    (t < ms(ts)).then_some(k)
+                                });
+                                let Some(victim) = evict else {
+                                    return Err(Error::BookFull { max: max as u64 });
+                                };
+                                sqlx::query("DELETE FROM address_book WHERE relay_key = ?")
+                                    .bind(victim)
+                                    .execute(&mut ctx.conn)
+                                    .await
+                                    .map_err(|e| ctx.db_err("evict address record", e))?;
+                            }
+                            Upsert::Inserted
+                        }
+                    };
+                    sqlx::query(
+                        "INSERT INTO address_book (relay_key, timestamp_ms, record, received_ms) \
+                         VALUES (?, ?, ?, ?) ON CONFLICT (relay_key) DO UPDATE SET \
+                         timestamp_ms = excluded.timestamp_ms, record = excluded.record, \
+                         received_ms = excluded.received_ms",
+                    )
+                    .bind(key.as_slice())
+                    .bind(ms(ts))
+                    .bind(&bytes)
+                    .bind(ms(now_ms))
+                    .execute(&mut ctx.conn)
+                    .await
+                    .map_err(|e| ctx.db_err("store address record", e))?;
+                    Ok(outcome)
+                })
+            }))
+            .await
+    }
+
+    /// The stored record of a relay.
+    pub async fn get(&self, relay_key: &[u8; 32]) -> Result<Option<AddressRecord>> {
+        let bytes: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT record FROM address_book WHERE relay_key = ?")
+                .bind(relay_key.as_slice())
+                .fetch_optional(self.store.readers())
+                .await
+                .map_err(|e| self.store.db_err("read address record", e))?;
+        Ok(bytes.as_deref().and_then(decode_row))
+    }
+
+    /// Up to `limit` records with keys greater than `after`, in key order.
+    pub async fn page(&self, after: Option<[u8; 32]>, limit: u32) -> Result<Vec<AddressRecord>> {
+        let rows: Vec<Vec<u8>> = sqlx::query_scalar(
+            "SELECT record FROM address_book WHERE relay_key > ? ORDER BY relay_key LIMIT ?",
+        )
+        .bind(after.map(|a| a.to_vec()).unwrap_or_default())
+        .bind(i64::from(limit))
+        .fetch_all(self.store.readers())
+        .await
+        .map_err(|e| self.store.db_err("page address book", e))?;
+        Ok(rows.iter().filter_map(|b| decode_row(b)).collect())
+    }
+
+    /// Like [`AddressBook::page`] but only `(key, timestamp)` pairs: the
+    /// digest anti-entropy compares before pulling records.
+    pub async fn digest(&self, after: Option<[u8; 32]>, limit: u32) -> Result<Vec<([u8; 32], u64)>> {
+        let rows = sqlx::query(
+            "SELECT relay_key, timestamp_ms FROM address_book WHERE relay_key > ? \
+             ORDER BY relay_key LIMIT ?",
+        )
+        .bind(after.map(|a| a.to_vec()).unwrap_or_default())
+        .bind(i64::from(limit))
+        .fetch_all(self.store.readers())
+        .await
+        .map_err(|e| self.store.db_err("digest address book", e))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let k: Vec<u8> = r.try_get(0).map_err(|e| self.store.db_err("digest", e))?;
+            let t: i64 = r.try_get(1).map_err(|e| self.store.db_err("digest", e))?;
+            if let Ok(k) = <[u8; 32]>::try_from(k.as_slice()) {
+                out.push((k, t.max(0) as u64));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records stored.
+    pub async fn count(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM address_book")
+            .fetch_one(self.store.readers())
+            .await
+            .map_err(|e| self.store.db_err("count address book", e))?;
+        Ok(n.max(0) as u64)
+    }
+}

@@ -1,0 +1,325 @@
+//! Packets queued for destination hashes whose recipients are offline.
+//!
+//! Each packet is kept until it is delivered (deleted by id), it expires
+//! (`mailbox_ttl_ms`, default 30 days), or `mailbox_max_per_dest` newer
+//! packets for the same hash push it out (default 500; the oldest goes
+//! first and is counted). Pending packets list in arrival order.
+
+use crate::error::{Error, Result};
+use crate::writer::{EnqueueOp, WriterCtx};
+use crate::{Store, ms};
+use meshwhisper_crypto::destination::DestHash;
+use sqlx::Row as _;
+use std::collections::HashMap;
+use tokio::sync::oneshot;
+
+/// Rows per multi-row INSERT (4 bound values each, far under SQLite's
+/// 32 766 variable limit).
+pub(crate) const MAX_ROWS_PER_INSERT: usize = 512;
+/// Entries in the writer's per-hash count cache before it is reset.
+const COUNT_CACHE_MAX: usize = 65_536;
+
+/// The id of a queued packet; ids grow in arrival order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MailboxId(pub i64);
+
+/// What an enqueue did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The new packet's id.
+    pub id: MailboxId,
+    /// Older packets for the same hash dropped to stay within the cap.
+    pub evicted: u32,
+}
+
+/// A queued packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPacket {
+    /// Its id.
+    pub id: MailboxId,
+    /// Its destination hash.
+    pub dest: DestHash,
+    /// The packet bytes, exactly as received.
+    pub packet: Vec<u8>,
+    /// When it arrived, unix ms.
+    pub received_ms: u64,
+    /// When it expires, unix ms.
+    pub expires_ms: u64,
+}
+
+/// Per-hash packet counts, kept by the writer (the only one who changes
+/// them) so enforcing the cap costs no query per insert.
+#[derive(Debug, Default)]
+pub(crate) struct MailboxCounts {
+    counts: HashMap<[u8; 8], u32>,
+}
+
+impl MailboxCounts {
+    pub(crate) fn clear(&mut self) {
+        self.counts.clear();
+    }
+
+    fn forget(&mut self, dest: &[u8; 8]) {
+        self.counts.remove(dest);
+    }
+}
+
+/// Inserts a group of enqueues in one statement and enforces the per-hash
+/// cap. Runs inside the writer's transaction.
+pub(crate) async fn insert_group(ctx: &mut WriterCtx, ops: &[EnqueueOp]) -> Result<Vec<Enqueued>> {
+    if ctx.counts.counts.len() > COUNT_CACHE_MAX {
+        ctx.counts.clear();
+    }
+    // Make sure every hash in the group has a known count.
+    for op in ops {
+        if !ctx.counts.counts.contains_key(&op.dest) {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mailbox WHERE dest = ?")
+                .bind(op.dest.as_slice())
+                .fetch_one(&mut ctx.conn)
+                .await
+                .map_err(|e| ctx.db_err("count mailbox", e))?;
+            ctx.counts
+                .counts
+                .insert(op.dest, u32::try_from(n).unwrap_or(u32::MAX));
+        }
+    }
+    let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+        "INSERT INTO mailbox (dest, packet, received_ms, expires_ms) ",
+    );
+    qb.push_values(ops, |mut b, op| {
+        b.push_bind(op.dest.as_slice())
+            .push_bind(op.packet.as_slice())
+            .push_bind(ms(op.received_ms))
+            .push_bind(ms(op.expires_ms));
+    });
+    qb.push(" RETURNING id");
+    let mut ids: Vec<i64> = qb
+        .build()
+        .fetch_all(&mut ctx.conn)
+        .await
+        .map_err(|e| ctx.db_err("enqueue", e))?
+        .iter()
+        .map(|r| r.try_get::<i64, _>(0))
+        .collect::<Result<_, _>>()
+        .map_err(|e| ctx.db_err("enqueue ids", e))?;
+    // Rows are inserted in VALUES order with increasing ids; RETURNING's
+    // order is unspecified, so sort.
+    ids.sort_unstable();
+    if ids.len() != ops.len() {
+        return Err(Error::Invalid {
+            what: "enqueue",
+            why: "database returned a different number of ids",
+        });
+    }
+
+    let mut results: Vec<Enqueued> = ids
+        .iter()
+        .map(|&id| Enqueued {
+            id: MailboxId(id),
+            evicted: 0,
+        })
+        .collect();
+    // Count per hash and evict the oldest beyond the cap; the eviction is
+    // reported on the last packet of that hash in this group.
+    let cap = ctx.mailbox_max_per_dest;
+    let mut last_of: HashMap<[u8; 8], usize> = HashMap::new();
+    for (i, op) in ops.iter().enumerate() {
+        if let Some(c) = ctx.counts.counts.get_mut(&op.dest) {
+            *c = c.saturating_add(1);
+        }
+        last_of.insert(op.dest, i);
+    }
+    for (dest, i) in last_of {
+        let count = ctx.counts.counts.get(&dest).copied().unwrap_or(0);
+        if count > cap {
+            let excess = count - cap;
+            let deleted = sqlx::query(
+                "DELETE FROM mailbox WHERE id IN \
+                 (SELECT id FROM mailbox WHERE dest = ? ORDER BY id LIMIT ?)",
+            )
+            .bind(dest.as_slice())
+            .bind(i64::from(excess))
+            .execute(&mut ctx.conn)
+            .await
+            .map_err(|e| ctx.db_err("evict oldest", e))?
+            .rows_affected();
+            let deleted = u32::try_from(deleted).unwrap_or(u32::MAX);
+            ctx.counts.counts.insert(dest, count.saturating_sub(deleted));
+            results[i].evicted = deleted;
+        }
+    }
+    Ok(results)
+}
+
+fn row_to_packet(r: &sqlx::sqlite::SqliteRow) -> Result<StoredPacket, sqlx::Error> {
+    let dest: Vec<u8> = r.try_get("dest")?;
+    let mut d = [0u8; 8];
+    if dest.len() == 8 {
+        d.copy_from_slice(&dest);
+    }
+    Ok(StoredPacket {
+        id: MailboxId(r.try_get("id")?),
+        dest: DestHash(d),
+        packet: r.try_get("packet")?,
+        received_ms: r.try_get::<i64, _>("received_ms")?.max(0) as u64,
+        expires_ms: r.try_get::<i64, _>("expires_ms")?.max(0) as u64,
+    })
+}
+
+/// The mailbox API of a [`Store`].
+#[derive(Debug, Clone, Copy)]
+pub struct Mailbox<'a> {
+    pub(crate) store: &'a Store,
+}
+
+impl Mailbox<'_> {
+    /// Queues `packet` for `dest`. When this returns `Ok`, the packet is
+    /// committed (see the crate's durability contract).
+    pub async fn enqueue(&self, dest: DestHash, packet: Vec<u8>, now_ms: u64) -> Result<Enqueued> {
+        let cfg = self.store.config();
+        if packet.len() > cfg.max_packet_bytes {
+            return Err(Error::TooLarge {
+                what: "packet (max_packet_bytes)",
+                got: packet.len() as u64,
+                max: cfg.max_packet_bytes as u64,
+            });
+        }
+        let (reply, rx) = oneshot::channel();
+        self.store
+            .writer()
+            .enqueue(EnqueueOp {
+                dest: dest.0,
+                packet,
+                received_ms: now_ms,
+                expires_ms: now_ms.saturating_add(cfg.mailbox_ttl_ms),
+                reply,
+            })
+            .await?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Up to `limit` unexpired packets for any of `dests`, oldest first.
+    pub async fn pending(
+        &self,
+        dests: &[DestHash],
+        now_ms: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredPacket>> {
+        let mut out = Vec::new();
+        // Bounded IN lists: query in chunks, then merge by id.
+        for chunk in dests.chunks(500) {
+            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "SELECT id, dest, packet, received_ms, expires_ms FROM mailbox WHERE expires_ms > ",
+            );
+            qb.push_bind(ms(now_ms)).push(" AND dest IN (");
+            let mut sep = qb.separated(", ");
+            for d in chunk {
+                sep.push_bind(d.0.to_vec());
+            }
+            qb.push(") ORDER BY id LIMIT ").push_bind(i64::from(limit));
+            let rows = qb
+                .build()
+                .fetch_all(self.store.readers())
+                .await
+                .map_err(|e| self.store.db_err("list pending", e))?;
+            for r in &rows {
+                out.push(row_to_packet(r).map_err(|e| self.store.db_err("read pending", e))?);
+            }
+        }
+        out.sort_by_key(|p| p.id);
+        out.truncate(limit as usize);
+        Ok(out)
+    }
+
+    /// Deletes delivered packets; returns how many existed.
+    pub async fn delete(&self, ids: Vec<MailboxId>) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.store
+            .writer()
+            .run(Box::new(move |ctx| {
+                Box::pin(async move {
+                    let mut deleted = 0u64;
+                    for chunk in ids.chunks(500) {
+                        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                            "DELETE FROM mailbox WHERE id IN (",
+                        );
+                        let mut sep = qb.separated(", ");
+                        for id in chunk {
+                            sep.push_bind(id.0);
+                        }
+                        qb.push(") RETURNING dest");
+                        let rows = qb
+                            .build()
+                            .fetch_all(&mut ctx.conn)
+                            .await
+                            .map_err(|e| ctx.db_err("delete delivered", e))?;
+                        for r in rows {
+                            let dest: Vec<u8> = r.try_get(0).map_err(|e| ctx.db_err("delete", e))?;
+                            if let Ok(d) = <[u8; 8]>::try_from(dest.as_slice()) {
+                                ctx.counts.forget(&d);
+                            }
+                            deleted += 1;
+                        }
+                    }
+                    Ok(deleted)
+                })
+            }))
+            .await
+    }
+
+    /// Deletes up to `max_rows` packets that expired at `now_ms`.
+    pub async fn expire(&self, now_ms: u64, max_rows: u32) -> Result<u64> {
+        self.store
+            .writer()
+            .run(Box::new(move |ctx| {
+                Box::pin(async move {
+                    let rows = sqlx::query(
+                        "DELETE FROM mailbox WHERE id IN (SELECT id FROM mailbox \
+                         WHERE expires_ms <= ? ORDER BY expires_ms LIMIT ?) RETURNING dest",
+                    )
+                    .bind(ms(now_ms))
+                    .bind(i64::from(max_rows))
+                    .fetch_all(&mut ctx.conn)
+                    .await
+                    .map_err(|e| ctx.db_err("expire mailbox", e))?;
+                    for r in &rows {
+                        let dest: Vec<u8> = r.try_get(0).map_err(|e| ctx.db_err("expire", e))?;
+                        if let Ok(d) = <[u8; 8]>::try_from(dest.as_slice()) {
+                            ctx.counts.forget(&d);
+                        }
+                    }
+                    Ok(rows.len() as u64)
+                })
+            }))
+            .await
+    }
+
+    /// Packets queued in total.
+    pub async fn count(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mailbox")
+            .fetch_one(self.store.readers())
+            .await
+            .map_err(|e| self.store.db_err("count mailbox", e))?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Packets queued for one hash.
+    pub async fn count_for(&self, dest: DestHash) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mailbox WHERE dest = ?")
+            .bind(dest.0.as_slice())
+            .fetch_one(self.store.readers())
+            .await
+            .map_err(|e| self.store.db_err("count mailbox", e))?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Packets dropped to enforce the per-hash cap since the store opened.
+    pub fn evicted_total(&self) -> u64 {
+        self.store
+            .inner_stats()
+            .evicted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,369 @@
+//! The single writer: one task owns the only writing connection and commits
+//! queued operations in groups.
+//!
+//! Callers send an [`Op`] over a bounded channel and await a oneshot reply.
+//! The writer takes everything queued (up to `writer_batch_max`), runs it in
+//! one `BEGIN IMMEDIATE … COMMIT`, and answers each caller only after the
+//! commit returned: an `Ok` reply means the change is in the WAL and
+//! survives the process being killed. Consecutive mailbox enqueues become
+//! one multi-row `INSERT`. Other operations run as jobs inside a savepoint:
+//! a job that fails with a logical error (a taken username, a wrong token)
+//! is rolled back alone; a database-level failure (full disk, I/O) aborts
+//! the whole group, and every caller in it gets the error.
+//!
+//! Because every write goes through this one connection, writes never
+//! contend for SQLite's lock, and read-modify-write jobs (claiming a
+//! one-time prekey, taking a username) are atomic without retries.
+
+use crate::error::{Error, Result};
+use crate::mailbox::{Enqueued, MailboxCounts};
+use futures::future::BoxFuture;
+use sqlx::{Connection as _, SqliteConnection};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::{mpsc, oneshot};
+
+/// What the writer task owns and lends to jobs.
+pub(crate) struct WriterCtx {
+    pub(crate) conn: SqliteConnection,
+    pub(crate) path: PathBuf,
+    pub(crate) counts: MailboxCounts,
+    pub(crate) mailbox_max_per_dest: u32,
+}
+
+impl WriterCtx {
+    pub(crate) fn db_err(&self, context: &'static str, e: sqlx::Error) -> Error {
+        Error::db(context, &self.path, e)
+    }
+
+    async fn exec(&mut self, context: &'static str, sql: &'static str) -> Result<()> {
+        sqlx::query(sql)
+            .execute(&mut self.conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::db(context, &self.path, e))
+    }
+}
+
+/// A closure run by the writer inside the group transaction.
+pub(crate) type JobFn<T> =
+    Box<dyn for<'c> FnOnce(&'c mut WriterCtx) -> BoxFuture<'c, Result<T>> + Send>;
+
+/// A type-erased job with its reply channel.
+trait Job: Send {
+    fn run<'c>(&'c mut self, ctx: &'c mut WriterCtx) -> BoxFuture<'c, Outcome>;
+    fn finish(self: Box<Self>, commit: Result<(), Error>);
+}
+
+/// How a job's run ended.
+enum Outcome {
+    Ok,
+    /// A logical failure: roll back this job only.
+    Refused,
+    /// A database failure: abort the group.
+    Fatal(Error),
+}
+
+struct ClosureJob<T> {
+    f: Option<JobFn<T>>,
+    result: Option<Result<T>>,
+    reply: oneshot::Sender<Result<T>>,
+}
+
+fn is_fatal(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::Database { .. } | Error::DiskFull { .. } | Error::Corrupt { .. } | Error::Io { .. }
+    )
+}
+
+impl<T: Send + 'static> Job for ClosureJob<T> {
+    fn run<'c>(&'c mut self, ctx: &'c mut WriterCtx) -> BoxFuture<'c, Outcome> {
+        Box::pin(async move {
+            let Some(f) = self.f.take() else {
+                return Outcome::Refused;
+            };
+            match f(ctx).await {
+                Ok(v) => {
+                    self.result = Some(Ok(v));
+                    Outcome::Ok
+                }
+                Err(e) if is_fatal(&e) => {
+                    let copy = replicate(&e);
+                    self.result = Some(Err(e));
+                    Outcome::Fatal(copy)
+                }
+                Err(e) => {
+                    self.result = Some(Err(e));
+                    Outcome::Refused
+                }
+            }
+        })
+    }
+
+    fn finish(self: Box<Self>, commit: Result<(), Error>) {
+        let reply = match (commit, self.result) {
+            (Err(e), _) => Err(e),
+            (Ok(()), Some(r)) => r,
+            (Ok(()), None) => Err(Error::Closed),
+        };
+        let _ = self.reply.send(reply);
+    }
+}
+
+/// A mailbox enqueue, batched with its neighbours into one INSERT.
+pub(crate) struct EnqueueOp {
+    pub(crate) dest: [u8; 8],
+    pub(crate) packet: Vec<u8>,
+    pub(crate) received_ms: u64,
+    pub(crate) expires_ms: u64,
+    pub(crate) reply: oneshot::Sender<Result<Enqueued>>,
+}
+
+/// Errors are not `Clone`; give each caller of a failed group its own copy.
+pub(crate) fn replicate(e: &Error) -> Error {
+    match e {
+        Error::DiskFull { path } => Error::DiskFull { path: path.clone() },
+        Error::Corrupt { path, detail } => Error::Corrupt {
+            path: path.clone(),
+            detail: detail.clone(),
+        },
+        Error::Closed => Error::Closed,
+        other => Error::Database {
+            context: "group commit",
+            path: PathBuf::new(),
+            source: sqlx::Error::Protocol(other.to_string()),
+        },
+    }
+}
+
+/// The handle callers use to reach the writer.
+#[derive(Clone)]
+pub(crate) struct WriterHandle {
+    tx: mpsc::Sender<Msg>,
+}
+
+enum Msg {
+    Enqueue(EnqueueOp),
+    Job(Box<dyn Job>),
+    /// Commit what came before, then stop.
+    Shutdown,
+}
+
+impl WriterHandle {
+    pub(crate) async fn enqueue(&self, op: EnqueueOp) -> Result<()> {
+        self.tx.send(Msg::Enqueue(op)).await.map_err(|_| Error::Closed)
+    }
+
+    /// Asks the writer to stop once everything queued before is committed.
+    pub(crate) async fn shutdown(&self) {
+        let _ = self.tx.send(Msg::Shutdown).await;
+    }
+
+    /// Runs `f` in the writer and returns its result once committed.
+    pub(crate) async fn run<T: Send + 'static>(&self, f: JobFn<T>) -> Result<T> {
+        let (reply, rx) = oneshot::channel();
+        let job = ClosureJob {
+            f: Some(f),
+            result: None,
+            reply,
+        };
+        self.tx
+            .send(Msg::Job(Box::new(job)))
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+}
+
+/// Counters the writer keeps for metrics.
+#[derive(Debug, Default)]
+pub(crate) struct WriterStats {
+    pub(crate) evicted: AtomicU64,
+    pub(crate) batches: AtomicU64,
+    pub(crate) ops: AtomicU64,
+}
+
+/// Starts the writer task.
+pub(crate) fn spawn(
+    ctx: WriterCtx,
+    queue: usize,
+    batch_max: usize,
+    stats: Arc<WriterStats>,
+) -> (WriterHandle, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(queue.max(1));
+    let task = tokio::spawn(run(ctx, rx, batch_max.max(1), stats));
+    (WriterHandle { tx }, task)
+}
+
+async fn run(mut ctx: WriterCtx, mut rx: mpsc::Receiver<Msg>, batch_max: usize, stats: Arc<WriterStats>) {
+    let mut batch = Vec::with_capacity(batch_max);
+    loop {
+        // Wait for one operation, then take whatever else is already queued.
+        match rx.recv_many(&mut batch, batch_max).await {
+            0 => break,
+            _ => {
+                let stop = batch.iter().position(|m| matches!(m, Msg::Shutdown));
+                if let Some(i) = stop {
+                    // Operations after the stop are dropped: their callers
+                    // see the store closed.
+                    batch.truncate(i);
+                }
+                if !batch.is_empty() {
+                    stats.batches.fetch_add(1, Ordering::Relaxed);
+                    stats.ops.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    process(&mut ctx, std::mem::take(&mut batch), &stats).await;
+                }
+                if stop.is_some() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = ctx.conn.close().await;
+}
+
+enum Done {
+    Enqueue(oneshot::Sender<Result<Enqueued>>, Enqueued),
+    Job(Box<dyn Job>),
+}
+
+async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
+    let mut done: Vec<Done> = Vec::with_capacity(batch.len());
+    let mut pending: Vec<Msg> = batch;
+    pending.reverse();
+    if let Err(e) = ctx.exec("begin", "BEGIN IMMEDIATE").await {
+        fail_all(pending.into_iter().filter_map(msg_to_failed), &e);
+        return;
+    }
+    let mut fatal: Option<Error> = None;
+    let mut evicted_total = 0u64;
+    while let Some(msg) = pending.pop() {
+        if fatal.is_some() {
+            pending.push(msg);
+            break;
+        }
+        match msg {
+            Msg::Enqueue(first) => {
+                let mut group = vec![first];
+                while group.len() < crate::mailbox::MAX_ROWS_PER_INSERT {
+                    match pending.pop() {
+                        Some(Msg::Enqueue(op)) => group.push(op),
+                        Some(other) => {
+                            pending.push(other);
+                            break;
+                        }
+                        None => break,
+                    }
+                }
+                match crate::mailbox::insert_group(ctx, &group).await {
+                    Ok(results) => {
+                        for (op, r) in group.into_iter().zip(results) {
+                            evicted_total += u64::from(r.evicted);
+                            done.push(Done::Enqueue(op.reply, r));
+                        }
+                    }
+                    Err(e) => {
+                        for op in group {
+                            let _ = op.reply.send(Err(replicate(&e)));
+                        }
+                        fatal = Some(e);
+                    }
+                }
+            }
+            Msg::Job(mut job) => {
+                if let Err(e) = ctx.exec("savepoint", "SAVEPOINT job").await {
+                    job.finish(Err(replicate(&e)));
+                    fatal = Some(e);
+                    continue;
+                }
+                match job.run(ctx).await {
+                    Outcome::Ok => {
+                        if let Err(e) = ctx.exec("release savepoint", "RELEASE job").await {
+                            job.finish(Err(replicate(&e)));
+                            fatal = Some(e);
+                            continue;
+                        }
+                        done.push(Done::Job(job));
+                    }
+                    Outcome::Refused => {
+                        let rolled = ctx.exec("rollback savepoint", "ROLLBACK TO job").await;
+                        let released = ctx.exec("release savepoint", "RELEASE job").await;
+                        if let Err(e) = rolled.and(released) {
+                            job.finish(Err(replicate(&e)));
+                            fatal = Some(e);
+                            continue;
+                        }
+                        // The job's own (logical) error is its reply.
+                        job.finish(Ok(()));
+                    }
+                    Outcome::Fatal(e) => {
+                        job.finish(Err(replicate(&e)));
+                        fatal = Some(e);
+                    }
+                }
+            }
+            Msg::Shutdown => {}
+        }
+    }
+    if let Some(e) = fatal {
+        let _ = ctx.exec("rollback", "ROLLBACK").await;
+        ctx.counts.clear();
+        fail_done(done, &e);
+        fail_all(pending.into_iter().filter_map(msg_to_failed), &e);
+        return;
+    }
+    match ctx.exec("commit", "COMMIT").await {
+        Ok(()) => {
+            stats.evicted.fetch_add(evicted_total, Ordering::Relaxed);
+            for d in done {
+                match d {
+                    Done::Enqueue(reply, r) => {
+                        let _ = reply.send(Ok(r));
+                    }
+                    Done::Job(job) => job.finish(Ok(())),
+                }
+            }
+        }
+        Err(e) => {
+            let _ = ctx.exec("rollback", "ROLLBACK").await;
+            ctx.counts.clear();
+            fail_done(done, &e);
+        }
+    }
+}
+
+enum Failed {
+    Enqueue(oneshot::Sender<Result<Enqueued>>),
+    Job(Box<dyn Job>),
+}
+
+fn msg_to_failed(m: Msg) -> Option<Failed> {
+    match m {
+        Msg::Enqueue(op) => Some(Failed::Enqueue(op.reply)),
+        Msg::Job(j) => Some(Failed::Job(j)),
+        Msg::Shutdown => None,
+    }
+}
+
+fn fail_all(items: impl Iterator<Item = Failed>, e: &Error) {
+    for f in items {
+        match f {
+            Failed::Enqueue(reply) => {
+                let _ = reply.send(Err(replicate(e)));
+            }
+            Failed::Job(job) => job.finish(Err(replicate(e))),
+        }
+    }
+}
+
+fn fail_done(done: Vec<Done>, e: &Error) {
+    fail_all(
+        done.into_iter().map(|d| match d {
+            Done::Enqueue(reply, _) => Failed::Enqueue(reply),
+            Done::Job(j) => Failed::Job(j),
+        }),
+        e,
+    );
+}
