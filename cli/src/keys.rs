@@ -48,10 +48,12 @@ impl std::fmt::Debug for Hex32 {
 fn hex32(s: &str) -> Result<Hex32, String> {
     let s = s.trim();
     let bytes = hex::decode(s).map_err(|e| format!("not hex: {e}"))?;
-    let arr: [u8; 32] = bytes
-        .as_slice()
-        .try_into()
-        .map_err(|_| format!("expected 32 bytes (64 hex digits), got {} bytes", bytes.len()))?;
+    let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+        format!(
+            "expected 32 bytes (64 hex digits), got {} bytes",
+            bytes.len()
+        )
+    })?;
     Ok(Hex32(Zeroizing::new(arr)))
 }
 
@@ -71,7 +73,11 @@ pub fn run(cmd: KeysCommand) -> anyhow::Result<()> {
         }
         KeysCommand::X25519FromEd25519 { seed } => {
             let id = IdentityKeyPair::from_seed(&seed.0);
-            writeln!(out, "ed25519_public_key={}", hex::encode(id.public().to_bytes()))?;
+            writeln!(
+                out,
+                "ed25519_public_key={}",
+                hex::encode(id.public().to_bytes())
+            )?;
             writeln!(
                 out,
                 "x25519_public_key={}",

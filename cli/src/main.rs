@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod backup;
 mod keys;
 
 /// MeshWhisper: end-to-end encrypted messaging through relays that cannot
@@ -19,12 +20,15 @@ enum Command {
     /// Key and identifier tools.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Copy a relay's database consistently, even while the relay runs.
+    Backup(backup::BackupArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Keys(cmd) => keys::run(cmd),
+        Command::Backup(args) => backup::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -41,8 +41,8 @@ fn run(args: &[&str]) -> (i32, String, String) {
 fn reproduces_every_vector() {
     let mut checked = 0;
     for file in vector_files() {
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(&file).expect("read"))
-            .expect("json");
+        let v: Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).expect("read")).expect("json");
         for c in v["dest_hash"].as_array().into_iter().flatten() {
             let hour = c["epoch_hour"].as_u64().expect("hour").to_string();
             let (code, stdout, stderr) = run(&[
@@ -95,16 +95,40 @@ fn bad_hex_and_lengths_exit_2() {
         vec!["keys", "x25519-from-ed25519", "--seed", "0101"],
         vec!["keys", "x25519-from-ed25519", "--seed", &key[..63]],
         vec![
-            "keys", "dest-hash", "--app-bundle-id", "a", "--developer-key", "11",
-            "--recipient-key", &key, "--epoch-hour", "1",
+            "keys",
+            "dest-hash",
+            "--app-bundle-id",
+            "a",
+            "--developer-key",
+            "11",
+            "--recipient-key",
+            &key,
+            "--epoch-hour",
+            "1",
         ],
         vec![
-            "keys", "dest-hash", "--app-bundle-id", "a", "--developer-key", &key,
-            "--recipient-key", "xyz", "--epoch-hour", "1",
+            "keys",
+            "dest-hash",
+            "--app-bundle-id",
+            "a",
+            "--developer-key",
+            &key,
+            "--recipient-key",
+            "xyz",
+            "--epoch-hour",
+            "1",
         ],
         vec![
-            "keys", "dest-hash", "--app-bundle-id", "a", "--developer-key", &key,
-            "--recipient-key", &key, "--epoch-hour", "-1",
+            "keys",
+            "dest-hash",
+            "--app-bundle-id",
+            "a",
+            "--developer-key",
+            &key,
+            "--recipient-key",
+            &key,
+            "--epoch-hour",
+            "-1",
         ],
         vec!["keys", "dest-hash", "--app-bundle-id", "a"],
     ];

@@ -28,7 +28,14 @@ fn primitives(c: &mut Criterion) {
     let nonce = [1u8; 12];
     let kib = vec![0x5au8; 1024];
     c.bench_function("prim/aes256gcm_seal_1k", |bench| {
-        bench.iter(|| black_box(primitives::aes256gcm_seal(&key, &nonce, &[], black_box(&kib))))
+        bench.iter(|| {
+            black_box(primitives::aes256gcm_seal(
+                &key,
+                &nonce,
+                &[],
+                black_box(&kib),
+            ))
+        })
     });
     c.bench_function("prim/chacha20poly1305_seal_1k", |bench| {
         bench.iter(|| {
@@ -123,7 +130,9 @@ fn operations(c: &mut Criterion) {
     let r2: Vec<v2::Relay> = secrets.iter().cloned().map(v2::Relay::new).collect();
     c.bench_function("op/onion_v2_3hop_build_peel", |bench| {
         bench.iter(|| {
-            let mut layer = v2::Sender.build(&mut rng, &path, &packet[..900]).expect("build");
+            let mut layer = v2::Sender
+                .build(&mut rng, &path, &packet[..900])
+                .expect("build");
             for r in &r2 {
                 match r.peel(&layer).expect("peel") {
                     Peeled::Forward { layer: l, .. } => layer = l,

@@ -1,1 +1,129 @@
-fn main(){}
+//! Enqueue throughput: group commit (the store's writer) against one
+//! transaction per insert, in the same run, for both durability settings.
+//!
+//! `cargo bench -p meshwhisper-storage --bench enqueue`
+//! Prints a markdown table; figures are recorded in docs/benchmarks.md.
+
+use meshwhisper_crypto::destination::DestHash;
+use meshwhisper_storage::{Config, Durability, Store};
+use sqlx::Connection as _;
+use std::time::{Duration, Instant};
+
+const PACKET: usize = 1024;
+const NOW: u64 = 1_700_000_000_000;
+
+fn config(dir: &std::path::Path, durability: Durability) -> Config {
+    let mut c = Config::new(dir);
+    c.durability = durability;
+    c.mailbox_max_per_dest = u32::MAX;
+    c
+}
+
+/// One INSERT per transaction on a plain connection with the same pragmas.
+async fn naive(durability: Durability, budget: Duration, max: u64) -> (u64, Duration) {
+    let dir = tempfile::tempdir().expect("tmp");
+    Store::open(config(dir.path(), durability))
+        .await
+        .expect("schema")
+        .close()
+        .await;
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(dir.path().join(meshwhisper_storage::DB_FILE))
+        .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+        .synchronous(match durability {
+            Durability::Process => sqlx::sqlite::SqliteSynchronous::Normal,
+            Durability::PowerLoss => sqlx::sqlite::SqliteSynchronous::Full,
+        });
+    let mut conn = sqlx::SqliteConnection::connect_with(&opts)
+        .await
+        .expect("connect");
+    let packet = vec![0x5au8; PACKET];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while n < max && start.elapsed() < budget {
+        let mut tx = conn.begin().await.expect("begin");
+        sqlx::query(
+            "INSERT INTO mailbox (dest, packet, received_ms, expires_ms) VALUES (?, ?, ?, ?)",
+        )
+        .bind((n % 64).to_be_bytes().to_vec())
+        .bind(&packet)
+        .bind(NOW as i64)
+        .bind((NOW + 1) as i64)
+        .execute(&mut *tx)
+        .await
+        .expect("insert");
+        tx.commit().await.expect("commit");
+        n += 1;
+    }
+    (n, start.elapsed())
+}
+
+/// `tasks` concurrent callers of `Store::enqueue`, `total` packets.
+async fn grouped(durability: Durability, tasks: u64, total: u64) -> (u64, Duration, f64) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = Store::open(config(dir.path(), durability))
+        .await
+        .expect("open");
+    let per = total / tasks;
+    let start = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|t| {
+            let s = store.clone();
+            tokio::spawn(async move {
+                for i in 0..per {
+                    let dest = DestHash(((t * per + i) % 64).to_be_bytes());
+                    s.mailbox()
+                        .enqueue(dest, vec![0x5au8; PACKET], NOW)
+                        .await
+                        .expect("enqueue");
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.expect("join");
+    }
+    let elapsed = start.elapsed();
+    let (batches, ops) = store.commit_stats();
+    store.close().await;
+    (per * tasks, elapsed, ops as f64 / batches.max(1) as f64)
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; accept and ignore libtest flags.
+    let quick = std::env::args().any(|a| a == "--quick");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let total = if quick { 20_000 } else { 200_000 };
+    println!("| durability | method | enqueues | seconds | enqueues/s | avg group |");
+    println!("|---|---|---|---|---|---|");
+    for durability in [Durability::Process, Durability::PowerLoss] {
+        let label = match durability {
+            Durability::Process => "process (NORMAL)",
+            Durability::PowerLoss => "power loss (FULL)",
+        };
+        let (n, t) = rt.block_on(naive(
+            durability,
+            Duration::from_secs(if quick { 1 } else { 5 }),
+            total,
+        ));
+        let naive_rate = n as f64 / t.as_secs_f64();
+        println!(
+            "| {label} | one transaction per insert | {n} | {:.2} | {naive_rate:.0} | 1 |",
+            t.as_secs_f64()
+        );
+        let (n, t, avg) = rt.block_on(grouped(durability, 256, total));
+        let rate = n as f64 / t.as_secs_f64();
+        println!(
+            "| {label} | group commit, 256 callers | {n} | {:.2} | {rate:.0} | {avg:.0} |",
+            t.as_secs_f64()
+        );
+        println!(
+            "| {label} | **ratio** | | | **{:.1}×** | |",
+            rate / naive_rate
+        );
+    }
+}

@@ -57,10 +57,11 @@ impl AddressBook<'_> {
                         Some(old) if !record.supersedes(&old) => return Ok(Upsert::Unchanged),
                         Some(_) => Upsert::Replaced,
                         None => {
-                            let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM address_book")
-                                .fetch_one(&mut ctx.conn)
-                                .await
-                                .map_err(|e| ctx.db_err("count address book", e))?;
+                            let count: i64 =
+                                sqlx::query_scalar("SELECT COUNT(*) FROM address_book")
+                                    .fetch_one(&mut ctx.conn)
+                                    .await
+                                    .map_err(|e| ctx.db_err("count address book", e))?;
                             if count >= max {
                                 let oldest = sqlx::query(
                                     "SELECT relay_key, timestamp_ms FROM address_book \
@@ -131,7 +132,11 @@ impl AddressBook<'_> {
 
     /// Like [`AddressBook::page`] but only `(key, timestamp)` pairs: the
     /// digest anti-entropy compares before pulling records.
-    pub async fn digest(&self, after: Option<[u8; 32]>, limit: u32) -> Result<Vec<([u8; 32], u64)>> {
+    pub async fn digest(
+        &self,
+        after: Option<[u8; 32]>,
+        limit: u32,
+    ) -> Result<Vec<([u8; 32], u64)>> {
         let rows = sqlx::query(
             "SELECT relay_key, timestamp_ms FROM address_book WHERE relay_key > ? \
              ORDER BY relay_key LIMIT ?",

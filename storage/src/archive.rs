@@ -20,7 +20,13 @@ pub struct Archive<'a> {
 impl Archive<'_> {
     /// Stores `bytes` as `owner`'s archive, authorised by `token`.
     /// Returns the size stored.
-    pub async fn put(&self, owner: [u8; 32], token: &str, bytes: &[u8], now_ms: u64) -> Result<u64> {
+    pub async fn put(
+        &self,
+        owner: [u8; 32],
+        token: &str,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Result<u64> {
         let max = self.store.config().archive_max_bytes;
         if bytes.len() as u64 > max {
             return Err(Error::TooLarge {

@@ -54,8 +54,7 @@ impl std::fmt::Display for UsernamePolicy {
 pub fn normalize_username(raw: &str) -> Option<String> {
     let u = raw.trim().to_lowercase();
     let ok = (3..=30).contains(&u.len())
-        && u
-            .bytes()
+        && u.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
     ok.then_some(u)
 }
@@ -120,7 +119,9 @@ pub struct SignedTransferVerifier;
 impl SignedTransferVerifier {
     /// The signed text.
     pub fn message(namespace: &str, username: &str, new_owner: &str, expires_at_ms: u64) -> String {
-        format!("meshwhisper.username-transfer.v1\n{namespace}\n{username}\n{new_owner}\n{expires_at_ms}")
+        format!(
+            "meshwhisper.username-transfer.v1\n{namespace}\n{username}\n{new_owner}\n{expires_at_ms}"
+        )
     }
 }
 
@@ -355,12 +356,13 @@ impl Directory<'_> {
                     .execute(&mut ctx.conn)
                     .await
                     .map_err(|e| ctx.db_err("set policy", e))?;
-                    let current: String =
-                        sqlx::query_scalar("SELECT policy FROM namespace_policy WHERE namespace = ?")
-                            .bind(&ns)
-                            .fetch_one(&mut ctx.conn)
-                            .await
-                            .map_err(|e| ctx.db_err("read policy", e))?;
+                    let current: String = sqlx::query_scalar(
+                        "SELECT policy FROM namespace_policy WHERE namespace = ?",
+                    )
+                    .bind(&ns)
+                    .fetch_one(&mut ctx.conn)
+                    .await
+                    .map_err(|e| ctx.db_err("read policy", e))?;
                     let current = UsernamePolicy::parse(&current).unwrap_or_default();
                     if current == policy {
                         Ok(())
@@ -406,7 +408,10 @@ impl Directory<'_> {
                 max: cfg.opk_max_per_upload as u64,
             });
         }
-        if let Some(k) = keys.iter().find(|k| k.is_empty() || k.len() > cfg.opk_max_bytes) {
+        if let Some(k) = keys
+            .iter()
+            .find(|k| k.is_empty() || k.len() > cfg.opk_max_bytes)
+        {
             return Err(Error::TooLarge {
                 what: "one-time prekey (opk_max_bytes, non-empty)",
                 got: k.len() as u64,
@@ -512,12 +517,13 @@ impl Directory<'_> {
             .writer()
             .run(Box::new(move |ctx| {
                 Box::pin(async move {
-                    let pinned: Option<Vec<u8>> =
-                        sqlx::query_scalar("SELECT token_hash FROM opk_tokens WHERE public_key = ?")
-                            .bind(&pk)
-                            .fetch_optional(&mut ctx.conn)
-                            .await
-                            .map_err(|e| ctx.db_err("read pool token", e))?;
+                    let pinned: Option<Vec<u8>> = sqlx::query_scalar(
+                        "SELECT token_hash FROM opk_tokens WHERE public_key = ?",
+                    )
+                    .bind(&pk)
+                    .fetch_optional(&mut ctx.conn)
+                    .await
+                    .map_err(|e| ctx.db_err("read pool token", e))?;
                     match pinned {
                         Some(p) if !primitives::ct_eq(&p, &hash) => {
                             return Err(Error::Unauthorized {
@@ -526,12 +532,14 @@ impl Directory<'_> {
                         }
                         Some(_) => {}
                         None => {
-                            sqlx::query("INSERT INTO opk_tokens (public_key, token_hash) VALUES (?, ?)")
-                                .bind(&pk)
-                                .bind(hash.as_slice())
-                                .execute(&mut ctx.conn)
-                                .await
-                                .map_err(|e| ctx.db_err("pin pool token", e))?;
+                            sqlx::query(
+                                "INSERT INTO opk_tokens (public_key, token_hash) VALUES (?, ?)",
+                            )
+                            .bind(&pk)
+                            .bind(hash.as_slice())
+                            .execute(&mut ctx.conn)
+                            .await
+                            .map_err(|e| ctx.db_err("pin pool token", e))?;
                         }
                     }
                     let r = sqlx::query("DELETE FROM opks WHERE namespace = ? AND public_key = ?")

@@ -298,10 +298,12 @@ impl Store {
         if let Some(max) = cfg.max_db_bytes {
             let page = pragma_i64(&mut conn, &db_path, "PRAGMA page_size").await?;
             let pages = (max / page.max(512) as u64).max(1);
-            sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA max_page_count = {pages}")))
-                .execute(&mut conn)
-                .await
-                .map_err(|e| Error::db("set max_page_count", &db_path, e))?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "PRAGMA max_page_count = {pages}"
+            )))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| Error::db("set max_page_count", &db_path, e))?;
         }
 
         let readers = SqlitePoolOptions::new()

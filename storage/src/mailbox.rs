@@ -13,9 +13,41 @@ use sqlx::Row as _;
 use std::collections::HashMap;
 use tokio::sync::oneshot;
 
-/// Rows per multi-row INSERT (4 bound values each, far under SQLite's
+/// Most rows in one group insert (4 bound values each, far under SQLite's
 /// 32 766 variable limit).
 pub(crate) const MAX_ROWS_PER_INSERT: usize = 512;
+/// Statement sizes a group is split into, largest first.
+const INSERT_CHUNKS: [usize; 5] = [256, 64, 16, 4, 1];
+
+/// The multi-row INSERT for `n` rows (one of [`INSERT_CHUNKS`]).
+fn insert_sql(n: usize) -> sqlx::AssertSqlSafe<&'static str> {
+    static SQL: std::sync::OnceLock<Vec<(usize, String)>> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        INSERT_CHUNKS
+            .iter()
+            .map(|&c| {
+                let mut s = String::from(
+                    "INSERT INTO mailbox (dest, packet, received_ms, expires_ms) VALUES ",
+                );
+                for i in 0..c {
+                    if i > 0 {
+                        s.push_str(", ");
+                    }
+                    s.push_str("(?, ?, ?, ?)");
+                }
+                (c, s)
+            })
+            .collect()
+    });
+    let sql = all
+        .iter()
+        .find(|(c, _)| *c == n)
+        .map(|(_, s)| s.as_str())
+        .unwrap_or(
+            "INSERT INTO mailbox (dest, packet, received_ms, expires_ms) VALUES (?, ?, ?, ?)",
+        );
+    sqlx::AssertSqlSafe(sql)
+}
 /// Entries in the writer's per-hash count cache before it is reset.
 const COUNT_CACHE_MAX: usize = 65_536;
 
@@ -83,33 +115,40 @@ pub(crate) async fn insert_group(ctx: &mut WriterCtx, ops: &[EnqueueOp]) -> Resu
                 .insert(op.dest, u32::try_from(n).unwrap_or(u32::MAX));
         }
     }
-    let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-        "INSERT INTO mailbox (dest, packet, received_ms, expires_ms) ",
-    );
-    qb.push_values(ops, |mut b, op| {
-        b.push_bind(op.dest.as_slice())
-            .push_bind(op.packet.as_slice())
-            .push_bind(ms(op.received_ms))
-            .push_bind(ms(op.expires_ms));
-    });
-    qb.push(" RETURNING id");
-    let mut ids: Vec<i64> = qb
-        .build()
-        .fetch_all(&mut ctx.conn)
-        .await
-        .map_err(|e| ctx.db_err("enqueue", e))?
-        .iter()
-        .map(|r| r.try_get::<i64, _>(0))
-        .collect::<Result<_, _>>()
-        .map_err(|e| ctx.db_err("enqueue ids", e))?;
-    // Rows are inserted in VALUES order with increasing ids; RETURNING's
-    // order is unspecified, so sort.
-    ids.sort_unstable();
-    if ids.len() != ops.len() {
-        return Err(Error::Invalid {
-            what: "enqueue",
-            why: "database returned a different number of ids",
-        });
+    // Insert in chunks of fixed sizes so each statement shape is prepared
+    // once and then served from the statement cache.
+    let mut ids: Vec<i64> = Vec::with_capacity(ops.len());
+    let mut rest = ops;
+    while !rest.is_empty() {
+        let n = INSERT_CHUNKS
+            .iter()
+            .copied()
+            .find(|&c| c <= rest.len())
+            .unwrap_or(1);
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        let mut q = sqlx::query(insert_sql(n));
+        for op in chunk {
+            q = q
+                .bind(op.dest.as_slice())
+                .bind(op.packet.as_slice())
+                .bind(ms(op.received_ms))
+                .bind(ms(op.expires_ms));
+        }
+        let done = q
+            .execute(&mut ctx.conn)
+            .await
+            .map_err(|e| ctx.db_err("enqueue", e))?;
+        if done.rows_affected() != n as u64 {
+            return Err(Error::Invalid {
+                what: "enqueue",
+                why: "database inserted a different number of rows",
+            });
+        }
+        // The writer is the only writer and ids are AUTOINCREMENT, so the
+        // rows of one statement got consecutive ids ending at the last one.
+        let last = done.last_insert_rowid();
+        ids.extend((last - n as i64 + 1)..=last);
     }
 
     let mut results: Vec<Enqueued> = ids
@@ -144,7 +183,9 @@ pub(crate) async fn insert_group(ctx: &mut WriterCtx, ops: &[EnqueueOp]) -> Resu
             .map_err(|e| ctx.db_err("evict oldest", e))?
             .rows_affected();
             let deleted = u32::try_from(deleted).unwrap_or(u32::MAX);
-            ctx.counts.counts.insert(dest, count.saturating_sub(deleted));
+            ctx.counts
+                .counts
+                .insert(dest, count.saturating_sub(deleted));
             results[i].evicted = deleted;
         }
     }
@@ -256,7 +297,8 @@ impl Mailbox<'_> {
                             .await
                             .map_err(|e| ctx.db_err("delete delivered", e))?;
                         for r in rows {
-                            let dest: Vec<u8> = r.try_get(0).map_err(|e| ctx.db_err("delete", e))?;
+                            let dest: Vec<u8> =
+                                r.try_get(0).map_err(|e| ctx.db_err("delete", e))?;
                             if let Ok(d) = <[u8; 8]>::try_from(dest.as_slice()) {
                                 ctx.counts.forget(&d);
                             }

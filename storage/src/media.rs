@@ -19,8 +19,10 @@ pub struct MediaId(String);
 impl MediaId {
     /// Parses and checks an id.
     pub fn parse(s: &str) -> Option<Self> {
-        (s.len() == 32 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
-            .then(|| Self(s.to_string()))
+        (s.len() == 32
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| Self(s.to_string()))
     }
 
     /// The 32 hex digits.
@@ -218,12 +220,14 @@ impl Media<'_> {
 
     /// Metadata of an unexpired blob.
     pub async fn meta(&self, id: &MediaId, now_ms: u64) -> Result<Option<MediaMeta>> {
-        let row = sqlx::query("SELECT size, created_ms, expires_ms FROM media WHERE id = ? AND expires_ms > ?")
-            .bind(id.as_str())
-            .bind(ms(now_ms))
-            .fetch_optional(self.store.readers())
-            .await
-            .map_err(|e| self.store.db_err("read media", e))?;
+        let row = sqlx::query(
+            "SELECT size, created_ms, expires_ms FROM media WHERE id = ? AND expires_ms > ?",
+        )
+        .bind(id.as_str())
+        .bind(ms(now_ms))
+        .fetch_optional(self.store.readers())
+        .await
+        .map_err(|e| self.store.db_err("read media", e))?;
         let Some(r) = row else { return Ok(None) };
         let get = |c: &str| -> Result<u64> {
             r.try_get::<i64, _>(c)
@@ -239,7 +243,11 @@ impl Media<'_> {
     }
 
     /// Opens an unexpired blob for streaming.
-    pub async fn open(&self, id: &MediaId, now_ms: u64) -> Result<Option<(MediaMeta, tokio::fs::File)>> {
+    pub async fn open(
+        &self,
+        id: &MediaId,
+        now_ms: u64,
+    ) -> Result<Option<(MediaMeta, tokio::fs::File)>> {
         let Some(meta) = self.meta(id, now_ms).await? else {
             return Ok(None);
         };
@@ -308,7 +316,9 @@ impl Media<'_> {
             .map_err(|e| Error::io("read media directory", &dir, e))?
         {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(id) = MediaId::parse(&name) else { continue };
+            let Some(id) = MediaId::parse(&name) else {
+                continue;
+            };
             let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM media WHERE id = ?")
                 .bind(id.as_str())
                 .fetch_optional(self.store.readers())

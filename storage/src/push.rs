@@ -41,7 +41,12 @@ pub struct Push<'a> {
 
 impl Push<'_> {
     /// Records (or replaces) the registrations for `dests`.
-    pub async fn register(&self, dests: Vec<DestHash>, reg: Registration, now_ms: u64) -> Result<()> {
+    pub async fn register(
+        &self,
+        dests: Vec<DestHash>,
+        reg: Registration,
+        now_ms: u64,
+    ) -> Result<()> {
         if !matches!(reg.platform.as_str(), "apns" | "fcm" | "webpush") {
             return Err(Error::Invalid {
                 what: "push platform",
@@ -50,7 +55,10 @@ impl Push<'_> {
         }
         check("push token", &reg.token)?;
         check("push topic", reg.topic.as_deref().unwrap_or(""))?;
-        check("push subscription", reg.subscription.as_deref().unwrap_or(""))?;
+        check(
+            "push subscription",
+            reg.subscription.as_deref().unwrap_or(""),
+        )?;
         if dests.len() > 4096 {
             return Err(Error::TooLarge {
                 what: "destination hashes per registration",
@@ -87,11 +95,12 @@ impl Push<'_> {
 
     /// The registration for `dest`.
     pub async fn get(&self, dest: DestHash) -> Result<Option<Registration>> {
-        let row = sqlx::query("SELECT platform, token, topic, subscription FROM push WHERE dest = ?")
-            .bind(dest.0.as_slice())
-            .fetch_optional(self.store.readers())
-            .await
-            .map_err(|e| self.store.db_err("read push", e))?;
+        let row =
+            sqlx::query("SELECT platform, token, topic, subscription FROM push WHERE dest = ?")
+                .bind(dest.0.as_slice())
+                .fetch_optional(self.store.readers())
+                .await
+                .map_err(|e| self.store.db_err("read push", e))?;
         row.map(|r| {
             Ok(Registration {
                 platform: r.try_get("platform")?,

@@ -153,7 +153,10 @@ enum Msg {
 
 impl WriterHandle {
     pub(crate) async fn enqueue(&self, op: EnqueueOp) -> Result<()> {
-        self.tx.send(Msg::Enqueue(op)).await.map_err(|_| Error::Closed)
+        self.tx
+            .send(Msg::Enqueue(op))
+            .await
+            .map_err(|_| Error::Closed)
     }
 
     /// Asks the writer to stop once everything queued before is committed.
@@ -197,7 +200,12 @@ pub(crate) fn spawn(
     (WriterHandle { tx }, task)
 }
 
-async fn run(mut ctx: WriterCtx, mut rx: mpsc::Receiver<Msg>, batch_max: usize, stats: Arc<WriterStats>) {
+async fn run(
+    mut ctx: WriterCtx,
+    mut rx: mpsc::Receiver<Msg>,
+    batch_max: usize,
+    stats: Arc<WriterStats>,
+) {
     let mut batch = Vec::with_capacity(batch_max);
     loop {
         // Wait for one operation, then take whatever else is already queued.

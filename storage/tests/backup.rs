@@ -18,7 +18,10 @@ async fn backup_during_writes_passes_integrity_check() {
         writers.push(tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                s.mailbox().enqueue(dest(w), vec![7; 700], NOW).await.expect("enqueue");
+                s.mailbox()
+                    .enqueue(dest(w), vec![7; 700], NOW)
+                    .await
+                    .expect("enqueue");
                 n += 1;
             }
             n
@@ -37,14 +40,25 @@ async fn backup_during_writes_passes_integrity_check() {
         written += w.await.expect("join");
     }
     let mut c = sqlx::SqliteConnection::connect_with(
-        &sqlx::sqlite::SqliteConnectOptions::new().filename(&out).read_only(true),
+        &sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&out)
+            .read_only(true),
     )
     .await
     .expect("open backup");
-    let check: String = sqlx::query_scalar("PRAGMA integrity_check").fetch_one(&mut c).await.expect("check");
+    let check: String = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_one(&mut c)
+        .await
+        .expect("check");
     assert_eq!(check, "ok");
-    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mailbox").fetch_one(&mut c).await.expect("count");
-    assert!(rows >= 2_000 && rows as u64 <= written, "rows {rows}, written {written}");
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mailbox")
+        .fetch_one(&mut c)
+        .await
+        .expect("count");
+    assert!(
+        rows >= 2_000 && rows as u64 <= written,
+        "rows {rows}, written {written}"
+    );
     drop(c);
     // The backup opens as a store of its own, with the data.
     let restored = tempfile::tempdir().expect("tmp");

@@ -11,7 +11,9 @@ pub fn dest(i: u64) -> DestHash {
 }
 
 pub async fn open(dir: &tempfile::TempDir) -> Store {
-    Store::open(Config::new(dir.path())).await.expect("open store")
+    Store::open(Config::new(dir.path()))
+        .await
+        .expect("open store")
 }
 
 pub async fn open_with(dir: &tempfile::TempDir, f: impl FnOnce(&mut Config)) -> Store {

@@ -21,7 +21,9 @@ fn config(dir: &std::path::Path) -> meshwhisper_storage::Config {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by sigkill_never_loses_acknowledged_packets"]
 async fn crash_child() {
-    let Ok(dir) = std::env::var(CHILD_ENV) else { return };
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let store = meshwhisper_storage::Store::open(config(std::path::Path::new(&dir)))
         .await
         .expect("open");
@@ -33,7 +35,10 @@ async fn crash_child() {
         tokio::spawn(async move {
             let mut i = 0u64;
             loop {
-                let e = s.mailbox().enqueue(dest(w), vec![(i % 251) as u8; 512], NOW).await;
+                let e = s
+                    .mailbox()
+                    .enqueue(dest(w), vec![(i % 251) as u8; 512], NOW)
+                    .await;
                 match e {
                     Ok(e) => {
                         if tx.send(e.id.0).await.is_err() {
@@ -64,7 +69,13 @@ async fn sigkill_never_loses_acknowledged_packets() {
     let delays = [3u64, 17, 41, 5, 90, 1, 60, 23, 130, 9, 75, 33];
     for (round, delay) in delays.iter().enumerate() {
         let mut child = Command::new(&exe)
-            .args(["--exact", "crash_child", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "crash_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_ENV, dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -100,9 +111,19 @@ async fn sigkill_never_loses_acknowledged_packets() {
         assert!(started.elapsed() < Duration::from_secs(60));
         acked.extend(ids);
     }
-    assert!(acked.len() > 100, "too few acknowledged packets: {}", acked.len());
-    eprintln!("{} packets acknowledged across {} kills", acked.len(), delays.len());
-    let store = meshwhisper_storage::Store::open(config(dir.path())).await.expect("reopen");
+    assert!(
+        acked.len() > 100,
+        "too few acknowledged packets: {}",
+        acked.len()
+    );
+    eprintln!(
+        "{} packets acknowledged across {} kills",
+        acked.len(),
+        delays.len()
+    );
+    let store = meshwhisper_storage::Store::open(config(dir.path()))
+        .await
+        .expect("reopen");
     let all: Vec<i64> = store
         .mailbox()
         .pending(&(0..8).map(dest).collect::<Vec<_>>(), NOW, u32::MAX)
@@ -113,5 +134,10 @@ async fn sigkill_never_loses_acknowledged_packets() {
         .collect();
     let present: std::collections::HashSet<i64> = all.into_iter().collect();
     let missing: Vec<&i64> = acked.iter().filter(|id| !present.contains(id)).collect();
-    assert!(missing.is_empty(), "{} acknowledged ids lost, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged ids lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
 }

@@ -45,28 +45,48 @@ async fn register_lookup_and_username_rules() {
     let dir = tempfile::tempdir().expect("tmp");
     let store = open(&dir).await;
     let d = store.directory();
-    d.register(reg("ns", "aa", b"bundle-a", Some("Alice")), verifier(), NOW).await.expect("a");
-    let e = d.by_username("ns", "ALICE").await.expect("get").expect("found");
-    assert_eq!((e.public_key.as_str(), e.bundle.as_slice()), ("aa", b"bundle-a".as_slice()));
+    d.register(reg("ns", "aa", b"bundle-a", Some("Alice")), verifier(), NOW)
+        .await
+        .expect("a");
+    let e = d
+        .by_username("ns", "ALICE")
+        .await
+        .expect("get")
+        .expect("found");
+    assert_eq!(
+        (e.public_key.as_str(), e.bundle.as_slice()),
+        ("aa", b"bundle-a".as_slice())
+    );
     // Same identity, no username: bundle replaced, username kept.
-    d.register(reg("ns", "aa", b"bundle-a2", None), verifier(), NOW).await.expect("a2");
+    d.register(reg("ns", "aa", b"bundle-a2", None), verifier(), NOW)
+        .await
+        .expect("a2");
     let e = d.by_key("ns", "aa").await.expect("get").expect("found");
     assert_eq!(e.username.as_deref(), Some("alice"));
     assert_eq!(e.bundle, b"bundle-a2");
     // Another identity cannot take it without a transfer; nothing changes.
-    let err = d.register(reg("ns", "bb", b"bundle-b", Some("alice")), verifier(), NOW).await;
+    let err = d
+        .register(reg("ns", "bb", b"bundle-b", Some("alice")), verifier(), NOW)
+        .await;
     assert!(matches!(err, Err(Error::UsernameTaken)), "{err:?}");
     assert!(d.by_key("ns", "bb").await.expect("get").is_none());
     // Usernames are per namespace.
-    d.register(reg("other", "bb", b"b", Some("alice")), verifier(), NOW).await.expect("other ns");
+    d.register(reg("other", "bb", b"b", Some("alice")), verifier(), NOW)
+        .await
+        .expect("other ns");
     // Bad input.
     assert!(matches!(
-        d.register(reg("ns", "cc", b"c", Some("x")), verifier(), NOW).await,
-        Err(Error::Invalid { what: "username", .. })
+        d.register(reg("ns", "cc", b"c", Some("x")), verifier(), NOW)
+            .await,
+        Err(Error::Invalid {
+            what: "username",
+            ..
+        })
     ));
     let big = vec![0u8; store.config().bundle_max_bytes + 1];
     assert!(matches!(
-        d.register(reg("ns", "cc", &big, None), verifier(), NOW).await,
+        d.register(reg("ns", "cc", &big, None), verifier(), NOW)
+            .await,
         Err(Error::TooLarge { .. })
     ));
     assert!(d.by_username("ns", "nobody").await.expect("get").is_none());
@@ -78,17 +98,40 @@ async fn namespace_policy_first_writer_wins_and_lww_transfers() {
     let dir = tempfile::tempdir().expect("tmp");
     let store = open(&dir).await;
     let d = store.directory();
-    assert_eq!(d.policy("ns").await.expect("p"), UsernamePolicy::SignedTransfer);
-    d.set_policy("ns", UsernamePolicy::LastWriterWins).await.expect("set");
-    d.set_policy("ns", UsernamePolicy::LastWriterWins).await.expect("same again");
+    assert_eq!(
+        d.policy("ns").await.expect("p"),
+        UsernamePolicy::SignedTransfer
+    );
+    d.set_policy("ns", UsernamePolicy::LastWriterWins)
+        .await
+        .expect("set");
+    d.set_policy("ns", UsernamePolicy::LastWriterWins)
+        .await
+        .expect("same again");
     assert!(matches!(
         d.set_policy("ns", UsernamePolicy::SignedTransfer).await,
-        Err(Error::PolicyConflict { current: UsernamePolicy::LastWriterWins })
+        Err(Error::PolicyConflict {
+            current: UsernamePolicy::LastWriterWins
+        })
     ));
-    d.register(reg("ns", "aa", b"a", Some("bob")), verifier(), NOW).await.expect("a");
-    d.register(reg("ns", "bb", b"b", Some("bob")), verifier(), NOW).await.expect("b takes it");
-    assert_eq!(d.by_username("ns", "bob").await.expect("g").expect("f").public_key, "bb");
-    assert_eq!(d.by_key("ns", "aa").await.expect("g").expect("f").username, None);
+    d.register(reg("ns", "aa", b"a", Some("bob")), verifier(), NOW)
+        .await
+        .expect("a");
+    d.register(reg("ns", "bb", b"b", Some("bob")), verifier(), NOW)
+        .await
+        .expect("b takes it");
+    assert_eq!(
+        d.by_username("ns", "bob")
+            .await
+            .expect("g")
+            .expect("f")
+            .public_key,
+        "bb"
+    );
+    assert_eq!(
+        d.by_key("ns", "aa").await.expect("g").expect("f").username,
+        None
+    );
 }
 
 #[tokio::test]
@@ -99,7 +142,9 @@ async fn signed_transfers_are_verified() {
     let alice = IdentityKeyPair::from_seed(&[1u8; 32]);
     let bob = IdentityKeyPair::from_seed(&[2u8; 32]);
     let (ka, kb) = (hex_key(&alice), hex_key(&bob));
-    d.register(reg("ns", &ka, b"a", Some("carol")), verifier(), NOW).await.expect("alice");
+    d.register(reg("ns", &ka, b"a", Some("carol")), verifier(), NOW)
+        .await
+        .expect("alice");
     let expires = NOW + 60_000;
     let msg = SignedTransferVerifier::message("ns", "carol", &kb, expires);
     let good = TransferAuth {
@@ -116,22 +161,51 @@ async fn signed_transfers_are_verified() {
     // Signed by the wrong key.
     let mut forged = good.clone();
     forged.signature = bob.sign(msg.as_bytes()).to_vec();
-    assert!(matches!(attempt(forged, NOW).await, Err(Error::TransferRejected(_))));
+    assert!(matches!(
+        attempt(forged, NOW).await,
+        Err(Error::TransferRejected(_))
+    ));
     // Naming someone else as the holder.
     let mut wrong_from = good.clone();
     wrong_from.from_public_key = kb.clone();
-    assert!(matches!(attempt(wrong_from, NOW).await, Err(Error::TransferRejected(_))));
+    assert!(matches!(
+        attempt(wrong_from, NOW).await,
+        Err(Error::TransferRejected(_))
+    ));
     // Expired.
-    assert!(matches!(attempt(good.clone(), expires + 1).await, Err(Error::TransferRejected(_))));
+    assert!(matches!(
+        attempt(good.clone(), expires + 1).await,
+        Err(Error::TransferRejected(_))
+    ));
     // Tampered expiry.
     let mut later = good.clone();
     later.expires_at_ms += 1;
-    assert!(matches!(attempt(later, NOW).await, Err(Error::TransferRejected(_))));
-    assert_eq!(d.by_username("ns", "carol").await.expect("g").expect("f").public_key, ka);
+    assert!(matches!(
+        attempt(later, NOW).await,
+        Err(Error::TransferRejected(_))
+    ));
+    assert_eq!(
+        d.by_username("ns", "carol")
+            .await
+            .expect("g")
+            .expect("f")
+            .public_key,
+        ka
+    );
     // The real one moves the username.
     attempt(good, NOW).await.expect("transfer");
-    assert_eq!(d.by_username("ns", "carol").await.expect("g").expect("f").public_key, kb);
-    assert_eq!(d.by_key("ns", &ka).await.expect("g").expect("f").username, None);
+    assert_eq!(
+        d.by_username("ns", "carol")
+            .await
+            .expect("g")
+            .expect("f")
+            .public_key,
+        kb
+    );
+    assert_eq!(
+        d.by_key("ns", &ka).await.expect("g").expect("f").username,
+        None
+    );
 }
 
 #[tokio::test]
@@ -143,7 +217,11 @@ async fn username_race_has_one_winner() {
             let s = store.clone();
             tokio::spawn(async move {
                 s.directory()
-                    .register(reg("ns", &format!("key{i}"), b"x", Some("popular")), verifier(), NOW)
+                    .register(
+                        reg("ns", &format!("key{i}"), b"x", Some("popular")),
+                        verifier(),
+                        NOW,
+                    )
                     .await
             })
         })
@@ -172,12 +250,30 @@ async fn one_time_prekeys_caps_claims_and_purge() {
     ));
     assert_eq!(d.one_time_prekey_count().await.expect("c"), 0);
     for batch in 0..5u8 {
-        assert_eq!(d.add_one_time_prekeys("ns", "aa", keys(batch * 20, 20)).await.expect("add"), 20);
+        assert_eq!(
+            d.add_one_time_prekeys("ns", "aa", keys(batch * 20, 20))
+                .await
+                .expect("add"),
+            20
+        );
     }
     // The pool is full at 100: new keys are not stored, duplicates count.
-    assert_eq!(d.add_one_time_prekeys("ns", "aa", keys(200, 5)).await.expect("add"), 0);
-    assert_eq!(d.add_one_time_prekeys("ns", "aa", keys(0, 3)).await.expect("add"), 3);
-    assert_eq!(d.one_time_prekeys_left("ns", "aa").await.expect("left"), 100);
+    assert_eq!(
+        d.add_one_time_prekeys("ns", "aa", keys(200, 5))
+            .await
+            .expect("add"),
+        0
+    );
+    assert_eq!(
+        d.add_one_time_prekeys("ns", "aa", keys(0, 3))
+            .await
+            .expect("add"),
+        3
+    );
+    assert_eq!(
+        d.one_time_prekeys_left("ns", "aa").await.expect("left"),
+        100
+    );
     assert!(matches!(
         d.add_one_time_prekeys("ns", "aa", vec![vec![]]).await,
         Err(Error::TooLarge { .. })
@@ -201,9 +297,18 @@ async fn one_time_prekeys_caps_claims_and_purge() {
     assert_eq!((got.len(), empty), (100, 20));
 
     // Purge: the first token is pinned; another token is refused.
-    d.add_one_time_prekeys("ns", "aa", keys(0, 4)).await.expect("add");
-    assert_eq!(d.purge_one_time_prekeys("ns", "aa", "secret").await.expect("purge"), 4);
-    d.add_one_time_prekeys("ns", "aa", keys(0, 2)).await.expect("add");
+    d.add_one_time_prekeys("ns", "aa", keys(0, 4))
+        .await
+        .expect("add");
+    assert_eq!(
+        d.purge_one_time_prekeys("ns", "aa", "secret")
+            .await
+            .expect("purge"),
+        4
+    );
+    d.add_one_time_prekeys("ns", "aa", keys(0, 2))
+        .await
+        .expect("add");
     assert!(matches!(
         d.purge_one_time_prekeys("ns", "aa", "guess").await,
         Err(Error::Unauthorized { .. })
@@ -214,6 +319,16 @@ async fn one_time_prekeys_caps_claims_and_purge() {
         d.purge_one_time_prekeys("other", "aa", "guess").await,
         Err(Error::Unauthorized { .. })
     ));
-    assert_eq!(d.purge_one_time_prekeys("ns", "aa", "secret").await.expect("purge"), 2);
-    assert!(d.claim_one_time_prekey("ns", "aa").await.expect("claim").is_none());
+    assert_eq!(
+        d.purge_one_time_prekeys("ns", "aa", "secret")
+            .await
+            .expect("purge"),
+        2
+    );
+    assert!(
+        d.claim_one_time_prekey("ns", "aa")
+            .await
+            .expect("claim")
+            .is_none()
+    );
 }

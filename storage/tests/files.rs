@@ -34,13 +34,20 @@ async fn media_streams_expires_and_leaves_nothing_on_failure() {
     // Over the limit: refused, and no file or row remains.
     let mut up = m.begin().await.expect("begin");
     up.write(&[0; 9_000]).await.expect("write");
-    assert!(matches!(up.write(&[0; 1_001]).await, Err(Error::TooLarge { .. })));
+    assert!(matches!(
+        up.write(&[0; 1_001]).await,
+        Err(Error::TooLarge { .. })
+    ));
     drop(up);
     // Abandoned mid-way: nothing remains either.
     let mut up = m.begin().await.expect("begin");
     up.write(b"partial").await.expect("write");
     drop(up);
-    assert!(files_in(&dir, "tmp").is_empty(), "{:?}", files_in(&dir, "tmp"));
+    assert!(
+        files_in(&dir, "tmp").is_empty(),
+        "{:?}",
+        files_in(&dir, "tmp")
+    );
     assert_eq!(files_in(&dir, "media"), vec![meta.id.to_string()]);
     assert_eq!(m.count().await.expect("count"), 1);
 
@@ -69,7 +76,15 @@ async fn orphaned_media_files_are_removed_at_open() {
     let store = open(&dir).await;
     assert_eq!(files_in(&dir, "media"), vec![kept.id.to_string()]);
     assert!(files_in(&dir, "tmp").is_empty());
-    assert_eq!(store.media().get(&kept.id, NOW).await.expect("get").as_deref(), Some(&b"kept"[..]));
+    assert_eq!(
+        store
+            .media()
+            .get(&kept.id, NOW)
+            .await
+            .expect("get")
+            .as_deref(),
+        Some(&b"kept"[..])
+    );
 }
 
 #[tokio::test]
@@ -80,12 +95,27 @@ async fn archives_pin_their_token() {
     let owner = [7u8; 32];
     assert!(a.get(owner).await.expect("get").is_none());
     assert_eq!(a.put(owner, "tok", b"v1", NOW).await.expect("put"), 2);
-    assert!(matches!(a.put(owner, "other", b"evil", NOW).await, Err(Error::Unauthorized { .. })));
-    assert!(matches!(a.put(owner, "", b"evil", NOW).await, Err(Error::Unauthorized { .. })));
-    assert!(matches!(a.put(owner, "tok", &[0; 1001], NOW).await, Err(Error::TooLarge { .. })));
-    assert_eq!(a.get(owner).await.expect("get").as_deref(), Some(&b"v1"[..]));
+    assert!(matches!(
+        a.put(owner, "other", b"evil", NOW).await,
+        Err(Error::Unauthorized { .. })
+    ));
+    assert!(matches!(
+        a.put(owner, "", b"evil", NOW).await,
+        Err(Error::Unauthorized { .. })
+    ));
+    assert!(matches!(
+        a.put(owner, "tok", &[0; 1001], NOW).await,
+        Err(Error::TooLarge { .. })
+    ));
+    assert_eq!(
+        a.get(owner).await.expect("get").as_deref(),
+        Some(&b"v1"[..])
+    );
     a.put(owner, "tok", b"v2", NOW).await.expect("put");
-    assert_eq!(a.get(owner).await.expect("get").as_deref(), Some(&b"v2"[..]));
+    assert_eq!(
+        a.get(owner).await.expect("get").as_deref(),
+        Some(&b"v2"[..])
+    );
     // Old versions and failed writes leave no files behind.
     assert_eq!(files_in(&dir, "archive").len(), 1);
     assert!(files_in(&dir, "tmp").is_empty());
@@ -103,9 +133,19 @@ async fn push_registrations_persist() {
         topic: None,
         subscription: None,
     };
-    p.register(vec![dest(1), dest(2)], reg.clone(), NOW).await.expect("register");
+    p.register(vec![dest(1), dest(2)], reg.clone(), NOW)
+        .await
+        .expect("register");
     assert!(matches!(
-        p.register(vec![dest(3)], Registration { platform: "sms".into(), ..reg.clone() }, NOW).await,
+        p.register(
+            vec![dest(3)],
+            Registration {
+                platform: "sms".into(),
+                ..reg.clone()
+            },
+            NOW
+        )
+        .await,
         Err(Error::Invalid { .. })
     ));
     store.close().await;
@@ -136,20 +176,46 @@ async fn address_book_last_writer_wins_pages_and_cap() {
     let dir = tempfile::tempdir().expect("tmp");
     let store = open_with(&dir, |c| c.address_book_max = 3).await;
     let b = store.address_book();
-    assert_eq!(b.upsert(&record(1, 100), NOW).await.expect("u"), Upsert::Inserted);
-    assert_eq!(b.upsert(&record(1, 50), NOW).await.expect("u"), Upsert::Unchanged);
-    assert_eq!(b.upsert(&record(1, 100), NOW).await.expect("u"), Upsert::Unchanged);
-    assert_eq!(b.upsert(&record(1, 200), NOW).await.expect("u"), Upsert::Replaced);
+    assert_eq!(
+        b.upsert(&record(1, 100), NOW).await.expect("u"),
+        Upsert::Inserted
+    );
+    assert_eq!(
+        b.upsert(&record(1, 50), NOW).await.expect("u"),
+        Upsert::Unchanged
+    );
+    assert_eq!(
+        b.upsert(&record(1, 100), NOW).await.expect("u"),
+        Upsert::Unchanged
+    );
+    assert_eq!(
+        b.upsert(&record(1, 200), NOW).await.expect("u"),
+        Upsert::Replaced
+    );
     let key1 = record(1, 0).relay_key().to_bytes();
-    assert_eq!(b.get(&key1).await.expect("g").expect("f").timestamp_ms(), 200);
+    assert_eq!(
+        b.get(&key1).await.expect("g").expect("f").timestamp_ms(),
+        200
+    );
     b.upsert(&record(2, 300), NOW).await.expect("u");
     b.upsert(&record(3, 150), NOW).await.expect("u");
     // Full: an older record than every stored one is refused...
-    assert!(matches!(b.upsert(&record(4, 10), NOW).await, Err(Error::BookFull { max: 3 })));
+    assert!(matches!(
+        b.upsert(&record(4, 10), NOW).await,
+        Err(Error::BookFull { max: 3 })
+    ));
     // ...a newer one displaces the oldest (relay 3 at 150).
-    assert_eq!(b.upsert(&record(5, 400), NOW).await.expect("u"), Upsert::Inserted);
+    assert_eq!(
+        b.upsert(&record(5, 400), NOW).await.expect("u"),
+        Upsert::Inserted
+    );
     assert_eq!(b.count().await.expect("c"), 3);
-    assert!(b.get(&record(3, 0).relay_key().to_bytes()).await.expect("g").is_none());
+    assert!(
+        b.get(&record(3, 0).relay_key().to_bytes())
+            .await
+            .expect("g")
+            .is_none()
+    );
 
     // Paging in key order covers everything exactly once.
     let mut seen = Vec::new();
@@ -165,6 +231,10 @@ async fn address_book_last_writer_wins_pages_and_cap() {
     assert_eq!(seen.len(), 3);
     assert!(seen.windows(2).all(|w| w[0].0 < w[1].0));
     let full = b.page(None, 10).await.expect("page");
-    assert_eq!(full.iter().map(|r| r.relay_key().to_bytes()).collect::<Vec<_>>(),
-               seen.iter().map(|(k, _)| *k).collect::<Vec<_>>());
+    assert_eq!(
+        full.iter()
+            .map(|r| r.relay_key().to_bytes())
+            .collect::<Vec<_>>(),
+        seen.iter().map(|(k, _)| *k).collect::<Vec<_>>()
+    );
 }

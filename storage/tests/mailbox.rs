@@ -12,16 +12,44 @@ async fn enqueue_list_delete_in_arrival_order() {
     let mut ids = Vec::new();
     for i in 0..10u8 {
         let d = dest(u64::from(i % 2));
-        ids.push(mb.enqueue(d, vec![i; 40], NOW + u64::from(i)).await.expect("enqueue").id);
+        ids.push(
+            mb.enqueue(d, vec![i; 40], NOW + u64::from(i))
+                .await
+                .expect("enqueue")
+                .id,
+        );
     }
-    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids grow in arrival order");
-    let both = mb.pending(&[dest(0), dest(1)], NOW, 100).await.expect("pending");
-    assert_eq!(both.iter().map(|p| p.packet[0]).collect::<Vec<_>>(), (0..10).collect::<Vec<u8>>());
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids grow in arrival order"
+    );
+    let both = mb
+        .pending(&[dest(0), dest(1)], NOW, 100)
+        .await
+        .expect("pending");
+    assert_eq!(
+        both.iter().map(|p| p.packet[0]).collect::<Vec<_>>(),
+        (0..10).collect::<Vec<u8>>()
+    );
     let evens = mb.pending(&[dest(0)], NOW, 100).await.expect("pending");
-    assert_eq!(evens.iter().map(|p| p.packet[0]).collect::<Vec<_>>(), vec![0, 2, 4, 6, 8]);
+    assert_eq!(
+        evens.iter().map(|p| p.packet[0]).collect::<Vec<_>>(),
+        vec![0, 2, 4, 6, 8]
+    );
     assert_eq!(evens[0].received_ms, NOW);
-    assert_eq!(mb.pending(&[dest(0), dest(1)], NOW, 3).await.expect("p").len(), 3);
-    assert_eq!(mb.delete(vec![ids[0], ids[1], MailboxId(99_999)]).await.expect("delete"), 2);
+    assert_eq!(
+        mb.pending(&[dest(0), dest(1)], NOW, 3)
+            .await
+            .expect("p")
+            .len(),
+        3
+    );
+    assert_eq!(
+        mb.delete(vec![ids[0], ids[1], MailboxId(99_999)])
+            .await
+            .expect("delete"),
+        2
+    );
     assert_eq!(mb.count().await.expect("count"), 8);
     assert_eq!(mb.count_for(dest(0)).await.expect("count"), 4);
     assert!(mb.pending(&[dest(7)], NOW, 10).await.expect("p").is_empty());
@@ -34,13 +62,20 @@ async fn per_hash_cap_drops_oldest_and_counts() {
     let mb = store.mailbox();
     let mut evicted = 0;
     for i in 0..12u8 {
-        evicted += mb.enqueue(dest(1), vec![i], NOW).await.expect("enqueue").evicted;
+        evicted += mb
+            .enqueue(dest(1), vec![i], NOW)
+            .await
+            .expect("enqueue")
+            .evicted;
     }
     mb.enqueue(dest(2), vec![99], NOW).await.expect("enqueue");
     assert_eq!(evicted, 7);
     assert_eq!(mb.evicted_total(), 7);
     let left = mb.pending(&[dest(1)], NOW, 100).await.expect("pending");
-    assert_eq!(left.iter().map(|p| p.packet[0]).collect::<Vec<_>>(), vec![7, 8, 9, 10, 11]);
+    assert_eq!(
+        left.iter().map(|p| p.packet[0]).collect::<Vec<_>>(),
+        vec![7, 8, 9, 10, 11]
+    );
     assert_eq!(mb.count_for(dest(2)).await.expect("count"), 1);
 
     // Concurrent enqueues (one group commit) respect the cap too.
@@ -57,7 +92,11 @@ async fn per_hash_cap_drops_oldest_and_counts() {
     // The cap survives a restart (counts are reloaded from the database).
     store.close().await;
     let store = open_with(&dir, |c| c.mailbox_max_per_dest = 5).await;
-    let r = store.mailbox().enqueue(dest(1), vec![12], NOW).await.expect("enqueue");
+    let r = store
+        .mailbox()
+        .enqueue(dest(1), vec![12], NOW)
+        .await
+        .expect("enqueue");
     assert_eq!(r.evicted, 1);
     assert_eq!(store.mailbox().count_for(dest(1)).await.expect("count"), 5);
 }
@@ -70,10 +109,18 @@ async fn expiry_is_bounded_per_call() {
     for i in 0..25u64 {
         mb.enqueue(dest(i), vec![1], NOW).await.expect("enqueue");
     }
-    mb.enqueue(dest(100), vec![2], NOW + 5000).await.expect("enqueue");
+    mb.enqueue(dest(100), vec![2], NOW + 5000)
+        .await
+        .expect("enqueue");
     // Not yet expired at NOW + 999.
     assert_eq!(mb.expire(NOW + 999, 100).await.expect("expire"), 0);
-    assert!(mb.pending(&[dest(0)], NOW + 1000, 10).await.expect("p").is_empty(), "expired packets are not listed");
+    assert!(
+        mb.pending(&[dest(0)], NOW + 1000, 10)
+            .await
+            .expect("p")
+            .is_empty(),
+        "expired packets are not listed"
+    );
     assert_eq!(mb.expire(NOW + 1000, 10).await.expect("expire"), 10);
     let report = store.sweep(NOW + 1000, 10).await.expect("sweep");
     assert_eq!(report.mailbox, 10);
@@ -89,13 +136,20 @@ async fn oversize_packet_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().expect("tmp");
     let store = open(&dir).await;
     let max = store.config().max_packet_bytes;
-    store.mailbox().enqueue(dest(1), vec![0; max], NOW).await.expect("at the limit");
+    store
+        .mailbox()
+        .enqueue(dest(1), vec![0; max], NOW)
+        .await
+        .expect("at the limit");
     let err = store
         .mailbox()
         .enqueue(dest(1), vec![0; max + 1], NOW)
         .await
         .expect_err("over the limit");
-    assert!(matches!(err, Error::TooLarge { got, .. } if got == max as u64 + 1), "{err}");
+    assert!(
+        matches!(err, Error::TooLarge { got, .. } if got == max as u64 + 1),
+        "{err}"
+    );
     assert!(err.to_string().contains("max_packet_bytes"), "{err}");
     assert_eq!(store.mailbox().count().await.expect("count"), 1);
 }
@@ -104,14 +158,26 @@ async fn oversize_packet_is_refused_and_changes_nothing() {
 async fn data_survives_close_and_reopen() {
     let dir = tempfile::tempdir().expect("tmp");
     let store = open(&dir).await;
-    let id = store.mailbox().enqueue(dest(5), b"kept".to_vec(), NOW).await.expect("e").id;
+    let id = store
+        .mailbox()
+        .enqueue(dest(5), b"kept".to_vec(), NOW)
+        .await
+        .expect("e")
+        .id;
     store.close().await;
     assert!(matches!(
-        store.mailbox().enqueue(dest(5), b"late".to_vec(), NOW).await,
+        store
+            .mailbox()
+            .enqueue(dest(5), b"late".to_vec(), NOW)
+            .await,
         Err(Error::Closed)
     ));
     let store = open(&dir).await;
-    let p = store.mailbox().pending(&[dest(5)], NOW, 10).await.expect("pending");
+    let p = store
+        .mailbox()
+        .pending(&[dest(5)], NOW, 10)
+        .await
+        .expect("pending");
     assert_eq!(p.len(), 1);
     assert_eq!(p[0].id, id);
     assert_eq!(p[0].packet, b"kept");
@@ -124,7 +190,10 @@ async fn full_disk_is_a_typed_error_and_changes_nothing() {
     let mb = store.mailbox();
     let mut acked = 0u64;
     let err = loop {
-        match mb.enqueue(dest(acked % 7), vec![0xAB; 16 * 1024], NOW).await {
+        match mb
+            .enqueue(dest(acked % 7), vec![0xAB; 16 * 1024], NOW)
+            .await
+        {
             Ok(_) => acked += 1,
             Err(e) => break e,
         }
@@ -143,5 +212,7 @@ async fn full_disk_is_a_typed_error_and_changes_nothing() {
         .map(|p| p.id)
         .collect();
     mb.delete(some).await.expect("delete");
-    mb.enqueue(dest(1), vec![1; 1024], NOW).await.expect("works again");
+    mb.enqueue(dest(1), vec![1; 1024], NOW)
+        .await
+        .expect("works again");
 }

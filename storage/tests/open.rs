@@ -10,7 +10,9 @@ async fn raw(path: &std::path::Path) -> sqlx::SqliteConnection {
     let opts = sqlx::sqlite::SqliteConnectOptions::new()
         .filename(path)
         .create_if_missing(true);
-    sqlx::SqliteConnection::connect_with(&opts).await.expect("raw connect")
+    sqlx::SqliteConnection::connect_with(&opts)
+        .await
+        .expect("raw connect")
 }
 
 #[tokio::test]
@@ -18,12 +20,22 @@ async fn migrates_an_empty_file_and_reopens() {
     let dir = tempfile::tempdir().expect("tmp");
     std::fs::write(dir.path().join(DB_FILE), b"").expect("empty file");
     let store = open(&dir).await;
-    store.mailbox().enqueue(dest(1), vec![1], NOW).await.expect("enqueue");
+    store
+        .mailbox()
+        .enqueue(dest(1), vec![1], NOW)
+        .await
+        .expect("enqueue");
     store.close().await;
     let mut c = raw(&dir.path().join(DB_FILE)).await;
-    let v: i64 = sqlx::query_scalar("PRAGMA user_version").fetch_one(&mut c).await.expect("v");
+    let v: i64 = sqlx::query_scalar("PRAGMA user_version")
+        .fetch_one(&mut c)
+        .await
+        .expect("v");
     assert_eq!(v, SCHEMA_VERSION);
-    let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&mut c).await.expect("m");
+    let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(&mut c)
+        .await
+        .expect("m");
     assert_eq!(mode, "wal");
     drop(c);
     let store = open(&dir).await;
@@ -36,13 +48,33 @@ async fn refuses_a_newer_schema() {
     open(&dir).await.close().await;
     let path = dir.path().join(DB_FILE);
     let mut c = raw(&path).await;
-    sqlx::query("PRAGMA user_version = 99").execute(&mut c).await.expect("bump");
-    drop(c);
+    sqlx::query("PRAGMA user_version = 99")
+        .execute(&mut c)
+        .await
+        .expect("bump");
+    // Closing the last connection checkpoints the WAL into the main file.
+    c.close().await.expect("close");
     let before = std::fs::read(&path).expect("read");
-    let err = Store::open(Config::new(dir.path())).await.expect_err("newer");
-    assert!(matches!(err, Error::NewerSchema { found: 99, supported: SCHEMA_VERSION, .. }), "{err}");
+    let err = Store::open(Config::new(dir.path()))
+        .await
+        .expect_err("newer");
+    assert!(
+        matches!(
+            err,
+            Error::NewerSchema {
+                found: 99,
+                supported: SCHEMA_VERSION,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("upgrade"), "{err}");
-    assert_eq!(std::fs::read(&path).expect("read"), before, "file untouched");
+    assert_eq!(
+        std::fs::read(&path).expect("read"),
+        before,
+        "file untouched"
+    );
 }
 
 #[tokio::test]
@@ -50,17 +82,27 @@ async fn refuses_a_foreign_database() {
     let dir = tempfile::tempdir().expect("tmp");
     let path = dir.path().join(DB_FILE);
     let mut c = raw(&path).await;
-    sqlx::query("CREATE TABLE customers (id INTEGER)").execute(&mut c).await.expect("create");
+    sqlx::query("CREATE TABLE customers (id INTEGER)")
+        .execute(&mut c)
+        .await
+        .expect("create");
     drop(c);
-    let err = Store::open(Config::new(dir.path())).await.expect_err("foreign");
+    let err = Store::open(Config::new(dir.path()))
+        .await
+        .expect_err("foreign");
     assert!(matches!(err, Error::Foreign { .. }), "{err}");
     assert!(err.to_string().contains("customers"), "{err}");
 
     let dir2 = tempfile::tempdir().expect("tmp");
     let mut c = raw(&dir2.path().join(DB_FILE)).await;
-    sqlx::query("PRAGMA application_id = 42").execute(&mut c).await.expect("id");
+    sqlx::query("PRAGMA application_id = 42")
+        .execute(&mut c)
+        .await
+        .expect("id");
     drop(c);
-    let err = Store::open(Config::new(dir2.path())).await.expect_err("foreign");
+    let err = Store::open(Config::new(dir2.path()))
+        .await
+        .expect_err("foreign");
     assert!(matches!(err, Error::Foreign { .. }), "{err}");
 }
 
@@ -70,7 +112,9 @@ async fn refuses_a_corrupt_file() {
     let path = dir.path().join(DB_FILE);
     let junk: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
     std::fs::write(&path, &junk).expect("write");
-    let err = Store::open(Config::new(dir.path())).await.expect_err("corrupt");
+    let err = Store::open(Config::new(dir.path()))
+        .await
+        .expect_err("corrupt");
     assert!(matches!(err, Error::Corrupt { .. }), "{err}");
     assert!(err.to_string().contains(DB_FILE), "{err}");
     assert_eq!(std::fs::read(&path).expect("read"), junk, "file untouched");
@@ -81,6 +125,11 @@ async fn refuses_a_corrupt_file() {
     let mut bad = b"SQLite format 3\0".to_vec();
     bad.extend(std::iter::repeat_n(0xEEu8, 4096));
     std::fs::write(&path, &bad).expect("write");
-    let err = Store::open(Config::new(dir.path())).await.expect_err("corrupt");
-    assert!(matches!(err, Error::Corrupt { .. } | Error::Database { .. }), "{err}");
+    let err = Store::open(Config::new(dir.path()))
+        .await
+        .expect_err("corrupt");
+    assert!(
+        matches!(err, Error::Corrupt { .. } | Error::Database { .. }),
+        "{err}"
+    );
 }
