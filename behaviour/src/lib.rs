@@ -1,4 +1,8 @@
-//! The node's libp2p `NetworkBehaviour` and wire codecs.
+//! MeshWhisper's libp2p behaviour and wire codecs.
 //!
-//! State machines only: no sockets of their own, no storage calls, and time
-//! is passed in. Filled in by the relay and federation work.
+//! State machines only: nothing here opens sockets, calls the store or
+//! reads the clock. The node's event loop owns the Swarm and wires these
+//! to storage.
+
+pub mod node;
+pub mod packet;

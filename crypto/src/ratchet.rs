@@ -207,6 +207,8 @@ struct SkippedChain {
 #[derive(Clone)]
 pub struct Session {
     dhs: X25519Secret,
+    /// `dhs`'s public key, cached: deriving it is a scalar multiplication.
+    dhs_public: X25519Public,
     dhr: Option<X25519Public>,
     root: Key,
     cks: Option<Key>,
@@ -244,6 +246,7 @@ impl Session {
             .map_err(|_| Error::BadRatchetKey)?;
         let (root, cks) = kdf_root(shared_key, dh.as_bytes());
         Ok(Self {
+            dhs_public: dhs.public(),
             dhs,
             dhr: Some(*responder_ratchet_key),
             root,
@@ -266,6 +269,7 @@ impl Session {
     ) -> Result<Self, Error> {
         check_ad(associated_data)?;
         Ok(Self {
+            dhs_public: signed_prekey.public(),
             dhs: signed_prekey,
             dhr: None,
             root: key(*shared_key),
@@ -286,7 +290,7 @@ impl Session {
 
     /// This side's current ratchet public key.
     pub fn ratchet_key(&self) -> X25519Public {
-        self.dhs.public()
+        self.dhs_public
     }
 
     /// Number of stored skipped-message keys.
@@ -312,7 +316,7 @@ impl Session {
         let (next, mk) = kdf_chain(cks);
         let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + primitives::TAG_LEN);
         out.push(MESSAGE_VERSION);
-        out.extend_from_slice(self.dhs.public().as_bytes());
+        out.extend_from_slice(self.dhs_public.as_bytes());
         out.put_u32(self.pn);
         out.put_u32(self.ns);
         let (k, nonce) = message_cipher(&mk);
@@ -405,6 +409,7 @@ impl Session {
 
     fn commit(&mut self, next: Pending) {
         if let Some(dhs) = next.dhs {
+            self.dhs_public = dhs.public();
             self.dhs = dhs;
         }
         self.dhr = next.dhr;
@@ -521,6 +526,7 @@ impl Session {
         }
         r.finish()?;
         Ok(Self {
+            dhs_public: dhs.public(),
             dhs,
             dhr,
             root,

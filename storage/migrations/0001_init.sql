@@ -11,7 +11,8 @@ CREATE TABLE mailbox (
     expires_ms  INTEGER NOT NULL
 );
 CREATE INDEX mailbox_dest ON mailbox (dest, id);
-CREATE INDEX mailbox_expiry ON mailbox (expires_ms);
+-- No expiry index: every packet gets the same TTL, so expiry follows id
+-- order and the sweeper scans from the oldest id (one index less per insert).
 
 -- Prekey bundles by (namespace, identity public key), usernames unique per namespace.
 CREATE TABLE directory (

@@ -150,7 +150,31 @@ struct Inner {
     readers: SqlitePool,
     writer: writer::WriterHandle,
     writer_task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    checkpointer: std::sync::Mutex<Option<Checkpointer>>,
     stats: Arc<writer::WriterStats>,
+}
+
+type Checkpointer = (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>);
+
+/// How often the background checkpointer copies the log into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// Copies committed log frames into the database file off the writer's
+/// path (`PASSIVE`: never blocks readers or the writer).
+async fn checkpoint_loop(mut conn: SqliteConnection, mut stop: tokio::sync::oneshot::Receiver<()>) {
+    let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            _ = tick.tick() => {
+                if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&mut conn).await {
+                    tracing::debug!(error = %e, "checkpoint failed");
+                }
+            }
+        }
+    }
+    let _ = conn.close().await;
 }
 
 /// The relay's store. Cheap to clone; all clones share one writer.
@@ -295,6 +319,13 @@ impl Store {
                 path: db_path.clone(),
                 source,
             })?;
+        // Checkpoints copy the log into the database and fsync it; a
+        // background task does that (below) so the writer never stalls on
+        // it. The writer checkpoints itself only past this safety bound.
+        sqlx::query("PRAGMA wal_autocheckpoint = 16384")
+            .execute(&mut conn)
+            .await
+            .map_err(|e| Error::db("set wal_autocheckpoint", &db_path, e))?;
         if let Some(max) = cfg.max_db_bytes {
             let page = pragma_i64(&mut conn, &db_path, "PRAGMA page_size").await?;
             let pages = (max / page.max(512) as u64).max(1);
@@ -321,6 +352,11 @@ impl Store {
         let stats = Arc::new(writer::WriterStats::default());
         let (writer, task) =
             writer::spawn(ctx, cfg.writer_queue, cfg.writer_batch_max, stats.clone());
+        let checkpointer = SqliteConnection::connect_with(&connect_options(&cfg, &db_path))
+            .await
+            .map_err(|e| Error::db("open checkpointer", &db_path, e))?;
+        let (checkpoint_stop, stop_rx) = tokio::sync::oneshot::channel();
+        let checkpoint_task = tokio::spawn(checkpoint_loop(checkpointer, stop_rx));
         tracing::debug!(db = %db_path.display(), "store opened");
         let store = Self {
             inner: Arc::new(Inner {
@@ -329,6 +365,7 @@ impl Store {
                 readers,
                 writer,
                 writer_task: tokio::sync::Mutex::new(Some(task)),
+                checkpointer: std::sync::Mutex::new(Some((checkpoint_stop, checkpoint_task))),
                 stats,
             }),
         };
@@ -428,6 +465,14 @@ impl Store {
     /// Stops the writer after it has committed everything queued, and
     /// closes all connections.
     pub async fn close(&self) {
+        let cp = match self.inner.checkpointer.lock() {
+            Ok(mut g) => g.take(),
+            Err(p) => p.into_inner().take(),
+        };
+        if let Some((stop, task)) = cp {
+            let _ = stop.send(());
+            let _ = task.await;
+        }
         let task = self.inner.writer_task.lock().await.take();
         if let Some(task) = task {
             self.inner.writer.shutdown().await;

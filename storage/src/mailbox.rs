@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 /// 32 766 variable limit).
 pub(crate) const MAX_ROWS_PER_INSERT: usize = 512;
 /// Statement sizes a group is split into, largest first.
-const INSERT_CHUNKS: [usize; 5] = [256, 64, 16, 4, 1];
+const INSERT_CHUNKS: [usize; 8] = [256, 128, 64, 32, 16, 8, 4, 1];
 
 /// The multi-row INSERT for `n` rows (one of [`INSERT_CHUNKS`]).
 fn insert_sql(n: usize) -> sqlx::AssertSqlSafe<&'static str> {
@@ -317,12 +317,15 @@ impl Mailbox<'_> {
             .writer()
             .run(Box::new(move |ctx| {
                 Box::pin(async move {
+                    // Packets expire in arrival order (one TTL for all), so
+                    // look only at the oldest rows: bounded work per call.
                     let rows = sqlx::query(
-                        "DELETE FROM mailbox WHERE id IN (SELECT id FROM mailbox \
-                         WHERE expires_ms <= ? ORDER BY expires_ms LIMIT ?) RETURNING dest",
+                        "DELETE FROM mailbox WHERE id IN (SELECT id FROM \
+                         (SELECT id, expires_ms FROM mailbox ORDER BY id LIMIT ?) \
+                         WHERE expires_ms <= ?) RETURNING dest",
                     )
-                    .bind(ms(now_ms))
                     .bind(i64::from(max_rows))
+                    .bind(ms(now_ms))
                     .fetch_all(&mut ctx.conn)
                     .await
                     .map_err(|e| ctx.db_err("expire mailbox", e))?;

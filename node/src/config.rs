@@ -1,0 +1,429 @@
+//! The relay's configuration: defaults, then a TOML file, then environment
+//! variables (ours and the reference relay's), then command-line flags.
+//! Every limit is a field here with its default documented.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Why a configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("reading config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("parsing config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("invalid setting {key}: {why}")]
+    Invalid {
+        /// The setting (file key or environment variable).
+        key: String,
+        /// Why.
+        why: String,
+    },
+}
+
+/// Durability of acknowledged writes (see docs/operations.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Survive process crashes (SQLite synchronous = NORMAL).
+    #[default]
+    Process,
+    /// Survive power loss (synchronous = FULL).
+    PowerLoss,
+}
+
+/// Relay configuration. Field names are the TOML keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Data directory: database, media, archives, node key. Default `./meshwhisper-data`.
+    pub data_dir: PathBuf,
+    /// Database file; default `<data_dir>/meshwhisper.db`. Env `DB_PATH`.
+    pub db_path: Option<PathBuf>,
+    /// Client gateway (HTTP + WebSocket) address. Default `0.0.0.0:8080`.
+    /// Env `LISTEN_HOST` and `PORT` (reference), or `MESHWHISPER_HTTP`.
+    pub http: String,
+    /// Public base URL for media links; default `http://<Host header>`. Env `BASE_URL`.
+    pub base_url: Option<String>,
+    /// libp2p listen multiaddrs. Default TCP and QUIC on port 4001.
+    pub listen: Vec<String>,
+    /// Trust `X-Forwarded-For` for client IPs (behind a proxy). Env `TRUST_PROXY`.
+    pub trust_proxy: bool,
+    /// Push wake webhook (http://). Env `PUSH_WEBHOOK_URL`.
+    pub push_webhook_url: Option<String>,
+    /// Log filter (tracing syntax), unless `RUST_LOG` is set. Default `info`.
+    pub log: String,
+    /// Storage limits.
+    pub storage: StorageConfig,
+    /// Rate limits and connection bounds.
+    pub limits: Limits,
+}
+
+/// Storage limits (see `meshwhisper_storage::Config`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// See [`Durability`]. Default `process`.
+    pub durability: Durability,
+    /// Queued packet lifetime in hours. Default 720. Env `BLOB_TTL_HOURS`.
+    pub blob_ttl_hours: u64,
+    /// Largest packet in bytes, header included. Default 262144. Env `MAX_BLOB_SIZE`.
+    pub max_blob_size: usize,
+    /// Queued packets per destination hash. Default 500. Env `MAX_BLOBS_PER_HASH`.
+    pub max_blobs_per_hash: u32,
+    /// Media lifetime in hours. Default 168. Env `MEDIA_TTL_HOURS`.
+    pub media_ttl_hours: u64,
+    /// Largest media blob in bytes. Default 52428800. Env `MAX_MEDIA_SIZE`.
+    pub max_media_size: u64,
+    /// Largest archive in bytes. Default 12582912.
+    pub max_archive_size: u64,
+    /// Largest prekey bundle in bytes. Default 16384.
+    pub max_bundle_size: usize,
+    /// Database size cap in bytes (0 = none). Default 0.
+    pub max_db_bytes: u64,
+    /// Expired rows removed per sweep. Default 5000.
+    pub sweep_batch: u32,
+    /// Seconds between sweeps. Default 300 (the reference prunes every 5 minutes).
+    pub sweep_interval_secs: u64,
+}
+
+/// Rate limits (per client IP, per minute, fixed window as in the
+/// reference) and connection bounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// POST /media per minute. Default 20. Env `RATE_LIMIT_MEDIA`.
+    pub rate_limit_media: u32,
+    /// Directory and prekey writes per minute. Default 60. Env `RATE_LIMIT_DIR`.
+    pub rate_limit_dir: u32,
+    /// Reads per minute. Default 300. Env `RATE_LIMIT_READ`.
+    pub rate_limit_read: u32,
+    /// PUT /archive per minute. Default 30. Env `RATE_LIMIT_ARCHIVE`.
+    pub rate_limit_archive: u32,
+    /// Client IPs tracked by the rate limiter. Default 100000.
+    pub rate_limit_max_clients: usize,
+    /// Concurrent WebSocket clients. Default 10000.
+    pub max_websockets: usize,
+    /// Destination hashes one client may register. Default 4096 (the JS SDK registers 720).
+    pub max_hashes_per_client: usize,
+    /// Packets queued to one client before it counts as slow. Default 1024.
+    pub client_queue: usize,
+    /// Largest WebSocket text (control) frame. Default 262144.
+    pub max_control_frame: usize,
+    /// Largest JSON request body. Default 1048576.
+    pub max_json_body: usize,
+    /// Packets sent per drain (hello / pull). Default 1000.
+    pub drain_batch: u32,
+    /// Push webhook calls queued before new ones are dropped (and counted). Default 1024.
+    pub push_queue: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./meshwhisper-data"),
+            db_path: None,
+            http: "0.0.0.0:8080".into(),
+            base_url: None,
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/4001".into(),
+                "/ip4/0.0.0.0/udp/4001/quic-v1".into(),
+            ],
+            trust_proxy: false,
+            push_webhook_url: None,
+            log: "info".into(),
+            storage: StorageConfig::default(),
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            durability: Durability::Process,
+            blob_ttl_hours: 720,
+            max_blob_size: 256 * 1024,
+            max_blobs_per_hash: 500,
+            media_ttl_hours: 168,
+            max_media_size: 50 * 1024 * 1024,
+            max_archive_size: 12 * 1024 * 1024,
+            max_bundle_size: 16 * 1024,
+            max_db_bytes: 0,
+            sweep_batch: 5000,
+            sweep_interval_secs: 300,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            rate_limit_media: 20,
+            rate_limit_dir: 60,
+            rate_limit_read: 300,
+            rate_limit_archive: 30,
+            rate_limit_max_clients: 100_000,
+            max_websockets: 10_000,
+            max_hashes_per_client: 4096,
+            client_queue: 1024,
+            max_control_frame: 256 * 1024,
+            max_json_body: 1024 * 1024,
+            drain_batch: 1000,
+            push_queue: 1024,
+        }
+    }
+}
+
+/// Command-line overrides (highest precedence).
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--http`.
+    pub http: Option<String>,
+    /// `--listen` (repeatable; replaces the list).
+    pub listen: Vec<String>,
+    /// `--log`.
+    pub log: Option<String>,
+}
+
+fn parse_env<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, Error> {
+    v.trim().parse().map_err(|_| Error::Invalid {
+        key: key.into(),
+        why: format!("cannot parse {v:?}"),
+    })
+}
+
+fn truthy(v: &str) -> bool {
+    matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+}
+
+impl Config {
+    /// Builds the effective configuration: defaults, then `file` (if
+    /// given), then `env` (a lookup, normally `std::env::var`), then
+    /// `overrides`. Validates the result.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env: impl Fn(&str) -> Option<String>,
+        overrides: &Overrides,
+    ) -> Result<Self, Error> {
+        let mut cfg = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                toml::from_str::<Config>(&text).map_err(|e| Error::Parse {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                })?
+            }
+            None => Config::default(),
+        };
+        cfg.apply_env(&env)?;
+        if let Some(d) = &overrides.data_dir {
+            cfg.data_dir = d.clone();
+        }
+        if let Some(h) = &overrides.http {
+            cfg.http = h.clone();
+        }
+        if !overrides.listen.is_empty() {
+            cfg.listen = overrides.listen.clone();
+        }
+        if let Some(l) = &overrides.log {
+            cfg.log = l.clone();
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn apply_env(&mut self, env: &impl Fn(&str) -> Option<String>) -> Result<(), Error> {
+        if let Some(v) = env("MESHWHISPER_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = env("DB_PATH") {
+            self.db_path = Some(PathBuf::from(v));
+        }
+        // The reference listens on LISTEN_HOST:PORT.
+        let host = env("LISTEN_HOST");
+        let port = env("PORT");
+        if host.is_some() || port.is_some() {
+            let (cur_host, cur_port) = split_host_port(&self.http);
+            let host = host.unwrap_or(cur_host);
+            let port = port.unwrap_or(cur_port);
+            let port: u16 = parse_env("PORT", &port)?;
+            self.http = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            };
+        }
+        if let Some(v) = env("MESHWHISPER_HTTP") {
+            self.http = v;
+        }
+        if let Some(v) = env("MESHWHISPER_LISTEN") {
+            self.listen = v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        }
+        if let Some(v) = env("BASE_URL") {
+            self.base_url = Some(v).filter(|s| !s.is_empty());
+        }
+        if let Some(v) = env("TRUST_PROXY") {
+            self.trust_proxy = truthy(&v);
+        }
+        if let Some(v) = env("PUSH_WEBHOOK_URL") {
+            self.push_webhook_url = Some(v).filter(|s| !s.is_empty());
+        }
+        let s = &mut self.storage;
+        if let Some(v) = env("BLOB_TTL_HOURS") {
+            s.blob_ttl_hours = parse_env("BLOB_TTL_HOURS", &v)?;
+        }
+        if let Some(v) = env("MAX_BLOB_SIZE") {
+            s.max_blob_size = parse_env("MAX_BLOB_SIZE", &v)?;
+        }
+        if let Some(v) = env("MAX_BLOBS_PER_HASH") {
+            s.max_blobs_per_hash = parse_env("MAX_BLOBS_PER_HASH", &v)?;
+        }
+        if let Some(v) = env("MEDIA_TTL_HOURS") {
+            s.media_ttl_hours = parse_env("MEDIA_TTL_HOURS", &v)?;
+        }
+        if let Some(v) = env("MAX_MEDIA_SIZE") {
+            s.max_media_size = parse_env("MAX_MEDIA_SIZE", &v)?;
+        }
+        let l = &mut self.limits;
+        for (key, slot) in [
+            ("RATE_LIMIT_MEDIA", &mut l.rate_limit_media),
+            ("RATE_LIMIT_DIR", &mut l.rate_limit_dir),
+            ("RATE_LIMIT_READ", &mut l.rate_limit_read),
+            ("RATE_LIMIT_ARCHIVE", &mut l.rate_limit_archive),
+        ] {
+            if let Some(v) = env(key) {
+                *slot = parse_env(key, &v)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks ranges and formats.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |key: &str, why: &str| {
+            Err(Error::Invalid {
+                key: key.into(),
+                why: why.into(),
+            })
+        };
+        if self.http.parse::<std::net::SocketAddr>().is_err() {
+            return bad("http", "must be HOST:PORT with an IP address host");
+        }
+        if let Some(u) = &self.push_webhook_url
+            && !u.starts_with("http://")
+        {
+            return bad("push_webhook_url", "only http:// URLs are supported");
+        }
+        let s = &self.storage;
+        if s.max_blob_size < 31 {
+            return bad("storage.max_blob_size", "must be at least 31 (the packet header)");
+        }
+        if s.max_blobs_per_hash == 0 || s.blob_ttl_hours == 0 || s.media_ttl_hours == 0 {
+            return bad("storage", "counts and TTLs must be positive");
+        }
+        if s.sweep_batch == 0 || s.sweep_interval_secs == 0 {
+            return bad("storage.sweep_*", "must be positive");
+        }
+        let l = &self.limits;
+        if l.max_websockets == 0 || l.client_queue == 0 || l.max_hashes_per_client == 0 {
+            return bad("limits", "bounds must be positive");
+        }
+        Ok(())
+    }
+
+    /// The storage configuration this implies.
+    pub fn storage_config(&self) -> meshwhisper_storage::Config {
+        let mut c = meshwhisper_storage::Config::new(&self.data_dir);
+        c.db_path = self.db_path.clone();
+        let s = &self.storage;
+        c.durability = match s.durability {
+            Durability::Process => meshwhisper_storage::Durability::Process,
+            Durability::PowerLoss => meshwhisper_storage::Durability::PowerLoss,
+        };
+        c.mailbox_ttl_ms = s.blob_ttl_hours.saturating_mul(3_600_000);
+        c.max_packet_bytes = s.max_blob_size;
+        c.mailbox_max_per_dest = s.max_blobs_per_hash;
+        c.media_ttl_ms = s.media_ttl_hours.saturating_mul(3_600_000);
+        c.media_max_bytes = s.max_media_size;
+        c.archive_max_bytes = s.max_archive_size;
+        c.bundle_max_bytes = s.max_bundle_size;
+        c.max_db_bytes = (s.max_db_bytes > 0).then_some(s.max_db_bytes);
+        c
+    }
+
+    /// The effective configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+fn split_host_port(s: &str) -> (String, String) {
+    match s.rsplit_once(':') {
+        Some((h, p)) => (h.trim_start_matches('[').trim_end_matches(']').to_string(), p.to_string()),
+        None => (s.to_string(), "8080".to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn precedence_flags_over_env_over_file() {
+        let dir = std::env::temp_dir().join(format!("mw-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "http = \"127.0.0.1:9000\"\n[storage]\nmax_blobs_per_hash = 7\n[limits]\nrate_limit_read = 5\n").expect("write");
+        let c = Config::load(Some(&file), env(&[]), &Overrides::default()).expect("load");
+        assert_eq!((c.http.as_str(), c.storage.max_blobs_per_hash, c.limits.rate_limit_read), ("127.0.0.1:9000", 7, 5));
+        let c = Config::load(Some(&file), env(&[("PORT", "9100"), ("RATE_LIMIT_READ", "9"), ("TRUST_PROXY", "yes")]), &Overrides::default()).expect("load");
+        assert_eq!((c.http.as_str(), c.limits.rate_limit_read, c.trust_proxy), ("127.0.0.1:9100", 9, true));
+        let o = Overrides { http: Some("127.0.0.1:9200".into()), ..Default::default() };
+        let c = Config::load(Some(&file), env(&[("PORT", "9100")]), &o).expect("load");
+        assert_eq!(c.http, "127.0.0.1:9200");
+        // Round trip through --print-config output.
+        let back: Config = toml::from_str(&c.to_toml()).expect("parse printed");
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let e = Config::load(None, env(&[("MAX_BLOB_SIZE", "big")]), &Overrides::default()).expect_err("bad");
+        assert!(e.to_string().contains("MAX_BLOB_SIZE"), "{e}");
+        let e = Config::load(None, env(&[("MAX_BLOB_SIZE", "10")]), &Overrides::default()).expect_err("bad");
+        assert!(e.to_string().contains("max_blob_size"), "{e}");
+        let dir = std::env::temp_dir().join(format!("mw-cfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "no_such_key = 1\n").expect("write");
+        let e = Config::load(Some(&file), env(&[]), &Overrides::default()).expect_err("bad");
+        assert!(e.to_string().contains("no_such_key"), "{e}");
+    }
+}

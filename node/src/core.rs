@@ -1,0 +1,316 @@
+//! The relay core: which client connection holds which destination hash,
+//! and what happens to a packet. Shared by the WebSocket gateway and the
+//! libp2p device protocol, so a packet from either reaches a recipient on
+//! either.
+//!
+//! A packet is always **stored first**. If its recipient is connected, it
+//! is handed to that connection's bounded queue; the connection deletes the
+//! stored copy only after its send succeeded. Otherwise it stays queued
+//! until the recipient says hello or pulls, and a push wake is sent if the
+//! recipient registered for one.
+
+use crate::events::EventCounts;
+use crate::metrics::Metrics;
+use crate::push::PushSender;
+use bytes::Bytes;
+use meshwhisper_behaviour::packet;
+use meshwhisper_crypto::destination::DestHash;
+use meshwhisper_storage::Store;
+use meshwhisper_storage::mailbox::{MailboxId, StoredPacket};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use tokio::sync::mpsc;
+
+/// A client connection's id.
+pub type ConnId = u64;
+
+/// A packet on its way to a connected client.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// The packet bytes.
+    pub packet: Bytes,
+    /// Its stored copy, to delete once sent.
+    pub mailbox_id: Option<MailboxId>,
+}
+
+/// What kind of client a connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnKind {
+    /// A WebSocket client (the JavaScript SDK).
+    WebSocket,
+    /// A native device over libp2p.
+    Device,
+}
+
+struct Conn {
+    tx: mpsc::Sender<Outbound>,
+    hashes: HashSet<DestHash>,
+    kind: ConnKind,
+}
+
+#[derive(Default)]
+struct Registry {
+    by_hash: HashMap<DestHash, ConnId>,
+    conns: HashMap<ConnId, Conn>,
+    next: ConnId,
+}
+
+/// Why a packet was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum PacketError {
+    /// Not a routable packet (size).
+    #[error(transparent)]
+    Malformed(#[from] packet::Error),
+    /// It could not be stored, so it was not accepted.
+    #[error("storing the packet failed: {0}")]
+    Store(#[from] meshwhisper_storage::Error),
+}
+
+/// A stored packet, ready to route.
+#[derive(Debug)]
+pub struct Accepted {
+    dest: DestHash,
+    frame: Bytes,
+    id: MailboxId,
+}
+
+/// Clock in unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The shared relay state.
+pub struct Core {
+    /// The store.
+    pub store: Store,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+    /// `/events` counts.
+    pub events: Arc<EventCounts>,
+    push: PushSender,
+    registry: Mutex<Registry>,
+    max_packet: usize,
+    client_queue: usize,
+    max_hashes: usize,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core").finish_non_exhaustive()
+    }
+}
+
+impl Core {
+    /// A core over `store`.
+    pub fn new(
+        store: Store,
+        metrics: Arc<Metrics>,
+        push: PushSender,
+        max_packet: usize,
+        client_queue: usize,
+        max_hashes: usize,
+    ) -> Self {
+        Self {
+            store,
+            metrics,
+            events: Arc::new(EventCounts::default()),
+            push,
+            registry: Mutex::new(Registry::default()),
+            max_packet,
+            client_queue: client_queue.max(1),
+            max_hashes: max_hashes.max(1),
+        }
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        match self.registry.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The most hashes one client may register.
+    pub fn max_hashes(&self) -> usize {
+        self.max_hashes
+    }
+
+    /// Registers a new connection; its packets arrive on the receiver.
+    pub fn connect(&self, kind: ConnKind) -> (ConnId, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(self.client_queue);
+        let mut r = self.registry();
+        r.next += 1;
+        let id = r.next;
+        r.conns.insert(
+            id,
+            Conn {
+                tx,
+                hashes: HashSet::new(),
+                kind,
+            },
+        );
+        (id, rx)
+    }
+
+    /// Forgets a connection and the hashes it held.
+    pub fn disconnect(&self, id: ConnId) {
+        let mut r = self.registry();
+        if let Some(conn) = r.conns.remove(&id) {
+            for h in conn.hashes {
+                if r.by_hash.get(&h) == Some(&id) {
+                    r.by_hash.remove(&h);
+                }
+            }
+        }
+    }
+
+    /// Replaces the hashes `id` holds with `hashes` (at most
+    /// [`Core::max_hashes`]; the caller checks). A hash held by another
+    /// connection moves to this one (the last to register wins).
+    pub fn register(&self, id: ConnId, hashes: &[DestHash]) {
+        let mut r = self.registry();
+        let Some(old) = r.conns.get_mut(&id).map(|c| std::mem::take(&mut c.hashes)) else {
+            return;
+        };
+        for h in old {
+            if r.by_hash.get(&h) == Some(&id) {
+                r.by_hash.remove(&h);
+            }
+        }
+        let mut mine = HashSet::with_capacity(hashes.len());
+        for h in hashes {
+            if let Some(prev) = r.by_hash.insert(*h, id)
+                && prev != id
+                && let Some(c) = r.conns.get_mut(&prev)
+            {
+                c.hashes.remove(h);
+            }
+            mine.insert(*h);
+        }
+        if let Some(c) = r.conns.get_mut(&id) {
+            c.hashes = mine;
+        }
+    }
+
+    /// Destination hashes registered by connected clients.
+    pub fn registered_hashes(&self) -> usize {
+        self.registry().by_hash.len()
+    }
+
+    /// Open connections, and how many are devices.
+    pub fn connections(&self) -> (usize, usize) {
+        let r = self.registry();
+        let devices = r.conns.values().filter(|c| c.kind == ConnKind::Device).count();
+        (r.conns.len(), devices)
+    }
+
+    /// Validates and stores a packet. When this returns `Ok`, the packet is
+    /// durable; [`Core::route`] then decides where it goes.
+    pub async fn accept(&self, frame: Bytes) -> Result<Accepted, PacketError> {
+        let dest = match packet::destination(&frame, self.max_packet) {
+            Ok(d) => d,
+            Err(e) => {
+                self.metrics.packets_rejected.fetch_add(1, Relaxed);
+                return Err(e.into());
+            }
+        };
+        self.metrics.packets_in.fetch_add(1, Relaxed);
+        self.events.inbound.fetch_add(1, Relaxed);
+        match self
+            .store
+            .mailbox()
+            .enqueue(dest, frame.to_vec(), now_ms())
+            .await
+        {
+            Ok(e) => Ok(Accepted {
+                dest,
+                frame,
+                id: e.id,
+            }),
+            Err(e) => {
+                self.metrics.packets_store_failed.fetch_add(1, Relaxed);
+                tracing::warn!(error = %e, "could not store a packet");
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Hands a stored packet to its connected recipient (not back to the
+    /// sender), or leaves it queued and sends a push wake.
+    pub fn route(self: &Arc<Self>, from: ConnId, accepted: Accepted) {
+        let target = {
+            let r = self.registry();
+            r.by_hash
+                .get(&accepted.dest)
+                .filter(|&&to| to != from)
+                .and_then(|to| r.conns.get(to))
+                .map(|c| c.tx.clone())
+        };
+        if let Some(tx) = target {
+            let out = Outbound {
+                packet: accepted.frame,
+                mailbox_id: Some(accepted.id),
+            };
+            if tx.try_send(out).is_ok() {
+                self.metrics.packets_delivered_live.fetch_add(1, Relaxed);
+                self.events.forwarded.fetch_add(1, Relaxed);
+                return;
+            }
+            // The recipient's queue is full: it stays stored and is drained
+            // on its next pull.
+        }
+        self.metrics.packets_queued.fetch_add(1, Relaxed);
+        self.events.queued.fetch_add(1, Relaxed);
+        if self.push.enabled() {
+            let core = self.clone();
+            let dest = accepted.dest;
+            tokio::spawn(async move {
+                match core.store.push().get(dest).await {
+                    Ok(Some(reg)) => {
+                        if core.push.wake(&reg, dest) {
+                            core.events.wake.fetch_add(1, Relaxed);
+                        } else {
+                            core.metrics.push_failed.fetch_add(1, Relaxed);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "reading push registration"),
+                }
+            });
+        }
+    }
+
+    /// Stored packets for `hashes`, oldest first, skipping ids already in
+    /// flight on this connection.
+    pub async fn pending(
+        &self,
+        hashes: &[DestHash],
+        skip: &HashSet<MailboxId>,
+        limit: u32,
+    ) -> Result<Vec<StoredPacket>, meshwhisper_storage::Error> {
+        if hashes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut v = self
+            .store
+            .mailbox()
+            .pending(hashes, now_ms(), limit.saturating_add(skip.len() as u32))
+            .await?;
+        v.retain(|p| !skip.contains(&p.id));
+        v.truncate(limit as usize);
+        Ok(v)
+    }
+
+    /// Deletes stored copies of packets that were sent.
+    pub async fn delivered(&self, ids: Vec<MailboxId>) {
+        if ids.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.mailbox().delete(ids).await {
+            tracing::warn!(error = %e, "could not delete delivered packets");
+        }
+    }
+}
