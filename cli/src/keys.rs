@@ -27,6 +27,12 @@ pub enum KeysCommand {
         #[arg(long)]
         epoch_hour: u64,
     },
+    /// Print the relay node's libp2p PeerId (creating its key if absent).
+    PeerId {
+        /// The relay's data directory.
+        #[arg(long, default_value = "./meshwhisper-data")]
+        data_dir: std::path::PathBuf,
+    },
     /// Derive the X25519 key pair of an Ed25519 identity seed.
     X25519FromEd25519 {
         /// The 32-byte Ed25519 seed (private key), hex.
@@ -58,8 +64,12 @@ fn hex32(s: &str) -> Result<Hex32, String> {
 }
 
 pub fn run(cmd: KeysCommand) -> anyhow::Result<()> {
+    if let KeysCommand::PeerId { data_dir } = &cmd {
+        return crate::relay::peer_id(data_dir);
+    }
     let mut out = std::io::stdout().lock();
     match cmd {
+        KeysCommand::PeerId { .. } => {}
         KeysCommand::DestHash {
             app_bundle_id,
             developer_key,

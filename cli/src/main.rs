@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 mod backup;
 mod keys;
+mod relay;
 
 /// MeshWhisper: end-to-end encrypted messaging through relays that cannot
 /// read it.
@@ -20,6 +21,9 @@ enum Command {
     /// Key and identifier tools.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Run a relay (defaults: data in ./meshwhisper-data, gateway on :8080,
+    /// libp2p on TCP and QUIC port 4001).
+    Relay(relay::RelayArgs),
     /// Copy a relay's database consistently, even while the relay runs.
     Backup(backup::BackupArgs),
 }
@@ -29,6 +33,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Keys(cmd) => keys::run(cmd),
         Command::Backup(args) => backup::run(args),
+        Command::Relay(args) => relay::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

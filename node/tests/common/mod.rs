@@ -1,0 +1,153 @@
+//! A relay started in-process on free loopback ports, plus small HTTP and
+//! WebSocket clients.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use futures::{SinkExt as _, StreamExt as _};
+use http_body_util::{BodyExt as _, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use meshwhisper_node::config::Config;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+pub struct Relay {
+    pub running: Option<meshwhisper_node::Running>,
+    pub base: String,
+    pub ws: String,
+    pub dir: tempfile::TempDir,
+}
+
+pub async fn start(f: impl FnOnce(&mut Config)) -> Relay {
+    let dir = tempfile::tempdir().expect("tmp");
+    start_in(dir, f).await
+}
+
+pub async fn start_in(dir: tempfile::TempDir, f: impl FnOnce(&mut Config)) -> Relay {
+    let mut cfg = Config {
+        data_dir: dir.path().to_path_buf(),
+        http: "127.0.0.1:0".into(),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".into()],
+        ..Config::default()
+    };
+    f(&mut cfg);
+    let running = meshwhisper_node::start(cfg).await.expect("start relay");
+    let addr = running.http_addr;
+    Relay {
+        running: Some(running),
+        base: format!("http://{addr}"),
+        ws: format!("ws://{addr}/"),
+        dir,
+    }
+}
+
+impl Relay {
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+        self.dir
+    }
+}
+
+pub struct Resp {
+    pub status: u16,
+    pub headers: hyper::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+pub async fn http(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Resp {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut req = hyper::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body.into())).expect("request");
+    let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("http timeout")
+        .expect("http");
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes().to_vec();
+    Resp { status, headers, body }
+}
+
+pub async fn get(url: &str) -> Resp {
+    http("GET", url, &[], Bytes::new()).await
+}
+
+pub async fn post_json(url: &str, v: serde_json::Value) -> Resp {
+    http("POST", url, &[("content-type", "application/json")], v.to_string()).await
+}
+
+pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub async fn ws(url: &str) -> Ws {
+    let (s, _) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url))
+        .await
+        .expect("ws connect timeout")
+        .expect("ws connect");
+    s
+}
+
+pub async fn hello(ws: &mut Ws, hashes: &[&str]) {
+    let v = serde_json::json!({ "type": "hello", "destHashes": hashes });
+    ws.send(Message::Text(v.to_string().into())).await.expect("send hello");
+}
+
+/// The next binary frame (bounded wait).
+pub async fn next_packet(ws: &mut Ws) -> Vec<u8> {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no frame within 10 s")
+            .expect("socket ended")
+            .expect("socket error");
+        match m {
+            Message::Binary(b) => return b.to_vec(),
+            Message::Close(c) => panic!("closed: {c:?}"),
+            _ => continue,
+        }
+    }
+}
+
+/// The close frame the relay sends (bounded wait).
+pub async fn next_close(ws: &mut Ws) -> (u16, String) {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("no frame within 10 s");
+        match m {
+            Some(Ok(Message::Close(Some(c)))) => return (u16::from(c.code), c.reason.to_string()),
+            Some(Ok(Message::Close(None))) | None => return (0, String::new()),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("socket error before close: {e}"),
+        }
+    }
+}
+
+/// A packet for `dest` (16 hex digits) with `payload`.
+pub fn packet(dest: &str, payload: &[u8]) -> Vec<u8> {
+    let d = meshwhisper_crypto::destination::DestHash::from_hex(dest).expect("hex");
+    meshwhisper_behaviour::packet::build(1, d, [7u8; 16], 7, payload)
+}
+
+/// Polls `/health` until `pred` holds (bounded).
+pub async fn wait_health(base: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let h = get(&format!("{base}/health")).await.json();
+        if pred(&h) {
+            return h;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "health never matched: {h}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
