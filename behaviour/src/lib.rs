@@ -4,5 +4,6 @@
 //! reads the clock. The node's event loop owns the Swarm and wires these
 //! to storage.
 
+pub mod device;
 pub mod node;
 pub mod packet;

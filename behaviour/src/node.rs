@@ -1,6 +1,7 @@
 //! The composed behaviour of a relay node. Fields are polled in declaration
 //! order; each is documented.
 
+use crate::device;
 use libp2p::{identify, identity::Keypair, ping, swarm::NetworkBehaviour};
 
 /// Protocol name advertised by identify.
@@ -13,17 +14,20 @@ pub struct Behaviour {
     pub identify: identify::Behaviour,
     /// Keeps connections measured and detects dead ones.
     pub ping: ping::Behaviour,
+    /// Native devices' long-lived streams (`/meshwhisper/device/1`).
+    pub device: device::Behaviour,
 }
 
 impl Behaviour {
-    /// The behaviour for `key`.
-    pub fn new(key: &Keypair) -> Self {
+    /// The behaviour for `key`, speaking the device protocol in `role`.
+    pub fn new(key: &Keypair, device: device::Config) -> Self {
         Self {
             identify: identify::Behaviour::new(identify::Config::new(
                 PROTOCOL_VERSION.into(),
                 key.public(),
             )),
             ping: ping::Behaviour::new(ping::Config::new()),
+            device: device::Behaviour::new(device),
         }
     }
 }

@@ -77,7 +77,10 @@ mod tests {
         assert_eq!(p.len(), 33);
         assert_eq!(destination(&p, 100), Ok(DestHash([1, 2, 3, 4, 5, 6, 7, 8])));
         assert_eq!(destination(&p[..30], 100), Err(Error::TooShort(30)));
-        assert_eq!(destination(&p, 32), Err(Error::TooLarge { got: 33, max: 32 }));
+        assert_eq!(
+            destination(&p, 32),
+            Err(Error::TooLarge { got: 33, max: 32 })
+        );
         assert!(destination(&p[..31], 31).is_ok());
     }
 }

@@ -33,7 +33,11 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
         listen: args.listen,
         log: args.log,
     };
-    let cfg = Config::load(args.config.as_deref(), |k| std::env::var(k).ok(), &overrides)?;
+    let cfg = Config::load(
+        args.config.as_deref(),
+        |k| std::env::var(k).ok(),
+        &overrides,
+    )?;
     if args.print_config {
         print!("{}", cfg.to_toml());
         return Ok(());
@@ -49,7 +53,11 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
             .context("starting the relay")?;
         let mut addrs = running.p2p.listen_addrs.clone();
         // Wait (bounded) until the listeners report their addresses.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), addrs.wait_for(|a| !a.is_empty())).await;
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            addrs.wait_for(|a| !a.is_empty()),
+        )
+        .await;
         println!("meshwhisper relay {}", env!("CARGO_PKG_VERSION"));
         println!("peer_id={}", running.p2p.peer_id);
         println!("http=http://{}", running.http_addr);
@@ -73,7 +81,10 @@ async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
             (Ok(mut i), Ok(mut t)) => {
                 tokio::select! {
                     _ = i.recv() => {}

@@ -25,7 +25,14 @@ impl Drop for RelayProc {
 
 fn spawn_relay(dir: &std::path::Path) -> RelayProc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_meshwhisper"))
-        .args(["relay", "--http", "127.0.0.1:0", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+        .args([
+            "relay",
+            "--http",
+            "127.0.0.1:0",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--data-dir",
+        ])
         .arg(dir)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
@@ -42,24 +49,31 @@ fn spawn_relay(dir: &std::path::Path) -> RelayProc {
             }
         }
     });
-    let http = rx.recv_timeout(Duration::from_secs(60)).expect("relay did not report its address");
+    let http = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("relay did not report its address");
     RelayProc { child, http }
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn ws(addr: &str) -> Ws {
-    tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(format!("ws://{addr}/")))
-        .await
-        .expect("connect timeout")
-        .expect("connect")
-        .0
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(format!("ws://{addr}/")),
+    )
+    .await
+    .expect("connect timeout")
+    .expect("connect")
+    .0
 }
 
 async fn stored_blobs(addr: &str) -> u64 {
     use http_body_util::BodyExt as _;
     let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
     let uri: hyper::Uri = format!("http://{addr}/health").parse().expect("uri");
     let resp = client.get(uri).await.expect("health");
     let body = resp.into_body().collect().await.expect("body").to_bytes();
@@ -70,7 +84,10 @@ async fn stored_blobs(addr: &str) -> u64 {
 async fn wait_stored(addr: &str, n: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while stored_blobs(addr).await != n {
-        assert!(tokio::time::Instant::now() < deadline, "storedBlobs never reached {n}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "storedBlobs never reached {n}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -93,7 +110,10 @@ async fn queued_packets_survive_sigkill_and_arrive_once() {
     let relay = spawn_relay(dir.path());
     let mut alice = ws(&relay.http).await;
     for i in 0..50u32 {
-        alice.send(Message::Binary(packet(&i.to_be_bytes()).into())).await.expect("send");
+        alice
+            .send(Message::Binary(packet(&i.to_be_bytes()).into()))
+            .await
+            .expect("send");
     }
     // Every packet is committed once /health counts it.
     wait_stored(&relay.http, 50).await;
@@ -105,13 +125,19 @@ async fn queued_packets_survive_sigkill_and_arrive_once() {
     bob.send(Message::Text(hello.into())).await.expect("hello");
     let mut got = Vec::new();
     while got.len() < 50 {
-        let m = tokio::time::timeout(Duration::from_secs(10), bob.next()).await.expect("frame").expect("open").expect("ok");
+        let m = tokio::time::timeout(Duration::from_secs(10), bob.next())
+            .await
+            .expect("frame")
+            .expect("open")
+            .expect("ok");
         if let Message::Binary(b) = m {
             got.push(u32::from_be_bytes(b[31..35].try_into().expect("4 bytes")));
         }
     }
     assert_eq!(got, (0..50).collect::<Vec<_>>());
-    bob.send(Message::Text(r#"{"type":"pull"}"#.into())).await.expect("pull");
+    bob.send(Message::Text(r#"{"type":"pull"}"#.into()))
+        .await
+        .expect("pull");
     let extra = tokio::time::timeout(Duration::from_millis(300), bob.next()).await;
     assert!(extra.is_err(), "duplicate delivery: {extra:?}");
     wait_stored(&relay.http, 0).await;
@@ -124,7 +150,8 @@ async fn database_and_media_hold_only_ciphertext() {
     // A client encrypts with the Double Ratchet before sending.
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
     let spk = X25519Secret::generate(&mut rng);
-    let mut session = Session::initiator(&mut rng, &[5u8; 32], &spk.public(), b"ad").expect("session");
+    let mut session =
+        Session::initiator(&mut rng, &[5u8; 32], &spk.public(), b"ad").expect("session");
     let secret_text = b"MEET AT THE OLD MILL AT NOON - plaintext marker 7f3a";
     let mut alice = ws(&relay.http).await;
     let mut first_ct = Vec::new();
@@ -133,16 +160,27 @@ async fn database_and_media_hold_only_ciphertext() {
         if first_ct.is_empty() {
             first_ct = ct.clone();
         }
-        alice.send(Message::Binary(packet(&ct).into())).await.expect("send");
+        alice
+            .send(Message::Binary(packet(&ct).into()))
+            .await
+            .expect("send");
     }
     // An encrypted media upload too.
     let media_ct = session.encrypt(secret_text).expect("encrypt");
     let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
     let req = hyper::Request::post(format!("http://{}/media", relay.http))
         .body(http_body_util::Full::new(bytes::Bytes::from(media_ct)))
         .expect("req");
-    assert!(client.request(req).await.expect("upload").status().is_success());
+    assert!(
+        client
+            .request(req)
+            .await
+            .expect("upload")
+            .status()
+            .is_success()
+    );
     wait_stored(&relay.http, 5).await;
     drop(relay);
     let mut scanned = 0;
@@ -150,7 +188,9 @@ async fn database_and_media_hold_only_ciphertext() {
     for entry in walk(dir.path()) {
         let bytes = std::fs::read(&entry).expect("read");
         scanned += bytes.len();
-        ciphertext_seen |= bytes.windows(first_ct.len()).any(|w| w == first_ct.as_slice());
+        ciphertext_seen |= bytes
+            .windows(first_ct.len())
+            .any(|w| w == first_ct.as_slice());
         assert!(
             !bytes.windows(secret_text.len()).any(|w| w == secret_text),
             "plaintext found in {}",
@@ -159,7 +199,10 @@ async fn database_and_media_hold_only_ciphertext() {
     }
     assert!(scanned > 10_000, "scanned only {scanned} bytes");
     // Control: what the relay stored is found by the same scan.
-    assert!(ciphertext_seen, "the stored ciphertext was not found: the scan proves nothing");
+    assert!(
+        ciphertext_seen,
+        "the stored ciphertext was not found: the scan proves nothing"
+    );
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

@@ -210,7 +210,10 @@ fn parse_env<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, Error> {
 }
 
 fn truthy(v: &str) -> bool {
-    matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on")
+    matches!(
+        v.trim().to_ascii_lowercase().as_str(),
+        "1" | "true" | "yes" | "on"
+    )
 }
 
 impl Config {
@@ -277,7 +280,11 @@ impl Config {
             self.http = v;
         }
         if let Some(v) = env("MESHWHISPER_LISTEN") {
-            self.listen = v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+            self.listen = v
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
         }
         if let Some(v) = env("BASE_URL") {
             self.base_url = Some(v).filter(|s| !s.is_empty());
@@ -336,7 +343,10 @@ impl Config {
         }
         let s = &self.storage;
         if s.max_blob_size < 31 {
-            return bad("storage.max_blob_size", "must be at least 31 (the packet header)");
+            return bad(
+                "storage.max_blob_size",
+                "must be at least 31 (the packet header)",
+            );
         }
         if s.max_blobs_per_hash == 0 || s.blob_ttl_hours == 0 || s.media_ttl_hours == 0 {
             return bad("storage", "counts and TTLs must be positive");
@@ -379,7 +389,10 @@ impl Config {
 
 fn split_host_port(s: &str) -> (String, String) {
     match s.rsplit_once(':') {
-        Some((h, p)) => (h.trim_start_matches('[').trim_end_matches(']').to_string(), p.to_string()),
+        Some((h, p)) => (
+            h.trim_start_matches('[').trim_end_matches(']').to_string(),
+            p.to_string(),
+        ),
         None => (s.to_string(), "8080".to_string()),
     }
 }
@@ -390,8 +403,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| m.get(k).cloned()
     }
 
@@ -402,10 +417,32 @@ mod tests {
         let file = dir.join("c.toml");
         std::fs::write(&file, "http = \"127.0.0.1:9000\"\n[storage]\nmax_blobs_per_hash = 7\n[limits]\nrate_limit_read = 5\n").expect("write");
         let c = Config::load(Some(&file), env(&[]), &Overrides::default()).expect("load");
-        assert_eq!((c.http.as_str(), c.storage.max_blobs_per_hash, c.limits.rate_limit_read), ("127.0.0.1:9000", 7, 5));
-        let c = Config::load(Some(&file), env(&[("PORT", "9100"), ("RATE_LIMIT_READ", "9"), ("TRUST_PROXY", "yes")]), &Overrides::default()).expect("load");
-        assert_eq!((c.http.as_str(), c.limits.rate_limit_read, c.trust_proxy), ("127.0.0.1:9100", 9, true));
-        let o = Overrides { http: Some("127.0.0.1:9200".into()), ..Default::default() };
+        assert_eq!(
+            (
+                c.http.as_str(),
+                c.storage.max_blobs_per_hash,
+                c.limits.rate_limit_read
+            ),
+            ("127.0.0.1:9000", 7, 5)
+        );
+        let c = Config::load(
+            Some(&file),
+            env(&[
+                ("PORT", "9100"),
+                ("RATE_LIMIT_READ", "9"),
+                ("TRUST_PROXY", "yes"),
+            ]),
+            &Overrides::default(),
+        )
+        .expect("load");
+        assert_eq!(
+            (c.http.as_str(), c.limits.rate_limit_read, c.trust_proxy),
+            ("127.0.0.1:9100", 9, true)
+        );
+        let o = Overrides {
+            http: Some("127.0.0.1:9200".into()),
+            ..Default::default()
+        };
         let c = Config::load(Some(&file), env(&[("PORT", "9100")]), &o).expect("load");
         assert_eq!(c.http, "127.0.0.1:9200");
         // Round trip through --print-config output.
@@ -415,9 +452,15 @@ mod tests {
 
     #[test]
     fn bad_values_are_clear_errors() {
-        let e = Config::load(None, env(&[("MAX_BLOB_SIZE", "big")]), &Overrides::default()).expect_err("bad");
+        let e = Config::load(
+            None,
+            env(&[("MAX_BLOB_SIZE", "big")]),
+            &Overrides::default(),
+        )
+        .expect_err("bad");
         assert!(e.to_string().contains("MAX_BLOB_SIZE"), "{e}");
-        let e = Config::load(None, env(&[("MAX_BLOB_SIZE", "10")]), &Overrides::default()).expect_err("bad");
+        let e = Config::load(None, env(&[("MAX_BLOB_SIZE", "10")]), &Overrides::default())
+            .expect_err("bad");
         assert!(e.to_string().contains("max_blob_size"), "{e}");
         let dir = std::env::temp_dir().join(format!("mw-cfg2-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");

@@ -203,7 +203,11 @@ impl Core {
     /// Open connections, and how many are devices.
     pub fn connections(&self) -> (usize, usize) {
         let r = self.registry();
-        let devices = r.conns.values().filter(|c| c.kind == ConnKind::Device).count();
+        let devices = r
+            .conns
+            .values()
+            .filter(|c| c.kind == ConnKind::Device)
+            .count();
         (r.conns.len(), devices)
     }
 

@@ -7,16 +7,18 @@ use crate::config::Config;
 use crate::core::{Core, now_ms};
 use crate::metrics::{Gauges, Metrics};
 use crate::ratelimit::{Bucket, RateLimiter};
+use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, FromRequestParts as _, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use base64::Engine as _;
 use futures::StreamExt as _;
-use meshwhisper_storage::directory::{Registration, TransferAuth, TransferVerifier, UsernamePolicy};
+use meshwhisper_storage::directory::{
+    Registration, TransferAuth, TransferVerifier, UsernamePolicy,
+};
 use meshwhisper_storage::media::MediaId;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -64,8 +66,10 @@ pub struct AppState {
 }
 
 fn cors(mut resp: Response) -> Response {
-    resp.headers_mut()
-        .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    resp.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
     resp
 }
 
@@ -135,7 +139,10 @@ async fn front(State(s): State<AppState>, req: Request, next: Next) -> Response 
     if req.method() == Method::OPTIONS {
         let mut r = StatusCode::NO_CONTENT.into_response();
         let h = r.headers_mut();
-        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_ORIGIN,
+            HeaderValue::from_static("*"),
+        );
         h.insert(
             header::ACCESS_CONTROL_ALLOW_METHODS,
             HeaderValue::from_static("GET, POST, PUT, DELETE, OPTIONS"),
@@ -239,8 +246,14 @@ async fn events(
     let body = Body::from_stream(ticks);
     let mut r = Response::new(body);
     let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache, no-store"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-store"),
+    );
     h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     cors(r)
@@ -275,7 +288,11 @@ fn str_field<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
 
 fn parse_json(s: &AppState, body: &[u8]) -> Result<Value, Box<Response>> {
     if body.len() > s.cfg.limits.max_json_body {
-        return Err(Box::new(error(s, StatusCode::PAYLOAD_TOO_LARGE, "Request body too large")));
+        return Err(Box::new(error(
+            s,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Request body too large",
+        )));
     }
     serde_json::from_slice::<Value>(body)
         .ok()
@@ -341,7 +358,11 @@ async fn directory_post(
         str_field(&v, "publicKey"),
         str_field(&v, "bundle"),
     ) else {
-        return error(&s, StatusCode::BAD_REQUEST, "Missing required fields: namespace, publicKey, bundle");
+        return error(
+            &s,
+            StatusCode::BAD_REQUEST,
+            "Missing required fields: namespace, publicKey, bundle",
+        );
     };
     let Ok(bundle) = B64.decode(bundle) else {
         return error(&s, StatusCode::BAD_REQUEST, "Invalid bundle: not base64");
@@ -357,11 +378,21 @@ async fn directory_post(
         None | Some(Value::Null) => None,
         Some(Value::String(u)) => {
             if meshwhisper_storage::directory::normalize_username(u).is_none() {
-                return error(&s, StatusCode::BAD_REQUEST, "Invalid username: 3–30 chars, a–z 0–9 _ -");
+                return error(
+                    &s,
+                    StatusCode::BAD_REQUEST,
+                    "Invalid username: 3–30 chars, a–z 0–9 _ -",
+                );
             }
             Some(u.clone())
         }
-        Some(_) => return error(&s, StatusCode::BAD_REQUEST, "Invalid username: 3–30 chars, a–z 0–9 _ -"),
+        Some(_) => {
+            return error(
+                &s,
+                StatusCode::BAD_REQUEST,
+                "Invalid username: 3–30 chars, a–z 0–9 _ -",
+            );
+        }
     };
     let transfer = match v.get("transferAuth") {
         None | Some(Value::Null) => None,
@@ -387,11 +418,27 @@ async fn directory_post(
         transfer,
     };
     use meshwhisper_storage::Error as E;
-    match s.core.store.directory().register(reg, s.verifier.clone(), now_ms()).await {
+    match s
+        .core
+        .store
+        .directory()
+        .register(reg, s.verifier.clone(), now_ms())
+        .await
+    {
         Ok(()) => json_resp(&s, StatusCode::OK, json!({ "ok": true })),
-        Err(E::UsernameTaken) => error(&s, StatusCode::CONFLICT, "Username already claimed by a different identity in this namespace"),
-        Err(E::TransferRejected(_)) => error(&s, StatusCode::FORBIDDEN, "transferAuth invalid: signature, expiry, or sender mismatch"),
-        Err(E::TooLarge { .. }) => error(&s, StatusCode::PAYLOAD_TOO_LARGE, "Prekey bundle too large"),
+        Err(E::UsernameTaken) => error(
+            &s,
+            StatusCode::CONFLICT,
+            "Username already claimed by a different identity in this namespace",
+        ),
+        Err(E::TransferRejected(_)) => error(
+            &s,
+            StatusCode::FORBIDDEN,
+            "transferAuth invalid: signature, expiry, or sender mismatch",
+        ),
+        Err(E::TooLarge { .. }) => {
+            error(&s, StatusCode::PAYLOAD_TOO_LARGE, "Prekey bundle too large")
+        }
         Err(E::Invalid { why, .. }) => error(&s, StatusCode::BAD_REQUEST, why),
         Err(e) => internal(&s, e),
     }
@@ -400,7 +447,9 @@ async fn directory_post(
 fn internal(s: &AppState, e: meshwhisper_storage::Error) -> Response {
     tracing::error!(error = %e, kind = e.kind(), "storage error serving a request");
     match e {
-        meshwhisper_storage::Error::DiskFull { .. } => error(s, StatusCode::INSUFFICIENT_STORAGE, "Storage full"),
+        meshwhisper_storage::Error::DiskFull { .. } => {
+            error(s, StatusCode::INSUFFICIENT_STORAGE, "Storage full")
+        }
         _ => error(s, StatusCode::INTERNAL_SERVER_ERROR, "Internal error"),
     }
 }
@@ -415,7 +464,11 @@ async fn directory_get(
         return r;
     }
     let Some(ns) = q.get("namespace").filter(|x| !x.is_empty()) else {
-        return error(&s, StatusCode::BAD_REQUEST, "Missing query param: namespace");
+        return error(
+            &s,
+            StatusCode::BAD_REQUEST,
+            "Missing query param: namespace",
+        );
     };
     let d = s.core.store.directory();
     if let Some(u) = q.get("username").filter(|x| !x.is_empty()) {
@@ -426,12 +479,18 @@ async fn directory_get(
                 json!({ "bundle": B64.encode(&e.bundle), "publicKey": e.public_key, "username": e.username }),
             ),
             Ok(None) => error(&s, StatusCode::NOT_FOUND, "User not found"),
-            Err(meshwhisper_storage::Error::Invalid { .. }) => error(&s, StatusCode::BAD_REQUEST, "Invalid username"),
+            Err(meshwhisper_storage::Error::Invalid { .. }) => {
+                error(&s, StatusCode::BAD_REQUEST, "Invalid username")
+            }
             Err(e) => internal(&s, e),
         };
     }
     let Some(pk) = q.get("publicKey").filter(|x| !x.is_empty()) else {
-        return error(&s, StatusCode::BAD_REQUEST, "Missing query param: publicKey or username");
+        return error(
+            &s,
+            StatusCode::BAD_REQUEST,
+            "Missing query param: publicKey or username",
+        );
     };
     match d.by_key(ns, pk).await {
         Ok(Some(e)) => {
@@ -460,21 +519,34 @@ async fn policy_post(
         Err(r) => return *r,
     };
     let Some(ns) = str_field(&v, "namespace") else {
-        return error(&s, StatusCode::BAD_REQUEST, "Missing required field: namespace");
+        return error(
+            &s,
+            StatusCode::BAD_REQUEST,
+            "Missing required field: namespace",
+        );
     };
     let Some(policy) = str_field(&v, "usernamePolicy").and_then(UsernamePolicy::parse) else {
-        return error(&s, StatusCode::BAD_REQUEST, "usernamePolicy must be 'signed-transfer' or 'last-writer-wins'");
+        return error(
+            &s,
+            StatusCode::BAD_REQUEST,
+            "usernamePolicy must be 'signed-transfer' or 'last-writer-wins'",
+        );
     };
     match s.core.store.directory().set_policy(ns, policy).await {
-        Ok(()) => json_resp(&s, StatusCode::OK, json!({ "ok": true, "usernamePolicy": policy.as_str() })),
+        Ok(()) => json_resp(
+            &s,
+            StatusCode::OK,
+            json!({ "ok": true, "usernamePolicy": policy.as_str() }),
+        ),
         Err(meshwhisper_storage::Error::PolicyConflict { current }) => json_resp(
             &s,
             StatusCode::CONFLICT,
             json!({ "error": "Namespace policy already set to a different value", "currentPolicy": current.as_str() }),
         ),
-        Err(meshwhisper_storage::Error::Invalid { why, .. } | meshwhisper_storage::Error::TooLarge { what: why, .. }) => {
-            error(&s, StatusCode::BAD_REQUEST, why)
-        }
+        Err(
+            meshwhisper_storage::Error::Invalid { why, .. }
+            | meshwhisper_storage::Error::TooLarge { what: why, .. },
+        ) => error(&s, StatusCode::BAD_REQUEST, why),
         Err(e) => internal(&s, e),
     }
 }
@@ -489,10 +561,18 @@ async fn policy_get(
         return r;
     }
     let Some(ns) = q.get("namespace").filter(|x| !x.is_empty()) else {
-        return error(&s, StatusCode::BAD_REQUEST, "Missing query param: namespace");
+        return error(
+            &s,
+            StatusCode::BAD_REQUEST,
+            "Missing query param: namespace",
+        );
     };
     match s.core.store.directory().policy(ns).await {
-        Ok(p) => json_resp(&s, StatusCode::OK, json!({ "namespace": ns, "usernamePolicy": p.as_str() })),
+        Ok(p) => json_resp(
+            &s,
+            StatusCode::OK,
+            json!({ "namespace": ns, "usernamePolicy": p.as_str() }),
+        ),
         Err(e) => internal(&s, e),
     }
 }
@@ -515,23 +595,39 @@ async fn opks_post(
         str_field(&v, "publicKey"),
         v.get("opks").and_then(Value::as_array),
     ) else {
-        return error(&s, StatusCode::BAD_REQUEST, "Missing required fields: namespace, publicKey, opks[]");
+        return error(
+            &s,
+            StatusCode::BAD_REQUEST,
+            "Missing required fields: namespace, publicKey, opks[]",
+        );
     };
     // As the reference: the first `opk_max_per_upload` entries, minus empty
     // and non-string ones.
     let max = s.core.store.config().opk_max_per_upload;
     let mut keys = Vec::new();
     for item in list.iter().take(max) {
-        let Some(text) = item.as_str().filter(|t| !t.is_empty()) else { continue };
+        let Some(text) = item.as_str().filter(|t| !t.is_empty()) else {
+            continue;
+        };
         match B64.decode(text) {
             Ok(k) if !k.is_empty() => keys.push(k),
             _ => return error(&s, StatusCode::BAD_REQUEST, "Invalid opk: not base64"),
         }
     }
-    match s.core.store.directory().add_one_time_prekeys(ns, pk, keys).await {
+    match s
+        .core
+        .store
+        .directory()
+        .add_one_time_prekeys(ns, pk, keys)
+        .await
+    {
         Ok(stored) => json_resp(&s, StatusCode::OK, json!({ "ok": true, "stored": stored })),
-        Err(meshwhisper_storage::Error::TooLarge { .. }) => error(&s, StatusCode::BAD_REQUEST, "Invalid opk: too large"),
-        Err(meshwhisper_storage::Error::Invalid { why, .. }) => error(&s, StatusCode::BAD_REQUEST, why),
+        Err(meshwhisper_storage::Error::TooLarge { .. }) => {
+            error(&s, StatusCode::BAD_REQUEST, "Invalid opk: too large")
+        }
+        Err(meshwhisper_storage::Error::Invalid { why, .. }) => {
+            error(&s, StatusCode::BAD_REQUEST, why)
+        }
         Err(e) => internal(&s, e),
     }
 }
@@ -549,7 +645,11 @@ async fn opks_claim(
         q.get("namespace").filter(|x| !x.is_empty()),
         q.get("publicKey").filter(|x| !x.is_empty()),
     ) else {
-        return error(&s, StatusCode::BAD_REQUEST, "Missing query params: namespace, publicKey");
+        return error(
+            &s,
+            StatusCode::BAD_REQUEST,
+            "Missing query params: namespace, publicKey",
+        );
     };
     match s.core.store.directory().claim_one_time_prekey(ns, pk).await {
         Ok(Some(k)) => json_resp(&s, StatusCode::OK, json!({ "opk": B64.encode(k) })),
@@ -561,7 +661,8 @@ async fn opks_claim(
 fn bearer(headers: &HeaderMap) -> Option<String> {
     let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
-    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim().to_string())
+    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty())
+        .then(|| token.trim().to_string())
 }
 
 async fn opks_delete(
@@ -581,17 +682,34 @@ async fn opks_delete(
         Err(r) => return *r,
     };
     let (Some(ns), Some(pk)) = (str_field(&v, "namespace"), str_field(&v, "publicKey")) else {
-        return error(&s, StatusCode::BAD_REQUEST, "Missing required fields: namespace, publicKey");
+        return error(
+            &s,
+            StatusCode::BAD_REQUEST,
+            "Missing required fields: namespace, publicKey",
+        );
     };
-    match s.core.store.directory().purge_one_time_prekeys(ns, pk, &token).await {
+    match s
+        .core
+        .store
+        .directory()
+        .purge_one_time_prekeys(ns, pk, &token)
+        .await
+    {
         Ok(n) => json_resp(&s, StatusCode::OK, json!({ "ok": true, "deleted": n })),
-        Err(meshwhisper_storage::Error::Unauthorized { .. }) => error(&s, StatusCode::FORBIDDEN, "Invalid OPK pool token"),
+        Err(meshwhisper_storage::Error::Unauthorized { .. }) => {
+            error(&s, StatusCode::FORBIDDEN, "Invalid OPK pool token")
+        }
         Err(e) => internal(&s, e),
     }
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 async fn media_post(
@@ -604,7 +722,13 @@ async fn media_post(
         return r;
     }
     let max = s.core.store.config().media_max_bytes;
-    let too_large = |s: &AppState| error(s, StatusCode::PAYLOAD_TOO_LARGE, &format!("Payload too large (max {max} bytes)"));
+    let too_large = |s: &AppState| {
+        error(
+            s,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("Payload too large (max {max} bytes)"),
+        )
+    };
     if content_length(&headers).is_some_and(|n| n > max) {
         return too_large(&s);
     }
@@ -634,7 +758,12 @@ async fn media_post(
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_string)
-                .unwrap_or_else(|| format!("localhost:{}", s.cfg.http.rsplit(':').next().unwrap_or("8080")));
+                .unwrap_or_else(|| {
+                    format!(
+                        "localhost:{}",
+                        s.cfg.http.rsplit(':').next().unwrap_or("8080")
+                    )
+                });
             format!("http://{host}")
         }
     };
@@ -662,8 +791,14 @@ async fn media_get(
             let stream = tokio_util::io::ReaderStream::new(file);
             let mut r = Response::new(Body::from_stream(stream));
             let h = r.headers_mut();
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=604800"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            h.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("private, max-age=604800"),
+            );
             h.insert(header::CONTENT_LENGTH, HeaderValue::from(meta.size));
             cors(r)
         }
@@ -673,7 +808,11 @@ async fn media_get(
 }
 
 fn archive_owner(id: &str) -> Option<[u8; 32]> {
-    if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if id.len() != 64
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
     hex::decode(id).ok()?.try_into().ok()
@@ -696,7 +835,13 @@ async fn archive_put(
         return error(&s, StatusCode::UNAUTHORIZED, "Missing Authorization header");
     };
     let max = s.core.store.config().archive_max_bytes;
-    let too_large = |s: &AppState| error(s, StatusCode::PAYLOAD_TOO_LARGE, &format!("Archive too large (max {max} bytes)"));
+    let too_large = |s: &AppState| {
+        error(
+            s,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("Archive too large (max {max} bytes)"),
+        )
+    };
     if content_length(&headers).is_some_and(|n| n > max) {
         return too_large(&s);
     }
@@ -704,9 +849,17 @@ async fn archive_put(
         Ok(b) => b,
         Err(_) => return too_large(&s),
     };
-    match s.core.store.archive().put(owner, &token, &bytes, now_ms()).await {
+    match s
+        .core
+        .store
+        .archive()
+        .put(owner, &token, &bytes, now_ms())
+        .await
+    {
         Ok(size) => json_resp(&s, StatusCode::OK, json!({ "ok": true, "size": size })),
-        Err(meshwhisper_storage::Error::Unauthorized { .. }) => error(&s, StatusCode::FORBIDDEN, "Invalid archive token"),
+        Err(meshwhisper_storage::Error::Unauthorized { .. }) => {
+            error(&s, StatusCode::FORBIDDEN, "Invalid archive token")
+        }
         Err(meshwhisper_storage::Error::TooLarge { .. }) => too_large(&s),
         Err(e) => internal(&s, e),
     }
@@ -728,7 +881,10 @@ async fn archive_get(
         Ok(Some(bytes)) => {
             let mut r = Response::new(Body::from(bytes));
             let h = r.headers_mut();
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            h.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
             h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
             cors(r)
         }

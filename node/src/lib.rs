@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod core;
+pub mod device_session;
 pub mod events;
 pub mod gateway;
 pub mod metrics;
@@ -94,7 +95,12 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     let store = meshwhisper_storage::Store::open(cfg.storage_config()).await?;
     let metrics = Arc::new(metrics::Metrics::default());
     let push = match &cfg.push_webhook_url {
-        Some(url) => push::PushSender::start(url.clone(), cfg.limits.push_queue, metrics.clone(), cancel.clone()),
+        Some(url) => push::PushSender::start(
+            url.clone(),
+            cfg.limits.push_queue,
+            metrics.clone(),
+            cancel.clone(),
+        ),
         None => push::PushSender::disabled(),
     };
     let core = Arc::new(core::Core::new(
@@ -107,8 +113,17 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     ));
 
     let key = p2p::load_or_create_key(&cfg.data_dir)?;
-    let swarm = p2p::build_swarm(key)?;
-    let (p2p, swarm_task) = p2p::start(swarm, &cfg.listen, cancel.clone())?;
+    let mut device_cfg =
+        meshwhisper_behaviour::device::Config::new(meshwhisper_behaviour::device::Role::Relay);
+    device_cfg.max_frame = cfg.storage.max_blob_size + 64;
+    let swarm = p2p::build_swarm(key, device_cfg)?;
+    let (p2p, swarm_task) = p2p::start(
+        swarm,
+        &cfg.listen,
+        core.clone(),
+        cfg.limits.drain_batch,
+        cancel.clone(),
+    )?;
 
     let (events_tx, _) = tokio::sync::broadcast::channel(64);
     let state = gateway::AppState {
@@ -134,8 +149,14 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     };
     let listener = tokio::net::TcpListener::bind(&cfg.http)
         .await
-        .map_err(|source| Error::Bind { addr: cfg.http.clone(), source })?;
-    let http_addr = listener.local_addr().map_err(|source| Error::Bind { addr: cfg.http.clone(), source })?;
+        .map_err(|source| Error::Bind {
+            addr: cfg.http.clone(),
+            source,
+        })?;
+    let http_addr = listener.local_addr().map_err(|source| Error::Bind {
+        addr: cfg.http.clone(),
+        source,
+    })?;
     let app = gateway::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let c = cancel.clone();
     let server = tokio::spawn(async move {

@@ -75,16 +75,46 @@ pub struct Gauges {
 /// Federation counters with the reference's names, all zero until the
 /// federation issue lands (kept so dashboards find them).
 const FEDERATION_COUNTERS: [(&str, &str); 10] = [
-    ("forwards_sent_total", "Packets forwarded to federation peers"),
-    ("forwards_received_total", "Packets received from federation peers"),
-    ("delivered_locally_total", "Federated packets delivered to a local client"),
-    ("stored_locally_total", "Federated packets stored for a local client"),
-    ("forwarded_onward_total", "Federated packets forwarded onward"),
-    ("drops_duplicate_total", "Federated packets dropped as duplicates"),
-    ("drops_ttl_total", "Federated packets dropped at the hop limit"),
-    ("handshake_failures_total", "Federation handshakes that failed"),
-    ("drops_rate_limited_total", "Federated packets dropped by the per-peer rate limit"),
-    ("handshake_rejections_blocked_total", "Federation handshakes refused by the blocklist"),
+    (
+        "forwards_sent_total",
+        "Packets forwarded to federation peers",
+    ),
+    (
+        "forwards_received_total",
+        "Packets received from federation peers",
+    ),
+    (
+        "delivered_locally_total",
+        "Federated packets delivered to a local client",
+    ),
+    (
+        "stored_locally_total",
+        "Federated packets stored for a local client",
+    ),
+    (
+        "forwarded_onward_total",
+        "Federated packets forwarded onward",
+    ),
+    (
+        "drops_duplicate_total",
+        "Federated packets dropped as duplicates",
+    ),
+    (
+        "drops_ttl_total",
+        "Federated packets dropped at the hop limit",
+    ),
+    (
+        "handshake_failures_total",
+        "Federation handshakes that failed",
+    ),
+    (
+        "drops_rate_limited_total",
+        "Federated packets dropped by the per-peer rate limit",
+    ),
+    (
+        "handshake_rejections_blocked_total",
+        "Federation handshakes refused by the blocklist",
+    ),
 ];
 
 impl Metrics {
@@ -107,36 +137,138 @@ impl Metrics {
     pub fn render(&self, g: &Gauges) -> String {
         let mut out = String::with_capacity(4096);
         let mut gauge = |name: &str, help: &str, v: u64| {
-            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n");
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+            );
         };
-        gauge("meshwhisper_uptime_seconds", "Seconds since the relay started", g.uptime_seconds);
-        gauge("meshwhisper_clients_connected", "Destination hashes registered by connected clients", g.clients_connected);
-        gauge("meshwhisper_stored_blobs", "Packets queued for offline recipients", g.stored_blobs);
-        gauge("meshwhisper_prekey_entries", "Prekey bundles in the directory", g.prekey_entries);
-        gauge("meshwhisper_push_registrations", "Push wake registrations", g.push_registrations);
-        gauge("meshwhisper_media_entries", "Media blobs stored", g.media_entries);
-        gauge("meshwhisper_opk_entries", "One-time prekeys stored", g.opk_entries);
-        gauge("meshwhisper_archive_entries", "Archives stored", g.archive_entries);
-        gauge("meshwhisper_federation_peers_configured", "Federation peers configured", g.federation_peers_configured);
-        gauge("meshwhisper_federation_peers_connected", "Federation peers connected", g.federation_peers_connected);
-        gauge("meshwhisper_connections", "Open client connections (WebSocket and libp2p devices)", g.connections);
-        gauge("meshwhisper_devices_connected", "Native devices connected over libp2p", self.devices_connected.load(Relaxed));
+        gauge(
+            "meshwhisper_uptime_seconds",
+            "Seconds since the relay started",
+            g.uptime_seconds,
+        );
+        gauge(
+            "meshwhisper_clients_connected",
+            "Destination hashes registered by connected clients",
+            g.clients_connected,
+        );
+        gauge(
+            "meshwhisper_stored_blobs",
+            "Packets queued for offline recipients",
+            g.stored_blobs,
+        );
+        gauge(
+            "meshwhisper_prekey_entries",
+            "Prekey bundles in the directory",
+            g.prekey_entries,
+        );
+        gauge(
+            "meshwhisper_push_registrations",
+            "Push wake registrations",
+            g.push_registrations,
+        );
+        gauge(
+            "meshwhisper_media_entries",
+            "Media blobs stored",
+            g.media_entries,
+        );
+        gauge(
+            "meshwhisper_opk_entries",
+            "One-time prekeys stored",
+            g.opk_entries,
+        );
+        gauge(
+            "meshwhisper_archive_entries",
+            "Archives stored",
+            g.archive_entries,
+        );
+        gauge(
+            "meshwhisper_federation_peers_configured",
+            "Federation peers configured",
+            g.federation_peers_configured,
+        );
+        gauge(
+            "meshwhisper_federation_peers_connected",
+            "Federation peers connected",
+            g.federation_peers_connected,
+        );
+        gauge(
+            "meshwhisper_connections",
+            "Open client connections (WebSocket and libp2p devices)",
+            g.connections,
+        );
+        gauge(
+            "meshwhisper_devices_connected",
+            "Native devices connected over libp2p",
+            self.devices_connected.load(Relaxed),
+        );
 
         let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = write!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n");
+            let _ = write!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+            );
         };
-        counter("meshwhisper_http_requests_total", "HTTP requests answered", self.http_requests.load(Relaxed));
-        counter("meshwhisper_websocket_connections_total", "WebSocket connections accepted", self.websocket_connections.load(Relaxed));
-        counter("meshwhisper_packets_in_total", "Packets accepted from clients", self.packets_in.load(Relaxed));
-        counter("meshwhisper_packets_delivered_live_total", "Packets delivered to a connected recipient on arrival", self.packets_delivered_live.load(Relaxed));
-        counter("meshwhisper_packets_queued_total", "Packets stored for an offline recipient", self.packets_queued.load(Relaxed));
-        counter("meshwhisper_packets_drained_total", "Stored packets sent on hello or pull", self.packets_drained.load(Relaxed));
-        counter("meshwhisper_packets_rejected_total", "Packets refused as malformed or too large", self.packets_rejected.load(Relaxed));
-        counter("meshwhisper_packets_store_failed_total", "Packets refused because storing them failed", self.packets_store_failed.load(Relaxed));
-        counter("meshwhisper_push_sent_total", "Push wake webhooks sent", self.push_sent.load(Relaxed));
-        counter("meshwhisper_push_failed_total", "Push wake webhooks failed or dropped", self.push_failed.load(Relaxed));
-        counter("meshwhisper_protocol_closes_total", "Client connections closed for protocol violations", self.protocol_closes.load(Relaxed));
-        counter("meshwhisper_device_packets_in_total", "Packets received from libp2p devices", self.device_packets_in.load(Relaxed));
+        counter(
+            "meshwhisper_http_requests_total",
+            "HTTP requests answered",
+            self.http_requests.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_websocket_connections_total",
+            "WebSocket connections accepted",
+            self.websocket_connections.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_packets_in_total",
+            "Packets accepted from clients",
+            self.packets_in.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_packets_delivered_live_total",
+            "Packets delivered to a connected recipient on arrival",
+            self.packets_delivered_live.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_packets_queued_total",
+            "Packets stored for an offline recipient",
+            self.packets_queued.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_packets_drained_total",
+            "Stored packets sent on hello or pull",
+            self.packets_drained.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_packets_rejected_total",
+            "Packets refused as malformed or too large",
+            self.packets_rejected.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_packets_store_failed_total",
+            "Packets refused because storing them failed",
+            self.packets_store_failed.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_push_sent_total",
+            "Push wake webhooks sent",
+            self.push_sent.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_push_failed_total",
+            "Push wake webhooks failed or dropped",
+            self.push_failed.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_protocol_closes_total",
+            "Client connections closed for protocol violations",
+            self.protocol_closes.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_device_packets_in_total",
+            "Packets received from libp2p devices",
+            self.device_packets_in.load(Relaxed),
+        );
         for (name, help) in FEDERATION_COUNTERS {
             counter(&format!("meshwhisper_federation_{name}"), help, 0);
         }

@@ -1,11 +1,19 @@
 //! The task that owns the libp2p Swarm. Everything else talks to it over a
 //! bounded command channel; it reports its listen addresses on a watch.
 
-use libp2p::{Multiaddr, PeerId, Swarm, futures::StreamExt as _, identity::Keypair, noise, swarm::SwarmEvent, tcp, yamux};
+use crate::core::Core;
+use libp2p::swarm::ConnectionId;
+use libp2p::{
+    Multiaddr, PeerId, Swarm, futures::StreamExt as _, identity::Keypair, noise, swarm::SwarmEvent,
+    tcp, yamux,
+};
+use meshwhisper_behaviour::device::{self, codec::Frame};
 use meshwhisper_behaviour::node::{Behaviour, BehaviourEvent};
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 /// The node key file inside the data directory.
@@ -43,10 +51,14 @@ pub enum Error {
 /// (mode 0600) on first use.
 pub fn load_or_create_key(data_dir: &Path) -> Result<Keypair, Error> {
     let path = data_dir.join(KEY_FILE);
-    let io = |source| Error::Key { path: path.clone(), source };
+    let io = |source| Error::Key {
+        path: path.clone(),
+        source,
+    };
     match std::fs::read(&path) {
         Ok(mut bytes) => {
-            let kp = Keypair::ed25519_from_bytes(&mut bytes).map_err(|_| Error::BadKey(path.clone()));
+            let kp =
+                Keypair::ed25519_from_bytes(&mut bytes).map_err(|_| Error::BadKey(path.clone()));
             zeroize_vec(&mut bytes);
             kp
         }
@@ -55,7 +67,8 @@ pub fn load_or_create_key(data_dir: &Path) -> Result<Keypair, Error> {
             let mut seed = [0u8; 32];
             getrandom_fill(&mut seed).map_err(io)?;
             write_private(&path, &seed).map_err(io)?;
-            let kp = Keypair::ed25519_from_bytes(&mut seed).map_err(|_| Error::BadKey(path.clone()));
+            let kp =
+                Keypair::ed25519_from_bytes(&mut seed).map_err(|_| Error::BadKey(path.clone()));
             seed.fill(0);
             kp
         }
@@ -91,13 +104,17 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Builds the Swarm: TCP and QUIC, Noise, yamux.
-pub fn build_swarm(key: Keypair) -> Result<Swarm<Behaviour>, Error> {
+pub fn build_swarm(key: Keypair, device: device::Config) -> Result<Swarm<Behaviour>, Error> {
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .map_err(|e| Error::Transport(e.to_string()))?
         .with_quic()
-        .with_behaviour(|key| Ok(Behaviour::new(key)))
+        .with_behaviour(|key| Ok(Behaviour::new(key, device)))
         .map_err(|e| Error::Transport(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
@@ -113,17 +130,26 @@ pub struct P2p {
     pub listen_addrs: watch::Receiver<Vec<Multiaddr>>,
 }
 
+/// Frames queued from the Swarm task to one device session.
+const SESSION_QUEUE: usize = 256;
+/// Frames queued from all sessions to the Swarm task.
+const COMMAND_QUEUE: usize = 4096;
+
 /// Starts listening and spawns the event loop.
 pub fn start(
     mut swarm: Swarm<Behaviour>,
     listen: &[String],
+    core: Arc<Core>,
+    drain_batch: u32,
     cancel: CancellationToken,
 ) -> Result<(P2p, tokio::task::JoinHandle<()>), Error> {
     for a in listen {
-        let addr: Multiaddr = a.parse().map_err(|e: libp2p::multiaddr::Error| Error::Listen {
-            addr: a.clone(),
-            why: e.to_string(),
-        })?;
+        let addr: Multiaddr = a
+            .parse()
+            .map_err(|e: libp2p::multiaddr::Error| Error::Listen {
+                addr: a.clone(),
+                why: e.to_string(),
+            })?;
         swarm.listen_on(addr).map_err(|e| Error::Listen {
             addr: a.clone(),
             why: e.to_string(),
@@ -131,25 +157,141 @@ pub fn start(
     }
     let peer_id = *swarm.local_peer_id();
     let (tx, rx) = watch::channel(Vec::new());
-    let task = tokio::spawn(async move {
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+    let event_loop = EventLoop {
+        swarm,
+        core,
+        drain_batch,
+        cancel,
+        addrs: tx,
+        cmd_tx,
+        cmd_rx,
+        sessions: HashMap::new(),
+    };
+    let task = tokio::spawn(event_loop.run());
+    Ok((
+        P2p {
+            peer_id,
+            listen_addrs: rx,
+        },
+        task,
+    ))
+}
+
+/// A frame a session wants sent.
+struct Outgoing {
+    peer: PeerId,
+    connection: ConnectionId,
+    frame: Frame,
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    core: Arc<Core>,
+    drain_batch: u32,
+    cancel: CancellationToken,
+    addrs: watch::Sender<Vec<Multiaddr>>,
+    cmd_tx: mpsc::Sender<Outgoing>,
+    cmd_rx: mpsc::Receiver<Outgoing>,
+    sessions: HashMap<(PeerId, ConnectionId), mpsc::Sender<Frame>>,
+}
+
+impl EventLoop {
+    async fn run(mut self) {
         loop {
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => break,
-                ev = swarm.select_next_some() => match ev {
-                    SwarmEvent::NewListenAddr { address, .. } => {
-                        tracing::info!(%address, "libp2p listening");
-                        tx.send_modify(|v| v.push(address));
-                    }
-                    SwarmEvent::ExpiredListenAddr { address, .. } => {
-                        tx.send_modify(|v| v.retain(|a| a != &address));
-                    }
-                    SwarmEvent::Behaviour(BehaviourEvent::Identify(_)) => {}
-                    SwarmEvent::Behaviour(BehaviourEvent::Ping(_)) => {}
-                    other => tracing::trace!(?other, "swarm event"),
-                },
+                // Stop first.
+                _ = self.cancel.cancelled() => break,
+                // Then frames sessions want sent (so queues drain).
+                Some(out) = self.cmd_rx.recv() => {
+                    self.swarm.behaviour_mut().device.send(out.peer, out.connection, out.frame);
+                }
+                // Then the network.
+                ev = self.swarm.select_next_some() => self.on_event(ev),
             }
         }
-    });
-    Ok((P2p { peer_id, listen_addrs: rx }, task))
+    }
+
+    fn on_event(&mut self, ev: SwarmEvent<meshwhisper_behaviour::node::BehaviourEvent>) {
+        match ev {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "libp2p listening");
+                self.addrs.send_modify(|v| v.push(address));
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.addrs.send_modify(|v| v.retain(|a| a != &address));
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Device(e)) => self.on_device(e),
+            SwarmEvent::Behaviour(_) => {}
+            other => tracing::trace!(?other, "swarm event"),
+        }
+    }
+
+    fn on_device(&mut self, e: device::Event) {
+        match e {
+            device::Event::Opened { peer, connection } => {
+                let (in_tx, in_rx) = mpsc::channel(SESSION_QUEUE);
+                let (out_tx, mut out_rx) = mpsc::channel::<Frame>(SESSION_QUEUE);
+                self.sessions.insert((peer, connection), in_tx);
+                // Forward the session's frames into the shared command queue.
+                let cmd = self.cmd_tx.clone();
+                tokio::spawn(async move {
+                    while let Some(frame) = out_rx.recv().await {
+                        if cmd
+                            .send(Outgoing {
+                                peer,
+                                connection,
+                                frame,
+                            })
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+                tokio::spawn(crate::device_session::run(
+                    self.core.clone(),
+                    in_rx,
+                    out_tx,
+                    self.cancel.clone(),
+                    self.drain_batch,
+                ));
+                tracing::debug!(%peer, "device stream opened");
+            }
+            device::Event::Frame {
+                peer,
+                connection,
+                frame,
+            } => {
+                let Some(tx) = self.sessions.get(&(peer, connection)) else {
+                    return;
+                };
+                // The session is behind: refuse packets (the device retries
+                // them), drop anything else.
+                if let Err(mpsc::error::TrySendError::Full(Frame::Packet { seq, .. })) =
+                    tx.try_send(frame)
+                {
+                    self.swarm.behaviour_mut().device.send(
+                        peer,
+                        connection,
+                        Frame::Refused {
+                            seq,
+                            code: device::codec::RefusedCode::Busy,
+                            reason: "relay busy".into(),
+                        },
+                    );
+                }
+            }
+            device::Event::Closed {
+                peer,
+                connection,
+                reason,
+            } => {
+                tracing::debug!(%peer, %reason, "device stream closed");
+                self.sessions.remove(&(peer, connection));
+            }
+        }
+    }
 }

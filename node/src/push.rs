@@ -23,7 +23,11 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// `{"token","platform","topic"?,"pushSubscription"?,"destHash"}`.
 pub fn body(reg: &Registration, dest: DestHash) -> String {
     let q = |s: &str| serde_json::Value::String(s.to_string()).to_string();
-    let mut out = format!("{{\"token\":{},\"platform\":{}", q(&reg.token), q(&reg.platform));
+    let mut out = format!(
+        "{{\"token\":{},\"platform\":{}",
+        q(&reg.token),
+        q(&reg.platform)
+    );
     if let Some(t) = &reg.topic {
         out.push_str(&format!(",\"topic\":{}", q(t)));
     }
@@ -49,7 +53,12 @@ impl PushSender {
     }
 
     /// Starts the worker for `url` (http://).
-    pub fn start(url: String, queue: usize, metrics: Arc<Metrics>, cancel: CancellationToken) -> Self {
+    pub fn start(
+        url: String,
+        queue: usize,
+        metrics: Arc<Metrics>,
+        cancel: CancellationToken,
+    ) -> Self {
         let (tx, mut rx) = mpsc::channel::<String>(queue.max(1));
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         tokio::spawn(async move {

@@ -92,8 +92,14 @@ mod tests {
         assert_eq!(rl.check(Bucket::Dir, ip, 1500), Err(59));
         assert_eq!(rl.check(Bucket::Dir, ip, 59_999), Err(1));
         assert!(rl.check(Bucket::Dir, ip, 60_000).is_ok(), "new window");
-        assert!(rl.check(Bucket::Media, ip, 0).is_ok(), "buckets are separate");
-        assert!(rl.check(Bucket::Dir, [10, 0, 0, 2].into(), 1500).is_ok(), "IPs are separate");
+        assert!(
+            rl.check(Bucket::Media, ip, 0).is_ok(),
+            "buckets are separate"
+        );
+        assert!(
+            rl.check(Bucket::Dir, [10, 0, 0, 2].into(), 1500).is_ok(),
+            "IPs are separate"
+        );
     }
 
     #[test]
@@ -102,6 +108,10 @@ mod tests {
         assert!(rl.check(Bucket::Read, [1, 1, 1, 1].into(), 0).is_ok());
         assert!(rl.check(Bucket::Read, [1, 1, 1, 2].into(), 0).is_ok());
         assert!(rl.check(Bucket::Read, [1, 1, 1, 3].into(), 10).is_err());
-        assert!(rl.check(Bucket::Read, [1, 1, 1, 3].into(), WINDOW_MS).is_ok(), "expired windows make room");
+        assert!(
+            rl.check(Bucket::Read, [1, 1, 1, 3].into(), WINDOW_MS)
+                .is_ok(),
+            "expired windows make room"
+        );
     }
 }

@@ -19,7 +19,10 @@ async fn live_delivery_deletes_the_stored_copy_and_never_echoes() {
     hello(&mut bob, &[B]).await;
     wait_health(&relay.base, |h| h["clients"] == 2).await;
     for i in 0..20u8 {
-        alice.send(Message::Binary(packet(B, &[i; 50]).into())).await.expect("send");
+        alice
+            .send(Message::Binary(packet(B, &[i; 50]).into()))
+            .await
+            .expect("send");
     }
     for i in 0..20u8 {
         let p = next_packet(&mut bob).await;
@@ -28,9 +31,14 @@ async fn live_delivery_deletes_the_stored_copy_and_never_echoes() {
     // Stored copies are deleted once sent.
     wait_health(&relay.base, |h| h["storedBlobs"] == 0).await;
     // A packet to one's own hash is stored, not echoed back.
-    alice.send(Message::Binary(packet(A, b"self").into())).await.expect("send");
+    alice
+        .send(Message::Binary(packet(A, b"self").into()))
+        .await
+        .expect("send");
     wait_health(&relay.base, |h| h["storedBlobs"] == 1).await;
-    bob.send(Message::Binary(packet(A, b"from bob").into())).await.expect("send");
+    bob.send(Message::Binary(packet(A, b"from bob").into()))
+        .await
+        .expect("send");
     assert_eq!(&next_packet(&mut alice).await[31..], b"from bob");
     relay.stop().await;
 }
@@ -41,7 +49,10 @@ async fn offline_packets_drain_on_hello_exactly_once() {
     let mut alice = ws(&relay.ws).await;
     hello(&mut alice, &[A]).await;
     for i in 0..30u8 {
-        alice.send(Message::Binary(packet(B, &[i]).into())).await.expect("send");
+        alice
+            .send(Message::Binary(packet(B, &[i]).into()))
+            .await
+            .expect("send");
     }
     wait_health(&relay.base, |h| h["storedBlobs"] == 30).await;
     let mut bob = ws(&relay.ws).await;
@@ -51,16 +62,32 @@ async fn offline_packets_drain_on_hello_exactly_once() {
     }
     wait_health(&relay.base, |h| h["storedBlobs"] == 0).await;
     // A pull finds nothing more: no duplicates.
-    bob.send(Message::Text(r#"{"type":"pull"}"#.into())).await.expect("pull");
+    bob.send(Message::Text(r#"{"type":"pull"}"#.into()))
+        .await
+        .expect("pull");
     // Route hints and unknown control types are accepted silently.
-    bob.send(Message::Text(r#"{"type":"route","destHash":"aaaaaaaaaaaaaaaa","homeRelay":"00"}"#.into())).await.expect("route");
-    bob.send(Message::Text(r#"{"type":"future-thing"}"#.into())).await.expect("x");
-    alice.send(Message::Binary(packet(B, b"after").into())).await.expect("send");
+    bob.send(Message::Text(
+        r#"{"type":"route","destHash":"aaaaaaaaaaaaaaaa","homeRelay":"00"}"#.into(),
+    ))
+    .await
+    .expect("route");
+    bob.send(Message::Text(r#"{"type":"future-thing"}"#.into()))
+        .await
+        .expect("x");
+    alice
+        .send(Message::Binary(packet(B, b"after").into()))
+        .await
+        .expect("send");
     assert_eq!(&next_packet(&mut bob).await[31..], b"after");
     // Pull drains what arrived while the hash was not registered here.
     let mut carol = ws(&relay.ws).await;
     hello(&mut carol, &[]).await;
-    alice.send(Message::Binary(packet("cccccccccccccccc", b"for carol").into())).await.expect("send");
+    alice
+        .send(Message::Binary(
+            packet("cccccccccccccccc", b"for carol").into(),
+        ))
+        .await
+        .expect("send");
     wait_health(&relay.base, |h| h["storedBlobs"] == 1).await;
     hello(&mut carol, &["cccccccccccccccc"]).await;
     assert_eq!(&next_packet(&mut carol).await[31..], b"for carol");
@@ -76,19 +103,34 @@ async fn malformed_frames_get_clear_close_codes() {
     .await;
     let base = relay.base.clone();
     let mut s = ws(&relay.ws).await;
-    s.send(Message::Text("{not json".into())).await.expect("send");
+    s.send(Message::Text("{not json".into()))
+        .await
+        .expect("send");
     assert_eq!(next_close(&mut s).await.0, 1007);
 
     let mut s = ws(&relay.ws).await;
-    s.send(Message::Binary(vec![1u8; 30].into())).await.expect("send");
+    s.send(Message::Binary(vec![1u8; 30].into()))
+        .await
+        .expect("send");
     assert_eq!(next_close(&mut s).await.0, 1007);
 
     let mut s = ws(&relay.ws).await;
-    s.send(Message::Binary(packet(B, &[0u8; 1000]).into())).await.expect("send");
+    s.send(Message::Binary(packet(B, &[0u8; 1000]).into()))
+        .await
+        .expect("send");
     assert_eq!(next_close(&mut s).await.0, 1009);
 
     let mut s = ws(&relay.ws).await;
-    hello(&mut s, &["1111111111111111", "2222222222222222", "3333333333333333", "4444444444444444"]).await;
+    hello(
+        &mut s,
+        &[
+            "1111111111111111",
+            "2222222222222222",
+            "3333333333333333",
+            "4444444444444444",
+        ],
+    )
+    .await;
     assert_eq!(next_close(&mut s).await.0, 1008);
 
     // Nothing malformed was stored; the relay still works.
@@ -105,7 +147,10 @@ async fn shutdown_closes_sockets_with_1001_and_keeps_packets() {
     let mut alice = ws(&relay.ws).await;
     hello(&mut alice, &[A]).await;
     for i in 0..10u8 {
-        alice.send(Message::Binary(packet(B, &[i]).into())).await.expect("send");
+        alice
+            .send(Message::Binary(packet(B, &[i]).into()))
+            .await
+            .expect("send");
     }
     wait_health(&relay.base, |h| h["storedBlobs"] == 10).await;
     let dir = {
@@ -121,7 +166,9 @@ async fn shutdown_closes_sockets_with_1001_and_keeps_packets() {
     for i in 0..10u8 {
         assert_eq!(next_packet(&mut bob).await[31], i);
     }
-    bob.send(Message::Text(r#"{"type":"pull"}"#.into())).await.expect("pull");
+    bob.send(Message::Text(r#"{"type":"pull"}"#.into()))
+        .await
+        .expect("pull");
     let extra = tokio::time::timeout(Duration::from_millis(300), bob.next()).await;
     assert!(extra.is_err(), "unexpected frame after drain: {extra:?}");
     relay.stop().await;
@@ -130,7 +177,9 @@ async fn shutdown_closes_sockets_with_1001_and_keeps_packets() {
 /// A local HTTP receiver standing in for APNs/FCM gateways.
 async fn receiver() -> (String, tokio::sync::mpsc::Receiver<String>) {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = listener.local_addr().expect("addr");
     let app = axum::Router::new().route(
         "/wake",
@@ -154,14 +203,25 @@ async fn push_wake_for_offline_registered_recipients() {
     let relay = start(move |c| c.push_webhook_url = Some(url)).await;
     let mut bob = ws(&relay.ws).await;
     let reg = serde_json::json!({"type": "hello", "destHashes": [B], "pushPlatform": "fcm", "pushToken": "device-token-1"});
-    bob.send(Message::Text(reg.to_string().into())).await.expect("hello");
+    bob.send(Message::Text(reg.to_string().into()))
+        .await
+        .expect("hello");
     wait_health(&relay.base, |h| h["pushRegistrations"] == 1).await;
     drop(bob);
     wait_health(&relay.base, |h| h["clients"] == 0).await;
     let mut alice = ws(&relay.ws).await;
-    alice.send(Message::Binary(packet(B, b"secret content").into())).await.expect("send");
-    let body = tokio::time::timeout(Duration::from_secs(10), wakes.recv()).await.expect("wake").expect("body");
-    assert_eq!(body, format!("{{\"token\":\"device-token-1\",\"platform\":\"fcm\",\"destHash\":\"{B}\"}}"));
+    alice
+        .send(Message::Binary(packet(B, b"secret content").into()))
+        .await
+        .expect("send");
+    let body = tokio::time::timeout(Duration::from_secs(10), wakes.recv())
+        .await
+        .expect("wake")
+        .expect("body");
+    assert_eq!(
+        body,
+        format!("{{\"token\":\"device-token-1\",\"platform\":\"fcm\",\"destHash\":\"{B}\"}}")
+    );
     assert!(!body.contains("secret"));
     relay.stop().await;
 }

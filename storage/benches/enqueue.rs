@@ -93,7 +93,12 @@ fn main() {
     // `cargo bench` passes `--bench`; accept and ignore libtest flags.
     let quick = std::env::args().any(|a| a == "--quick");
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(std::env::var("BENCH_WORKERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2))
+        .worker_threads(
+            std::env::var("BENCH_WORKERS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2),
+        )
         .enable_all()
         .build()
         .expect("runtime");

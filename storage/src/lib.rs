@@ -154,7 +154,10 @@ struct Inner {
     stats: Arc<writer::WriterStats>,
 }
 
-type Checkpointer = (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>);
+type Checkpointer = (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+);
 
 /// How often the background checkpointer copies the log into the database.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);

@@ -16,8 +16,8 @@ use super::AppState;
 use crate::core::{Accepted, ConnId, ConnKind, Outbound, PacketError};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
-use futures::stream::FuturesOrdered;
 use futures::StreamExt as _;
+use futures::stream::FuturesOrdered;
 use meshwhisper_crypto::destination::DestHash;
 use meshwhisper_storage::mailbox::MailboxId;
 use serde_json::Value;
@@ -30,9 +30,17 @@ const IN_FLIGHT: usize = 64;
 
 /// Accepts the upgrade if the relay has room.
 pub fn upgrade(s: AppState, ws: WebSocketUpgrade, ip: IpAddr) -> Response {
-    let max_frame = s.cfg.storage.max_blob_size.max(s.cfg.limits.max_control_frame);
+    let max_frame = s
+        .cfg
+        .storage
+        .max_blob_size
+        .max(s.cfg.limits.max_control_frame);
     if s.websockets.load(Relaxed) >= s.cfg.limits.max_websockets {
-        return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections",
+        )
+            .into_response();
     }
     ws.max_message_size(max_frame.saturating_mul(2))
         .max_frame_size(max_frame.saturating_mul(2))
@@ -135,9 +143,9 @@ impl Session {
                 self.s.core.route(self.id, acc);
                 Step::Continue
             }
-            Err(PacketError::Malformed(meshwhisper_behaviour::packet::Error::TooLarge { .. })) => {
-                Step::Close(1009, "packet too large")
-            }
+            Err(PacketError::Malformed(meshwhisper_behaviour::packet::Error::TooLarge {
+                ..
+            })) => Step::Close(1009, "packet too large"),
             Err(PacketError::Malformed(_)) => Step::Close(1007, "packet shorter than its header"),
             Err(PacketError::Store(_)) => Step::Close(1013, "relay storage unavailable"),
         }
@@ -197,7 +205,10 @@ impl Session {
             // The reference accepts exactly 16 lower-case hex digits.
             if let Some(h) = item
                 .as_str()
-                .filter(|s| s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+                .filter(|s| {
+                    s.bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                })
                 .and_then(DestHash::from_hex)
             {
                 hashes.push(h);
@@ -211,9 +222,18 @@ impl Session {
         self.s.core.register(self.id, &hashes);
         self.hashes = hashes;
         let platform = v.get("pushPlatform").and_then(Value::as_str);
-        let token = v.get("pushToken").and_then(Value::as_str).filter(|t| !t.is_empty());
-        let topic = v.get("pushTopic").and_then(Value::as_str).map(str::to_string);
-        let sub = v.get("pushSubscription").and_then(Value::as_str).map(str::to_string);
+        let token = v
+            .get("pushToken")
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty());
+        let topic = v
+            .get("pushTopic")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let sub = v
+            .get("pushSubscription")
+            .and_then(Value::as_str)
+            .map(str::to_string);
         let reg = match (platform, token, &sub) {
             (Some("webpush"), _, Some(sub)) => Some(meshwhisper_storage::push::Registration {
                 platform: "webpush".into(),
@@ -221,12 +241,14 @@ impl Session {
                 topic: None,
                 subscription: Some(sub.clone()),
             }),
-            (Some(p @ ("apns" | "fcm")), Some(t), _) => Some(meshwhisper_storage::push::Registration {
-                platform: p.into(),
-                token: t.into(),
-                topic,
-                subscription: None,
-            }),
+            (Some(p @ ("apns" | "fcm")), Some(t), _) => {
+                Some(meshwhisper_storage::push::Registration {
+                    platform: p.into(),
+                    token: t.into(),
+                    topic,
+                    subscription: None,
+                })
+            }
             _ => None,
         };
         if let Some(reg) = reg
@@ -248,7 +270,12 @@ impl Session {
     async fn drain(&mut self, socket: &mut WebSocket) -> Step {
         let batch = self.s.cfg.limits.drain_batch.max(1);
         loop {
-            let pending = match self.s.core.pending(&self.hashes, &self.in_flight, batch).await {
+            let pending = match self
+                .s
+                .core
+                .pending(&self.hashes, &self.in_flight, batch)
+                .await
+            {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(error = %e, "could not list stored packets");

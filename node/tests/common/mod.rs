@@ -58,11 +58,17 @@ pub struct Resp {
 
 impl Resp {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&self.body)))
     }
 }
 
-pub async fn http(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Resp {
+pub async fn http(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Resp {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let mut req = hyper::Request::builder().method(method).uri(url);
     for (k, v) in headers {
@@ -75,8 +81,18 @@ pub async fn http(method: &str, url: &str, headers: &[(&str, &str)], body: impl 
         .expect("http");
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.expect("body").to_bytes().to_vec();
-    Resp { status, headers, body }
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes()
+        .to_vec();
+    Resp {
+        status,
+        headers,
+        body,
+    }
 }
 
 pub async fn get(url: &str) -> Resp {
@@ -84,22 +100,34 @@ pub async fn get(url: &str) -> Resp {
 }
 
 pub async fn post_json(url: &str, v: serde_json::Value) -> Resp {
-    http("POST", url, &[("content-type", "application/json")], v.to_string()).await
+    http(
+        "POST",
+        url,
+        &[("content-type", "application/json")],
+        v.to_string(),
+    )
+    .await
 }
 
-pub type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 pub async fn ws(url: &str) -> Ws {
-    let (s, _) = tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::connect_async(url))
-        .await
-        .expect("ws connect timeout")
-        .expect("ws connect");
+    let (s, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .expect("ws connect timeout")
+    .expect("ws connect");
     s
 }
 
 pub async fn hello(ws: &mut Ws, hashes: &[&str]) {
     let v = serde_json::json!({ "type": "hello", "destHashes": hashes });
-    ws.send(Message::Text(v.to_string().into())).await.expect("send hello");
+    ws.send(Message::Text(v.to_string().into()))
+        .await
+        .expect("send hello");
 }
 
 /// The next binary frame (bounded wait).
@@ -140,14 +168,20 @@ pub fn packet(dest: &str, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Polls `/health` until `pred` holds (bounded).
-pub async fn wait_health(base: &str, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+pub async fn wait_health(
+    base: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let h = get(&format!("{base}/health")).await.json();
         if pred(&h) {
             return h;
         }
-        assert!(tokio::time::Instant::now() < deadline, "health never matched: {h}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "health never matched: {h}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

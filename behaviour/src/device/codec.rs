@@ -1,0 +1,344 @@
+//! Frames of `/meshwhisper/device/1`: one long-lived stream per device,
+//! length-prefixed frames in both directions.
+//!
+//! ```text
+//! frame = length (u32 BE, of what follows) ‖ type (u8) ‖ body
+//!
+//! device → relay
+//!   0x01 Register  count (u16) ‖ count × destination hash (8)   replaces the set
+//!   0x02 Packet    seq (u64) ‖ client packet                     answered by Stored or Refused
+//!   0x03 Ack       delivery id (u64)                             the relay may forget it
+//!   0x04 Drain     (empty)                                       send me what is stored
+//! relay → device
+//!   0x81 Stored    seq (u64)                                     the packet is durable
+//!   0x82 Deliver   delivery id (u64) ‖ client packet
+//!   0x83 Refused   seq (u64) ‖ code (u8) ‖ reason (UTF-8)
+//! ```
+
+use asynchronous_codec::{Decoder, Encoder};
+use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
+
+/// The protocol name.
+pub const PROTOCOL: &str = "/meshwhisper/device/1";
+/// Default largest frame: a 256 KiB packet plus framing.
+pub const DEFAULT_MAX_FRAME: usize = 256 * 1024 + 64;
+/// Most hashes in one Register frame.
+pub const MAX_REGISTER: usize = u16::MAX as usize;
+
+/// Why a Packet was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RefusedCode {
+    /// Not a routable packet (size).
+    Malformed = 1,
+    /// The relay could not store it; retry later.
+    Unavailable = 2,
+    /// Too many packets in flight on this stream.
+    Busy = 3,
+}
+
+impl RefusedCode {
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Malformed),
+            2 => Some(Self::Unavailable),
+            3 => Some(Self::Busy),
+            _ => None,
+        }
+    }
+}
+
+/// One frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Device registers these destination hashes (replacing earlier ones).
+    Register(Vec<[u8; 8]>),
+    /// Device sends a packet; `seq` is its own counter.
+    Packet {
+        /// Sender's sequence number, echoed in Stored/Refused.
+        seq: u64,
+        /// The client packet.
+        packet: Bytes,
+    },
+    /// Device received a delivery.
+    Ack(u64),
+    /// Device asks for stored packets.
+    Drain,
+    /// Relay stored packet `seq` durably.
+    Stored(u64),
+    /// Relay delivers a packet.
+    Deliver {
+        /// Acknowledge with this id.
+        id: u64,
+        /// The client packet.
+        packet: Bytes,
+    },
+    /// Relay refused packet `seq`.
+    Refused {
+        /// The device's sequence number.
+        seq: u64,
+        /// Why.
+        code: RefusedCode,
+        /// Human-readable detail.
+        reason: String,
+    },
+}
+
+/// A frame that could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The stream failed.
+    #[error("stream I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// A frame is larger than allowed.
+    #[error("frame of {got} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Announced size.
+        got: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A frame is malformed.
+    #[error("malformed frame: {0}")]
+    Malformed(&'static str),
+}
+
+/// Length-prefixed frame codec with a size limit.
+#[derive(Debug, Clone)]
+pub struct Codec {
+    max: usize,
+}
+
+impl Codec {
+    /// A codec refusing frames over `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Self { max }
+    }
+}
+
+fn body_len(f: &Frame) -> usize {
+    1 + match f {
+        Frame::Register(h) => 2 + 8 * h.len(),
+        Frame::Packet { packet, .. } | Frame::Deliver { packet, .. } => 8 + packet.len(),
+        Frame::Ack(_) | Frame::Stored(_) => 8,
+        Frame::Drain => 0,
+        Frame::Refused { reason, .. } => 9 + reason.len(),
+    }
+}
+
+impl Encoder for Codec {
+    type Item<'a> = Frame;
+    type Error = Error;
+
+    fn encode(&mut self, f: Frame, dst: &mut BytesMut) -> Result<(), Error> {
+        let len = body_len(&f);
+        if len > self.max {
+            return Err(Error::TooLarge {
+                got: len,
+                max: self.max,
+            });
+        }
+        if let Frame::Register(h) = &f
+            && h.len() > MAX_REGISTER
+        {
+            return Err(Error::Malformed("too many hashes in one Register"));
+        }
+        dst.reserve(4 + len);
+        dst.put_u32(len as u32);
+        match f {
+            Frame::Register(h) => {
+                dst.put_u8(0x01);
+                dst.put_u16(h.len() as u16);
+                for x in h {
+                    dst.put_slice(&x);
+                }
+            }
+            Frame::Packet { seq, packet } => {
+                dst.put_u8(0x02);
+                dst.put_u64(seq);
+                dst.put_slice(&packet);
+            }
+            Frame::Ack(id) => {
+                dst.put_u8(0x03);
+                dst.put_u64(id);
+            }
+            Frame::Drain => dst.put_u8(0x04),
+            Frame::Stored(seq) => {
+                dst.put_u8(0x81);
+                dst.put_u64(seq);
+            }
+            Frame::Deliver { id, packet } => {
+                dst.put_u8(0x82);
+                dst.put_u64(id);
+                dst.put_slice(&packet);
+            }
+            Frame::Refused { seq, code, reason } => {
+                dst.put_u8(0x83);
+                dst.put_u64(seq);
+                dst.put_u8(code as u8);
+                dst.put_slice(reason.as_bytes());
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Decoder for Codec {
+    type Item = Frame;
+    type Error = Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, Error> {
+        if src.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+        if len > self.max {
+            return Err(Error::TooLarge {
+                got: len,
+                max: self.max,
+            });
+        }
+        if len == 0 {
+            return Err(Error::Malformed("empty frame"));
+        }
+        if src.len() < 4 + len {
+            src.reserve(4 + len - src.len());
+            return Ok(None);
+        }
+        src.advance(4);
+        let mut body = src.split_to(len).freeze();
+        let ty = body.get_u8();
+        let need = |b: &Bytes, n: usize| {
+            if b.len() < n {
+                Err(Error::Malformed("frame body too short"))
+            } else {
+                Ok(())
+            }
+        };
+        let exact = |b: &Bytes, n: usize| {
+            if b.len() != n {
+                Err(Error::Malformed("frame body has the wrong length"))
+            } else {
+                Ok(())
+            }
+        };
+        let frame = match ty {
+            0x01 => {
+                need(&body, 2)?;
+                let n = body.get_u16() as usize;
+                exact(&body, 8 * n)?;
+                let mut hashes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let mut h = [0u8; 8];
+                    body.copy_to_slice(&mut h);
+                    hashes.push(h);
+                }
+                Frame::Register(hashes)
+            }
+            0x02 => {
+                need(&body, 8)?;
+                let seq = body.get_u64();
+                Frame::Packet { seq, packet: body }
+            }
+            0x03 => {
+                exact(&body, 8)?;
+                Frame::Ack(body.get_u64())
+            }
+            0x04 => {
+                exact(&body, 0)?;
+                Frame::Drain
+            }
+            0x81 => {
+                exact(&body, 8)?;
+                Frame::Stored(body.get_u64())
+            }
+            0x82 => {
+                need(&body, 8)?;
+                let id = body.get_u64();
+                Frame::Deliver { id, packet: body }
+            }
+            0x83 => {
+                need(&body, 9)?;
+                let seq = body.get_u64();
+                let code = RefusedCode::from_u8(body.get_u8())
+                    .ok_or(Error::Malformed("unknown refusal code"))?;
+                let reason = String::from_utf8(body.to_vec())
+                    .map_err(|_| Error::Malformed("reason is not UTF-8"))?;
+                Frame::Refused { seq, code, reason }
+            }
+            _ => return Err(Error::Malformed("unknown frame type")),
+        };
+        Ok(Some(frame))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(f: Frame) {
+        let mut c = Codec::new(DEFAULT_MAX_FRAME);
+        let mut buf = BytesMut::new();
+        c.encode(f.clone(), &mut buf).expect("encode");
+        let mut partial = BytesMut::from(&buf[..buf.len() - 1]);
+        assert!(c.decode(&mut partial).expect("partial").is_none());
+        assert_eq!(c.decode(&mut buf).expect("decode"), Some(f));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        round_trip(Frame::Register(vec![[1; 8], [2; 8]]));
+        round_trip(Frame::Register(vec![]));
+        round_trip(Frame::Packet {
+            seq: 7,
+            packet: Bytes::from_static(b"pkt"),
+        });
+        round_trip(Frame::Ack(u64::MAX));
+        round_trip(Frame::Drain);
+        round_trip(Frame::Stored(3));
+        round_trip(Frame::Deliver {
+            id: 9,
+            packet: Bytes::from_static(b"x"),
+        });
+        round_trip(Frame::Refused {
+            seq: 1,
+            code: RefusedCode::Busy,
+            reason: "slow down".into(),
+        });
+    }
+
+    #[test]
+    fn oversize_and_malformed_are_errors() {
+        let mut c = Codec::new(16);
+        let mut buf = BytesMut::from(&[0, 0, 0, 17][..]);
+        assert!(matches!(
+            c.decode(&mut buf),
+            Err(Error::TooLarge { got: 17, max: 16 })
+        ));
+        let mut buf = BytesMut::from(&[0, 0, 0, 1, 0x7f][..]);
+        assert!(matches!(c.decode(&mut buf), Err(Error::Malformed(_))));
+        let mut buf = BytesMut::from(&[0, 0, 0, 3, 0x01, 0, 1][..]);
+        assert!(matches!(c.decode(&mut buf), Err(Error::Malformed(_))));
+        assert!(
+            c.encode(
+                Frame::Packet {
+                    seq: 0,
+                    packet: Bytes::from(vec![0; 16])
+                },
+                &mut BytesMut::new()
+            )
+            .is_err()
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut c = Codec::new(128);
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = c.decode(&mut buf) {}
+        }
+    }
+}

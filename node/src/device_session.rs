@@ -1,0 +1,156 @@
+//! One native device's session: the counterpart of a WebSocket session for
+//! `/meshwhisper/device/1` streams. The Swarm task moves frames between the
+//! stream and this task; this task talks to the relay core.
+//!
+//! Unlike the WebSocket protocol, both directions are acknowledged: a
+//! device's packet is answered `Stored` once durable, and the relay deletes
+//! a delivered packet only when the device acks it.
+
+use crate::core::{ConnKind, Core, PacketError};
+use futures::StreamExt as _;
+use futures::stream::FuturesOrdered;
+use meshwhisper_behaviour::device::codec::{Frame, RefusedCode};
+use meshwhisper_crypto::destination::DestHash;
+use meshwhisper_storage::mailbox::MailboxId;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Packets being stored at once per device (their commits are grouped).
+const IN_FLIGHT: usize = 64;
+/// Acks collected before their stored copies are deleted in one go.
+const ACK_BATCH: usize = 256;
+
+/// Runs until the stream closes (`inbound` ends) or the node stops.
+pub async fn run(
+    core: Arc<Core>,
+    mut inbound: mpsc::Receiver<Frame>,
+    to_device: mpsc::Sender<Frame>,
+    cancel: CancellationToken,
+    drain_batch: u32,
+) {
+    let (id, mut outbound) = core.connect(ConnKind::Device);
+    core.metrics.devices_connected.fetch_add(1, Relaxed);
+    let mut hashes: Vec<DestHash> = Vec::new();
+    let mut in_flight: HashSet<MailboxId> = HashSet::new();
+    let mut acked: Vec<MailboxId> = Vec::new();
+    let mut storing = FuturesOrdered::new();
+    loop {
+        if !acked.is_empty() && (inbound.is_empty() || acked.len() >= ACK_BATCH) {
+            let ids = std::mem::take(&mut acked);
+            for i in &ids {
+                in_flight.remove(i);
+            }
+            core.delivered(ids).await;
+        }
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            Some((seq, r)) = storing.next(), if !storing.is_empty() => {
+                let reply = match r {
+                    Ok(acc) => {
+                        core.route(id, acc);
+                        Frame::Stored(seq)
+                    }
+                    Err(PacketError::Malformed(e)) => Frame::Refused { seq, code: RefusedCode::Malformed, reason: e.to_string() },
+                    Err(PacketError::Store(_)) => Frame::Refused { seq, code: RefusedCode::Unavailable, reason: "relay storage unavailable".into() },
+                };
+                if to_device.send(reply).await.is_err() {
+                    break;
+                }
+            }
+            Some(out) = outbound.recv() => {
+                let Some(mid) = out.mailbox_id else { continue };
+                if !in_flight.insert(mid) {
+                    continue;
+                }
+                if to_device.send(Frame::Deliver { id: mid.0 as u64, packet: out.packet }).await.is_err() {
+                    break;
+                }
+            }
+            frame = inbound.recv(), if storing.len() < IN_FLIGHT => {
+                let Some(frame) = frame else { break };
+                match frame {
+                    Frame::Register(list) => {
+                        if list.len() > core.max_hashes() {
+                            let _ = to_device.send(Frame::Refused { seq: 0, code: RefusedCode::Malformed, reason: "too many destination hashes".into() }).await;
+                            break;
+                        }
+                        hashes = list.into_iter().map(DestHash).collect();
+                        hashes.sort_unstable();
+                        hashes.dedup();
+                        core.register(id, &hashes);
+                        if !drain(&core, &hashes, &mut in_flight, &to_device, drain_batch).await {
+                            break;
+                        }
+                    }
+                    Frame::Packet { seq, packet } => {
+                        core.metrics.device_packets_in.fetch_add(1, Relaxed);
+                        let c = core.clone();
+                        storing.push_back(async move { (seq, c.accept(packet).await) });
+                    }
+                    Frame::Ack(mid) => acked.push(MailboxId(mid as i64)),
+                    Frame::Drain => {
+                        if !drain(&core, &hashes, &mut in_flight, &to_device, drain_batch).await {
+                            break;
+                        }
+                    }
+                    // Relay-to-device frames from a device are a protocol violation.
+                    Frame::Stored(_) | Frame::Deliver { .. } | Frame::Refused { .. } => {
+                        core.metrics.protocol_closes.fetch_add(1, Relaxed);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    while let Some((seq, r)) = storing.next().await {
+        if let Ok(acc) = r {
+            core.route(id, acc);
+            let _ = to_device.try_send(Frame::Stored(seq));
+        }
+    }
+    core.delivered(acked).await;
+    core.disconnect(id);
+    core.metrics.devices_connected.fetch_sub(1, Relaxed);
+}
+
+/// Sends stored packets not yet in flight; they are deleted when acked.
+async fn drain(
+    core: &Core,
+    hashes: &[DestHash],
+    in_flight: &mut HashSet<MailboxId>,
+    to_device: &mpsc::Sender<Frame>,
+    batch: u32,
+) -> bool {
+    loop {
+        let pending = match core.pending(hashes, in_flight, batch.max(1)).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list stored packets");
+                return true;
+            }
+        };
+        let n = pending.len();
+        for p in pending {
+            in_flight.insert(p.id);
+            core.metrics.packets_drained.fetch_add(1, Relaxed);
+            core.events.drain.fetch_add(1, Relaxed);
+            if to_device
+                .send(Frame::Deliver {
+                    id: p.id.0 as u64,
+                    packet: p.packet.into(),
+                })
+                .await
+                .is_err()
+            {
+                return false;
+            }
+        }
+        if n < batch.max(1) as usize {
+            return true;
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! Native devices over libp2p (`/meshwhisper/device/1`) and WebSocket
+//! clients share one relay core: packets flow both ways, are acknowledged
+//! when stored, and are deleted when the device acks them.
+
+mod common;
+use common::*;
+use futures::{SinkExt as _, StreamExt as _};
+use libp2p::Multiaddr;
+use libp2p::swarm::SwarmEvent;
+use meshwhisper_behaviour::device::{self, codec::Frame};
+use meshwhisper_behaviour::node::BehaviourEvent;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A device: a real Swarm (TCP, Noise, yamux) dialing the relay.
+struct Device {
+    to_relay: mpsc::Sender<Frame>,
+    from_relay: mpsc::Receiver<Frame>,
+}
+
+async fn device(relay: &meshwhisper_node::Running) -> Device {
+    let mut addrs = relay.p2p.listen_addrs.clone();
+    let addr: Multiaddr =
+        tokio::time::timeout(Duration::from_secs(10), addrs.wait_for(|a| !a.is_empty()))
+            .await
+            .expect("relay listening")
+            .expect("watch")[0]
+            .clone();
+    let relay_peer = relay.p2p.peer_id;
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let mut swarm =
+        meshwhisper_node::p2p::build_swarm(key, device::Config::new(device::Role::Device))
+            .expect("swarm");
+    swarm
+        .dial(addr.with(libp2p::multiaddr::Protocol::P2p(relay_peer)))
+        .expect("dial");
+    let (to_relay, mut rx) = mpsc::channel::<Frame>(64);
+    let (tx, from_relay) = mpsc::channel::<Frame>(1024);
+    let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut opened = Some(opened_tx);
+        let mut waiting: Vec<Frame> = Vec::new();
+        loop {
+            tokio::select! {
+                f = rx.recv() => match f {
+                    Some(f) => {
+                        if !swarm.behaviour_mut().device.send_to(relay_peer, f.clone()) {
+                            waiting.push(f);
+                        }
+                    }
+                    None => break,
+                },
+                ev = swarm.select_next_some() => match ev {
+                    SwarmEvent::Behaviour(BehaviourEvent::Device(device::Event::Opened { .. })) => {
+                        for f in waiting.drain(..) {
+                            swarm.behaviour_mut().device.send_to(relay_peer, f);
+                        }
+                        if let Some(o) = opened.take() {
+                            let _ = o.send(());
+                        }
+                    }
+                    SwarmEvent::Behaviour(BehaviourEvent::Device(device::Event::Frame { frame, .. })) => {
+                        // The receiver lives as long as the test's Device.
+                        let _ = tx.send(frame).await;
+                    }
+                    _ => {}
+                },
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), opened_rx)
+        .await
+        .expect("stream opened")
+        .expect("opened");
+    Device {
+        to_relay,
+        from_relay,
+    }
+}
+
+impl Device {
+    async fn send(&self, f: Frame) {
+        self.to_relay.send(f).await.expect("send");
+    }
+    async fn next(&mut self) -> Frame {
+        tokio::time::timeout(Duration::from_secs(10), self.from_relay.recv())
+            .await
+            .expect("frame within 10 s")
+            .expect("device task alive")
+    }
+}
+
+const DEV: &str = "dddddddddddddddd";
+const WEB: &str = "eeeeeeeeeeeeeeee";
+
+fn hash(h: &str) -> [u8; 8] {
+    meshwhisper_crypto::destination::DestHash::from_hex(h)
+        .expect("hex")
+        .0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_and_websocket_exchange_packets_both_ways() {
+    let relay = start(|_| {}).await;
+    let running = relay.running.as_ref().expect("running");
+    let mut dev = device(running).await;
+    dev.send(Frame::Register(vec![hash(DEV)])).await;
+    let mut web = ws(&relay.ws).await;
+    hello(&mut web, &[WEB]).await;
+    wait_health(&relay.base, |h| h["clients"] == 2 && h["devices"] == 1).await;
+
+    // Device → WebSocket: each packet is acknowledged as stored.
+    for seq in 0..10u64 {
+        dev.send(Frame::Packet {
+            seq,
+            packet: packet(WEB, &seq.to_be_bytes()).into(),
+        })
+        .await;
+    }
+    for seq in 0..10u64 {
+        assert_eq!(dev.next().await, Frame::Stored(seq));
+        assert_eq!(&next_packet(&mut web).await[31..], &seq.to_be_bytes());
+    }
+
+    // WebSocket → device: delivered with ids; the relay keeps them until acked.
+    for i in 0..5u8 {
+        web.send(Message::Binary(packet(DEV, &[i]).into()))
+            .await
+            .expect("send");
+    }
+    let mut ids = Vec::new();
+    for i in 0..5u8 {
+        match dev.next().await {
+            Frame::Deliver { id, packet } => {
+                assert_eq!(packet[31], i);
+                ids.push(id);
+            }
+            other => panic!("expected Deliver, got {other:?}"),
+        }
+    }
+    wait_health(&relay.base, |h| h["storedBlobs"] == 5).await;
+    for id in ids {
+        dev.send(Frame::Ack(id)).await;
+    }
+    wait_health(&relay.base, |h| h["storedBlobs"] == 0).await;
+
+    // Malformed packets are refused with a reason, not dropped silently.
+    dev.send(Frame::Packet {
+        seq: 99,
+        packet: vec![1u8; 10].into(),
+    })
+    .await;
+    match dev.next().await {
+        Frame::Refused {
+            seq: 99,
+            code: device::codec::RefusedCode::Malformed,
+            ..
+        } => {}
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacked_deliveries_are_redelivered_after_reconnect() {
+    let relay = start(|_| {}).await;
+    let mut web = ws(&relay.ws).await;
+    hello(&mut web, &[WEB]).await;
+    for i in 0..3u8 {
+        web.send(Message::Binary(packet(DEV, &[i]).into()))
+            .await
+            .expect("send");
+    }
+    wait_health(&relay.base, |h| h["storedBlobs"] == 3).await;
+    let running = relay.running.as_ref().expect("running");
+    {
+        let mut dev = device(running).await;
+        dev.send(Frame::Register(vec![hash(DEV)])).await;
+        for _ in 0..3 {
+            assert!(matches!(dev.next().await, Frame::Deliver { .. }));
+        }
+        // Gone without acking.
+    }
+    wait_health(&relay.base, |h| h["devices"] == 0).await;
+    let mut dev = device(running).await;
+    dev.send(Frame::Register(vec![hash(DEV)])).await;
+    for i in 0..3u8 {
+        match dev.next().await {
+            Frame::Deliver { id, packet } => {
+                assert_eq!(packet[31], i);
+                dev.send(Frame::Ack(id)).await;
+            }
+            other => panic!("expected Deliver, got {other:?}"),
+        }
+    }
+    wait_health(&relay.base, |h| h["storedBlobs"] == 0).await;
+    relay.stop().await;
+}
