@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod backup;
+mod bench;
 mod keys;
 mod relay;
 
@@ -26,6 +27,9 @@ enum Command {
     Relay(relay::RelayArgs),
     /// Copy a relay's database consistently, even while the relay runs.
     Backup(backup::BackupArgs),
+    /// Load generators.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
         Command::Keys(cmd) => keys::run(cmd),
         Command::Backup(args) => backup::run(args),
         Command::Relay(args) => relay::run(args),
+        Command::Bench(cmd) => bench::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

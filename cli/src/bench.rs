@@ -1,0 +1,198 @@
+//! `meshwhisper bench relay`: a load generator speaking the reference
+//! WebSocket protocol, so the same run measures our relay and the
+//! reference relay.
+//!
+//! P sender/receiver pairs; each receiver registers its own destination
+//! hash; each sender keeps at most W packets in flight (sent, not yet
+//! received) and sends M packets of S bytes. Every payload carries its
+//! sequence number and send time, so the receiver counts losses and
+//! duplicates and measures latency.
+
+use anyhow::Context as _;
+use futures::{SinkExt as _, StreamExt as _};
+use meshwhisper_crypto::destination::DestHash;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Load a relay over its WebSocket protocol.
+    Relay(RelayBench),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RelayBench {
+    /// The relay's WebSocket URL, e.g. ws://127.0.0.1:8080/.
+    #[arg(long)]
+    url: String,
+    /// Sender/receiver pairs.
+    #[arg(long, default_value_t = 50)]
+    pairs: u32,
+    /// Packets per pair.
+    #[arg(long, default_value_t = 2000)]
+    msgs: u32,
+    /// Packet size in bytes (header included, at least 47).
+    #[arg(long, default_value_t = 1024)]
+    size: usize,
+    /// Packets in flight per pair.
+    #[arg(long, default_value_t = 16)]
+    window: u32,
+    /// Give up waiting for stragglers after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// PID of the relay, to report its resident memory (Linux).
+    #[arg(long)]
+    relay_pid: Option<u32>,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+struct PairResult {
+    delivered: u64,
+    duplicates: u64,
+    latencies_us: Vec<u64>,
+}
+
+fn rss_kib(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    let BenchCommand::Relay(b) = cmd;
+    anyhow::ensure!(b.size >= 47, "--size must be at least 47 (31-byte header + 16-byte stamp)");
+    anyhow::ensure!(b.pairs > 0 && b.msgs > 0 && b.window > 0, "--pairs, --msgs and --window must be positive");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(relay(b))
+}
+
+async fn connect(url: &str) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
+    let (s, _) = tokio::time::timeout(Duration::from_secs(30), tokio_tungstenite::connect_async(url))
+        .await
+        .context("connect timed out")?
+        .with_context(|| format!("connecting to {url}"))?;
+    Ok(s)
+}
+
+async fn relay(b: RelayBench) -> anyhow::Result<()> {
+    let epoch = Instant::now();
+    let run_id: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut receivers = Vec::new();
+    let mut senders = Vec::new();
+    let sent_total = Arc::new(AtomicU64::new(0));
+    for pair in 0..b.pairs {
+        let dest = DestHash((run_id ^ (u64::from(pair) << 40) ^ 0x5a5a_0000).to_be_bytes());
+        let mut rx = connect(&b.url).await?;
+        let hello = serde_json::json!({"type": "hello", "destHashes": [dest.to_hex()]}).to_string();
+        rx.send(Message::Text(hello.into())).await.context("hello")?;
+        let tx = connect(&b.url).await?;
+        let window = Arc::new(Semaphore::new(b.window as usize));
+        receivers.push((rx, window.clone(), dest));
+        senders.push((tx, window, dest));
+    }
+    // Let every hello register before the first packet (bounded).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(b.timeout);
+    let mut rx_tasks = Vec::new();
+    for (mut rx, window, _) in receivers {
+        let msgs = b.msgs;
+        rx_tasks.push(tokio::spawn(async move {
+            let mut seen = vec![false; msgs as usize];
+            let mut r = PairResult { delivered: 0, duplicates: 0, latencies_us: Vec::with_capacity(msgs as usize) };
+            while r.delivered < u64::from(msgs) {
+                let next = tokio::time::timeout_at(deadline.into(), rx.next()).await;
+                let Ok(Some(Ok(m))) = next else { break };
+                let Message::Binary(p) = m else { continue };
+                if p.len() < 47 {
+                    continue;
+                }
+                let seq = u32::from_be_bytes([p[31], p[32], p[33], p[34]]) as usize;
+                let sent_us = u64::from_be_bytes([p[35], p[36], p[37], p[38], p[39], p[40], p[41], p[42]]);
+                if seq >= seen.len() {
+                    continue;
+                }
+                if seen[seq] {
+                    r.duplicates += 1;
+                    continue;
+                }
+                seen[seq] = true;
+                r.delivered += 1;
+                r.latencies_us.push((epoch.elapsed().as_micros() as u64).saturating_sub(sent_us));
+                window.add_permits(1);
+            }
+            r
+        }));
+    }
+    let mut tx_tasks = Vec::new();
+    for (mut tx, window, dest) in senders {
+        let (msgs, size, sent_total) = (b.msgs, b.size, sent_total.clone());
+        tx_tasks.push(tokio::spawn(async move {
+            let mut payload = vec![0u8; size - 31];
+            for seq in 0..msgs {
+                let Ok(Ok(permit)) = tokio::time::timeout_at(deadline.into(), window.acquire()).await else { break };
+                permit.forget();
+                payload[..4].copy_from_slice(&seq.to_be_bytes());
+                payload[4..12].copy_from_slice(&(epoch.elapsed().as_micros() as u64).to_be_bytes());
+                let pkt = meshwhisper_behaviour::packet::build(1, dest, [0x42; 16], 7, &payload);
+                if tx.send(Message::Binary(pkt.into())).await.is_err() {
+                    break;
+                }
+                sent_total.fetch_add(1, Relaxed);
+            }
+            tx
+        }));
+    }
+    let mut results = Vec::new();
+    for t in rx_tasks {
+        results.push(t.await.context("receiver task")?);
+    }
+    let elapsed = start.elapsed();
+    for t in tx_tasks {
+        let _ = t.await;
+    }
+    let expected = u64::from(b.pairs) * u64::from(b.msgs);
+    let delivered: u64 = results.iter().map(|r| r.delivered).sum();
+    let duplicates: u64 = results.iter().map(|r| r.duplicates).sum();
+    let mut lat: Vec<u64> = results.into_iter().flat_map(|r| r.latencies_us).collect();
+    lat.sort_unstable();
+    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    let rate = delivered as f64 / elapsed.as_secs_f64();
+    let rss = b.relay_pid.and_then(|p| rss_kib(p, "VmRSS:"));
+    let hwm = b.relay_pid.and_then(|p| rss_kib(p, "VmHWM:"));
+    let summary = serde_json::json!({
+        "pairs": b.pairs, "msgs": b.msgs, "size": b.size, "window": b.window,
+        "sent": sent_total.load(Relaxed), "expected": expected, "delivered": delivered,
+        "lost": expected - delivered, "duplicates": duplicates,
+        "seconds": elapsed.as_secs_f64(), "msgs_per_sec": rate,
+        "p50_ms": pct(0.50) as f64 / 1000.0, "p99_ms": pct(0.99) as f64 / 1000.0,
+        "relay_rss_kib": rss, "relay_peak_rss_kib": hwm,
+    });
+    if b.json {
+        println!("{summary}");
+    } else {
+        println!("pairs={} msgs={} size={} window={}", b.pairs, b.msgs, b.size, b.window);
+        println!("delivered={delivered} lost={} duplicates={duplicates}", expected - delivered);
+        println!("seconds={:.2} msgs_per_sec={rate:.0}", elapsed.as_secs_f64());
+        println!("p50_ms={:.2} p99_ms={:.2}", pct(0.50) as f64 / 1000.0, pct(0.99) as f64 / 1000.0);
+        if let (Some(r), Some(h)) = (rss, hwm) {
+            println!("relay_rss_kib={r} relay_peak_rss_kib={h}");
+        }
+    }
+    Ok(())
+}
