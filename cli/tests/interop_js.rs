@@ -1,0 +1,51 @@
+//! Interop with the real reference client: two `@meshwhisper/sdk` 0.5.0
+//! processes (installed by npm from `tests/interop/package-lock.json`) find
+//! each other through our `/directory` by username, exchange messages both
+//! ways, and one receives what was sent while it was stopped, after
+//! restarting; every message arrives exactly once (`tests/interop/scenario.mjs`
+//! checks all of it against a relay process of ours).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn interop_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/interop")
+}
+
+fn run(cmd: &mut Command, what: &str) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("{what}: cannot run ({e}); the interop test needs Node.js 20+ and npm (.ci/run installs them)")
+    });
+    out
+}
+
+#[test]
+fn js_sdk_clients_talk_through_our_relay() {
+    let dir = interop_dir();
+    if !dir.join("node_modules/@meshwhisper/sdk").exists() {
+        let out = run(
+            Command::new("npm").args(["ci", "--no-audit", "--no-fund", "--loglevel=error"]).current_dir(&dir),
+            "npm ci",
+        );
+        assert!(out.status.success(), "npm ci failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    for stop_mode in ["quit", "kill"] {
+        let out = run(
+            Command::new("node")
+                .arg("scenario.mjs")
+                .arg("ours")
+                .current_dir(&dir)
+                .env("MW_BIN", env!("CARGO_BIN_EXE_meshwhisper"))
+                .env("STOP_MODE", stop_mode),
+            "node scenario.mjs",
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "interop scenario (STOP_MODE={stop_mode}) failed with {:?}:\n{stdout}\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("PASS"), "{stdout}");
+    }
+}
