@@ -69,8 +69,14 @@ fn rss_kib(pid: u32, field: &str) -> Option<u64> {
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     let BenchCommand::Relay(b) = cmd;
-    anyhow::ensure!(b.size >= 47, "--size must be at least 47 (31-byte header + 16-byte stamp)");
-    anyhow::ensure!(b.pairs > 0 && b.msgs > 0 && b.window > 0, "--pairs, --msgs and --window must be positive");
+    anyhow::ensure!(
+        b.size >= 47,
+        "--size must be at least 47 (31-byte header + 16-byte stamp)"
+    );
+    anyhow::ensure!(
+        b.pairs > 0 && b.msgs > 0 && b.window > 0,
+        "--pairs, --msgs and --window must be positive"
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -78,11 +84,18 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     rt.block_on(relay(b))
 }
 
-async fn connect(url: &str) -> anyhow::Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
-    let (s, _) = tokio::time::timeout(Duration::from_secs(30), tokio_tungstenite::connect_async(url))
-        .await
-        .context("connect timed out")?
-        .with_context(|| format!("connecting to {url}"))?;
+async fn connect(
+    url: &str,
+) -> anyhow::Result<
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+> {
+    let (s, _) = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .context("connect timed out")?
+    .with_context(|| format!("connecting to {url}"))?;
     Ok(s)
 }
 
@@ -99,7 +112,9 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
         let dest = DestHash((run_id ^ (u64::from(pair) << 40) ^ 0x5a5a_0000).to_be_bytes());
         let mut rx = connect(&b.url).await?;
         let hello = serde_json::json!({"type": "hello", "destHashes": [dest.to_hex()]}).to_string();
-        rx.send(Message::Text(hello.into())).await.context("hello")?;
+        rx.send(Message::Text(hello.into()))
+            .await
+            .context("hello")?;
         let tx = connect(&b.url).await?;
         let window = Arc::new(Semaphore::new(b.window as usize));
         receivers.push((rx, window.clone(), dest));
@@ -114,7 +129,11 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
         let msgs = b.msgs;
         rx_tasks.push(tokio::spawn(async move {
             let mut seen = vec![false; msgs as usize];
-            let mut r = PairResult { delivered: 0, duplicates: 0, latencies_us: Vec::with_capacity(msgs as usize) };
+            let mut r = PairResult {
+                delivered: 0,
+                duplicates: 0,
+                latencies_us: Vec::with_capacity(msgs as usize),
+            };
             while r.delivered < u64::from(msgs) {
                 let next = tokio::time::timeout_at(deadline.into(), rx.next()).await;
                 let Ok(Some(Ok(m))) = next else { break };
@@ -123,7 +142,8 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
                     continue;
                 }
                 let seq = u32::from_be_bytes([p[31], p[32], p[33], p[34]]) as usize;
-                let sent_us = u64::from_be_bytes([p[35], p[36], p[37], p[38], p[39], p[40], p[41], p[42]]);
+                let sent_us =
+                    u64::from_be_bytes([p[35], p[36], p[37], p[38], p[39], p[40], p[41], p[42]]);
                 if seq >= seen.len() {
                     continue;
                 }
@@ -133,7 +153,8 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
                 }
                 seen[seq] = true;
                 r.delivered += 1;
-                r.latencies_us.push((epoch.elapsed().as_micros() as u64).saturating_sub(sent_us));
+                r.latencies_us
+                    .push((epoch.elapsed().as_micros() as u64).saturating_sub(sent_us));
                 window.add_permits(1);
             }
             r
@@ -145,7 +166,11 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
         tx_tasks.push(tokio::spawn(async move {
             let mut payload = vec![0u8; size - 31];
             for seq in 0..msgs {
-                let Ok(Ok(permit)) = tokio::time::timeout_at(deadline.into(), window.acquire()).await else { break };
+                let Ok(Ok(permit)) =
+                    tokio::time::timeout_at(deadline.into(), window.acquire()).await
+                else {
+                    break;
+                };
                 permit.forget();
                 payload[..4].copy_from_slice(&seq.to_be_bytes());
                 payload[4..12].copy_from_slice(&(epoch.elapsed().as_micros() as u64).to_be_bytes());
@@ -171,7 +196,11 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
     let duplicates: u64 = results.iter().map(|r| r.duplicates).sum();
     let mut lat: Vec<u64> = results.into_iter().flat_map(|r| r.latencies_us).collect();
     lat.sort_unstable();
-    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     let rate = delivered as f64 / elapsed.as_secs_f64();
     let rss = b.relay_pid.and_then(|p| rss_kib(p, "VmRSS:"));
     let hwm = b.relay_pid.and_then(|p| rss_kib(p, "VmHWM:"));
@@ -186,10 +215,23 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
     if b.json {
         println!("{summary}");
     } else {
-        println!("pairs={} msgs={} size={} window={}", b.pairs, b.msgs, b.size, b.window);
-        println!("delivered={delivered} lost={} duplicates={duplicates}", expected - delivered);
-        println!("seconds={:.2} msgs_per_sec={rate:.0}", elapsed.as_secs_f64());
-        println!("p50_ms={:.2} p99_ms={:.2}", pct(0.50) as f64 / 1000.0, pct(0.99) as f64 / 1000.0);
+        println!(
+            "pairs={} msgs={} size={} window={}",
+            b.pairs, b.msgs, b.size, b.window
+        );
+        println!(
+            "delivered={delivered} lost={} duplicates={duplicates}",
+            expected - delivered
+        );
+        println!(
+            "seconds={:.2} msgs_per_sec={rate:.0}",
+            elapsed.as_secs_f64()
+        );
+        println!(
+            "p50_ms={:.2} p99_ms={:.2}",
+            pct(0.50) as f64 / 1000.0,
+            pct(0.99) as f64 / 1000.0
+        );
         if let (Some(r), Some(h)) = (rss, hwm) {
             println!("relay_rss_kib={r} relay_peak_rss_kib={h}");
         }

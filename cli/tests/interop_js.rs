@@ -24,10 +24,16 @@ fn js_sdk_clients_talk_through_our_relay() {
     let dir = interop_dir();
     if !dir.join("node_modules/@meshwhisper/sdk").exists() {
         let out = run(
-            Command::new("npm").args(["ci", "--no-audit", "--no-fund", "--loglevel=error"]).current_dir(&dir),
+            Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(&dir),
             "npm ci",
         );
-        assert!(out.status.success(), "npm ci failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "npm ci failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     for stop_mode in ["quit", "kill"] {
         let out = run(

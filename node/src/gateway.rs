@@ -61,8 +61,6 @@ pub struct AppState {
     pub websockets: Arc<std::sync::atomic::AtomicUsize>,
     /// The node's libp2p PeerId (reported by /health).
     pub peer_id: Arc<str>,
-    /// Prekey bundles stored with a format we do not know (counted).
-    pub unknown_bundles: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn cors(mut resp: Response) -> Response {
@@ -370,7 +368,7 @@ async fn directory_post(
     match check_bundle(&bundle) {
         BundleCheck::Valid => {}
         BundleCheck::Unknown => {
-            s.unknown_bundles.fetch_add(1, Relaxed);
+            s.metrics.unknown_bundles.fetch_add(1, Relaxed);
         }
         BundleCheck::Invalid(why) => return error(&s, StatusCode::BAD_REQUEST, why),
     }

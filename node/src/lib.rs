@@ -145,7 +145,6 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         started,
         websockets: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         peer_id: p2p.peer_id.to_string().into(),
-        unknown_bundles: Arc::new(std::sync::atomic::AtomicU64::new(0)),
     };
     let listener = tokio::net::TcpListener::bind(&cfg.http)
         .await

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub devices_connected: AtomicU64,
     /// Packets received from native devices.
     pub device_packets_in: AtomicU64,
+    /// Prekey bundles stored in a format the relay cannot verify.
+    pub unknown_bundles: AtomicU64,
 }
 
 /// Values read from the store and registry at scrape time.

@@ -225,3 +225,52 @@ async fn push_wake_for_offline_registered_recipients() {
     assert!(!body.contains("secret"));
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_stream_counts_without_content() {
+    use http_body_util::BodyExt as _;
+    let relay = start(|_| {}).await;
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let uri: hyper::Uri = format!("{}/events", relay.base).parse().expect("uri");
+    let resp = client.get(uri).await.expect("events");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut body = resp.into_body();
+    let mut text = String::new();
+    let mut next = async || -> String {
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
+                .await
+                .expect("event within 10 s")
+                .expect("stream open")
+                .expect("frame");
+            if let Ok(d) = frame.into_data() {
+                return String::from_utf8(d.to_vec()).expect("utf8");
+            }
+        }
+    };
+    text.push_str(&next().await);
+    assert!(text.starts_with(": connected"), "{text}");
+    let mut alice = ws(&relay.ws).await;
+    hello(&mut alice, &[A]).await;
+    alice
+        .send(Message::Binary(packet(B, b"queued for bob").into()))
+        .await
+        .expect("send");
+    let data = loop {
+        let chunk = next().await;
+        if let Some(line) = chunk.lines().find(|l| l.starts_with("data: ")) {
+            break line.trim_start_matches("data: ").to_string();
+        }
+    };
+    let v: serde_json::Value = serde_json::from_str(&data).expect("json");
+    assert_eq!(
+        (v["in"].as_u64(), v["queue"].as_u64()),
+        (Some(1), Some(1)),
+        "{v}"
+    );
+    assert!(!data.contains("queued for bob"));
+    relay.stop().await;
+}
