@@ -130,6 +130,12 @@ pub struct Limits {
     pub drain_batch: u32,
     /// Push webhook calls queued before new ones are dropped (and counted). Default 1024.
     pub push_queue: usize,
+    /// libp2p connections established in total. Default 10000.
+    pub max_p2p_connections: u32,
+    /// libp2p incoming connections still handshaking. Default 256.
+    pub max_p2p_pending: u32,
+    /// libp2p connections per peer. Default 4.
+    pub max_p2p_per_peer: u32,
 }
 
 impl Default for Config {
@@ -185,6 +191,9 @@ impl Default for Limits {
             max_json_body: 1024 * 1024,
             drain_batch: 1000,
             push_queue: 1024,
+            max_p2p_connections: 10_000,
+            max_p2p_pending: 256,
+            max_p2p_per_peer: 4,
         }
     }
 }

@@ -116,7 +116,12 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     let mut device_cfg =
         meshwhisper_behaviour::device::Config::new(meshwhisper_behaviour::device::Role::Relay);
     device_cfg.max_frame = cfg.storage.max_blob_size + 64;
-    let swarm = p2p::build_swarm(key, device_cfg)?;
+    let limits = meshwhisper_behaviour::node::Limits {
+        max_connections: cfg.limits.max_p2p_connections,
+        max_pending_incoming: cfg.limits.max_p2p_pending,
+        max_per_peer: cfg.limits.max_p2p_per_peer,
+    };
+    let swarm = p2p::build_swarm(key, device_cfg, limits)?;
     let (p2p, swarm_task) = p2p::start(
         swarm,
         &cfg.listen,

@@ -104,7 +104,11 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Builds the Swarm: TCP and QUIC, Noise, yamux.
-pub fn build_swarm(key: Keypair, device: device::Config) -> Result<Swarm<Behaviour>, Error> {
+pub fn build_swarm(
+    key: Keypair,
+    device: device::Config,
+    limits: meshwhisper_behaviour::node::Limits,
+) -> Result<Swarm<Behaviour>, Error> {
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
@@ -114,7 +118,7 @@ pub fn build_swarm(key: Keypair, device: device::Config) -> Result<Swarm<Behavio
         )
         .map_err(|e| Error::Transport(e.to_string()))?
         .with_quic()
-        .with_behaviour(|key| Ok(Behaviour::new(key, device)))
+        .with_behaviour(|key| Ok(Behaviour::new(key, device, limits)))
         .map_err(|e| Error::Transport(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();

@@ -29,9 +29,12 @@ async fn device(relay: &meshwhisper_node::Running) -> Device {
             .clone();
     let relay_peer = relay.p2p.peer_id;
     let key = libp2p::identity::Keypair::generate_ed25519();
-    let mut swarm =
-        meshwhisper_node::p2p::build_swarm(key, device::Config::new(device::Role::Device))
-            .expect("swarm");
+    let mut swarm = meshwhisper_node::p2p::build_swarm(
+        key,
+        device::Config::new(device::Role::Device),
+        Default::default(),
+    )
+    .expect("swarm");
     swarm
         .dial(addr.with(libp2p::multiaddr::Protocol::P2p(relay_peer)))
         .expect("dial");
