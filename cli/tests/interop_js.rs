@@ -13,10 +13,9 @@ fn interop_dir() -> PathBuf {
 }
 
 fn run(cmd: &mut Command, what: &str) -> std::process::Output {
-    let out = cmd.output().unwrap_or_else(|e| {
+    cmd.output().unwrap_or_else(|e| {
         panic!("{what}: cannot run ({e}); the interop test needs Node.js 20+ and npm (.ci/run installs them)")
-    });
-    out
+    })
 }
 
 #[test]

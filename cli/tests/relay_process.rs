@@ -217,3 +217,37 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_clients_with_1001_and_exits_0() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut relay = spawn_relay(dir.path());
+    let mut alice = ws(&relay.http).await;
+    alice
+        .send(Message::Binary(packet(b"before shutdown").into()))
+        .await
+        .expect("send");
+    wait_stored(&relay.http, 1).await;
+    let pid = relay.child.id().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(10), alice.next())
+            .await
+            .expect("close frame")
+        {
+            Some(Ok(Message::Close(c))) => break c,
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(close.map(|c| u16::from(c.code)), Some(1001));
+    let code = tokio::task::spawn_blocking(move || relay.child.wait().map(|s| s.code()))
+        .await
+        .expect("join")
+        .expect("wait");
+    assert_eq!(code, Some(0));
+}

@@ -433,3 +433,23 @@ async fn rate_limits_answer_429_with_retry_after() {
     assert!(m.contains("meshwhisper_http_responses_total{status=\"429\"} 1"));
     relay.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_is_ignored_unless_the_proxy_is_trusted() {
+    let relay = start(|c| c.limits.rate_limit_read = 1).await;
+    let url = format!("{}/namespace-policy?namespace=x", relay.base);
+    assert_eq!(
+        http("GET", &url, &[("x-forwarded-for", "10.0.0.1")], "")
+            .await
+            .status,
+        200
+    );
+    // A different claimed IP does not get a fresh window: the socket's IP counts.
+    assert_eq!(
+        http("GET", &url, &[("x-forwarded-for", "10.0.0.2")], "")
+            .await
+            .status,
+        429
+    );
+    relay.stop().await;
+}
