@@ -340,9 +340,11 @@ impl Store {
             .map_err(|e| Error::db("set max_page_count", &db_path, e))?;
         }
 
+        // Readers serve small indexed lookups: a 512 KiB page cache each
+        // (SQLite's default is 2 MiB) keeps the relay's memory small.
         let readers = SqlitePoolOptions::new()
             .max_connections(cfg.reader_connections.max(1))
-            .connect_with(connect_options(&cfg, &db_path))
+            .connect_with(connect_options(&cfg, &db_path).pragma("cache_size", "-512"))
             .await
             .map_err(|e| Error::db("open readers", &db_path, e))?;
 

@@ -42,7 +42,11 @@ pub fn upgrade(s: AppState, ws: WebSocketUpgrade, ip: IpAddr) -> Response {
         )
             .into_response();
     }
-    ws.max_message_size(max_frame.saturating_mul(2))
+    // Small socket buffers (tungstenite defaults to 128 KiB each way):
+    // they grow for large frames, and most packets are a few KiB.
+    ws.read_buffer_size(16 * 1024)
+        .write_buffer_size(16 * 1024)
+        .max_message_size(max_frame.saturating_mul(2))
         .max_frame_size(max_frame.saturating_mul(2))
         .on_upgrade(move |socket| async move {
             s.websockets.fetch_add(1, Relaxed);
