@@ -96,6 +96,25 @@ fn client_ip(s: &AppState, headers: &HeaderMap, peer: SocketAddr) -> IpAddr {
     peer.ip()
 }
 
+/// The client's IP address, as [`client_ip`] decides it.
+pub struct ClientIp(pub IpAddr);
+
+impl axum::extract::FromRequestParts<AppState> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        Ok(ClientIp(client_ip(s, &parts.headers, peer)))
+    }
+}
+
 fn limited(s: &AppState, bucket: Bucket, ip: IpAddr) -> Option<Response> {
     match s.limiter.check(bucket, ip, now_ms()) {
         Ok(()) => None,
@@ -230,12 +249,8 @@ async fn metrics(State(s): State<AppState>) -> Response {
     r
 }
 
-async fn events(
-    State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(r) = limited(&s, Bucket::Read, client_ip(&s, &headers, peer)) {
+async fn events(State(s): State<AppState>, ClientIp(ip): ClientIp) -> Response {
+    if let Some(r) = limited(&s, Bucket::Read, ip) {
         return r;
     }
     let rx = s.events.subscribe();
@@ -340,11 +355,10 @@ pub(crate) fn check_bundle(b: &[u8]) -> BundleCheck {
 
 async fn directory_post(
     State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    ClientIp(ip): ClientIp,
     body: bytes::Bytes,
 ) -> Response {
-    if let Some(r) = limited(&s, Bucket::Dir, client_ip(&s, &headers, peer)) {
+    if let Some(r) = limited(&s, Bucket::Dir, ip) {
         return r;
     }
     let v = match parse_json(&s, &body) {
@@ -454,11 +468,10 @@ fn internal(s: &AppState, e: meshwhisper_storage::Error) -> Response {
 
 async fn directory_get(
     State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    ClientIp(ip): ClientIp,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Some(r) = limited(&s, Bucket::Read, client_ip(&s, &headers, peer)) {
+    if let Some(r) = limited(&s, Bucket::Read, ip) {
         return r;
     }
     let Some(ns) = q.get("namespace").filter(|x| !x.is_empty()) else {
@@ -505,11 +518,10 @@ async fn directory_get(
 
 async fn policy_post(
     State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    ClientIp(ip): ClientIp,
     body: bytes::Bytes,
 ) -> Response {
-    if let Some(r) = limited(&s, Bucket::Dir, client_ip(&s, &headers, peer)) {
+    if let Some(r) = limited(&s, Bucket::Dir, ip) {
         return r;
     }
     let v = match parse_json(&s, &body) {
@@ -551,11 +563,10 @@ async fn policy_post(
 
 async fn policy_get(
     State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    ClientIp(ip): ClientIp,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Some(r) = limited(&s, Bucket::Read, client_ip(&s, &headers, peer)) {
+    if let Some(r) = limited(&s, Bucket::Read, ip) {
         return r;
     }
     let Some(ns) = q.get("namespace").filter(|x| !x.is_empty()) else {
@@ -577,11 +588,10 @@ async fn policy_get(
 
 async fn opks_post(
     State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    ClientIp(ip): ClientIp,
     body: bytes::Bytes,
 ) -> Response {
-    if let Some(r) = limited(&s, Bucket::Dir, client_ip(&s, &headers, peer)) {
+    if let Some(r) = limited(&s, Bucket::Dir, ip) {
         return r;
     }
     let v = match parse_json(&s, &body) {
@@ -632,11 +642,10 @@ async fn opks_post(
 
 async fn opks_claim(
     State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    ClientIp(ip): ClientIp,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
-    if let Some(r) = limited(&s, Bucket::Dir, client_ip(&s, &headers, peer)) {
+    if let Some(r) = limited(&s, Bucket::Dir, ip) {
         return r;
     }
     let (Some(ns), Some(pk)) = (
@@ -665,11 +674,11 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
 
 async fn opks_delete(
     State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     body: bytes::Bytes,
 ) -> Response {
-    if let Some(r) = limited(&s, Bucket::Dir, client_ip(&s, &headers, peer)) {
+    if let Some(r) = limited(&s, Bucket::Dir, ip) {
         return r;
     }
     let Some(token) = bearer(&headers) else {
@@ -712,11 +721,11 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 
 async fn media_post(
     State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    if let Some(r) = limited(&s, Bucket::Media, client_ip(&s, &headers, peer)) {
+    if let Some(r) = limited(&s, Bucket::Media, ip) {
         return r;
     }
     let max = s.core.store.config().media_max_bytes;
@@ -774,14 +783,13 @@ async fn media_post(
 
 async fn media_get(
     State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    ClientIp(ip): ClientIp,
     Path(id): Path<String>,
 ) -> Response {
     let Some(id) = MediaId::parse(&id) else {
         return error(&s, StatusCode::NOT_FOUND, "Not found");
     };
-    if let Some(r) = limited(&s, Bucket::Read, client_ip(&s, &headers, peer)) {
+    if let Some(r) = limited(&s, Bucket::Read, ip) {
         return r;
     }
     match s.core.store.media().open(&id, now_ms()).await {
@@ -818,7 +826,7 @@ fn archive_owner(id: &str) -> Option<[u8; 32]> {
 
 async fn archive_put(
     State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Body,
@@ -826,7 +834,7 @@ async fn archive_put(
     let Some(owner) = archive_owner(&id) else {
         return error(&s, StatusCode::NOT_FOUND, "Not found");
     };
-    if let Some(r) = limited(&s, Bucket::Archive, client_ip(&s, &headers, peer)) {
+    if let Some(r) = limited(&s, Bucket::Archive, ip) {
         return r;
     }
     let Some(token) = bearer(&headers) else {
@@ -865,14 +873,13 @@ async fn archive_put(
 
 async fn archive_get(
     State(s): State<AppState>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    ClientIp(ip): ClientIp,
     Path(id): Path<String>,
 ) -> Response {
     let Some(owner) = archive_owner(&id) else {
         return error(&s, StatusCode::NOT_FOUND, "Not found");
     };
-    if let Some(r) = limited(&s, Bucket::Read, client_ip(&s, &headers, peer)) {
+    if let Some(r) = limited(&s, Bucket::Read, ip) {
         return r;
     }
     match s.core.store.archive().get(owner).await {

@@ -159,10 +159,6 @@ impl AddressBook<'_> {
 
     /// Records stored.
     pub async fn count(&self) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM address_book")
-            .fetch_one(self.store.readers())
-            .await
-            .map_err(|e| self.store.db_err("count address book", e))?;
-        Ok(n.max(0) as u64)
+        self.store.count("SELECT COUNT(*) FROM address_book").await
     }
 }

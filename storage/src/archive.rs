@@ -132,10 +132,6 @@ impl Archive<'_> {
 
     /// Archives stored.
     pub async fn count(&self) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM archive")
-            .fetch_one(self.store.readers())
-            .await
-            .map_err(|e| self.store.db_err("count archives", e))?;
-        Ok(n.max(0) as u64)
+        self.store.count("SELECT COUNT(*) FROM archive").await
     }
 }

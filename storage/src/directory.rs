@@ -301,9 +301,18 @@ impl Directory<'_> {
 
     /// The entry of an identity.
     pub async fn by_key(&self, namespace: &str, public_key: &str) -> Result<Option<Entry>> {
-        let row = sqlx::query("SELECT * FROM directory WHERE namespace = ? AND public_key = ?")
+        self.entry(
+            "SELECT * FROM directory WHERE namespace = ? AND public_key = ?",
+            namespace,
+            public_key,
+        )
+        .await
+    }
+
+    async fn entry(&self, sql: &'static str, namespace: &str, key: &str) -> Result<Option<Entry>> {
+        let row = sqlx::query(sql)
             .bind(namespace)
-            .bind(public_key)
+            .bind(key)
             .fetch_optional(self.store.readers())
             .await
             .map_err(|e| self.store.db_err("read directory", e))?;
@@ -321,21 +330,17 @@ impl Directory<'_> {
                 why: "3-30 characters of a-z 0-9 _ -",
             });
         };
-        let row = sqlx::query("SELECT * FROM directory WHERE namespace = ? AND username = ?")
-            .bind(namespace)
-            .bind(name)
-            .fetch_optional(self.store.readers())
-            .await
-            .map_err(|e| self.store.db_err("read directory", e))?;
-        row.as_ref()
-            .map(row_to_entry)
-            .transpose()
-            .map_err(|e| self.store.db_err("read directory", e))
+        self.entry(
+            "SELECT * FROM directory WHERE namespace = ? AND username = ?",
+            namespace,
+            &name,
+        )
+        .await
     }
 
     /// Number of bundles stored.
     pub async fn count(&self) -> Result<u64> {
-        self.count_table("SELECT COUNT(*) FROM directory").await
+        self.store.count("SELECT COUNT(*) FROM directory").await
     }
 
     /// Sets a namespace's policy. The first writer wins: setting the same
@@ -556,7 +561,7 @@ impl Directory<'_> {
 
     /// One-time prekeys stored in total.
     pub async fn one_time_prekey_count(&self) -> Result<u64> {
-        self.count_table("SELECT COUNT(*) FROM opks").await
+        self.store.count("SELECT COUNT(*) FROM opks").await
     }
 
     /// One-time prekeys left for an identity.
@@ -568,14 +573,6 @@ impl Directory<'_> {
                 .fetch_one(self.store.readers())
                 .await
                 .map_err(|e| self.store.db_err("count opks", e))?;
-        Ok(n.max(0) as u64)
-    }
-
-    async fn count_table(&self, sql: &'static str) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar(sql)
-            .fetch_one(self.store.readers())
-            .await
-            .map_err(|e| self.store.db_err("count", e))?;
         Ok(n.max(0) as u64)
     }
 }

@@ -430,6 +430,15 @@ impl Store {
         &self.inner.writer
     }
 
+    /// Runs a `SELECT COUNT(*)` on a reader.
+    pub(crate) async fn count(&self, sql: &'static str) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar(sql)
+            .fetch_one(self.readers())
+            .await
+            .map_err(|e| self.db_err("count", e))?;
+        Ok(n.max(0) as u64)
+    }
+
     pub(crate) fn inner_stats(&self) -> &writer::WriterStats {
         &self.inner.stats
     }

@@ -343,11 +343,7 @@ impl Mailbox<'_> {
 
     /// Packets queued in total.
     pub async fn count(&self) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mailbox")
-            .fetch_one(self.store.readers())
-            .await
-            .map_err(|e| self.store.db_err("count mailbox", e))?;
-        Ok(n.max(0) as u64)
+        self.store.count("SELECT COUNT(*) FROM mailbox").await
     }
 
     /// Packets queued for one hash.

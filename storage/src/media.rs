@@ -334,10 +334,6 @@ impl Media<'_> {
 
     /// Blobs stored.
     pub async fn count(&self) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM media")
-            .fetch_one(self.store.readers())
-            .await
-            .map_err(|e| self.store.db_err("count media", e))?;
-        Ok(n.max(0) as u64)
+        self.store.count("SELECT COUNT(*) FROM media").await
     }
 }

@@ -132,10 +132,6 @@ impl Push<'_> {
 
     /// Registrations stored.
     pub async fn count(&self) -> Result<u64> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM push")
-            .fetch_one(self.store.readers())
-            .await
-            .map_err(|e| self.store.db_err("count push", e))?;
-        Ok(n.max(0) as u64)
+        self.store.count("SELECT COUNT(*) FROM push").await
     }
 }
