@@ -6,7 +6,7 @@
 //! first and is counted). Pending packets list in arrival order.
 
 use crate::error::{Error, Result};
-use crate::writer::{EnqueueOp, WriterCtx};
+use crate::writer::{EnqueueOp, Reply, Row, WriterCtx};
 use crate::{Store, ms};
 use meshwhisper_crypto::destination::DestHash;
 use sqlx::Row as _;
@@ -98,7 +98,7 @@ impl MailboxCounts {
 
 /// Inserts a group of enqueues in one statement and enforces the per-hash
 /// cap. Runs inside the writer's transaction.
-pub(crate) async fn insert_group(ctx: &mut WriterCtx, ops: &[EnqueueOp]) -> Result<Vec<Enqueued>> {
+pub(crate) async fn insert_group(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Vec<Enqueued>> {
     if ctx.counts.counts.len() > COUNT_CACHE_MAX {
         ctx.counts.clear();
     }
@@ -217,6 +217,45 @@ impl Mailbox<'_> {
     /// Queues `packet` for `dest`. When this returns `Ok`, the packet is
     /// committed (see the crate's durability contract).
     pub async fn enqueue(&self, dest: DestHash, packet: Vec<u8>, now_ms: u64) -> Result<Enqueued> {
+        let row = self.row(dest, packet, now_ms)?;
+        let (reply, rx) = oneshot::channel();
+        self.store
+            .writer()
+            .enqueue(EnqueueOp {
+                rows: vec![row],
+                reply: Reply::One(reply),
+            })
+            .await?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Queues several packets with one reply, in order: cheaper than one
+    /// [`Mailbox::enqueue`] each. All are committed when this returns `Ok`;
+    /// if any is invalid, none is queued.
+    pub async fn enqueue_many(
+        &self,
+        packets: Vec<(DestHash, Vec<u8>)>,
+        now_ms: u64,
+    ) -> Result<Vec<Enqueued>> {
+        if packets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = packets
+            .into_iter()
+            .map(|(d, p)| self.row(d, p, now_ms))
+            .collect::<Result<Vec<_>>>()?;
+        let (reply, rx) = oneshot::channel();
+        self.store
+            .writer()
+            .enqueue(EnqueueOp {
+                rows,
+                reply: Reply::Many(reply),
+            })
+            .await?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    fn row(&self, dest: DestHash, packet: Vec<u8>, now_ms: u64) -> Result<Row> {
         let cfg = self.store.config();
         if packet.len() > cfg.max_packet_bytes {
             return Err(Error::TooLarge {
@@ -225,18 +264,12 @@ impl Mailbox<'_> {
                 max: cfg.max_packet_bytes as u64,
             });
         }
-        let (reply, rx) = oneshot::channel();
-        self.store
-            .writer()
-            .enqueue(EnqueueOp {
-                dest: dest.0,
-                packet,
-                received_ms: now_ms,
-                expires_ms: now_ms.saturating_add(cfg.mailbox_ttl_ms),
-                reply,
-            })
-            .await?;
-        rx.await.map_err(|_| Error::Closed)?
+        Ok(Row {
+            dest: dest.0,
+            packet,
+            received_ms: now_ms,
+            expires_ms: now_ms.saturating_add(cfg.mailbox_ttl_ms),
+        })
     }
 
     /// Up to `limit` unexpired packets for any of `dests`, oldest first.

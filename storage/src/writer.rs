@@ -112,13 +112,48 @@ impl<T: Send + 'static> Job for ClosureJob<T> {
     }
 }
 
-/// A mailbox enqueue, batched with its neighbours into one INSERT.
-pub(crate) struct EnqueueOp {
+/// One packet to queue.
+pub(crate) struct Row {
     pub(crate) dest: [u8; 8],
     pub(crate) packet: Vec<u8>,
     pub(crate) received_ms: u64,
     pub(crate) expires_ms: u64,
-    pub(crate) reply: oneshot::Sender<Result<Enqueued>>,
+}
+
+/// Where an enqueue's result goes: one packet or a batch.
+pub(crate) enum Reply {
+    One(oneshot::Sender<Result<Enqueued>>),
+    Many(oneshot::Sender<Result<Vec<Enqueued>>>),
+}
+
+impl Reply {
+    fn ok(self, v: Vec<Enqueued>) {
+        match self {
+            Reply::One(tx) => {
+                let _ = tx.send(v.into_iter().next().ok_or(Error::Closed));
+            }
+            Reply::Many(tx) => {
+                let _ = tx.send(Ok(v));
+            }
+        }
+    }
+
+    fn err(self, e: Error) {
+        match self {
+            Reply::One(tx) => {
+                let _ = tx.send(Err(e));
+            }
+            Reply::Many(tx) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    }
+}
+
+/// Mailbox enqueues, batched with their neighbours into multi-row INSERTs.
+pub(crate) struct EnqueueOp {
+    pub(crate) rows: Vec<Row>,
+    pub(crate) reply: Reply,
 }
 
 /// Errors are not `Clone`; give each caller of a failed group its own copy.
@@ -233,7 +268,7 @@ async fn run(
 }
 
 enum Done {
-    Enqueue(oneshot::Sender<Result<Enqueued>>, Enqueued),
+    Enqueue(Reply, Vec<Enqueued>),
     Job(Box<dyn Job>),
 }
 
@@ -254,10 +289,14 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
         }
         match msg {
             Msg::Enqueue(first) => {
+                let mut rows = first.rows.len();
                 let mut group = vec![first];
-                while group.len() < crate::mailbox::MAX_ROWS_PER_INSERT {
+                while rows < crate::mailbox::MAX_ROWS_PER_INSERT {
                     match pending.pop() {
-                        Some(Msg::Enqueue(op)) => group.push(op),
+                        Some(Msg::Enqueue(op)) => {
+                            rows += op.rows.len();
+                            group.push(op);
+                        }
                         Some(other) => {
                             pending.push(other);
                             break;
@@ -265,16 +304,20 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
                         None => break,
                     }
                 }
-                match crate::mailbox::insert_group(ctx, &group).await {
+                let all: Vec<&Row> = group.iter().flat_map(|op| op.rows.iter()).collect();
+                match crate::mailbox::insert_group(ctx, &all).await {
                     Ok(results) => {
-                        for (op, r) in group.into_iter().zip(results) {
-                            evicted_total += u64::from(r.evicted);
-                            done.push(Done::Enqueue(op.reply, r));
+                        let mut results = results.into_iter();
+                        for op in group {
+                            let mine: Vec<Enqueued> =
+                                results.by_ref().take(op.rows.len()).collect();
+                            evicted_total += mine.iter().map(|r| u64::from(r.evicted)).sum::<u64>();
+                            done.push(Done::Enqueue(op.reply, mine));
                         }
                     }
                     Err(e) => {
                         for op in group {
-                            let _ = op.reply.send(Err(replicate(&e)));
+                            op.reply.err(replicate(&e));
                         }
                         fatal = Some(e);
                     }
@@ -327,9 +370,7 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
             stats.evicted.fetch_add(evicted_total, Ordering::Relaxed);
             for d in done {
                 match d {
-                    Done::Enqueue(reply, r) => {
-                        let _ = reply.send(Ok(r));
-                    }
+                    Done::Enqueue(reply, r) => reply.ok(r),
                     Done::Job(job) => job.finish(Ok(())),
                 }
             }
@@ -343,7 +384,7 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
 }
 
 enum Failed {
-    Enqueue(oneshot::Sender<Result<Enqueued>>),
+    Enqueue(Reply),
     Job(Box<dyn Job>),
 }
 
@@ -358,9 +399,7 @@ fn msg_to_failed(m: Msg) -> Option<Failed> {
 fn fail_all(items: impl Iterator<Item = Failed>, e: &Error) {
     for f in items {
         match f {
-            Failed::Enqueue(reply) => {
-                let _ = reply.send(Err(replicate(e)));
-            }
+            Failed::Enqueue(reply) => reply.err(replicate(e)),
             Failed::Job(job) => job.finish(Err(replicate(e))),
         }
     }

@@ -216,3 +216,46 @@ async fn full_disk_is_a_typed_error_and_changes_nothing() {
         .await
         .expect("works again");
 }
+
+#[tokio::test]
+async fn enqueue_many_is_ordered_and_all_or_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = open_with(&dir, |c| c.mailbox_max_per_dest = 4).await;
+    let mb = store.mailbox();
+    let batch: Vec<_> = (0..6u8)
+        .map(|i| (dest(u64::from(i % 2)), vec![i; 10]))
+        .collect();
+    let r = mb.enqueue_many(batch, NOW).await.expect("enqueue many");
+    assert_eq!(r.len(), 6);
+    assert!(r.windows(2).all(|w| w[0].id < w[1].id));
+    let got = mb
+        .pending(&[dest(0), dest(1)], NOW, 100)
+        .await
+        .expect("pending");
+    assert_eq!(
+        got.iter().map(|p| p.packet[0]).collect::<Vec<_>>(),
+        (0..6).collect::<Vec<u8>>()
+    );
+    // The cap applies across the batch: 3 more for hash 0 make 6 > 4.
+    let r = mb
+        .enqueue_many((10..13u8).map(|i| (dest(0), vec![i])).collect(), NOW)
+        .await
+        .expect("enqueue many");
+    assert_eq!(r.iter().map(|e| e.evicted).sum::<u32>(), 2);
+    assert_eq!(mb.count_for(dest(0)).await.expect("count"), 4);
+    // One oversize packet refuses the whole batch.
+    let max = store.config().max_packet_bytes;
+    let before = mb.count().await.expect("count");
+    let bad = vec![(dest(5), vec![1u8; 8]), (dest(5), vec![0u8; max + 1])];
+    assert!(matches!(
+        mb.enqueue_many(bad, NOW).await,
+        Err(Error::TooLarge { .. })
+    ));
+    assert_eq!(mb.count().await.expect("count"), before);
+    assert!(
+        mb.enqueue_many(Vec::new(), NOW)
+            .await
+            .expect("empty")
+            .is_empty()
+    );
+}
