@@ -64,7 +64,13 @@ pub enum PacketError {
     Malformed(#[from] packet::Error),
     /// It could not be stored, so it was not accepted.
     #[error("storing the packet failed: {0}")]
-    Store(#[from] meshwhisper_storage::Error),
+    Store(Arc<meshwhisper_storage::Error>),
+}
+
+impl From<meshwhisper_storage::Error> for PacketError {
+    fn from(e: meshwhisper_storage::Error) -> Self {
+        PacketError::Store(Arc::new(e))
+    }
 }
 
 /// A stored packet, ready to route.
@@ -240,6 +246,61 @@ impl Core {
                 Err(e.into())
             }
         }
+    }
+
+    /// Validates and stores several packets in one commit (one reply for
+    /// the batch); results are in the order of `frames`.
+    pub async fn accept_many(&self, frames: Vec<Bytes>) -> Vec<Result<Accepted, PacketError>> {
+        let mut results: Vec<Option<Result<Accepted, PacketError>>> =
+            Vec::with_capacity(frames.len());
+        let mut valid = Vec::with_capacity(frames.len());
+        for (i, frame) in frames.into_iter().enumerate() {
+            match packet::destination(&frame, self.max_packet) {
+                Ok(dest) => {
+                    valid.push((i, dest, frame));
+                    results.push(None);
+                }
+                Err(e) => {
+                    self.metrics.packets_rejected.fetch_add(1, Relaxed);
+                    results.push(Some(Err(e.into())));
+                }
+            }
+        }
+        if !valid.is_empty() {
+            let n = valid.len() as u64;
+            self.metrics.packets_in.fetch_add(n, Relaxed);
+            self.events.inbound.fetch_add(n, Relaxed);
+            let packets = valid.iter().map(|(_, d, f)| (*d, f.to_vec())).collect();
+            match self.store.mailbox().enqueue_many(packets, now_ms()).await {
+                Ok(enqueued) => {
+                    for ((i, dest, frame), e) in valid.into_iter().zip(enqueued) {
+                        results[i] = Some(Ok(Accepted {
+                            dest,
+                            frame,
+                            id: e.id,
+                        }));
+                    }
+                }
+                Err(e) => {
+                    self.metrics.packets_store_failed.fetch_add(n, Relaxed);
+                    tracing::warn!(error = %e, "could not store packets");
+                    let e = Arc::new(e);
+                    for (i, _, _) in valid {
+                        results[i] = Some(Err(PacketError::Store(e.clone())));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| {
+                    Err(PacketError::Store(Arc::new(
+                        meshwhisper_storage::Error::Closed,
+                    )))
+                })
+            })
+            .collect()
     }
 
     /// Hands a stored packet to its connected recipient (not back to the

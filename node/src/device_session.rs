@@ -37,13 +37,17 @@ pub async fn run(
     let mut in_flight: HashSet<MailboxId> = HashSet::new();
     let mut acked: Vec<MailboxId> = Vec::new();
     let mut storing = FuturesOrdered::new();
+    let mut deleting: tokio::task::JoinSet<Vec<MailboxId>> = tokio::task::JoinSet::new();
     loop {
         if !acked.is_empty() && (inbound.is_empty() || acked.len() >= ACK_BATCH) {
+            // Delete in the background; the ids stay in flight (not sent
+            // again by a drain) until their stored copies are gone.
             let ids = std::mem::take(&mut acked);
-            for i in &ids {
-                in_flight.remove(i);
-            }
-            core.delivered(ids).await;
+            let c = core.clone();
+            deleting.spawn(async move {
+                c.delivered(ids.clone()).await;
+                ids
+            });
         }
         tokio::select! {
             biased;
@@ -59,6 +63,11 @@ pub async fn run(
                 };
                 if to_device.send(reply).await.is_err() {
                     break;
+                }
+            }
+            Some(Ok(ids)) = deleting.join_next(), if !deleting.is_empty() => {
+                for i in ids {
+                    in_flight.remove(&i);
                 }
             }
             Some(out) = outbound.recv() => {
@@ -113,6 +122,7 @@ pub async fn run(
         }
     }
     core.delivered(acked).await;
+    while deleting.join_next().await.is_some() {}
     core.disconnect(id);
     core.metrics.devices_connected.fetch_sub(1, Relaxed);
 }

@@ -61,6 +61,9 @@ pub struct AppState {
     pub websockets: Arc<std::sync::atomic::AtomicUsize>,
     /// The node's libp2p PeerId (reported by /health).
     pub peer_id: Arc<str>,
+    /// Client sessions (WebSocket and device): shutdown waits for them
+    /// before closing the store.
+    pub sessions: tokio_util::task::TaskTracker,
 }
 
 fn cors(mut resp: Response) -> Response {
@@ -211,6 +214,8 @@ pub async fn gauges(s: &AppState) -> Gauges {
         archive_entries: store.archive().count().await.unwrap_or(0),
         federation_peers_configured: 0,
         federation_peers_connected: 0,
+        store_commits: store.commit_stats().0,
+        store_writes: store.commit_stats().1,
     }
 }
 

@@ -23,6 +23,9 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+/// How long shutdown waits for client sessions to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -52,6 +55,7 @@ pub struct Running {
     /// Shared relay state (for tests and tools).
     pub core: Arc<core::Core>,
     cancel: CancellationToken,
+    sessions: tokio_util::task::TaskTracker,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -76,6 +80,18 @@ impl Running {
         self.cancel.cancel();
         for t in self.tasks {
             let _ = t.await;
+        }
+        // Sessions finish storing what they read and deleting what they
+        // sent before the store closes (bounded: a stuck socket cannot
+        // hold shutdown forever).
+        self.sessions.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.sessions.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "client sessions still running after {SHUTDOWN_GRACE:?}; closing the store"
+            );
         }
         self.core.store.close().await;
     }
@@ -122,12 +138,14 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         max_per_peer: cfg.limits.max_p2p_per_peer,
     };
     let swarm = p2p::build_swarm(key, device_cfg, limits)?;
+    let sessions = tokio_util::task::TaskTracker::new();
     let (p2p, swarm_task) = p2p::start(
         swarm,
         &cfg.listen,
         core.clone(),
         cfg.limits.drain_batch,
         cancel.clone(),
+        sessions.clone(),
     )?;
 
     let (events_tx, _) = tokio::sync::broadcast::channel(64);
@@ -150,6 +168,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         started,
         websockets: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         peer_id: p2p.peer_id.to_string().into(),
+        sessions: sessions.clone(),
     };
     let listener = tokio::net::TcpListener::bind(&cfg.http)
         .await
@@ -225,6 +244,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         p2p,
         core,
         cancel,
+        sessions,
         tasks: vec![server, swarm_task, ticker, sweeper],
     })
 }

@@ -72,6 +72,10 @@ pub struct Gauges {
     pub federation_peers_configured: u64,
     /// Federation peers connected.
     pub federation_peers_connected: u64,
+    /// Store transactions committed (group commits).
+    pub store_commits: u64,
+    /// Writes in those transactions.
+    pub store_writes: u64,
 }
 
 /// Federation counters with the reference's names, all zero until the
@@ -211,6 +215,16 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
             );
         };
+        counter(
+            "meshwhisper_store_commits_total",
+            "Store transactions committed (each groups many writes)",
+            g.store_commits,
+        );
+        counter(
+            "meshwhisper_store_writes_total",
+            "Writes committed by the store",
+            g.store_writes,
+        );
         counter(
             "meshwhisper_http_requests_total",
             "HTTP requests answered",

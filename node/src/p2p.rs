@@ -146,6 +146,7 @@ pub fn start(
     core: Arc<Core>,
     drain_batch: u32,
     cancel: CancellationToken,
+    sessions: tokio_util::task::TaskTracker,
 ) -> Result<(P2p, tokio::task::JoinHandle<()>), Error> {
     for a in listen {
         let addr: Multiaddr = a
@@ -171,6 +172,7 @@ pub fn start(
         cmd_tx,
         cmd_rx,
         sessions: HashMap::new(),
+        tracker: sessions,
     };
     let task = tokio::spawn(event_loop.run());
     Ok((
@@ -198,6 +200,7 @@ struct EventLoop {
     cmd_tx: mpsc::Sender<Outgoing>,
     cmd_rx: mpsc::Receiver<Outgoing>,
     sessions: HashMap<(PeerId, ConnectionId), mpsc::Sender<Frame>>,
+    tracker: tokio_util::task::TaskTracker,
 }
 
 impl EventLoop {
@@ -255,7 +258,7 @@ impl EventLoop {
                         }
                     }
                 });
-                tokio::spawn(crate::device_session::run(
+                self.tracker.spawn(crate::device_session::run(
                     self.core.clone(),
                     in_rx,
                     out_tx,

@@ -189,7 +189,12 @@ async fn ceiling(durability: Durability, total: u64) -> (u64, Duration, f64) {
     batched_with(durability, 1, 512, total).await
 }
 
-async fn batched_with(durability: Durability, tasks: u64, batch: u64, total: u64) -> (u64, Duration, f64) {
+async fn batched_with(
+    durability: Durability,
+    tasks: u64,
+    batch: u64,
+    total: u64,
+) -> (u64, Duration, f64) {
     batched(durability, tasks, batch, total).await
 }
 

@@ -6,7 +6,7 @@
 //! first and is counted). Pending packets list in arrival order.
 
 use crate::error::{Error, Result};
-use crate::writer::{EnqueueOp, Reply, Row, WriterCtx};
+use crate::writer::{DeleteOp, EnqueueOp, Reply, Row, WriterCtx};
 use crate::{Store, ms};
 use meshwhisper_crypto::destination::DestHash;
 use sqlx::Row as _;
@@ -91,8 +91,12 @@ impl MailboxCounts {
         self.counts.clear();
     }
 
-    fn forget(&mut self, dest: &[u8; 8]) {
-        self.counts.remove(dest);
+    /// One packet for `dest` is gone (the writer is the only writer, so
+    /// the count stays exact).
+    fn decrement(&mut self, dest: &[u8; 8]) {
+        if let Some(c) = self.counts.get_mut(dest) {
+            *c = c.saturating_sub(1);
+        }
     }
 }
 
@@ -190,6 +194,37 @@ pub(crate) async fn insert_group(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Ve
         }
     }
     Ok(results)
+}
+
+/// Deletes `ids` (any that exist) inside the writer's transaction and
+/// returns the ids that were deleted.
+pub(crate) async fn delete_group(
+    ctx: &mut WriterCtx,
+    ids: &[i64],
+) -> Result<std::collections::HashSet<i64>> {
+    let mut gone = std::collections::HashSet::with_capacity(ids.len());
+    for chunk in ids.chunks(500) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new("DELETE FROM mailbox WHERE id IN (");
+        let mut sep = qb.separated(", ");
+        for id in chunk {
+            sep.push_bind(*id);
+        }
+        qb.push(") RETURNING id, dest");
+        let rows = qb
+            .build()
+            .fetch_all(&mut ctx.conn)
+            .await
+            .map_err(|e| ctx.db_err("delete delivered", e))?;
+        for r in rows {
+            let id: i64 = r.try_get(0).map_err(|e| ctx.db_err("delete", e))?;
+            let dest: Vec<u8> = r.try_get(1).map_err(|e| ctx.db_err("delete", e))?;
+            if let Ok(d) = <[u8; 8]>::try_from(dest.as_slice()) {
+                ctx.counts.decrement(&d);
+            }
+            gone.insert(id);
+        }
+    }
+    Ok(gone)
 }
 
 fn row_to_packet(r: &sqlx::sqlite::SqliteRow) -> Result<StoredPacket, sqlx::Error> {
@@ -305,43 +340,21 @@ impl Mailbox<'_> {
         Ok(out)
     }
 
-    /// Deletes delivered packets; returns how many existed.
+    /// Deletes delivered packets; returns how many existed. Deletions from
+    /// many callers are merged into one statement per commit.
     pub async fn delete(&self, ids: Vec<MailboxId>) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
         }
+        let (reply, rx) = oneshot::channel();
         self.store
             .writer()
-            .run(Box::new(move |ctx| {
-                Box::pin(async move {
-                    let mut deleted = 0u64;
-                    for chunk in ids.chunks(500) {
-                        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                            "DELETE FROM mailbox WHERE id IN (",
-                        );
-                        let mut sep = qb.separated(", ");
-                        for id in chunk {
-                            sep.push_bind(id.0);
-                        }
-                        qb.push(") RETURNING dest");
-                        let rows = qb
-                            .build()
-                            .fetch_all(&mut ctx.conn)
-                            .await
-                            .map_err(|e| ctx.db_err("delete delivered", e))?;
-                        for r in rows {
-                            let dest: Vec<u8> =
-                                r.try_get(0).map_err(|e| ctx.db_err("delete", e))?;
-                            if let Ok(d) = <[u8; 8]>::try_from(dest.as_slice()) {
-                                ctx.counts.forget(&d);
-                            }
-                            deleted += 1;
-                        }
-                    }
-                    Ok(deleted)
-                })
-            }))
-            .await
+            .delete(DeleteOp {
+                ids: ids.into_iter().map(|i| i.0).collect(),
+                reply,
+            })
+            .await?;
+        rx.await.map_err(|_| Error::Closed)?
     }
 
     /// Deletes up to `max_rows` packets that expired at `now_ms`.
@@ -365,7 +378,7 @@ impl Mailbox<'_> {
                     for r in &rows {
                         let dest: Vec<u8> = r.try_get(0).map_err(|e| ctx.db_err("expire", e))?;
                         if let Ok(d) = <[u8; 8]>::try_from(dest.as_slice()) {
-                            ctx.counts.forget(&d);
+                            ctx.counts.decrement(&d);
                         }
                     }
                     Ok(rows.len() as u64)

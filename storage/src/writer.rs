@@ -156,6 +156,13 @@ pub(crate) struct EnqueueOp {
     pub(crate) reply: Reply,
 }
 
+/// Deletions of delivered packets, merged with their neighbours into one
+/// statement.
+pub(crate) struct DeleteOp {
+    pub(crate) ids: Vec<i64>,
+    pub(crate) reply: oneshot::Sender<Result<u64>>,
+}
+
 /// Errors are not `Clone`; give each caller of a failed group its own copy.
 pub(crate) fn replicate(e: &Error) -> Error {
     match e {
@@ -181,12 +188,20 @@ pub(crate) struct WriterHandle {
 
 enum Msg {
     Enqueue(EnqueueOp),
+    Delete(DeleteOp),
     Job(Box<dyn Job>),
     /// Commit what came before, then stop.
     Shutdown,
 }
 
 impl WriterHandle {
+    pub(crate) async fn delete(&self, op: DeleteOp) -> Result<()> {
+        self.tx
+            .send(Msg::Delete(op))
+            .await
+            .map_err(|_| Error::Closed)
+    }
+
     pub(crate) async fn enqueue(&self, op: EnqueueOp) -> Result<()> {
         self.tx
             .send(Msg::Enqueue(op))
@@ -269,6 +284,7 @@ async fn run(
 
 enum Done {
     Enqueue(Reply, Vec<Enqueued>),
+    Delete(oneshot::Sender<Result<u64>>, u64),
     Job(Box<dyn Job>),
 }
 
@@ -323,6 +339,33 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
                     }
                 }
             }
+            Msg::Delete(first) => {
+                let mut group = vec![first];
+                while let Some(m) = pending.pop() {
+                    match m {
+                        Msg::Delete(op) => group.push(op),
+                        other => {
+                            pending.push(other);
+                            break;
+                        }
+                    }
+                }
+                let all: Vec<i64> = group.iter().flat_map(|op| op.ids.iter().copied()).collect();
+                match crate::mailbox::delete_group(ctx, &all).await {
+                    Ok(gone) => {
+                        for op in group {
+                            let n = op.ids.iter().filter(|i| gone.contains(i)).count() as u64;
+                            done.push(Done::Delete(op.reply, n));
+                        }
+                    }
+                    Err(e) => {
+                        for op in group {
+                            let _ = op.reply.send(Err(replicate(&e)));
+                        }
+                        fatal = Some(e);
+                    }
+                }
+            }
             Msg::Job(mut job) => {
                 if let Err(e) = ctx.exec("savepoint", "SAVEPOINT job").await {
                     job.finish(Err(replicate(&e)));
@@ -371,6 +414,9 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
             for d in done {
                 match d {
                     Done::Enqueue(reply, r) => reply.ok(r),
+                    Done::Delete(reply, n) => {
+                        let _ = reply.send(Ok(n));
+                    }
                     Done::Job(job) => job.finish(Ok(())),
                 }
             }
@@ -385,12 +431,14 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
 
 enum Failed {
     Enqueue(Reply),
+    Delete(oneshot::Sender<Result<u64>>),
     Job(Box<dyn Job>),
 }
 
 fn msg_to_failed(m: Msg) -> Option<Failed> {
     match m {
         Msg::Enqueue(op) => Some(Failed::Enqueue(op.reply)),
+        Msg::Delete(op) => Some(Failed::Delete(op.reply)),
         Msg::Job(j) => Some(Failed::Job(j)),
         Msg::Shutdown => None,
     }
@@ -400,6 +448,9 @@ fn fail_all(items: impl Iterator<Item = Failed>, e: &Error) {
     for f in items {
         match f {
             Failed::Enqueue(reply) => reply.err(replicate(e)),
+            Failed::Delete(reply) => {
+                let _ = reply.send(Err(replicate(e)));
+            }
             Failed::Job(job) => job.finish(Err(replicate(e))),
         }
     }
@@ -409,6 +460,7 @@ fn fail_done(done: Vec<Done>, e: &Error) {
     fail_all(
         done.into_iter().map(|d| match d {
             Done::Enqueue(reply, _) => Failed::Enqueue(reply),
+            Done::Delete(reply, _) => Failed::Delete(reply),
             Done::Job(j) => Failed::Job(j),
         }),
         e,

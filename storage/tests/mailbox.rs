@@ -259,3 +259,52 @@ async fn enqueue_many_is_ordered_and_all_or_nothing() {
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn cap_counts_follow_deletes_and_expiry() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = open_with(&dir, |c| {
+        c.mailbox_max_per_dest = 5;
+        c.mailbox_ttl_ms = 1_000;
+    })
+    .await;
+    let mb = store.mailbox();
+    let mut ids = Vec::new();
+    for i in 0..5u8 {
+        ids.push(mb.enqueue(dest(1), vec![i], NOW).await.expect("enqueue").id);
+    }
+    // Concurrent deletes are merged into one statement; counts stay exact.
+    let (a, b) = tokio::join!(
+        mb.delete(vec![ids[0]]),
+        mb.delete(vec![ids[1], MailboxId(-5)])
+    );
+    assert_eq!((a.expect("delete"), b.expect("delete")), (1, 1));
+    for i in 5..7u8 {
+        assert_eq!(
+            mb.enqueue(dest(1), vec![i], NOW)
+                .await
+                .expect("enqueue")
+                .evicted,
+            0
+        );
+    }
+    assert_eq!(
+        mb.enqueue(dest(1), vec![7], NOW)
+            .await
+            .expect("enqueue")
+            .evicted,
+        1
+    );
+    // Expiry frees room too.
+    mb.expire(NOW + 1_000, 100).await.expect("expire");
+    for i in 0..5u8 {
+        assert_eq!(
+            mb.enqueue(dest(1), vec![i], NOW + 2_000)
+                .await
+                .expect("enqueue")
+                .evicted,
+            0
+        );
+    }
+    assert_eq!(mb.count_for(dest(1)).await.expect("count"), 5);
+}

@@ -16,8 +16,8 @@ use super::AppState;
 use crate::core::{Accepted, ConnId, ConnKind, Outbound, PacketError};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
-use futures::StreamExt as _;
 use futures::stream::FuturesOrdered;
+use futures::{FutureExt as _, StreamExt as _};
 use meshwhisper_crypto::destination::DestHash;
 use meshwhisper_storage::mailbox::MailboxId;
 use serde_json::Value;
@@ -25,8 +25,10 @@ use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 
-/// Packets being stored at once per connection (their commits are grouped).
-const IN_FLIGHT: usize = 64;
+/// Batches of packets being stored at once per connection.
+const IN_FLIGHT: usize = 8;
+/// Packets already waiting on the socket taken into one batch.
+const BATCH: usize = 64;
 
 /// Accepts the upgrade if the relay has room.
 pub fn upgrade(s: AppState, ws: WebSocketUpgrade, ip: IpAddr) -> Response {
@@ -54,7 +56,8 @@ pub fn upgrade(s: AppState, ws: WebSocketUpgrade, ip: IpAddr) -> Response {
             let span = tracing::debug_span!("ws", %ip);
             let _enter = span.enter();
             drop(_enter);
-            session(s.clone(), socket).await;
+            let tracker = s.sessions.clone();
+            tracker.track_future(session(s.clone(), socket)).await;
             s.websockets.fetch_sub(1, Relaxed);
         })
 }
@@ -72,6 +75,10 @@ struct Session {
     hashes: Vec<DestHash>,
     in_flight: HashSet<MailboxId>,
     sent: Vec<MailboxId>,
+    /// Deletions of sent packets' stored copies, running in the background
+    /// so sending never waits for a commit. Their ids stay in `in_flight`
+    /// (so a drain does not send them again) until they complete.
+    deleting: tokio::task::JoinSet<Vec<MailboxId>>,
 }
 
 enum Step {
@@ -88,37 +95,55 @@ async fn session(s: AppState, mut socket: WebSocket) {
         hashes: Vec::new(),
         in_flight: HashSet::new(),
         sent: Vec::new(),
+        deleting: tokio::task::JoinSet::new(),
     };
     let mut storing: FuturesOrdered<_> = FuturesOrdered::new();
+    // A message read while collecting a batch, handled next.
+    let mut stashed: Option<Option<Result<Message, axum::Error>>> = None;
     let end = loop {
         // Deliveries whose sends completed are deleted in one go.
         if !sess.sent.is_empty() && outbound.is_empty() {
-            sess.flush_sent().await;
+            sess.flush_sent();
         }
-        let step = tokio::select! {
-            biased;
-            // Shutdown first: close politely.
-            _ = s.cancel.cancelled() => Step::Close(1001, "Node shutting down"),
-            // Then finish storing what we read, in order, and route it.
-            Some(r) = storing.next(), if !storing.is_empty() => sess.stored(r),
-            // Then deliver to this client.
-            Some(out) = outbound.recv() => sess.deliver(&mut socket, out).await,
-            // Then read, unless too many packets are being stored.
-            msg = socket.recv(), if storing.len() < IN_FLIGHT => match msg {
-                Some(Ok(Message::Binary(frame))) => {
-                    let core = s.core.clone();
-                    storing.push_back(async move { core.accept(frame).await });
+        let step = if let Some(msg) = stashed.take() {
+            sess.incoming(&mut socket, msg).await
+        } else {
+            tokio::select! {
+                biased;
+                // Shutdown first: close politely.
+                _ = s.cancel.cancelled() => Step::Close(1001, "Node shutting down"),
+                // Then finish storing what we read, in order, and route it.
+                Some(r) = storing.next(), if !storing.is_empty() => sess.stored(r),
+                // Then deliver to this client.
+                Some(out) = outbound.recv() => sess.deliver(&mut socket, out).await,
+                // Forget ids whose stored copies are gone.
+                Some(Ok(ids)) = sess.deleting.join_next(), if !sess.deleting.is_empty() => {
+                    sess.deleted(ids);
                     Step::Continue
                 }
-                Some(Ok(Message::Text(text))) => sess.control(&mut socket, text.as_str()).await,
-                Some(Ok(Message::Close(_))) | None => Step::Closed,
-                Some(Ok(_)) => Step::Continue,
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "websocket read failed");
-                    // Usually a frame over the size limit.
-                    Step::Close(1009, "frame too large")
-                }
-            },
+                // Then read, unless too much is being stored.
+                msg = socket.recv(), if storing.len() < IN_FLIGHT => match msg {
+                    Some(Ok(Message::Binary(frame))) => {
+                        // Take every packet already waiting into one batch:
+                        // one commit and one reply for all of them.
+                        let mut batch = vec![frame];
+                        while batch.len() < BATCH {
+                            match socket.recv().now_or_never() {
+                                Some(Some(Ok(Message::Binary(f)))) => batch.push(f),
+                                Some(other) => {
+                                    stashed = Some(other);
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
+                        let core = s.core.clone();
+                        storing.push_back(async move { core.accept_many(batch).await });
+                        Step::Continue
+                    }
+                    other => sess.incoming(&mut socket, other).await,
+                },
+            }
         };
         match step {
             Step::Continue => {}
@@ -130,7 +155,7 @@ async fn session(s: AppState, mut socket: WebSocket) {
     while let Some(r) = storing.next().await {
         let _ = sess.stored(r);
     }
-    sess.flush_sent().await;
+    sess.finish_deletes().await;
     s.core.disconnect(id);
     if let Some((code, reason)) = end {
         if code != 1001 {
@@ -141,17 +166,46 @@ async fn session(s: AppState, mut socket: WebSocket) {
 }
 
 impl Session {
-    fn stored(&mut self, r: Result<Accepted, PacketError>) -> Step {
-        match r {
-            Ok(acc) => {
-                self.s.core.route(self.id, acc);
-                Step::Continue
+    /// Routes a stored batch in order; the first refused packet closes the
+    /// connection (the packets before it were stored and are routed).
+    fn stored(&mut self, batch: Vec<Result<Accepted, PacketError>>) -> Step {
+        for r in batch {
+            match r {
+                Ok(acc) => self.s.core.route(self.id, acc),
+                Err(PacketError::Malformed(meshwhisper_behaviour::packet::Error::TooLarge {
+                    ..
+                })) => return Step::Close(1009, "packet too large"),
+                Err(PacketError::Malformed(_)) => {
+                    return Step::Close(1007, "packet shorter than its header");
+                }
+                Err(PacketError::Store(_)) => {
+                    return Step::Close(1013, "relay storage unavailable");
+                }
             }
-            Err(PacketError::Malformed(meshwhisper_behaviour::packet::Error::TooLarge {
-                ..
-            })) => Step::Close(1009, "packet too large"),
-            Err(PacketError::Malformed(_)) => Step::Close(1007, "packet shorter than its header"),
-            Err(PacketError::Store(_)) => Step::Close(1013, "relay storage unavailable"),
+        }
+        Step::Continue
+    }
+
+    /// A non-packet message (or the end of the socket).
+    async fn incoming(
+        &mut self,
+        socket: &mut WebSocket,
+        msg: Option<Result<Message, axum::Error>>,
+    ) -> Step {
+        match msg {
+            Some(Ok(Message::Binary(frame))) => {
+                // Only reached for a stashed packet: store it alone.
+                let r = self.s.core.accept(frame).await;
+                self.stored(vec![r])
+            }
+            Some(Ok(Message::Text(text))) => self.control(socket, text.as_str()).await,
+            Some(Ok(Message::Close(_))) | None => Step::Closed,
+            Some(Ok(_)) => Step::Continue,
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "websocket read failed");
+                // Usually a frame over the size limit.
+                Step::Close(1009, "frame too large")
+            }
         }
     }
 
@@ -177,11 +231,32 @@ impl Session {
         }
     }
 
-    async fn flush_sent(&mut self) {
+    /// Starts deleting the stored copies of what was sent.
+    fn flush_sent(&mut self) {
+        if self.sent.is_empty() {
+            return;
+        }
         let ids = std::mem::take(&mut self.sent);
-        self.s.core.delivered(ids.clone()).await;
+        let core = self.s.core.clone();
+        self.deleting.spawn(async move {
+            core.delivered(ids.clone()).await;
+            ids
+        });
+    }
+
+    fn deleted(&mut self, ids: Vec<MailboxId>) {
         for id in ids {
             self.in_flight.remove(&id);
+        }
+    }
+
+    /// Waits for every deletion (at the end of the session).
+    async fn finish_deletes(&mut self) {
+        self.flush_sent();
+        while let Some(r) = self.deleting.join_next().await {
+            if let Ok(ids) = r {
+                self.deleted(ids);
+            }
         }
     }
 
@@ -297,7 +372,9 @@ impl Session {
                 self.s.metrics.packets_drained.fetch_add(1, Relaxed);
                 self.s.core.events.drain.fetch_add(1, Relaxed);
             }
-            self.flush_sent().await;
+            // Sent packets must be deleted before the next page is read, or
+            // the page would contain them again.
+            self.finish_deletes().await;
             if n < batch as usize {
                 return Step::Continue;
             }
