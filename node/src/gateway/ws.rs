@@ -29,6 +29,8 @@ use std::sync::atomic::Ordering::Relaxed;
 const IN_FLIGHT: usize = 8;
 /// Packets already waiting on the socket taken into one batch.
 const BATCH: usize = 64;
+/// Sent packets whose stored copies are deleted in one go (at the latest).
+const DELETE_BATCH: usize = 256;
 
 /// Accepts the upgrade if the relay has room.
 pub fn upgrade(s: AppState, ws: WebSocketUpgrade, ip: IpAddr) -> Response {
@@ -102,7 +104,7 @@ async fn session(s: AppState, mut socket: WebSocket) {
     let mut stashed: Option<Option<Result<Message, axum::Error>>> = None;
     let end = loop {
         // Deliveries whose sends completed are deleted in one go.
-        if !sess.sent.is_empty() && outbound.is_empty() {
+        if !sess.sent.is_empty() && (outbound.is_empty() || sess.sent.len() >= DELETE_BATCH) {
             sess.flush_sent();
         }
         let step = if let Some(msg) = stashed.take() {
