@@ -22,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 const IN_FLIGHT: usize = 64;
 /// Acks collected before their stored copies are deleted in one go.
 const ACK_BATCH: usize = 256;
+/// Deliveries a device may leave unacknowledged; beyond, packets stay
+/// stored until it acks and drains (flow control for slow devices).
+const MAX_UNACKED: usize = 4096;
 
 /// Runs until the stream closes (`inbound` ends) or the node stops.
 pub async fn run(
@@ -72,7 +75,7 @@ pub async fn run(
             }
             Some(out) = outbound.recv() => {
                 let Some(mid) = out.mailbox_id else { continue };
-                if !in_flight.insert(mid) {
+                if in_flight.len() >= MAX_UNACKED || !in_flight.insert(mid) {
                     continue;
                 }
                 if to_device.send(Frame::Deliver { id: mid.0 as u64, packet: out.packet }).await.is_err() {
@@ -136,7 +139,12 @@ async fn drain(
     batch: u32,
 ) -> bool {
     loop {
-        let pending = match core.pending(hashes, in_flight, batch.max(1)).await {
+        let room = MAX_UNACKED.saturating_sub(in_flight.len()) as u32;
+        let batch = batch.min(room);
+        if batch == 0 {
+            return true;
+        }
+        let pending = match core.pending(hashes, in_flight, batch).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "could not list stored packets");
@@ -159,7 +167,7 @@ async fn drain(
                 return false;
             }
         }
-        if n < batch.max(1) as usize {
+        if n < batch as usize {
             return true;
         }
     }
