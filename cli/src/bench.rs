@@ -91,7 +91,8 @@ async fn connect(
 > {
     let (s, _) = tokio::time::timeout(
         Duration::from_secs(30),
-        tokio_tungstenite::connect_async(url),
+        // TCP_NODELAY, as any latency-sensitive client would.
+        tokio_tungstenite::connect_async_with_config(url, None, true),
     )
     .await
     .context("connect timed out")?

@@ -180,6 +180,13 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         addr: cfg.http.clone(),
         source,
     })?;
+    // Packets are small and latency-sensitive: never let Nagle's algorithm
+    // hold one back waiting for an ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let app = gateway::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let c = cancel.clone();
     let server = tokio::spawn(async move {
