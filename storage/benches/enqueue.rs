@@ -58,43 +58,27 @@ async fn naive(durability: Durability, budget: Duration, max: u64) -> (u64, Dura
     (n, start.elapsed())
 }
 
-/// `tasks` concurrent callers of `Store::enqueue`, `total` packets.
-async fn grouped(durability: Durability, tasks: u64, total: u64) -> (u64, Duration, f64) {
-    let dir = tempfile::tempdir().expect("tmp");
-    let store = Store::open(config(dir.path(), durability))
-        .await
-        .expect("open");
-    let per = total / tasks;
-    let start = Instant::now();
-    let handles: Vec<_> = (0..tasks)
-        .map(|t| {
-            let s = store.clone();
-            tokio::spawn(async move {
-                for i in 0..per {
-                    let dest = DestHash(((t * per + i) % 64).to_be_bytes());
-                    s.mailbox()
-                        .enqueue(dest, vec![0x5au8; PACKET], NOW)
-                        .await
-                        .expect("enqueue");
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.await.expect("join");
-    }
-    let elapsed = start.elapsed();
-    let (batches, ops) = store.commit_stats();
-    store.close().await;
-    (per * tasks, elapsed, ops as f64 / batches.max(1) as f64)
+/// How the callers feed the store.
+#[derive(Clone, Copy)]
+enum Callers {
+    /// One `enqueue` in flight per caller.
+    One,
+    /// This many `enqueue`s in flight per caller (as relay sessions pipeline).
+    Pipelined(usize),
+    /// `enqueue_many` batches of this size, one reply each.
+    Batches(u64),
 }
 
-/// `tasks` callers, each keeping `depth` enqueues in flight (as the relay's
-/// connection sessions do), `total` packets.
-async fn pipelined(
+fn dest(t: u64, per: u64, i: u64) -> DestHash {
+    DestHash(((t * per + i) % 64).to_be_bytes())
+}
+
+/// `tasks` concurrent callers storing `total` packets in the given shape.
+/// Returns packets stored, elapsed time, and packets per commit.
+async fn group_commit(
     durability: Durability,
     tasks: u64,
-    depth: usize,
+    shape: Callers,
     total: u64,
 ) -> (u64, Duration, f64) {
     use futures::StreamExt as _;
@@ -108,19 +92,45 @@ async fn pipelined(
         .map(|t| {
             let s = store.clone();
             tokio::spawn(async move {
-                let mut inflight = futures::stream::FuturesUnordered::new();
-                let mut next = 0u64;
-                while next < per || !inflight.is_empty() {
-                    while next < per && inflight.len() < depth {
-                        let dest = DestHash(((t * per + next) % 64).to_be_bytes());
-                        let s = s.clone();
-                        inflight.push(async move {
-                            s.mailbox().enqueue(dest, vec![0x5au8; PACKET], NOW).await
-                        });
-                        next += 1;
+                match shape {
+                    Callers::One => {
+                        for i in 0..per {
+                            let packet = vec![0x5au8; PACKET];
+                            s.mailbox()
+                                .enqueue(dest(t, per, i), packet, NOW)
+                                .await
+                                .expect("enqueue");
+                        }
                     }
-                    if let Some(r) = inflight.next().await {
-                        r.expect("enqueue");
+                    Callers::Pipelined(depth) => {
+                        let mut inflight = futures::stream::FuturesUnordered::new();
+                        let mut next = 0u64;
+                        while next < per || !inflight.is_empty() {
+                            while next < per && inflight.len() < depth {
+                                let (s, d) = (s.clone(), dest(t, per, next));
+                                inflight.push(async move {
+                                    s.mailbox().enqueue(d, vec![0x5au8; PACKET], NOW).await
+                                });
+                                next += 1;
+                            }
+                            if let Some(r) = inflight.next().await {
+                                r.expect("enqueue");
+                            }
+                        }
+                    }
+                    Callers::Batches(batch) => {
+                        let mut i = 0;
+                        while i < per {
+                            let n = batch.min(per - i);
+                            let packets = (i..i + n)
+                                .map(|k| (dest(t, per, k), vec![0x5au8; PACKET]))
+                                .collect();
+                            s.mailbox()
+                                .enqueue_many(packets, NOW)
+                                .await
+                                .expect("enqueue");
+                            i += n;
+                        }
                     }
                 }
             })
@@ -130,94 +140,25 @@ async fn pipelined(
         h.await.expect("join");
     }
     let elapsed = start.elapsed();
-    let (batches, ops) = store.commit_stats();
+    let (commits, _) = store.commit_stats();
     store.close().await;
-    (per * tasks, elapsed, ops as f64 / batches.max(1) as f64)
-}
-
-/// `tasks` callers, each sending batches of `batch` through `enqueue_many`.
-async fn batched(
-    durability: Durability,
-    tasks: u64,
-    batch: u64,
-    total: u64,
-) -> (u64, Duration, f64) {
-    let dir = tempfile::tempdir().expect("tmp");
-    let store = Store::open(config(dir.path(), durability))
-        .await
-        .expect("open");
-    let per = total / tasks;
-    let start = Instant::now();
-    let handles: Vec<_> = (0..tasks)
-        .map(|t| {
-            let s = store.clone();
-            tokio::spawn(async move {
-                let mut i = 0;
-                while i < per {
-                    let n = batch.min(per - i);
-                    let packets = (i..i + n)
-                        .map(|k| {
-                            (
-                                DestHash(((t * per + k) % 64).to_be_bytes()),
-                                vec![0x5au8; PACKET],
-                            )
-                        })
-                        .collect();
-                    s.mailbox()
-                        .enqueue_many(packets, NOW)
-                        .await
-                        .expect("enqueue");
-                    i += n;
-                }
-            })
-        })
-        .collect();
-    for h in handles {
-        h.await.expect("join");
-    }
-    let elapsed = start.elapsed();
-    let (batches, ops) = store.commit_stats();
-    store.close().await;
-    let rows_per_commit = (per * tasks) as f64 / batches.max(1) as f64;
-    let _ = ops;
-    (per * tasks, elapsed, rows_per_commit)
-}
-
-/// The ceiling: one caller, batches of 512 (the writer's largest group),
-/// so caller wake-ups are negligible and only SQLite and sqlx remain.
-async fn ceiling(durability: Durability, total: u64) -> (u64, Duration, f64) {
-    batched_with(durability, 1, 512, total).await
-}
-
-async fn batched_with(
-    durability: Durability,
-    tasks: u64,
-    batch: u64,
-    total: u64,
-) -> (u64, Duration, f64) {
-    batched(durability, tasks, batch, total).await
+    let stored = per * tasks;
+    (stored, elapsed, stored as f64 / commits.max(1) as f64)
 }
 
 fn main() {
     // `cargo bench` passes `--bench`; accept and ignore libtest flags.
     let quick = std::env::args().any(|a| a == "--quick");
+    let env_num = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(
-            std::env::var("BENCH_WORKERS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(2),
-        )
+        .worker_threads(env_num("BENCH_WORKERS").unwrap_or(2) as usize)
         .enable_all()
         .build()
         .expect("runtime");
     let total = if quick { 20_000 } else { 200_000 };
     // Group commit's gain grows with the number of concurrent writers: the
     // table shows 256 and this many (a relay serves thousands of clients).
-    let callers: u64 = std::env::var("BENCH_CALLERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2048);
+    let callers = env_num("BENCH_CALLERS").unwrap_or(2048);
     println!("| durability | method | enqueues | seconds | enqueues/s | avg group |");
     println!("|---|---|---|---|---|---|");
     for durability in [Durability::Process, Durability::PowerLoss] {
@@ -225,21 +166,43 @@ fn main() {
             Durability::Process => "process (NORMAL)",
             Durability::PowerLoss => "power loss (FULL)",
         };
-        let (n, t) = rt.block_on(naive(
-            durability,
-            Duration::from_secs(if quick { 1 } else { 5 }),
-            total,
-        ));
+        let budget = Duration::from_secs(if quick { 1 } else { 5 });
+        let (n, t) = rt.block_on(naive(durability, budget, total));
         let naive_rate = n as f64 / t.as_secs_f64();
         println!(
             "| {label} | one transaction per insert | {n} | {:.2} | {naive_rate:.0} | 1 |",
             t.as_secs_f64()
         );
-        for callers in [256u64, callers] {
-            let (n, t, avg) = rt.block_on(grouped(durability, callers, total));
+        let runs = [
+            ("group commit, 256 callers".to_string(), 256, Callers::One),
+            (
+                format!("group commit, {callers} callers"),
+                callers,
+                Callers::One,
+            ),
+            (
+                "group commit, 8 callers × 32 in flight".into(),
+                8,
+                Callers::Pipelined(32),
+            ),
+            (
+                "group commit, 8 callers × batches of 32 (`enqueue_many`)".into(),
+                8,
+                Callers::Batches(32),
+            ),
+            // The ceiling: one caller, batches of 512 (the writer's largest
+            // group), so caller wake-ups cost nothing: only SQLite and sqlx.
+            (
+                "ceiling: 1 caller, batches of 512".into(),
+                1,
+                Callers::Batches(512),
+            ),
+        ];
+        for (name, tasks, shape) in runs {
+            let (n, t, avg) = rt.block_on(group_commit(durability, tasks, shape, total));
             let rate = n as f64 / t.as_secs_f64();
             println!(
-                "| {label} | group commit, {callers} callers | {n} | {:.2} | {rate:.0} | {avg:.0} |",
+                "| {label} | {name} | {n} | {:.2} | {rate:.0} | {avg:.0} |",
                 t.as_secs_f64()
             );
             println!(
@@ -247,35 +210,5 @@ fn main() {
                 rate / naive_rate
             );
         }
-        let (n, t, avg) = rt.block_on(pipelined(durability, 8, 32, total));
-        let prate = n as f64 / t.as_secs_f64();
-        println!(
-            "| {label} | group commit, 8 callers × 32 in flight | {n} | {:.2} | {prate:.0} | {avg:.0} |",
-            t.as_secs_f64()
-        );
-        println!(
-            "| {label} | **ratio** | | | **{:.1}×** | |",
-            prate / naive_rate
-        );
-        let (n, t, avg) = rt.block_on(batched(durability, 8, 32, total));
-        let brate = n as f64 / t.as_secs_f64();
-        println!(
-            "| {label} | group commit, 8 callers × batches of 32 (`enqueue_many`) | {n} | {:.2} | {brate:.0} | {avg:.0} |",
-            t.as_secs_f64()
-        );
-        println!(
-            "| {label} | **ratio** | | | **{:.1}×** | |",
-            brate / naive_rate
-        );
-        let (n, t, avg) = rt.block_on(ceiling(durability, total));
-        let crate_ = n as f64 / t.as_secs_f64();
-        println!(
-            "| {label} | ceiling: 1 caller, batches of 512 | {n} | {:.2} | {crate_:.0} | {avg:.0} |",
-            t.as_secs_f64()
-        );
-        println!(
-            "| {label} | **ratio** | | | **{:.1}×** | |",
-            crate_ / naive_rate
-        );
     }
 }
