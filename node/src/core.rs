@@ -220,32 +220,10 @@ impl Core {
     /// Validates and stores a packet. When this returns `Ok`, the packet is
     /// durable; [`Core::route`] then decides where it goes.
     pub async fn accept(&self, frame: Bytes) -> Result<Accepted, PacketError> {
-        let dest = match packet::destination(&frame, self.max_packet) {
-            Ok(d) => d,
-            Err(e) => {
-                self.metrics.packets_rejected.fetch_add(1, Relaxed);
-                return Err(e.into());
-            }
-        };
-        self.metrics.packets_in.fetch_add(1, Relaxed);
-        self.events.inbound.fetch_add(1, Relaxed);
-        match self
-            .store
-            .mailbox()
-            .enqueue(dest, frame.to_vec(), now_ms())
+        self.accept_many(vec![frame])
             .await
-        {
-            Ok(e) => Ok(Accepted {
-                dest,
-                frame,
-                id: e.id,
-            }),
-            Err(e) => {
-                self.metrics.packets_store_failed.fetch_add(1, Relaxed);
-                tracing::warn!(error = %e, "could not store a packet");
-                Err(e.into())
-            }
-        }
+            .pop()
+            .unwrap_or_else(|| Err(meshwhisper_storage::Error::Closed.into()))
     }
 
     /// Validates and stores several packets in one commit (one reply for

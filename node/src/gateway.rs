@@ -304,6 +304,20 @@ fn str_field<'a>(v: &'a Value, k: &str) -> Option<&'a str> {
     v.get(k).and_then(Value::as_str).filter(|s| !s.is_empty())
 }
 
+/// The rate limit of `bucket`, then the JSON object body: what every JSON
+/// write endpoint checks first, in the reference's order.
+fn limited_json(
+    s: &AppState,
+    bucket: Bucket,
+    ip: IpAddr,
+    body: &[u8],
+) -> Result<Value, Box<Response>> {
+    if let Some(r) = limited(s, bucket, ip) {
+        return Err(Box::new(r));
+    }
+    parse_json(s, body)
+}
+
 fn parse_json(s: &AppState, body: &[u8]) -> Result<Value, Box<Response>> {
     if body.len() > s.cfg.limits.max_json_body {
         return Err(Box::new(error(
@@ -363,10 +377,7 @@ async fn directory_post(
     ClientIp(ip): ClientIp,
     body: bytes::Bytes,
 ) -> Response {
-    if let Some(r) = limited(&s, Bucket::Dir, ip) {
-        return r;
-    }
-    let v = match parse_json(&s, &body) {
+    let v = match limited_json(&s, Bucket::Dir, ip, &body) {
         Ok(v) => v,
         Err(r) => return *r,
     };
@@ -526,10 +537,7 @@ async fn policy_post(
     ClientIp(ip): ClientIp,
     body: bytes::Bytes,
 ) -> Response {
-    if let Some(r) = limited(&s, Bucket::Dir, ip) {
-        return r;
-    }
-    let v = match parse_json(&s, &body) {
+    let v = match limited_json(&s, Bucket::Dir, ip, &body) {
         Ok(v) => v,
         Err(r) => return *r,
     };
@@ -596,10 +604,7 @@ async fn opks_post(
     ClientIp(ip): ClientIp,
     body: bytes::Bytes,
 ) -> Response {
-    if let Some(r) = limited(&s, Bucket::Dir, ip) {
-        return r;
-    }
-    let v = match parse_json(&s, &body) {
+    let v = match limited_json(&s, Bucket::Dir, ip, &body) {
         Ok(v) => v,
         Err(r) => return *r,
     };

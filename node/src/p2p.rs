@@ -56,33 +56,18 @@ pub fn load_or_create_key(data_dir: &Path) -> Result<Keypair, Error> {
         source,
     };
     match std::fs::read(&path) {
+        // `ed25519_from_bytes` zeroizes the bytes it was given.
         Ok(mut bytes) => {
-            let kp =
-                Keypair::ed25519_from_bytes(&mut bytes).map_err(|_| Error::BadKey(path.clone()));
-            zeroize_vec(&mut bytes);
-            kp
+            Keypair::ed25519_from_bytes(&mut bytes).map_err(|_| Error::BadKey(path.clone()))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(data_dir).map_err(io)?;
-            let mut seed = [0u8; 32];
-            getrandom_fill(&mut seed).map_err(io)?;
-            write_private(&path, &seed).map_err(io)?;
-            let kp =
-                Keypair::ed25519_from_bytes(&mut seed).map_err(|_| Error::BadKey(path.clone()));
-            seed.fill(0);
-            kp
+            let key = libp2p::identity::ed25519::Keypair::generate();
+            write_private(&path, key.secret().as_ref()).map_err(io)?;
+            Ok(Keypair::from(key))
         }
         Err(e) => Err(io(e)),
     }
-}
-
-fn zeroize_vec(v: &mut [u8]) {
-    v.fill(0);
-}
-
-fn getrandom_fill(buf: &mut [u8]) -> std::io::Result<()> {
-    use std::io::Read as _;
-    std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }
 
 #[cfg(unix)]
