@@ -120,6 +120,11 @@ impl Behaviour {
         }
     }
 
+    /// Open streams to `peer`.
+    pub fn open_streams_to(&self, peer: PeerId) -> usize {
+        self.open.iter().filter(|(p, _)| *p == peer).count()
+    }
+
     /// Open streams.
     pub fn open_streams(&self) -> usize {
         self.open.len()

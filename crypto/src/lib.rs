@@ -14,6 +14,7 @@
 //! | [`pqxdh`] | first contact: X25519 + ML-KEM-768 prekey agreement |
 //! | [`ratchet`] | the Double Ratchet with AEAD message keys |
 //! | [`safety_number`] | 60-digit numbers for comparing identity keys |
+//! | [`sealed`] | sealed sender: the sender's identity hidden from relays |
 
 pub mod address_record;
 pub mod destination;
@@ -23,6 +24,7 @@ pub mod pqxdh;
 pub mod primitives;
 pub mod ratchet;
 pub mod safety_number;
+pub mod sealed;
 mod wire;
 
 /// First bytes of a key as hex, for `Debug` output that never shows a whole

@@ -46,6 +46,8 @@ pub const INFO: &[u8] = b"MeshWhisper_PQXDH_CURVE25519_SHA-256_ML-KEM-768";
 pub const SPK_DOMAIN: &[u8] = b"meshwhisper/pqxdh/signed-prekey/v1\0";
 /// Signature domain of signed ML-KEM prekeys.
 pub const PQSPK_DOMAIN: &[u8] = b"meshwhisper/pqxdh/pq-prekey/v1\0";
+/// Signature domain of one-time prekey batches.
+pub const OPK_BATCH_DOMAIN: &[u8] = b"meshwhisper/pqxdh/one-time-prekeys/v1\0";
 /// Encoded bundle length.
 pub const BUNDLE_LEN: usize = 1 + 32 + 4 + 32 + 64 + 4 + primitives::MLKEM_PUBLIC_LEN + 64;
 /// Encoded one-time prekey length.
@@ -96,6 +98,48 @@ impl OneTimePrekey {
         r.finish()?;
         Ok(Self { id, key })
     }
+}
+
+fn opk_batch_message(namespace: &[u8], keys: &[OneTimePrekey]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(OPK_BATCH_DOMAIN.len() + 2 + namespace.len() + 36 * keys.len());
+    m.extend_from_slice(OPK_BATCH_DOMAIN);
+    m.push(namespace.len().min(255) as u8);
+    m.extend_from_slice(namespace);
+    for k in keys {
+        m.extend_from_slice(&k.encode());
+    }
+    m
+}
+
+/// Signs a batch of one-time prekeys for upload to `namespace`'s pool, so a
+/// directory can refuse keys their owner did not make (the reference
+/// directory accepts anyone's, which lets a stranger poison a pool).
+pub fn sign_one_time_prekeys(
+    identity: &IdentityKeyPair,
+    namespace: &[u8],
+    keys: &[OneTimePrekey],
+) -> [u8; 64] {
+    identity.sign(&opk_batch_message(namespace, keys))
+}
+
+/// Checks [`sign_one_time_prekeys`]'s signature.
+pub fn verify_one_time_prekeys(
+    identity: &IdentityPublic,
+    namespace: &[u8],
+    keys: &[OneTimePrekey],
+    signature: &[u8; 64],
+) -> Result<(), Error> {
+    if namespace.len() > 255 {
+        return Err(DecodeError::TooLarge {
+            what: "namespace",
+            got: namespace.len(),
+            max: 255,
+        }
+        .into());
+    }
+    identity
+        .verify(&opk_batch_message(namespace, keys), signature)
+        .map_err(|_| Error::BadSignature("one-time prekey batch"))
 }
 
 /// A responder's verified prekey bundle. Values exist only with valid

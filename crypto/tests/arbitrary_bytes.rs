@@ -77,6 +77,12 @@ proptest! {
     }
 
     #[test]
+    fn sealed_sender(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let bob = IdentityKeyPair::from_seed(&[5u8; 32]);
+        prop_assert!(meshwhisper_crypto::sealed::open(&bob, &bytes).is_err());
+    }
+
+    #[test]
     fn ratchet_message_and_state(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
         let _ = Message::decode(&bytes);
         let _ = Session::from_bytes(&bytes);

@@ -174,3 +174,27 @@ fn initial_message_strictness() {
     flag[1 + 32 + 32 + 8] = 2;
     assert!(InitialMessage::decode(&flag).is_err());
 }
+
+#[test]
+fn one_time_prekey_batches_are_signed_per_namespace() {
+    let mut rng = ChaCha20Rng::seed_from_u64(40);
+    let b = bob(&mut rng);
+    let other = IdentityKeyPair::generate(&mut rng);
+    let keys = vec![
+        b.opk,
+        OneTimePrekey {
+            id: 101,
+            key: X25519Secret::generate(&mut rng).public(),
+        },
+    ];
+    let sig = pqxdh::sign_one_time_prekeys(&b.id, b"ns", &keys);
+    assert!(pqxdh::verify_one_time_prekeys(b.id.public(), b"ns", &keys, &sig).is_ok());
+    // Another namespace, another owner, a changed or dropped key: refused.
+    assert!(pqxdh::verify_one_time_prekeys(b.id.public(), b"nt", &keys, &sig).is_err());
+    assert!(pqxdh::verify_one_time_prekeys(other.public(), b"ns", &keys, &sig).is_err());
+    assert!(pqxdh::verify_one_time_prekeys(b.id.public(), b"ns", &keys[..1], &sig).is_err());
+    let mut changed = keys.clone();
+    changed[1].id = 102;
+    assert!(pqxdh::verify_one_time_prekeys(b.id.public(), b"ns", &changed, &sig).is_err());
+    assert!(pqxdh::verify_one_time_prekeys(b.id.public(), &[0; 256], &keys, &sig).is_err());
+}

@@ -109,8 +109,15 @@ pub async fn run(
                             break;
                         }
                     }
+                    f @ (Frame::Publish { .. } | Frame::Prekeys { .. } | Frame::Claim { .. }) => {
+                        if let Some(r) = crate::device_directory::serve(&core, f).await
+                            && to_device.send(r).await.is_err()
+                        {
+                            break;
+                        }
+                    }
                     // Relay-to-device frames from a device are a protocol violation.
-                    Frame::Stored(_) | Frame::Deliver { .. } | Frame::Refused { .. } => {
+                    Frame::Stored(_) | Frame::Deliver { .. } | Frame::Refused { .. } | Frame::Reply { .. } => {
                         core.metrics.protocol_closes.fetch_add(1, Relaxed);
                         break;
                     }

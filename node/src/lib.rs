@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod core;
+pub mod device_directory;
 pub mod device_session;
 pub mod events;
 pub mod gateway;

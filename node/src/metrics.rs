@@ -43,6 +43,10 @@ pub struct Metrics {
     pub devices_connected: AtomicU64,
     /// Packets received from native devices.
     pub device_packets_in: AtomicU64,
+    /// Directory requests from native devices (publish, prekeys, claim).
+    pub device_directory_requests: AtomicU64,
+    /// Device directory requests that failed on storage.
+    pub device_directory_failed: AtomicU64,
     /// Prekey bundles stored in a format the relay cannot verify.
     pub unknown_bundles: AtomicU64,
 }
@@ -284,6 +288,16 @@ impl Metrics {
             "meshwhisper_device_packets_in_total",
             "Packets received from libp2p devices",
             self.device_packets_in.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_device_directory_requests_total",
+            "Directory requests from libp2p devices",
+            self.device_directory_requests.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_device_directory_failed_total",
+            "Device directory requests that failed on storage",
+            self.device_directory_failed.load(Relaxed),
         );
         for (name, help) in FEDERATION_COUNTERS {
             counter(&format!("meshwhisper_federation_{name}"), help, 0);

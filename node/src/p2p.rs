@@ -260,20 +260,30 @@ impl EventLoop {
                 let Some(tx) = self.sessions.get(&(peer, connection)) else {
                     return;
                 };
-                // The session is behind: refuse packets (the device retries
-                // them), drop anything else.
-                if let Err(mpsc::error::TrySendError::Full(Frame::Packet { seq, .. })) =
-                    tx.try_send(frame)
-                {
-                    self.swarm.behaviour_mut().device.send(
-                        peer,
-                        connection,
-                        Frame::Refused {
+                // The session is behind: refuse packets and requests (the
+                // device retries them), drop anything else (an unacked
+                // delivery is sent again on the next drain).
+                let refusal = match tx.try_send(frame) {
+                    Err(mpsc::error::TrySendError::Full(Frame::Packet { seq, .. })) => {
+                        Some(Frame::Refused {
                             seq,
                             code: device::codec::RefusedCode::Busy,
                             reason: "relay busy".into(),
-                        },
-                    );
+                        })
+                    }
+                    Err(mpsc::error::TrySendError::Full(
+                        Frame::Publish { req, .. }
+                        | Frame::Prekeys { req, .. }
+                        | Frame::Claim { req, .. },
+                    )) => Some(Frame::Reply {
+                        req,
+                        status: device::codec::Status::Unavailable,
+                        body: "relay busy".into(),
+                    }),
+                    _ => None,
+                };
+                if let Some(r) = refusal {
+                    self.swarm.behaviour_mut().device.send(peer, connection, r);
                 }
             }
             device::Event::Closed {

@@ -9,11 +9,21 @@
 //!   0x02 Packet    seq (u64) ‖ client packet                     answered by Stored or Refused
 //!   0x03 Ack       delivery id (u64)                             the relay may forget it
 //!   0x04 Drain     (empty)                                       send me what is stored
+//!   0x05 Publish   req (u64) ‖ ns len (u8) ‖ namespace ‖ bundle  store my prekey bundle
+//!   0x06 Prekeys   req (u64) ‖ ns len (u8) ‖ namespace ‖ identity (32)
+//!                  ‖ signature (64) ‖ n × one-time prekey (36)  add to my one-time pool
+//!   0x07 Claim     req (u64) ‖ ns len (u8) ‖ namespace ‖ identity (32)
+//!                                                                their bundle + one one-time prekey
 //! relay → device
 //!   0x81 Stored    seq (u64)                                     the packet is durable
 //!   0x82 Deliver   delivery id (u64) ‖ client packet
 //!   0x83 Refused   seq (u64) ‖ code (u8) ‖ reason (UTF-8)
+//!   0x84 Reply     req (u64) ‖ status (u8) ‖ body                answers 0x05-0x07
 //! ```
+//!
+//! Reply bodies: to Publish and Prekeys, the one-time prekeys left in the
+//! pool (u32); to Claim, bundle length (u32) ‖ bundle ‖ one-time prekey
+//! (36 bytes, absent when the pool is empty); on any error, a UTF-8 reason.
 
 use asynchronous_codec::{Decoder, Encoder};
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
@@ -48,6 +58,40 @@ impl RefusedCode {
     }
 }
 
+/// How a directory request went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Status {
+    /// Done; the body is the answer.
+    Ok = 0,
+    /// No such identity in that namespace.
+    NotFound = 1,
+    /// The request was malformed or a signature did not verify.
+    Invalid = 2,
+    /// The relay could not serve it now; retry later.
+    Unavailable = 3,
+    /// A newer bundle of this identity is already stored.
+    Stale = 4,
+}
+
+impl Status {
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Ok),
+            1 => Some(Self::NotFound),
+            2 => Some(Self::Invalid),
+            3 => Some(Self::Unavailable),
+            4 => Some(Self::Stale),
+            _ => None,
+        }
+    }
+}
+
+/// Longest namespace in a directory request.
+pub const MAX_NAMESPACE: usize = 255;
+/// Encoded one-time prekey length in a Prekeys frame.
+pub const PREKEY_LEN: usize = 36;
+
 /// One frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -72,6 +116,46 @@ pub enum Frame {
         id: u64,
         /// The client packet.
         packet: Bytes,
+    },
+    /// Device publishes its prekey bundle.
+    Publish {
+        /// Request id, echoed in the Reply.
+        req: u64,
+        /// Directory namespace.
+        namespace: String,
+        /// The signed bundle.
+        bundle: Bytes,
+    },
+    /// Device adds one-time prekeys to its pool.
+    Prekeys {
+        /// Request id.
+        req: u64,
+        /// Directory namespace.
+        namespace: String,
+        /// The owner's identity key.
+        identity: [u8; 32],
+        /// The owner's signature over the batch.
+        signature: [u8; 64],
+        /// `n × 36` bytes: the keys.
+        keys: Bytes,
+    },
+    /// Device asks for an identity's bundle and one of its one-time prekeys.
+    Claim {
+        /// Request id.
+        req: u64,
+        /// Directory namespace.
+        namespace: String,
+        /// Whose bundle.
+        identity: [u8; 32],
+    },
+    /// Relay answers a directory request.
+    Reply {
+        /// The request's id.
+        req: u64,
+        /// Outcome.
+        status: Status,
+        /// Answer or reason.
+        body: Bytes,
     },
     /// Relay refused packet `seq`.
     Refused {
@@ -123,6 +207,14 @@ fn body_len(f: &Frame) -> usize {
         Frame::Ack(_) | Frame::Stored(_) => 8,
         Frame::Drain => 0,
         Frame::Refused { reason, .. } => 9 + reason.len(),
+        Frame::Publish {
+            namespace, bundle, ..
+        } => 9 + namespace.len() + bundle.len(),
+        Frame::Prekeys {
+            namespace, keys, ..
+        } => 9 + namespace.len() + 96 + keys.len(),
+        Frame::Claim { namespace, .. } => 9 + namespace.len() + 32,
+        Frame::Reply { body, .. } => 9 + body.len(),
     }
 }
 
@@ -142,6 +234,19 @@ impl Encoder for Codec {
             && h.len() > MAX_REGISTER
         {
             return Err(Error::Malformed("too many hashes in one Register"));
+        }
+        match &f {
+            Frame::Publish { namespace, .. }
+            | Frame::Prekeys { namespace, .. }
+            | Frame::Claim { namespace, .. }
+                if namespace.len() > MAX_NAMESPACE =>
+            {
+                return Err(Error::Malformed("namespace longer than 255 bytes"));
+            }
+            Frame::Prekeys { keys, .. } if keys.len() % PREKEY_LEN != 0 => {
+                return Err(Error::Malformed("one-time prekeys are 36 bytes each"));
+            }
+            _ => {}
         }
         dst.reserve(4 + len);
         dst.put_u32(len as u32);
@@ -178,9 +283,76 @@ impl Encoder for Codec {
                 dst.put_u8(code as u8);
                 dst.put_slice(reason.as_bytes());
             }
+            Frame::Publish {
+                req,
+                namespace,
+                bundle,
+            } => {
+                dst.put_u8(0x05);
+                put_head(dst, req, &namespace);
+                dst.put_slice(&bundle);
+            }
+            Frame::Prekeys {
+                req,
+                namespace,
+                identity,
+                signature,
+                keys,
+            } => {
+                dst.put_u8(0x06);
+                put_head(dst, req, &namespace);
+                dst.put_slice(&identity);
+                dst.put_slice(&signature);
+                dst.put_slice(&keys);
+            }
+            Frame::Claim {
+                req,
+                namespace,
+                identity,
+            } => {
+                dst.put_u8(0x07);
+                put_head(dst, req, &namespace);
+                dst.put_slice(&identity);
+            }
+            Frame::Reply { req, status, body } => {
+                dst.put_u8(0x84);
+                dst.put_u64(req);
+                dst.put_u8(status as u8);
+                dst.put_slice(&body);
+            }
         }
         Ok(())
     }
+}
+
+fn put_head(dst: &mut BytesMut, req: u64, namespace: &str) {
+    dst.put_u64(req);
+    dst.put_u8(namespace.len() as u8);
+    dst.put_slice(namespace.as_bytes());
+}
+
+/// Reads `req (u64) ‖ ns len (u8) ‖ namespace`.
+fn get_head(body: &mut Bytes) -> Result<(u64, String), Error> {
+    if body.len() < 9 {
+        return Err(Error::Malformed("frame body too short"));
+    }
+    let req = body.get_u64();
+    let n = body.get_u8() as usize;
+    if body.len() < n {
+        return Err(Error::Malformed("namespace runs past the frame"));
+    }
+    let ns = String::from_utf8(body.split_to(n).to_vec())
+        .map_err(|_| Error::Malformed("namespace is not UTF-8"))?;
+    Ok((req, ns))
+}
+
+fn get_array<const N: usize>(body: &mut Bytes) -> Result<[u8; N], Error> {
+    if body.len() < N {
+        return Err(Error::Malformed("frame body too short"));
+    }
+    let mut a = [0u8; N];
+    body.copy_to_slice(&mut a);
+    Ok(a)
 }
 
 impl Decoder for Codec {
@@ -266,6 +438,46 @@ impl Decoder for Codec {
                     .map_err(|_| Error::Malformed("reason is not UTF-8"))?;
                 Frame::Refused { seq, code, reason }
             }
+            0x05 => {
+                let (req, namespace) = get_head(&mut body)?;
+                Frame::Publish {
+                    req,
+                    namespace,
+                    bundle: body,
+                }
+            }
+            0x06 => {
+                let (req, namespace) = get_head(&mut body)?;
+                let identity = get_array(&mut body)?;
+                let signature = get_array(&mut body)?;
+                if body.len() % PREKEY_LEN != 0 {
+                    return Err(Error::Malformed("one-time prekeys are 36 bytes each"));
+                }
+                Frame::Prekeys {
+                    req,
+                    namespace,
+                    identity,
+                    signature,
+                    keys: body,
+                }
+            }
+            0x07 => {
+                let (req, namespace) = get_head(&mut body)?;
+                let identity = get_array(&mut body)?;
+                exact(&body, 0)?;
+                Frame::Claim {
+                    req,
+                    namespace,
+                    identity,
+                }
+            }
+            0x84 => {
+                need(&body, 9)?;
+                let req = body.get_u64();
+                let status =
+                    Status::from_u8(body.get_u8()).ok_or(Error::Malformed("unknown status"))?;
+                Frame::Reply { req, status, body }
+            }
             _ => return Err(Error::Malformed("unknown frame type")),
         };
         Ok(Some(frame))
@@ -307,6 +519,64 @@ mod tests {
             code: RefusedCode::Busy,
             reason: "slow down".into(),
         });
+        round_trip(Frame::Publish {
+            req: 1,
+            namespace: "ns".into(),
+            bundle: Bytes::from_static(b"bundle"),
+        });
+        round_trip(Frame::Prekeys {
+            req: 2,
+            namespace: String::new(),
+            identity: [3; 32],
+            signature: [4; 64],
+            keys: Bytes::from(vec![5; 72]),
+        });
+        round_trip(Frame::Claim {
+            req: 3,
+            namespace: "x".repeat(255),
+            identity: [6; 32],
+        });
+        round_trip(Frame::Reply {
+            req: 4,
+            status: Status::Stale,
+            body: Bytes::from_static(b"newer bundle stored"),
+        });
+    }
+
+    #[test]
+    fn malformed_directory_frames_are_errors() {
+        let mut c = Codec::new(DEFAULT_MAX_FRAME);
+        let bad = |c: &mut Codec, body: &[u8]| {
+            let mut buf = BytesMut::new();
+            buf.put_u32(body.len() as u32);
+            buf.put_slice(body);
+            matches!(c.decode(&mut buf), Err(Error::Malformed(_)))
+        };
+        // Namespace length past the end.
+        assert!(bad(&mut c, &[0x05, 0, 0, 0, 0, 0, 0, 0, 1, 9, b'a']));
+        // Namespace not UTF-8.
+        assert!(bad(&mut c, &[0x07, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0xff]));
+        // Prekeys not a multiple of 36.
+        let mut p = vec![0x06, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+        p.extend_from_slice(&[0; 96 + 35]);
+        assert!(bad(&mut c, &p));
+        // Claim with trailing bytes.
+        let mut cl = vec![0x07, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+        cl.extend_from_slice(&[0; 33]);
+        assert!(bad(&mut c, &cl));
+        // Unknown status.
+        assert!(bad(&mut c, &[0x84, 0, 0, 0, 0, 0, 0, 0, 1, 9]));
+        assert!(
+            c.encode(
+                Frame::Claim {
+                    req: 0,
+                    namespace: "x".repeat(256),
+                    identity: [0; 32]
+                },
+                &mut BytesMut::new()
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -1,0 +1,297 @@
+//! Two clients and one relay, all in this process on loopback: invites,
+//! first contact, messages both ways, receipts, an offline recipient,
+//! restarts, safety numbers, and a relay that only ever holds ciphertext.
+
+use libp2p::Multiaddr;
+use libp2p::multiaddr::Protocol;
+use meshwhisper_client::{
+    Client, Config, ConnectionState, Event, MessageStatus, Profile, ReceiptKind,
+};
+use std::path::Path;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Relay {
+    running: Option<meshwhisper_node::Running>,
+    dir: tempfile::TempDir,
+    addr: Multiaddr,
+}
+
+async fn relay_in(dir: tempfile::TempDir, port: u16) -> Relay {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let cfg = meshwhisper_node::config::Config {
+        data_dir: dir.path().to_path_buf(),
+        http: "127.0.0.1:0".into(),
+        listen: vec![format!("/ip4/127.0.0.1/tcp/{port}")],
+        ..Default::default()
+    };
+    let running = meshwhisper_node::start(cfg).await.expect("relay");
+    let mut addrs = running.p2p.listen_addrs.clone();
+    let addr = tokio::time::timeout(WAIT, addrs.wait_for(|a| !a.is_empty()))
+        .await
+        .expect("listening")
+        .expect("watch")[0]
+        .clone()
+        .with(Protocol::P2p(running.p2p.peer_id));
+    Relay {
+        running: Some(running),
+        dir,
+        addr,
+    }
+}
+
+impl Relay {
+    fn port(&self) -> u16 {
+        self.addr
+            .iter()
+            .find_map(|p| match p {
+                Protocol::Tcp(port) => Some(port),
+                _ => None,
+            })
+            .expect("tcp port")
+    }
+    async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await;
+        }
+        self.dir
+    }
+}
+
+struct Person {
+    client: Client,
+    events: mpsc::Receiver<Event>,
+}
+
+async fn person(dir: &Path) -> Person {
+    let (client, events) = Client::start(Config::new(dir)).await.expect("client");
+    let mut p = Person { client, events };
+    p.wait(|e| matches!(e, Event::Connection(ConnectionState::Connected)))
+        .await;
+    p
+}
+
+impl Person {
+    async fn wait(&mut self, mut f: impl FnMut(&Event) -> bool) -> Event {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let e = self.events.recv().await.expect("events open");
+                if f(&e) {
+                    return e;
+                }
+            }
+        })
+        .await
+        .expect("event in time")
+    }
+
+    async fn texts(&mut self, n: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        while out.len() < n {
+            if let Event::Message(m) = self.wait(|e| matches!(e, Event::Message(_))).await {
+                out.push(String::from_utf8(m.body).expect("utf8"));
+            }
+        }
+        out
+    }
+
+    /// Waits until the relay holds our bundle and a full pool of
+    /// one-time prekeys, so others can start sessions with us.
+    async fn published(&mut self) {
+        self.wait(|e| matches!(e, Event::PrekeysPublished { one_time: 100 }))
+            .await;
+    }
+
+    async fn flush(&self) {
+        tokio::time::timeout(WAIT, self.client.flush())
+            .await
+            .expect("flushed in time")
+            .expect("flush");
+    }
+
+    async fn stop(self) {
+        tokio::time::timeout(WAIT, self.client.shutdown())
+            .await
+            .expect("stopped in time");
+    }
+}
+
+async fn profiles(relay: &Relay) -> (tempfile::TempDir, tempfile::TempDir) {
+    let (a, b) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    Profile::create(a.path(), std::slice::from_ref(&relay.addr), "alice")
+        .await
+        .expect("alice");
+    Profile::create(b.path(), std::slice::from_ref(&relay.addr), "bob")
+        .await
+        .expect("bob");
+    (a, b)
+}
+
+async fn invite_of(dir: &Path) -> meshwhisper_client::Invite {
+    Profile::open(dir).await.expect("open").invite()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_contact_messages_both_ways_receipts_and_safety_numbers() {
+    let relay = relay_in(tempfile::tempdir().expect("tmp"), 0).await;
+    let (a, b) = profiles(&relay).await;
+    let bob_invite = invite_of(b.path()).await;
+    let mut alice = person(a.path()).await;
+    let mut bob = person(b.path()).await;
+    bob.published().await;
+
+    // Alice adds Bob from his invite only; Bob learns of Alice from her
+    // first message.
+    alice
+        .client
+        .add_contact(bob_invite, None)
+        .await
+        .expect("add bob");
+    let id = alice
+        .client
+        .send("bob", b"hello bob".to_vec())
+        .await
+        .expect("send");
+    let added = bob.wait(|e| matches!(e, Event::ContactAdded(_))).await;
+    let Event::ContactAdded(c) = added else {
+        unreachable!()
+    };
+    assert_eq!(c.name, "alice");
+    assert_eq!(c.identity, *alice.client.identity());
+    assert_eq!(bob.texts(1).await, ["hello bob"]);
+    // Delivery receipt back to Alice.
+    let r = alice
+        .wait(|e| matches!(e, Event::Receipt { .. }))
+        .await;
+    assert_eq!(
+        r,
+        Event::Receipt {
+            contact: "bob".into(),
+            kind: ReceiptKind::Delivered,
+            ids: vec![id]
+        }
+    );
+
+    // Bob answers in the same session; Alice reads it and says so.
+    bob.client.send("alice", b"hi alice".to_vec()).await.expect("send");
+    let m = alice.wait(|e| matches!(e, Event::Message(_))).await;
+    let Event::Message(m) = m else { unreachable!() };
+    assert_eq!(m.body, b"hi alice");
+    alice.client.mark_read("bob", vec![m.id]).await.expect("read");
+    let r = bob
+        .wait(|e| matches!(e, Event::Receipt { kind: ReceiptKind::Read, .. }))
+        .await;
+    assert!(matches!(r, Event::Receipt { ids, .. } if ids == vec![m.id]));
+
+    // Ten more each way, interleaved, in order, once.
+    for i in 0..10 {
+        alice.client.send("bob", format!("a{i}").into_bytes()).await.expect("send");
+        bob.client.send("alice", format!("b{i}").into_bytes()).await.expect("send");
+    }
+    let want_a: Vec<String> = (0..10).map(|i| format!("a{i}")).collect();
+    let want_b: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
+    assert_eq!(bob.texts(10).await, want_a);
+    assert_eq!(alice.texts(10).await, want_b);
+
+    // Safety numbers: same 60 digits on both sides.
+    let sa = alice.client.safety_number("bob").await.expect("sn");
+    let sb = bob.client.safety_number("alice").await.expect("sn");
+    assert_eq!(sa.len(), 60);
+    assert_eq!(sa, sb);
+
+    // History: Alice's first message reached "delivered".
+    let h = alice.client.history("bob", 100).await.expect("history");
+    assert_eq!(h.first().map(|m| (m.id, m.status)), Some((id, MessageStatus::Delivered)));
+    assert_eq!(h.len(), 22);
+
+    alice.stop().await;
+    bob.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_recipient_gets_everything_once_in_order_across_restarts() {
+    let relay = relay_in(tempfile::tempdir().expect("tmp"), 0).await;
+    let (a, b) = profiles(&relay).await;
+    let bob_invite = invite_of(b.path()).await;
+    // Bob has been online once (his prekeys are at the relay), then leaves.
+    let mut bob = person(b.path()).await;
+    bob.published().await;
+    bob.stop().await;
+
+    let alice = person(a.path()).await;
+    alice.client.add_contact(bob_invite, None).await.expect("add");
+    for i in 0..5 {
+        alice.client.send("bob", format!("offline {i}").into_bytes()).await.expect("send");
+    }
+    alice.flush().await;
+    alice.stop().await;
+
+    // Bob comes back: all five, in order, once.
+    let mut bob = person(b.path()).await;
+    let want: Vec<String> = (0..5).map(|i| format!("offline {i}")).collect();
+    assert_eq!(bob.texts(5).await, want);
+    bob.client.send("alice", b"got them".to_vec()).await.expect("send");
+    bob.flush().await;
+    bob.stop().await;
+
+    // Restart both, then continue the same sessions.
+    let mut alice = person(a.path()).await;
+    assert_eq!(alice.texts(1).await, ["got them"]);
+    let mut bob = person(b.path()).await;
+    alice.client.send("bob", b"after restart".to_vec()).await.expect("send");
+    assert_eq!(bob.texts(1).await, ["after restart"]);
+    // Nothing was delivered twice: Bob's history holds each text once.
+    let h = bob.client.history("alice", 100).await.expect("history");
+    let bodies: Vec<String> = h
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    let mut want = want;
+    want.push("got them".into());
+    want.push("after restart".into());
+    assert_eq!(bodies, want);
+
+    // The relay restarts too (same port, same data): sessions continue.
+    let port = relay.port();
+    let dir = relay.stop().await;
+    alice.wait(|e| matches!(e, Event::Connection(ConnectionState::Disconnected))).await;
+    let relay = relay_in(dir, port).await;
+    alice.wait(|e| matches!(e, Event::Connection(ConnectionState::Connected))).await;
+    bob.wait(|e| matches!(e, Event::Connection(ConnectionState::Connected))).await;
+    alice.client.send("bob", b"relay restarted".to_vec()).await.expect("send");
+    assert_eq!(bob.texts(1).await, ["relay restarted"]);
+
+    // The relay's files hold no plaintext.
+    alice.stop().await;
+    bob.stop().await;
+    let dir = relay.stop().await;
+    for entry in walk(dir.path()) {
+        let bytes = std::fs::read(&entry).expect("read");
+        for needle in ["offline 3", "got them", "after restart", "relay restarted"] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "{needle:?} found in {}",
+                entry.display()
+            );
+        }
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).expect("dir").flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
