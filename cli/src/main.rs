@@ -6,6 +6,7 @@ use std::process::ExitCode;
 mod backup;
 mod bench;
 mod keys;
+mod person;
 mod relay;
 
 /// MeshWhisper: end-to-end encrypted messaging through relays that cannot
@@ -30,6 +31,20 @@ enum Command {
     /// Load generators.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Your identity: create a profile or show it.
+    #[command(subcommand)]
+    Id(person::IdCommand),
+    /// Print your invite (give it to people so they can add you).
+    Invite(person::InviteArgs),
+    /// Add, list and verify contacts.
+    #[command(subcommand)]
+    Contact(person::ContactCommand),
+    /// Send one message and wait until a relay stored it.
+    Send(person::SendArgs),
+    /// Receive: print one line per event until interrupted.
+    Listen(person::ListenArgs),
+    /// Talk with a contact interactively.
+    Chat(person::ChatArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +54,12 @@ fn main() -> ExitCode {
         Command::Backup(args) => backup::run(args),
         Command::Relay(args) => relay::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Id(cmd) => person::id(cmd),
+        Command::Invite(args) => person::invite(args),
+        Command::Contact(cmd) => person::contact(cmd),
+        Command::Send(args) => person::send(args),
+        Command::Listen(args) => person::listen(args),
+        Command::Chat(args) => person::chat(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

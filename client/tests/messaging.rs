@@ -295,3 +295,67 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reordered_and_duplicated_packets_decrypt_once() {
+    use meshwhisper_crypto::destination;
+    let relay = relay_in(tempfile::tempdir().expect("tmp"), 0).await;
+    let (a, b) = profiles(&relay).await;
+    let bob_invite = invite_of(b.path()).await;
+    let mut bob = person(b.path()).await;
+    bob.published().await;
+    bob.stop().await;
+
+    let mut alice = person(a.path()).await;
+    alice.client.add_contact(bob_invite.clone(), None).await.expect("add");
+    for i in 0..5 {
+        alice.client.send("bob", format!("m{i}").into_bytes()).await.expect("send");
+    }
+    alice.flush().await;
+
+    // Take Alice's five packets out of the relay and put them back
+    // reversed, with two duplicates: 4 3 2 1 0 2 4. All five are first
+    // messages (Bob has not answered), so the session starts from m4 and
+    // m0-m3 decrypt with skipped keys.
+    let core = relay.running.as_ref().expect("running").core.clone();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let hashes = destination::current_and_previous(
+        &meshwhisper_client::profile::default_namespace(),
+        &bob_invite.identity.x25519(),
+        now,
+    );
+    let stored = core.store.mailbox().pending(&hashes, now, 100).await.expect("pending");
+    assert_eq!(stored.len(), 5);
+    core.store
+        .mailbox()
+        .delete(stored.iter().map(|p| p.id).collect())
+        .await
+        .expect("delete");
+    for i in [4usize, 3, 2, 1, 0, 2, 4] {
+        core.accept(stored[i].packet.clone().into()).await.expect("inject");
+    }
+
+    let mut bob = person(b.path()).await;
+    assert_eq!(bob.texts(5).await, ["m4", "m3", "m2", "m1", "m0"]);
+    // The duplicates produced nothing: the next message is the next one.
+    alice.client.send("bob", b"m5".to_vec()).await.expect("send");
+    assert_eq!(bob.texts(1).await, ["m5"]);
+    assert_eq!(bob.client.history("alice", 100).await.expect("history").len(), 6);
+    // And Bob's receipts name all six exactly once between them.
+    let mut receipted = std::collections::HashSet::new();
+    while receipted.len() < 6 {
+        if let Event::Receipt { ids, kind: ReceiptKind::Delivered, .. } =
+            alice.wait(|e| matches!(e, Event::Receipt { .. })).await
+        {
+            for id in ids {
+                assert!(receipted.insert(id), "receipt repeated");
+            }
+        }
+    }
+    alice.stop().await;
+    bob.stop().await;
+    relay.stop().await;
+}
