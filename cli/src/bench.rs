@@ -21,6 +21,17 @@ use tokio_tungstenite::tungstenite::Message;
 pub enum BenchCommand {
     /// Load a relay over its WebSocket protocol.
     Relay(RelayBench),
+    /// Two clients messaging through an in-process relay, and
+    /// first-contact latency.
+    Client(crate::bench_client::ClientBench),
+}
+
+/// The value at fraction `p` of a sorted slice (0 when empty).
+pub(crate) fn percentile(sorted: &[u64], p: f64) -> u64 {
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(0)
 }
 
 #[derive(Debug, clap::Args)]
@@ -68,7 +79,10 @@ fn rss_kib(pid: u32, field: &str) -> Option<u64> {
 }
 
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
-    let BenchCommand::Relay(b) = cmd;
+    let b = match cmd {
+        BenchCommand::Relay(b) => b,
+        BenchCommand::Client(b) => return crate::bench_client::run(b),
+    };
     anyhow::ensure!(
         b.size >= 47,
         "--size must be at least 47 (31-byte header + 16-byte stamp)"
@@ -197,11 +211,7 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
     let duplicates: u64 = results.iter().map(|r| r.duplicates).sum();
     let mut lat: Vec<u64> = results.into_iter().flat_map(|r| r.latencies_us).collect();
     lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
+    let pct = |p: f64| percentile(&lat, p);
     let rate = delivered as f64 / elapsed.as_secs_f64();
     let rss = b.relay_pid.and_then(|p| rss_kib(p, "VmRSS:"));
     let hwm = b.relay_pid.and_then(|p| rss_kib(p, "VmHWM:"));

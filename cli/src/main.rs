@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 mod backup;
 mod bench;
+mod bench_client;
 mod keys;
 mod person;
 mod relay;

@@ -275,10 +275,16 @@ fn line(e: &Event) -> Option<String> {
             "message {} {} {}",
             m.contact,
             hex::encode(m.id),
-            String::from_utf8_lossy(&m.body).replace('\\', "\\\\").replace('\n', "\\n")
+            String::from_utf8_lossy(&m.body)
+                .replace('\\', "\\\\")
+                .replace('\n', "\\n")
         ),
         Event::Sent { contact, id } => format!("sent {contact} {}", hex::encode(id)),
-        Event::Receipt { contact, kind, ids: i } => format!(
+        Event::Receipt {
+            contact,
+            kind,
+            ids: i,
+        } => format!(
             "{} {contact} {}",
             match kind {
                 ReceiptKind::Delivered => "delivered",
@@ -316,7 +322,11 @@ fn json(e: &Event) -> serde_json::Value {
         Event::Sent { contact, id } => {
             json!({"event": "sent", "contact": contact, "id": hex::encode(id)})
         }
-        Event::Receipt { contact, kind, ids: i } => json!({
+        Event::Receipt {
+            contact,
+            kind,
+            ids: i,
+        } => json!({
             "event": match kind { ReceiptKind::Delivered => "delivered", ReceiptKind::Read => "read" },
             "contact": contact, "ids": ids(i),
         }),

@@ -53,6 +53,9 @@ CREATE TABLE messages (
     status      INTEGER NOT NULL DEFAULT 0,
     UNIQUE (contact_id, outgoing, msg_id)
 ) STRICT;
+-- What still needs sending or a receipt: a small set, found without
+-- scanning the history.
+CREATE INDEX messages_pending ON messages (contact_id, outgoing, seq) WHERE status = 0;
 
 -- Encrypted packets not yet acknowledged by a relay, sent again after a
 -- reconnect or a restart (never re-encrypted: no key is used twice).
@@ -63,3 +66,4 @@ CREATE TABLE outbox (
     msg_seq     INTEGER,
     created_ms  INTEGER NOT NULL
 ) STRICT;
+CREATE INDEX outbox_msg ON outbox (msg_seq);

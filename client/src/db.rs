@@ -444,7 +444,11 @@ pub(crate) async fn contacts_with_work(c: &mut Conn) -> Result<Vec<i64>, Error> 
 }
 
 /// Incoming text messages whose delivery receipt is not yet queued.
-pub(crate) async fn unreceipted(c: &mut Conn, contact: i64, limit: u32) -> Result<Vec<(i64, [u8; 16])>, Error> {
+pub(crate) async fn unreceipted(
+    c: &mut Conn,
+    contact: i64,
+    limit: u32,
+) -> Result<Vec<(i64, [u8; 16])>, Error> {
     let rows = sqlx::query(
         "SELECT seq, msg_id FROM messages WHERE contact_id = ? AND outgoing = 0 AND kind = 1 \
          AND status = 0 ORDER BY seq LIMIT ?",
@@ -457,7 +461,10 @@ pub(crate) async fn unreceipted(c: &mut Conn, contact: i64, limit: u32) -> Resul
     rows.iter()
         .map(|r| {
             let id: Vec<u8> = r.try_get("msg_id")?;
-            Ok((r.try_get("seq")?, id.as_slice().try_into().unwrap_or([0; 16])))
+            Ok((
+                r.try_get("seq")?,
+                id.as_slice().try_into().unwrap_or([0; 16]),
+            ))
         })
         .collect::<Result<_, sqlx::Error>>()
         .map_err(db("read a message"))

@@ -20,13 +20,17 @@ use crate::envelope::{Content, Envelope, Kind, MessageId};
 use crate::invite::Invite;
 use crate::net::{self, Command, NetError, NetEvent};
 use crate::profile::{Profile, split_relay};
-use crate::{Config, ConnectionState, Contact, Error, Event, Message, MessageStatus, ReceiptKind, now_ms};
+use crate::{
+    Config, ConnectionState, Contact, Error, Event, Message, MessageStatus, ReceiptKind, now_ms,
+};
 use bytes::{Buf as _, Bytes};
 use libp2p::{Multiaddr, PeerId};
 use meshwhisper_behaviour::device::codec::{Frame, PREKEY_LEN, Status};
 use meshwhisper_behaviour::packet;
 use meshwhisper_crypto::destination::{self, DestHash};
-use meshwhisper_crypto::pqxdh::{self, InitialMessage, MemoryPrekeyStore, OneTimePrekey, PrekeyBundle};
+use meshwhisper_crypto::pqxdh::{
+    self, InitialMessage, MemoryPrekeyStore, OneTimePrekey, PrekeyBundle,
+};
 use meshwhisper_crypto::primitives::{self, MlKemSecret, X25519Secret};
 use meshwhisper_crypto::ratchet::{self, Session};
 use meshwhisper_crypto::sealed;
@@ -93,6 +97,25 @@ enum Internal {
     PrekeysAdded(Result<(Status, Bytes), NetError>),
 }
 
+/// What encrypting a contact's queue produced.
+enum Pumped {
+    /// No such contact.
+    Nothing,
+    /// No session yet: claim their prekeys.
+    Claim(i64, Invite),
+    /// Outbox rows (id, packet) for the contact's home relay.
+    Packets(PeerId, Vec<Multiaddr>, Vec<(i64, Vec<u8>)>),
+}
+
+/// What a batch of deliveries changes once it is committed.
+#[derive(Default)]
+struct Received {
+    events: Vec<Event>,
+    used_opks: Vec<u32>,
+    receipts_due: HashSet<i64>,
+    new_sessions: HashSet<i64>,
+}
+
 /// Starts the network task and the engine.
 pub(crate) async fn start(
     profile: Profile,
@@ -111,7 +134,14 @@ pub(crate) async fn start(
     let (net_tx, net_rx) = mpsc::channel(8192);
     let (nev_tx, nev_rx) = mpsc::channel(1024);
     let net_task = tokio::spawn(
-        net::Net::new(swarm, net::NetConfig::default(), net_rx, nev_tx, cancel.child_token()).run(),
+        net::Net::new(
+            swarm,
+            net::NetConfig::default(),
+            net_rx,
+            nev_tx,
+            cancel.child_token(),
+        )
+        .run(),
     );
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let (ev_tx, ev_rx) = mpsc::channel(cfg.events_queue.max(1));
@@ -193,7 +223,11 @@ fn session_id(initial: &[u8]) -> [u8; 8] {
 fn relay_text(peer: PeerId, addrs: &[Multiaddr]) -> String {
     addrs
         .iter()
-        .map(|a| a.clone().with(libp2p::multiaddr::Protocol::P2p(peer)).to_string())
+        .map(|a| {
+            a.clone()
+                .with(libp2p::multiaddr::Protocol::P2p(peer))
+                .to_string()
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -215,9 +249,13 @@ impl Engine {
             tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => break,
-                Some(i) = self.internal.recv() => self.on_internal(i).await,
+                Some(i) = self.internal.recv() => match i {
+                    Internal::Stored { outbox_id, result } => self.on_stored(outbox_id, result).await,
+                    i => self.on_internal(i).await,
+                },
                 Some(e) = self.net_events.recv() => self.on_net(e).await,
                 cmd = self.cmds.recv() => match cmd {
+                    Some(Cmd::Send { name, body, reply }) => self.sends(name, body, reply).await,
                     Some(c) => self.on_cmd(c).await,
                     None => break,
                 },
@@ -356,7 +394,9 @@ impl Engine {
             for (old, _, created) in db::prekeys(self.conn(), kind).await? {
                 if old != id && now.saturating_sub(created) > grace {
                     db::delete_prekey(self.conn(), kind, old).await?;
-                    self.prekeys.signed.retain(|(i, _)| kind != db::SIGNED || *i != old);
+                    self.prekeys
+                        .signed
+                        .retain(|(i, _)| kind != db::SIGNED || *i != old);
                     self.prekeys.pq.retain(|(i, _)| kind != db::PQ || *i != old);
                 }
             }
@@ -366,7 +406,13 @@ impl Engine {
         Ok(())
     }
 
-    fn request(&self, peer: PeerId, addrs: Vec<Multiaddr>, frame: Frame, done: impl FnOnce(Result<(Status, Bytes), NetError>) -> Internal + Send + 'static) {
+    fn request(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        frame: Frame,
+        done: impl FnOnce(Result<(Status, Bytes), NetError>) -> Internal + Send + 'static,
+    ) {
         let (reply, rx) = oneshot::channel();
         let internal = self.internal_tx.clone();
         let timeout = self.cfg.request_timeout;
@@ -424,7 +470,10 @@ impl Engine {
         self.next_opk = id;
         let public: Vec<OneTimePrekey> = fresh
             .iter()
-            .map(|(id, s)| OneTimePrekey { id: *id, key: s.public() })
+            .map(|(id, s)| OneTimePrekey {
+                id: *id,
+                key: s.public(),
+            })
             .collect();
         self.prekeys.one_time.extend(fresh);
         let ns = self.namespace_text();
@@ -455,9 +504,14 @@ impl Engine {
         }
         let now = now_ms();
         let hour = destination::epoch_hour(now);
-        let back = match (self.registered_hour, db::meta_u64(self.conn(), "online_hour").await?) {
+        let back = match (
+            self.registered_hour,
+            db::meta_u64(self.conn(), "online_hour").await?,
+        ) {
             (Some(_), _) => 1,
-            (None, Some(last)) if last < hour => (hour - last + 1).min(self.cfg.catch_up_hours.max(1)),
+            (None, Some(last)) if last < hour => {
+                (hour - last + 1).min(self.cfg.catch_up_hours.max(1))
+            }
             _ => 1,
         };
         if self.registered_hour.is_some_and(|h| h != hour) {
@@ -499,7 +553,8 @@ impl Engine {
                         tracing::warn!(error = %e, "could not register");
                     }
                     self.publish();
-                    self.emit(Event::Connection(ConnectionState::Connected)).await;
+                    self.emit(Event::Connection(ConnectionState::Connected))
+                        .await;
                 }
                 // Everything outstanding to this relay failed when it went
                 // down; send it again.
@@ -510,35 +565,20 @@ impl Engine {
             NetEvent::Down(peer) => {
                 self.up.remove(&peer);
                 if peer == self.p.relay {
-                    self.emit(Event::Connection(ConnectionState::Disconnected)).await;
+                    self.emit(Event::Connection(ConnectionState::Disconnected))
+                        .await;
                 }
             }
-            NetEvent::Deliver { relay, id, packet } => {
-                let ack = match self.receive(&packet).await {
-                    Ok(()) => true,
-                    Err(e @ (Error::Database { .. } | Error::Io { .. })) => {
-                        // Not acked: the relay delivers it again later.
-                        tracing::warn!(error = %e, "could not store a received message");
-                        false
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "dropped an undecryptable packet");
-                        true
-                    }
-                };
-                if ack {
-                    self.net_cmd(Command::Frame {
-                        peer: relay,
-                        frame: Frame::Ack(id),
-                    });
-                }
-            }
+            NetEvent::Deliver { relay, id, packet } => self.deliveries(relay, id, packet).await,
         }
     }
 
     async fn on_internal(&mut self, i: Internal) {
         let r = match i {
-            Internal::Stored { outbox_id, result } => self.on_stored(outbox_id, result).await,
+            Internal::Stored { outbox_id, result } => {
+                self.on_stored(outbox_id, result).await;
+                Ok(())
+            }
             Internal::Claimed { contact, result } => self.on_claimed(contact, result).await,
             Internal::Published(r) => match r {
                 Ok((Status::Ok, mut body)) if body.len() == 4 => {
@@ -547,7 +587,14 @@ impl Engine {
                     self.refill(left).await
                 }
                 Ok((status, body)) => {
-                    self.problem(None, format!("home relay refused our prekey bundle ({status:?}): {}", String::from_utf8_lossy(&body))).await;
+                    self.problem(
+                        None,
+                        format!(
+                            "home relay refused our prekey bundle ({status:?}): {}",
+                            String::from_utf8_lossy(&body)
+                        ),
+                    )
+                    .await;
                     Ok(())
                 }
                 Err(e) => {
@@ -563,7 +610,14 @@ impl Engine {
                         self.emit(Event::PrekeysPublished { one_time: left }).await;
                     }
                     Ok((status, body)) => {
-                        self.problem(None, format!("home relay refused one-time prekeys ({status:?}): {}", String::from_utf8_lossy(&body))).await;
+                        self.problem(
+                            None,
+                            format!(
+                                "home relay refused one-time prekeys ({status:?}): {}",
+                                String::from_utf8_lossy(&body)
+                            ),
+                        )
+                        .await;
                     }
                     Err(e) => tracing::debug!(error = %e, "uploading one-time prekeys failed"),
                 }
@@ -578,7 +632,9 @@ impl Engine {
     async fn on_tick(&mut self) {
         let now = now_ms();
         if self.up.contains(&self.p.relay)
-            && self.registered_hour.is_some_and(|h| h != destination::epoch_hour(now))
+            && self
+                .registered_hour
+                .is_some_and(|h| h != destination::epoch_hour(now))
             && let Err(e) = self.register().await
         {
             tracing::warn!(error = %e, "could not re-register");
@@ -605,7 +661,11 @@ impl Engine {
 
     async fn on_cmd(&mut self, c: Cmd) {
         match c {
-            Cmd::AddContact { invite, name, reply } => {
+            Cmd::AddContact {
+                invite,
+                name,
+                reply,
+            } => {
                 let r = self.p.add_contact(&invite, name.as_deref()).await;
                 let _ = reply.send(r);
             }
@@ -618,9 +678,7 @@ impl Engine {
             Cmd::History { name, limit, reply } => {
                 let _ = reply.send(self.p.history(&name, limit).await);
             }
-            Cmd::Send { name, body, reply } => {
-                let _ = reply.send(self.queue(&name, Kind::Text, body).await);
-            }
+            Cmd::Send { name, body, reply } => self.sends(name, body, reply).await,
             Cmd::MarkRead { name, ids, reply } => {
                 let body: Vec<u8> = ids.iter().flatten().copied().collect();
                 let r = self.queue(&name, Kind::Read, body).await.map(|_| ());
@@ -655,6 +713,17 @@ impl Engine {
     /// Stores an outgoing message and sends what can be sent.
     async fn queue(&mut self, name: &str, kind: Kind, body: Vec<u8>) -> Result<MessageId, Error> {
         let c = self.p.contact(name).await?;
+        let id = self.store_outgoing(c.id, kind, body).await?;
+        self.pump(c.id).await?;
+        Ok(id)
+    }
+
+    async fn store_outgoing(
+        &mut self,
+        contact: i64,
+        kind: Kind,
+        body: Vec<u8>,
+    ) -> Result<MessageId, Error> {
         let env = Envelope {
             kind,
             id: primitives::random_array(&mut self.rng),
@@ -662,37 +731,180 @@ impl Engine {
             body,
         };
         env.encode()?; // size check before anything is stored
-        db::insert_message(self.conn(), c.id, true, &env.id, kind as u8, &env.body, env.sent_ms, now_ms()).await?;
-        self.pump(c.id).await?;
+        db::insert_message(
+            self.conn(),
+            contact,
+            true,
+            &env.id,
+            kind as u8,
+            &env.body,
+            env.sent_ms,
+            now_ms(),
+        )
+        .await?;
         Ok(env.id)
+    }
+
+    /// `send` calls, batched: this one and every other already waiting are
+    /// stored in one transaction, answered, then encrypted per contact in
+    /// one more (two commits per batch instead of two per message).
+    async fn sends(
+        &mut self,
+        name: String,
+        body: Vec<u8>,
+        reply: oneshot::Sender<Result<MessageId, Error>>,
+    ) {
+        let mut batch = vec![(name, body, reply)];
+        let mut other = None;
+        while batch.len() < self.cfg.batch as usize {
+            match self.cmds.try_recv() {
+                Ok(Cmd::Send { name, body, reply }) => batch.push((name, body, reply)),
+                Ok(c) => {
+                    other = Some(c);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let mut contacts = Vec::new();
+        let began = self.begin_raw("begin storing sent messages").await;
+        let mut results = Vec::with_capacity(batch.len());
+        let mut work = Vec::new();
+        let mut ok = began.is_ok();
+        if ok {
+            for (name, body, _) in &batch {
+                let r = match self.p.contact(name).await {
+                    Ok(c) => {
+                        if !contacts.contains(&c.id) {
+                            contacts.push(c.id);
+                        }
+                        self.store_outgoing(c.id, Kind::Text, body.clone()).await
+                    }
+                    Err(e) => Err(e),
+                };
+                if matches!(r, Err(Error::Database { .. })) {
+                    ok = false;
+                }
+                results.push(r);
+            }
+            // Encrypt in the same transaction: one commit for the batch.
+            for c in &contacts {
+                match self.encrypt_unsent(*c).await {
+                    Ok(w) => work.push(w),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not encrypt queued messages");
+                        ok = false;
+                    }
+                }
+            }
+        }
+        let committed = match began {
+            Ok(()) => self.end_raw(ok, "commit sent messages").await.map(|()| ok),
+            Err(e) => Err(e),
+        };
+        let stored = matches!(committed, Ok(true));
+        let why = match &committed {
+            Err(e) => e.to_string(),
+            Ok(_) => "the profile database refused the batch".to_string(),
+        };
+        for ((_, _, reply), r) in batch.into_iter().zip(results) {
+            let r = match r {
+                Ok(_) if !stored => Err(Error::NotStored(why.clone())),
+                Err(Error::Database { .. }) => Err(Error::NotStored(why.clone())),
+                r => r,
+            };
+            let _ = reply.send(r);
+        }
+        if matches!(committed, Ok(true)) {
+            for w in work {
+                self.dispatch(w);
+            }
+        }
+        if let Some(c) = other {
+            Box::pin(self.on_cmd(c)).await;
+        }
     }
 
     /// Encrypts and sends a contact's unsent messages, starting first
     /// contact (claiming their prekeys) when there is no session yet.
     async fn pump(&mut self, contact: i64) -> Result<(), Error> {
+        self.begin_raw("begin encrypting").await?;
+        let r = self.encrypt_unsent(contact).await;
+        self.end_raw(r.is_ok(), "commit encrypted messages").await?;
+        let packets = r?;
+        self.dispatch(packets);
+        Ok(())
+    }
+
+    /// `BEGIN IMMEDIATE` on the profile connection, for work spanning
+    /// several helpers (which then write without their own transaction).
+    async fn begin_raw(&mut self, what: &'static str) -> Result<(), Error> {
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(self.conn())
+            .await
+            .map_err(|source| Error::Database { what, source })?;
+        Ok(())
+    }
+
+    /// Commits (or, when `ok` is false or the commit fails, rolls back).
+    async fn end_raw(&mut self, ok: bool, what: &'static str) -> Result<(), Error> {
+        if ok {
+            match sqlx::query("COMMIT").execute(self.conn()).await {
+                Ok(_) => return Ok(()),
+                Err(source) => {
+                    let _ = sqlx::query("ROLLBACK").execute(self.conn()).await;
+                    return Err(Error::Database { what, source });
+                }
+            }
+        }
+        let _ = sqlx::query("ROLLBACK").execute(self.conn()).await;
+        Ok(())
+    }
+
+    /// Sends packets that were just committed to the outbox, and starts
+    /// first contact where there is no session.
+    fn dispatch(&mut self, work: Pumped) {
+        match work {
+            Pumped::Claim(contact, card) => {
+                if !self.claiming.contains(&contact) && !self.claim_after.contains_key(&contact) {
+                    self.claiming.insert(contact);
+                    let frame = Frame::Claim {
+                        req: 0,
+                        namespace: hex::encode(card.namespace.as_bytes()),
+                        identity: card.identity.to_bytes(),
+                    };
+                    self.request(card.relay, card.addrs.clone(), frame, move |result| {
+                        Internal::Claimed { contact, result }
+                    });
+                }
+            }
+            Pumped::Packets(peer, addrs, packets) => {
+                for (id, p) in packets {
+                    self.transmit(id, peer, addrs.clone(), p.into());
+                }
+            }
+            Pumped::Nothing => {}
+        }
+    }
+
+    /// Encrypts a contact's unsent messages into outbox rows, inside the
+    /// caller's transaction (the ratchet state is saved with them).
+    async fn encrypt_unsent(&mut self, contact: i64) -> Result<Pumped, Error> {
         let Some(row) = db::contact_by(self.conn(), "id", contact).await? else {
-            return Ok(());
+            return Ok(Pumped::Nothing);
         };
         let card = Invite::from_bytes(&row.card)?;
         let sessions = db::sessions(self.conn(), contact).await?;
         let Some(mut s) = sessions.into_iter().find(|s| s.active) else {
-            if !self.claiming.contains(&contact) && !self.claim_after.contains_key(&contact) {
-                self.claiming.insert(contact);
-                let frame = Frame::Claim {
-                    req: 0,
-                    namespace: hex::encode(card.namespace.as_bytes()),
-                    identity: card.identity.to_bytes(),
-                };
-                self.request(card.relay, card.addrs.clone(), frame, move |result| Internal::Claimed { contact, result });
-            }
-            return Ok(());
+            return Ok(Pumped::Claim(contact, card));
         };
         let relay = relay_text(card.relay, &card.addrs);
         let my_card = self.p.invite().to_bytes()?;
+        let mut rows = Vec::new();
         loop {
             let unsent = db::unsent(self.conn(), contact).await?;
             if unsent.is_empty() {
-                return Ok(());
+                return Ok(Pumped::Packets(card.relay, card.addrs, rows));
             }
             let mut session = Session::from_bytes(&s.state).map_err(|e| Error::Session {
                 contact: row.name.clone(),
@@ -701,7 +913,6 @@ impl Engine {
             let now = now_ms();
             let hour = destination::epoch_hour(now);
             let dest = DestHash::derive(&card.namespace, &card.identity.x25519(), hour);
-            let mut packets = Vec::with_capacity(unsent.len());
             for m in unsent.iter().take(self.cfg.batch as usize) {
                 let env = Envelope {
                     kind: Kind::from_u8(m.kind).unwrap_or(Kind::Text),
@@ -709,10 +920,12 @@ impl Engine {
                     sent_ms: m.sent_ms,
                     body: m.body.clone(),
                 };
-                let message = session.encrypt(&env.encode()?).map_err(|e| Error::Session {
-                    contact: row.name.clone(),
-                    why: e.to_string(),
-                })?;
+                let message = session
+                    .encrypt(&env.encode()?)
+                    .map_err(|e| Error::Session {
+                        contact: row.name.clone(),
+                        why: e.to_string(),
+                    })?;
                 let content = match &s.initial {
                     Some(initial) => Content::Initial {
                         card: &my_card,
@@ -724,23 +937,24 @@ impl Engine {
                         message: &message,
                     },
                 };
-                let sealed = sealed::seal(&mut self.rng, &self.p.identity, &card.identity, &content.encode())
-                    .map_err(|e| Error::Session { contact: row.name.clone(), why: e.to_string() })?;
+                let sealed = sealed::seal(
+                    &mut self.rng,
+                    &self.p.identity,
+                    &card.identity,
+                    &content.encode(),
+                )
+                .map_err(|e| Error::Session {
+                    contact: row.name.clone(),
+                    why: e.to_string(),
+                })?;
                 let flags = if s.initial.is_some() { 0x04 } else { 0x01 };
                 let sender: [u8; 16] = primitives::random_array(&mut self.rng);
-                packets.push((m.seq, packet::build(flags, dest, sender, PACKET_TTL, &sealed)));
+                let p = packet::build(flags, dest, sender, PACKET_TTL, &sealed);
+                let id = db::insert_outbox(self.conn(), &relay, &p, m.seq, now).await?;
+                rows.push((id, p));
             }
             s.state = session.to_bytes();
-            let mut tx = db::begin(&mut self.p.conn).await?;
-            db::save_session(&mut tx, contact, &s, now).await?;
-            let mut rows = Vec::with_capacity(packets.len());
-            for (seq, p) in &packets {
-                rows.push(db::insert_outbox(&mut tx, &relay, p, *seq, now).await?);
-            }
-            db::commit(tx).await?;
-            for (id, (_, p)) in rows.into_iter().zip(packets) {
-                self.transmit(id, card.relay, card.addrs.clone(), p.into());
-            }
+            db::save_session(self.conn(), contact, &s, now).await?;
         }
     }
 
@@ -749,7 +963,12 @@ impl Engine {
             return;
         }
         let (reply, rx) = oneshot::channel();
-        if !self.net_cmd(Command::Packet { peer, addrs, packet, reply }) {
+        if !self.net_cmd(Command::Packet {
+            peer,
+            addrs,
+            packet,
+            reply,
+        }) {
             self.in_flight.remove(&outbox_id);
             return;
         }
@@ -793,29 +1012,67 @@ impl Engine {
         Ok(())
     }
 
-    async fn on_stored(&mut self, outbox_id: i64, result: Result<(), NetError>) -> Result<(), Error> {
-        self.in_flight.remove(&outbox_id);
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "packet not stored yet; will retry");
-            return Ok(());
+    /// A relay answered packets: this one and every other answer already
+    /// waiting are recorded in one transaction.
+    async fn on_stored(&mut self, outbox_id: i64, result: Result<(), NetError>) {
+        let mut stored = Vec::new();
+        let mut next = Some((outbox_id, result));
+        let mut other = None;
+        while let Some((id, r)) = next.take() {
+            self.in_flight.remove(&id);
+            match r {
+                Ok(()) => stored.push(id),
+                Err(e) => tracing::debug!(error = %e, "packet not stored yet; will retry"),
+            }
+            if stored.len() >= self.cfg.batch as usize {
+                break;
+            }
+            match self.internal.try_recv() {
+                Ok(Internal::Stored { outbox_id, result }) => next = Some((outbox_id, result)),
+                Ok(i) => other = Some(i),
+                Err(_) => {}
+            }
         }
+        if !stored.is_empty()
+            && let Err(e) = self.record_stored(&stored).await
+        {
+            tracing::warn!(error = %e, "could not record stored packets");
+        }
+        if let Some(i) = other {
+            Box::pin(self.on_internal(i)).await;
+        }
+    }
+
+    async fn record_stored(&mut self, ids: &[i64]) -> Result<(), Error> {
+        let mut seqs = Vec::with_capacity(ids.len());
         let mut tx = db::begin(&mut self.p.conn).await?;
-        let seq = db::delete_outbox(&mut tx, outbox_id).await?;
-        if let Some(seq) = seq {
-            db::set_status_by_seq(&mut tx, seq, 1).await?;
+        for id in ids {
+            if let Some(seq) = db::delete_outbox(&mut tx, *id).await? {
+                db::set_status_by_seq(&mut tx, seq, 1).await?;
+                seqs.push(seq);
+            }
         }
         db::commit(tx).await?;
-        if let Some(seq) = seq
-            && let Some(m) = db::message_by_seq(self.conn(), seq).await?
-            && m.kind == Kind::Text as u8
-            && let Some(c) = db::contact_by(self.conn(), "id", m.contact_id).await?
-        {
-            self.emit(Event::Sent { contact: c.name, id: m.msg_id }).await;
+        for seq in seqs {
+            if let Some(m) = db::message_by_seq(self.conn(), seq).await?
+                && m.kind == Kind::Text as u8
+                && let Some(c) = db::contact_by(self.conn(), "id", m.contact_id).await?
+            {
+                self.emit(Event::Sent {
+                    contact: c.name,
+                    id: m.msg_id,
+                })
+                .await;
+            }
         }
         Ok(())
     }
 
-    async fn on_claimed(&mut self, contact: i64, result: Result<(Status, Bytes), NetError>) -> Result<(), Error> {
+    async fn on_claimed(
+        &mut self,
+        contact: i64,
+        result: Result<(Status, Bytes), NetError>,
+    ) -> Result<(), Error> {
         self.claiming.remove(&contact);
         let Some(row) = db::contact_by(self.conn(), "id", contact).await? else {
             return Ok(());
@@ -824,21 +1081,39 @@ impl Engine {
             Ok(r) => r,
             Err(e) => {
                 self.claim_after.insert(contact, now_ms() + CLAIM_RETRY_MS);
-                self.problem(Some(row.name), format!("could not reach their relay for first contact ({e}); retrying")).await;
+                self.problem(
+                    Some(row.name),
+                    format!("could not reach their relay for first contact ({e}); retrying"),
+                )
+                .await;
                 return Ok(());
             }
         };
         if status != Status::Ok {
             self.claim_after.insert(contact, now_ms() + CLAIM_RETRY_MS);
-            self.problem(Some(row.name), format!("their relay has no prekeys for them ({status:?}: {}); retrying", String::from_utf8_lossy(&body))).await;
+            self.problem(
+                Some(row.name),
+                format!(
+                    "their relay has no prekeys for them ({status:?}: {}); retrying",
+                    String::from_utf8_lossy(&body)
+                ),
+            )
+            .await;
             return Ok(());
         }
-        if db::sessions(self.conn(), contact).await?.iter().any(|s| s.active) {
+        if db::sessions(self.conn(), contact)
+            .await?
+            .iter()
+            .any(|s| s.active)
+        {
             // They wrote first meanwhile: use that session.
             return self.pump(contact).await;
         }
         let mut b = body;
-        let bad = |why: &str| Error::Session { contact: row.name.clone(), why: why.to_string() };
+        let bad = |why: &str| Error::Session {
+            contact: row.name.clone(),
+            why: why.to_string(),
+        };
         if b.len() < 4 {
             return Err(bad("relay sent a malformed claim reply"));
         }
@@ -846,17 +1121,21 @@ impl Engine {
         if b.len() < n {
             return Err(bad("relay sent a malformed claim reply"));
         }
-        let bundle = PrekeyBundle::decode(&b.split_to(n)).map_err(|e| bad(&format!("their prekey bundle is invalid: {e}")))?;
+        let bundle = PrekeyBundle::decode(&b.split_to(n))
+            .map_err(|e| bad(&format!("their prekey bundle is invalid: {e}")))?;
         if bundle.identity().to_bytes() != row.identity {
             return Err(bad("the relay returned someone else's prekey bundle"));
         }
         let opk = match b.len() {
             0 => None,
-            PREKEY_LEN => Some(OneTimePrekey::decode(&b).map_err(|_| bad("malformed one-time prekey"))?),
+            PREKEY_LEN => {
+                Some(OneTimePrekey::decode(&b).map_err(|_| bad("malformed one-time prekey"))?)
+            }
             _ => return Err(bad("relay sent a malformed claim reply")),
         };
-        let (agreement, initial) = pqxdh::initiate(&mut self.rng, &self.p.identity, &bundle, opk.as_ref())
-            .map_err(|e| bad(&e.to_string()))?;
+        let (agreement, initial) =
+            pqxdh::initiate(&mut self.rng, &self.p.identity, &bundle, opk.as_ref())
+                .map_err(|e| bad(&e.to_string()))?;
         let session = Session::initiator(
             &mut self.rng,
             &agreement.shared_key,
@@ -874,7 +1153,13 @@ impl Engine {
         };
         let mut tx = db::begin(&mut self.p.conn).await?;
         db::save_session(&mut tx, contact, &s, now_ms()).await?;
-        db::activate_session(&mut tx, contact, &s.session_id, self.cfg.max_sessions_per_contact).await?;
+        db::activate_session(
+            &mut tx,
+            contact,
+            &s.session_id,
+            self.cfg.max_sessions_per_contact,
+        )
+        .await?;
         db::commit(tx).await?;
         self.pump(contact).await
     }
@@ -890,7 +1175,12 @@ impl Engine {
 
     async fn send_receipts_to(&mut self, contact: i64) -> Result<(), Error> {
         loop {
-            let ids = db::unreceipted(self.conn(), contact, crate::envelope::MAX_RECEIPT_IDS as u32).await?;
+            let ids = db::unreceipted(
+                self.conn(),
+                contact,
+                crate::envelope::MAX_RECEIPT_IDS as u32,
+            )
+            .await?;
             if ids.is_empty() {
                 break;
             }
@@ -898,7 +1188,17 @@ impl Engine {
             let id: MessageId = primitives::random_array(&mut self.rng);
             let now = now_ms();
             let mut tx = db::begin(&mut self.p.conn).await?;
-            db::insert_message(&mut tx, contact, true, &id, Kind::Delivered as u8, &body, now, now).await?;
+            db::insert_message(
+                &mut tx,
+                contact,
+                true,
+                &id,
+                Kind::Delivered as u8,
+                &body,
+                now,
+                now,
+            )
+            .await?;
             for (seq, _) in &ids {
                 db::set_status_by_seq(&mut tx, *seq, 1).await?;
             }
@@ -909,7 +1209,10 @@ impl Engine {
 
     // --- receiving -------------------------------------------------------
 
-    async fn receive(&mut self, pkt: &[u8]) -> Result<(), Error> {
+    /// Decrypts one delivered packet and writes what it changes, inside the
+    /// caller's transaction; what must wait for the commit (events, memory,
+    /// follow-up sends) is returned.
+    async fn receive(&mut self, pkt: &[u8], out: &mut Received) -> Result<(), Error> {
         let malformed = |why: &str| Error::InvalidInput(format!("received packet: {why}"));
         if pkt.len() < packet::HEADER_LEN {
             return Err(malformed("shorter than its header"));
@@ -918,7 +1221,8 @@ impl Engine {
         let payload = pkt
             .get(packet::HEADER_LEN..packet::HEADER_LEN + len)
             .ok_or_else(|| malformed("payload length past the end"))?;
-        let opened = sealed::open(&self.p.identity, payload).map_err(|e| malformed(&e.to_string()))?;
+        let opened =
+            sealed::open(&self.p.identity, payload).map_err(|e| malformed(&e.to_string()))?;
         let content = Content::decode(&opened.content)?;
         let (contact, mut s, fresh_opk) = match content {
             Content::Initial { card, initial, .. } => {
@@ -927,9 +1231,13 @@ impl Engine {
                 if card.identity != opened.sender || im.identity != opened.sender {
                     return Err(malformed("first message names another sender"));
                 }
-                let contact = self.contact_for(&card).await?;
+                let contact = self.contact_for(&card, out).await?;
                 let sid = session_id(initial);
-                match db::sessions(self.conn(), contact.id).await?.into_iter().find(|s| s.session_id == sid) {
+                match db::sessions(self.conn(), contact.id)
+                    .await?
+                    .into_iter()
+                    .find(|s| s.session_id == sid)
+                {
                     Some(s) => (contact, s, None),
                     None => {
                         let agreement = pqxdh::respond(&self.p.identity, &self.prekeys, &im)
@@ -941,8 +1249,12 @@ impl Engine {
                             .find(|(i, _)| *i == im.signed_prekey_id)
                             .map(|(_, k)| k.clone())
                             .ok_or_else(|| malformed("unknown signed prekey"))?;
-                        let session = Session::responder(&agreement.shared_key, spk, &agreement.associated_data)
-                            .map_err(|e| malformed(&e.to_string()))?;
+                        let session = Session::responder(
+                            &agreement.shared_key,
+                            spk,
+                            &agreement.associated_data,
+                        )
+                        .map_err(|e| malformed(&e.to_string()))?;
                         let s = SessionRow {
                             session_id: sid,
                             state: session.to_bytes(),
@@ -954,7 +1266,9 @@ impl Engine {
                     }
                 }
             }
-            Content::Session { session_id: sid, .. } => {
+            Content::Session {
+                session_id: sid, ..
+            } => {
                 let key = opened.sender.to_bytes();
                 let row = db::contact_by(self.conn(), "identity", key.as_slice())
                     .await?
@@ -978,36 +1292,58 @@ impl Engine {
             Err(e) => return Err(malformed(e.kind())),
         };
         let env = Envelope::decode(&plain)?;
-        let new_session = fresh_opk.is_some() || db::sessions(self.conn(), contact.id).await?.iter().all(|x| x.session_id != s.session_id);
+        let new_session = fresh_opk.is_some()
+            || db::sessions(self.conn(), contact.id)
+                .await?
+                .iter()
+                .all(|x| x.session_id != s.session_id);
         s.state = session.to_bytes();
         let answered = s.initial.take().is_some();
         let now = now_ms();
-        let mut tx = db::begin(&mut self.p.conn).await?;
+        let tx = &mut self.p.conn;
         if new_session {
             // Which session we send with when both sides started one at
             // once: the one started by the lower identity key, on both
             // sides. A confirmed older session gives way to a new one (the
             // peer started over).
-            let current = db::sessions(&mut tx, contact.id).await?.into_iter().find(|x| x.active);
+            let current = db::sessions(tx, contact.id)
+                .await?
+                .into_iter()
+                .find(|x| x.active);
             s.active = match current {
                 None => true,
                 Some(cur) if cur.initial.is_some() => s.initiator < cur.initiator,
                 Some(_) => true,
             };
         }
-        db::save_session(&mut tx, contact.id, &s, now).await?;
+        db::save_session(tx, contact.id, &s, now).await?;
         if s.active {
-            db::activate_session(&mut tx, contact.id, &s.session_id, self.cfg.max_sessions_per_contact).await?;
+            db::activate_session(
+                tx,
+                contact.id,
+                &s.session_id,
+                self.cfg.max_sessions_per_contact,
+            )
+            .await?;
         }
         if let Some(id) = fresh_opk {
-            db::delete_prekey(&mut tx, db::ONE_TIME, id).await?;
+            db::delete_prekey(tx, db::ONE_TIME, id).await?;
         }
         let mut event = None;
         match env.kind {
             Kind::Text => {
-                if db::insert_message(&mut tx, contact.id, false, &env.id, Kind::Text as u8, &env.body, env.sent_ms, now)
-                    .await?
-                    .is_some()
+                if db::insert_message(
+                    tx,
+                    contact.id,
+                    false,
+                    &env.id,
+                    Kind::Text as u8,
+                    &env.body,
+                    env.sent_ms,
+                    now,
+                )
+                .await?
+                .is_some()
                 {
                     event = Some(Event::Message(Message {
                         contact: contact.name.clone(),
@@ -1020,37 +1356,116 @@ impl Engine {
                 }
             }
             Kind::Delivered | Kind::Read => {
-                let (status, kind) = if env.kind == Kind::Read { (3, ReceiptKind::Read) } else { (2, ReceiptKind::Delivered) };
-                let changed = db::raise_status(&mut tx, contact.id, &env.receipt_ids(), status).await?;
+                let (status, kind) = if env.kind == Kind::Read {
+                    (3, ReceiptKind::Read)
+                } else {
+                    (2, ReceiptKind::Delivered)
+                };
+                let changed = db::raise_status(tx, contact.id, &env.receipt_ids(), status).await?;
                 if !changed.is_empty() {
-                    event = Some(Event::Receipt { contact: contact.name.clone(), kind, ids: changed });
+                    event = Some(Event::Receipt {
+                        contact: contact.name.clone(),
+                        kind,
+                        ids: changed,
+                    });
                 }
             }
         }
-        db::commit(tx).await?;
         if let Some(id) = fresh_opk {
-            self.prekeys.one_time.retain(|(i, _)| *i != id);
+            out.used_opks.push(id);
         }
         if answered {
             tracing::debug!(contact = %contact.name, "first contact confirmed");
         }
         if env.kind == Kind::Text {
-            self.receipts_due.insert(contact.id);
+            out.receipts_due.insert(contact.id);
         }
-        if let Some(e) = event {
-            self.emit(e).await;
-        }
+        out.events.extend(event);
         if new_session {
-            // Messages queued while we waited for their prekeys can now go.
-            self.claim_after.remove(&contact.id);
-            self.pump(contact.id).await?;
+            out.new_sessions.insert(contact.id);
         }
         Ok(())
     }
 
+    /// Deliveries: this one and every other already waiting are processed
+    /// in one transaction, then acknowledged (one commit per batch).
+    async fn deliveries(&mut self, relay: PeerId, id: u64, packet: Bytes) {
+        let mut batch = vec![(relay, id, packet)];
+        let mut other = None;
+        while batch.len() < self.cfg.batch as usize {
+            match self.net_events.try_recv() {
+                Ok(NetEvent::Deliver { relay, id, packet }) => batch.push((relay, id, packet)),
+                Ok(e) => {
+                    other = Some(e);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let mut out = Received::default();
+        let mut acks = Vec::with_capacity(batch.len());
+        let mut failed = None;
+        if let Err(source) = sqlx::query("BEGIN IMMEDIATE").execute(self.conn()).await {
+            failed = Some(Error::Database {
+                what: "begin receiving",
+                source,
+            });
+        }
+        for (relay, id, packet) in &batch {
+            if failed.is_some() {
+                break;
+            }
+            match self.receive(packet, &mut out).await {
+                Ok(()) => acks.push((*relay, *id)),
+                Err(e @ (Error::Database { .. } | Error::Io { .. })) => failed = Some(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "dropped an undecryptable packet");
+                    acks.push((*relay, *id));
+                }
+            }
+        }
+        if failed.is_none()
+            && let Err(source) = sqlx::query("COMMIT").execute(self.conn()).await
+        {
+            failed = Some(Error::Database {
+                what: "commit received messages",
+                source,
+            });
+        }
+        if let Some(e) = failed {
+            // Nothing is acked: the relay delivers it all again later.
+            let _ = sqlx::query("ROLLBACK").execute(self.conn()).await;
+            tracing::warn!(error = %e, "could not store received messages");
+        } else {
+            self.prekeys
+                .one_time
+                .retain(|(i, _)| !out.used_opks.contains(i));
+            self.receipts_due.extend(out.receipts_due);
+            for e in out.events {
+                self.emit(e).await;
+            }
+            for (relay, id) in acks {
+                self.net_cmd(Command::Frame {
+                    peer: relay,
+                    frame: Frame::Ack(id),
+                });
+            }
+            for c in out.new_sessions {
+                // Messages queued while we waited for their prekeys can now go.
+                self.claim_after.remove(&c);
+                if let Err(e) = self.pump(c).await {
+                    tracing::warn!(error = %e, "could not send queued messages");
+                }
+            }
+        }
+        if let Some(e) = other {
+            Box::pin(self.on_net(e)).await;
+        }
+    }
+
     /// The contact who sent a first message: known, or added from the card
     /// they sent (named after the card, made unique).
-    async fn contact_for(&mut self, card: &Invite) -> Result<Contact, Error> {
+    async fn contact_for(&mut self, card: &Invite, out: &mut Received) -> Result<Contact, Error> {
         let key = card.identity.to_bytes();
         let bytes = card.to_bytes()?;
         if let Some(row) = db::contact_by(self.conn(), "identity", key.as_slice()).await? {
@@ -1062,7 +1477,9 @@ impl Engine {
             return Contact::from_row(row);
         }
         if card.namespace != self.p.namespace {
-            return Err(Error::InvalidInput("first message from another namespace".into()));
+            return Err(Error::InvalidInput(
+                "first message from another namespace".into(),
+            ));
         }
         let base = if crate::profile::check_name(&card.name).is_ok() {
             card.name.clone()
@@ -1071,13 +1488,16 @@ impl Engine {
         };
         let mut name = base.clone();
         let mut n = 2;
-        while db::contact_by(self.conn(), "name", name.as_str()).await?.is_some() {
+        while db::contact_by(self.conn(), "name", name.as_str())
+            .await?
+            .is_some()
+        {
             name = format!("{base}-{n}");
             n += 1;
         }
         db::insert_contact(self.conn(), &name, &key, &bytes, now_ms()).await?;
         let c = self.p.contact(&name).await?;
-        self.emit(Event::ContactAdded(c.clone())).await;
+        out.events.push(Event::ContactAdded(c.clone()));
         Ok(c)
     }
 }

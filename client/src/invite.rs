@@ -29,7 +29,8 @@ pub const MAX_ADDR_LEN: usize = 256;
 /// Longest suggested name.
 pub const MAX_NAME: usize = 64;
 /// Longest binary invite.
-pub const MAX_LEN: usize = 1 + 32 + 32 + 1 + 64 + 1 + MAX_ADDRS * (2 + MAX_ADDR_LEN) + 1 + MAX_NAME + 4;
+pub const MAX_LEN: usize =
+    1 + 32 + 32 + 1 + 64 + 1 + MAX_ADDRS * (2 + MAX_ADDR_LEN) + 1 + MAX_NAME + 4;
 
 /// Why an invite was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -127,8 +128,8 @@ impl Invite {
         let mut ns = [0u8; 32];
         ns.copy_from_slice(take(32, "namespace")?);
         let n = take(1, "relay PeerId length")?[0] as usize;
-        let relay =
-            PeerId::from_bytes(take(n, "relay PeerId")?).map_err(|_| Error::Malformed("relay PeerId"))?;
+        let relay = PeerId::from_bytes(take(n, "relay PeerId")?)
+            .map_err(|_| Error::Malformed("relay PeerId"))?;
         let count = take(1, "address count")?[0] as usize;
         if count > MAX_ADDRS {
             return Err(Error::TooLarge("more than 16 relay addresses"));
@@ -187,7 +188,9 @@ impl Invite {
         self.addrs
             .iter()
             .map(|a| {
-                if a.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_))) {
+                if a.iter()
+                    .any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_)))
+                {
                     a.clone()
                 } else {
                     a.clone().with(libp2p::multiaddr::Protocol::P2p(self.relay))
@@ -232,7 +235,10 @@ mod tests {
         let inv = sample();
         let text = inv.to_text().expect("text");
         assert!(text.starts_with(PREFIX));
-        assert!(text.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()));
+        assert!(
+            text.chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit())
+        );
         assert_eq!(Invite::from_text(&text).expect("parse"), inv);
         let messy = format!("  {}\n{} ", &text[..20].to_lowercase(), &text[20..]);
         assert_eq!(Invite::from_text(&messy).expect("parse"), inv);
@@ -249,7 +255,10 @@ mod tests {
             let mut b = text.clone().into_bytes();
             b[i] = if b[i] == b'A' { b'B' } else { b'A' };
             let s = String::from_utf8(b).expect("utf8");
-            assert!(Invite::from_text(&s).is_err(), "change at {i} went unnoticed");
+            assert!(
+                Invite::from_text(&s).is_err(),
+                "change at {i} went unnoticed"
+            );
         }
         // Truncated copies too.
         for n in 0..text.len() {

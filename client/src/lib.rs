@@ -104,6 +104,9 @@ pub enum Error {
         /// Why.
         why: String,
     },
+    /// A message could not be stored in the profile (nothing was sent).
+    #[error("message not stored: {0}")]
+    NotStored(String),
     /// The client has stopped.
     #[error("the client has stopped")]
     Stopped,
@@ -357,8 +360,12 @@ impl Client {
     }
 
     /// Adds a contact from an invite.
-    pub async fn add_contact(&self, invite: Invite, name: Option<String>) -> Result<Contact, Error> {
-        call!(self, AddContact { invite: invite, name: name })
+    pub async fn add_contact(
+        &self,
+        invite: Invite,
+        name: Option<String>,
+    ) -> Result<Contact, Error> {
+        call!(self, AddContact { invite, name })
     }
 
     /// All contacts.
@@ -368,24 +375,47 @@ impl Client {
 
     /// The safety number shared with a contact (60 digits).
     pub async fn safety_number(&self, contact: &str) -> Result<String, Error> {
-        call!(self, SafetyNumber { name: contact.to_string() })
+        call!(
+            self,
+            SafetyNumber {
+                name: contact.to_string()
+            }
+        )
     }
 
     /// Sends `body` to a contact; returns once it is encrypted-ready and
     /// durable in the profile (it is then sent, and sent again after
     /// reconnects or a restart, until a relay stores it).
     pub async fn send(&self, contact: &str, body: Vec<u8>) -> Result<MessageId, Error> {
-        call!(self, Send { name: contact.to_string(), body: body })
+        call!(
+            self,
+            Send {
+                name: contact.to_string(),
+                body
+            }
+        )
     }
 
     /// Tells a contact we read these messages.
     pub async fn mark_read(&self, contact: &str, ids: Vec<MessageId>) -> Result<(), Error> {
-        call!(self, MarkRead { name: contact.to_string(), ids: ids })
+        call!(
+            self,
+            MarkRead {
+                name: contact.to_string(),
+                ids
+            }
+        )
     }
 
     /// The last `limit` text messages with a contact, oldest first.
     pub async fn history(&self, contact: &str, limit: u32) -> Result<Vec<Message>, Error> {
-        call!(self, History { name: contact.to_string(), limit: limit })
+        call!(
+            self,
+            History {
+                name: contact.to_string(),
+                limit
+            }
+        )
     }
 
     /// Waits until every message sent so far is stored by a relay.

@@ -73,7 +73,11 @@ pub(crate) enum NetEvent {
     /// The last stream to this relay closed.
     Down(PeerId),
     /// The relay delivered a packet; ack `id` once it is processed.
-    Deliver { relay: PeerId, id: u64, packet: Bytes },
+    Deliver {
+        relay: PeerId,
+        id: u64,
+        packet: Bytes,
+    },
 }
 
 /// Bounds and timing.
@@ -287,7 +291,11 @@ impl Net {
             r.outstanding.insert(id, w);
         }
         if r.up {
-            if !self.swarm.behaviour_mut().device.send_to(peer, frame.clone())
+            if !self
+                .swarm
+                .behaviour_mut()
+                .device
+                .send_to(peer, frame.clone())
                 && let Some(r) = self.relays.get_mut(&peer)
             {
                 r.waiting.push_back(frame);

@@ -180,10 +180,9 @@ impl Profile {
             }
             Err(e) => return Err(Error::io(&key_path, e)),
         };
-        let seed: &[u8; 32] = seed
-            .as_slice()
-            .try_into()
-            .map_err(|_| Error::CorruptProfile(format!("{} is not a 32-byte seed", key_path.display())))?;
+        let seed: &[u8; 32] = seed.as_slice().try_into().map_err(|_| {
+            Error::CorruptProfile(format!("{} is not a 32-byte seed", key_path.display()))
+        })?;
         let identity = IdentityKeyPair::from_seed(seed);
         let lock = lock(dir)?;
         let mut conn = db::open(&dir.join(DB_FILE)).await?;
@@ -251,7 +250,11 @@ impl Profile {
     /// Adds a contact from their invite, named `name` (or the name the
     /// invite suggests). Adding the same identity again only updates its
     /// home relay.
-    pub async fn add_contact(&mut self, invite: &Invite, name: Option<&str>) -> Result<Contact, Error> {
+    pub async fn add_contact(
+        &mut self,
+        invite: &Invite,
+        name: Option<&str>,
+    ) -> Result<Contact, Error> {
         if invite.identity == *self.identity.public() {
             return Err(Error::InvalidInput("that invite is your own".into()));
         }
@@ -269,10 +272,17 @@ impl Profile {
         let name = match name {
             Some(n) => n.to_string(),
             None if !invite.name.is_empty() => invite.name.clone(),
-            None => return Err(Error::InvalidInput("the invite has no name: give one with --name".into())),
+            None => {
+                return Err(Error::InvalidInput(
+                    "the invite has no name: give one with --name".into(),
+                ));
+            }
         };
         check_name(&name)?;
-        if db::contact_by(&mut self.conn, "name", name.as_str()).await?.is_some() {
+        if db::contact_by(&mut self.conn, "name", name.as_str())
+            .await?
+            .is_some()
+        {
             return Err(Error::NameTaken(name));
         }
         db::insert_contact(&mut self.conn, &name, &key, &card, crate::now_ms()).await?;
@@ -299,7 +309,10 @@ impl Profile {
     /// The 60-digit safety number shared with `name`.
     pub async fn safety_number(&mut self, name: &str) -> Result<String, Error> {
         let c = self.contact(name).await?;
-        Ok(safety_number::safety_number(self.identity.public(), &c.identity))
+        Ok(safety_number::safety_number(
+            self.identity.public(),
+            &c.identity,
+        ))
     }
 
     /// Marks `name` as verified (after comparing safety numbers).

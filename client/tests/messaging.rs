@@ -122,7 +122,10 @@ impl Person {
 }
 
 async fn profiles(relay: &Relay) -> (tempfile::TempDir, tempfile::TempDir) {
-    let (a, b) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+    let (a, b) = (
+        tempfile::tempdir().expect("tmp"),
+        tempfile::tempdir().expect("tmp"),
+    );
     Profile::create(a.path(), std::slice::from_ref(&relay.addr), "alice")
         .await
         .expect("alice");
@@ -165,9 +168,7 @@ async fn first_contact_messages_both_ways_receipts_and_safety_numbers() {
     assert_eq!(c.identity, *alice.client.identity());
     assert_eq!(bob.texts(1).await, ["hello bob"]);
     // Delivery receipt back to Alice.
-    let r = alice
-        .wait(|e| matches!(e, Event::Receipt { .. }))
-        .await;
+    let r = alice.wait(|e| matches!(e, Event::Receipt { .. })).await;
     assert_eq!(
         r,
         Event::Receipt {
@@ -178,20 +179,42 @@ async fn first_contact_messages_both_ways_receipts_and_safety_numbers() {
     );
 
     // Bob answers in the same session; Alice reads it and says so.
-    bob.client.send("alice", b"hi alice".to_vec()).await.expect("send");
+    bob.client
+        .send("alice", b"hi alice".to_vec())
+        .await
+        .expect("send");
     let m = alice.wait(|e| matches!(e, Event::Message(_))).await;
     let Event::Message(m) = m else { unreachable!() };
     assert_eq!(m.body, b"hi alice");
-    alice.client.mark_read("bob", vec![m.id]).await.expect("read");
+    alice
+        .client
+        .mark_read("bob", vec![m.id])
+        .await
+        .expect("read");
     let r = bob
-        .wait(|e| matches!(e, Event::Receipt { kind: ReceiptKind::Read, .. }))
+        .wait(|e| {
+            matches!(
+                e,
+                Event::Receipt {
+                    kind: ReceiptKind::Read,
+                    ..
+                }
+            )
+        })
         .await;
     assert!(matches!(r, Event::Receipt { ids, .. } if ids == vec![m.id]));
 
     // Ten more each way, interleaved, in order, once.
     for i in 0..10 {
-        alice.client.send("bob", format!("a{i}").into_bytes()).await.expect("send");
-        bob.client.send("alice", format!("b{i}").into_bytes()).await.expect("send");
+        alice
+            .client
+            .send("bob", format!("a{i}").into_bytes())
+            .await
+            .expect("send");
+        bob.client
+            .send("alice", format!("b{i}").into_bytes())
+            .await
+            .expect("send");
     }
     let want_a: Vec<String> = (0..10).map(|i| format!("a{i}")).collect();
     let want_b: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
@@ -206,7 +229,10 @@ async fn first_contact_messages_both_ways_receipts_and_safety_numbers() {
 
     // History: Alice's first message reached "delivered".
     let h = alice.client.history("bob", 100).await.expect("history");
-    assert_eq!(h.first().map(|m| (m.id, m.status)), Some((id, MessageStatus::Delivered)));
+    assert_eq!(
+        h.first().map(|m| (m.id, m.status)),
+        Some((id, MessageStatus::Delivered))
+    );
     assert_eq!(h.len(), 22);
 
     alice.stop().await;
@@ -225,9 +251,17 @@ async fn offline_recipient_gets_everything_once_in_order_across_restarts() {
     bob.stop().await;
 
     let alice = person(a.path()).await;
-    alice.client.add_contact(bob_invite, None).await.expect("add");
+    alice
+        .client
+        .add_contact(bob_invite, None)
+        .await
+        .expect("add");
     for i in 0..5 {
-        alice.client.send("bob", format!("offline {i}").into_bytes()).await.expect("send");
+        alice
+            .client
+            .send("bob", format!("offline {i}").into_bytes())
+            .await
+            .expect("send");
     }
     alice.flush().await;
     alice.stop().await;
@@ -236,7 +270,10 @@ async fn offline_recipient_gets_everything_once_in_order_across_restarts() {
     let mut bob = person(b.path()).await;
     let want: Vec<String> = (0..5).map(|i| format!("offline {i}")).collect();
     assert_eq!(bob.texts(5).await, want);
-    bob.client.send("alice", b"got them".to_vec()).await.expect("send");
+    bob.client
+        .send("alice", b"got them".to_vec())
+        .await
+        .expect("send");
     bob.flush().await;
     bob.stop().await;
 
@@ -244,7 +281,11 @@ async fn offline_recipient_gets_everything_once_in_order_across_restarts() {
     let mut alice = person(a.path()).await;
     assert_eq!(alice.texts(1).await, ["got them"]);
     let mut bob = person(b.path()).await;
-    alice.client.send("bob", b"after restart".to_vec()).await.expect("send");
+    alice
+        .client
+        .send("bob", b"after restart".to_vec())
+        .await
+        .expect("send");
     assert_eq!(bob.texts(1).await, ["after restart"]);
     // Nothing was delivered twice: Bob's history holds each text once.
     let h = bob.client.history("alice", 100).await.expect("history");
@@ -260,11 +301,20 @@ async fn offline_recipient_gets_everything_once_in_order_across_restarts() {
     // The relay restarts too (same port, same data): sessions continue.
     let port = relay.port();
     let dir = relay.stop().await;
-    alice.wait(|e| matches!(e, Event::Connection(ConnectionState::Disconnected))).await;
+    alice
+        .wait(|e| matches!(e, Event::Connection(ConnectionState::Disconnected)))
+        .await;
     let relay = relay_in(dir, port).await;
-    alice.wait(|e| matches!(e, Event::Connection(ConnectionState::Connected))).await;
-    bob.wait(|e| matches!(e, Event::Connection(ConnectionState::Connected))).await;
-    alice.client.send("bob", b"relay restarted".to_vec()).await.expect("send");
+    alice
+        .wait(|e| matches!(e, Event::Connection(ConnectionState::Connected)))
+        .await;
+    bob.wait(|e| matches!(e, Event::Connection(ConnectionState::Connected)))
+        .await;
+    alice
+        .client
+        .send("bob", b"relay restarted".to_vec())
+        .await
+        .expect("send");
     assert_eq!(bob.texts(1).await, ["relay restarted"]);
 
     // The relay's files hold no plaintext.
@@ -307,9 +357,17 @@ async fn reordered_and_duplicated_packets_decrypt_once() {
     bob.stop().await;
 
     let mut alice = person(a.path()).await;
-    alice.client.add_contact(bob_invite.clone(), None).await.expect("add");
+    alice
+        .client
+        .add_contact(bob_invite.clone(), None)
+        .await
+        .expect("add");
     for i in 0..5 {
-        alice.client.send("bob", format!("m{i}").into_bytes()).await.expect("send");
+        alice
+            .client
+            .send("bob", format!("m{i}").into_bytes())
+            .await
+            .expect("send");
     }
     alice.flush().await;
 
@@ -327,7 +385,12 @@ async fn reordered_and_duplicated_packets_decrypt_once() {
         &bob_invite.identity.x25519(),
         now,
     );
-    let stored = core.store.mailbox().pending(&hashes, now, 100).await.expect("pending");
+    let stored = core
+        .store
+        .mailbox()
+        .pending(&hashes, now, 100)
+        .await
+        .expect("pending");
     assert_eq!(stored.len(), 5);
     core.store
         .mailbox()
@@ -335,26 +398,112 @@ async fn reordered_and_duplicated_packets_decrypt_once() {
         .await
         .expect("delete");
     for i in [4usize, 3, 2, 1, 0, 2, 4] {
-        core.accept(stored[i].packet.clone().into()).await.expect("inject");
+        core.accept(stored[i].packet.clone().into())
+            .await
+            .expect("inject");
     }
 
     let mut bob = person(b.path()).await;
     assert_eq!(bob.texts(5).await, ["m4", "m3", "m2", "m1", "m0"]);
     // The duplicates produced nothing: the next message is the next one.
-    alice.client.send("bob", b"m5".to_vec()).await.expect("send");
+    alice
+        .client
+        .send("bob", b"m5".to_vec())
+        .await
+        .expect("send");
     assert_eq!(bob.texts(1).await, ["m5"]);
-    assert_eq!(bob.client.history("alice", 100).await.expect("history").len(), 6);
+    assert_eq!(
+        bob.client
+            .history("alice", 100)
+            .await
+            .expect("history")
+            .len(),
+        6
+    );
     // And Bob's receipts name all six exactly once between them.
     let mut receipted = std::collections::HashSet::new();
     while receipted.len() < 6 {
-        if let Event::Receipt { ids, kind: ReceiptKind::Delivered, .. } =
-            alice.wait(|e| matches!(e, Event::Receipt { .. })).await
+        if let Event::Receipt {
+            ids,
+            kind: ReceiptKind::Delivered,
+            ..
+        } = alice.wait(|e| matches!(e, Event::Receipt { .. })).await
         {
             for id in ids {
                 assert!(receipted.insert(id), "receipt repeated");
             }
         }
     }
+    alice.stop().await;
+    bob.stop().await;
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prekeys_rotate_on_schedule_and_refill_when_low() {
+    use meshwhisper_crypto::pqxdh::PrekeyBundle;
+    let relay = relay_in(tempfile::tempdir().expect("tmp"), 0).await;
+    let (a, b) = profiles(&relay).await;
+    let bob_invite = invite_of(b.path()).await;
+    let ns = hex::encode(meshwhisper_client::profile::default_namespace().as_bytes());
+    let key = hex::encode(bob_invite.identity.to_bytes());
+    let core = relay.running.as_ref().expect("running").core.clone();
+    let spk_id = || async {
+        let e = core
+            .store
+            .directory()
+            .by_key(&ns, &key)
+            .await
+            .expect("dir")
+            .expect("bob");
+        PrekeyBundle::decode(&e.bundle)
+            .expect("bundle")
+            .signed_prekey()
+            .0
+    };
+
+    let mut cfg = Config::new(b.path());
+    cfg.opk_target = 10;
+    cfg.opk_low = 5;
+    cfg.rotate_after = Duration::from_secs(2);
+    let (client, events) = Client::start(cfg).await.expect("bob");
+    let mut bob = Person { client, events };
+    bob.wait(|e| matches!(e, Event::PrekeysPublished { one_time: 10 }))
+        .await;
+    assert_eq!(spk_id().await, 1);
+
+    // Six first contacts' worth of one-time prekeys are claimed.
+    for _ in 0..6 {
+        assert!(
+            core.store
+                .directory()
+                .claim_one_time_prekey(&ns, &key)
+                .await
+                .expect("claim")
+                .is_some()
+        );
+    }
+    // At the next rotation Bob publishes a new signed prekey, learns his
+    // pool is low (4) and refills it to 10.
+    bob.wait(|e| matches!(e, Event::PrekeysPublished { one_time: 4 }))
+        .await;
+    bob.wait(|e| matches!(e, Event::PrekeysPublished { one_time: 10 }))
+        .await;
+    assert!(spk_id().await >= 2);
+
+    // First contact against the rotated bundle works.
+    let mut alice = person(a.path()).await;
+    alice
+        .client
+        .add_contact(bob_invite, None)
+        .await
+        .expect("add");
+    alice
+        .client
+        .send("bob", b"after rotation".to_vec())
+        .await
+        .expect("send");
+    assert_eq!(bob.texts(1).await, ["after rotation"]);
     alice.stop().await;
     bob.stop().await;
     relay.stop().await;

@@ -147,13 +147,9 @@ pub fn open(recipient: &IdentityKeyPair, sealed: &[u8]) -> Result<Opened, Error>
         .diffie_hellman(&e_pub)
         .map_err(|_| Error::BadKey("ephemeral"))?;
     let (ck, k1) = stage_one(&dh1, &e_pub, recipient.public());
-    let sender = primitives::chacha20poly1305_open(
-        &k1,
-        &NONCE,
-        &aad_one(&e_pub, recipient.public()),
-        c1,
-    )
-    .map_err(|_| Error::Decrypt)?;
+    let sender =
+        primitives::chacha20poly1305_open(&k1, &NONCE, &aad_one(&e_pub, recipient.public()), c1)
+            .map_err(|_| Error::Decrypt)?;
     let sender = IdentityPublic::from_slice(&sender).map_err(|_| Error::BadKey("sender"))?;
     let dh2 = recipient
         .x25519()
