@@ -36,7 +36,7 @@ impl Proc {
             .spawn()
             .expect("spawn");
         let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
+        let (tx, lines) = mpsc::sync_channel(4096);
         std::thread::spawn(move || {
             for l in BufReader::new(stdout).lines() {
                 let Ok(l) = l else { break };

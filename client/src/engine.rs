@@ -52,7 +52,7 @@ const DIAL_RETRY_MS: u64 = 5_000;
 #[derive(Debug)]
 pub(crate) enum Cmd {
     AddContact {
-        invite: Invite,
+        invite: Box<Invite>,
         name: Option<String>,
         reply: oneshot::Sender<Result<Contact, Error>>,
     },
@@ -102,7 +102,7 @@ enum Pumped {
     /// No such contact.
     Nothing,
     /// No session yet: claim their prekeys.
-    Claim(i64, Invite),
+    Claim(i64, Box<Invite>),
     /// Outbox rows (id, packet) for the contact's home relay.
     Packets(PeerId, Vec<Multiaddr>, Vec<(i64, Vec<u8>)>),
 }
@@ -896,7 +896,7 @@ impl Engine {
         let card = Invite::from_bytes(&row.card)?;
         let sessions = db::sessions(self.conn(), contact).await?;
         let Some(mut s) = sessions.into_iter().find(|s| s.active) else {
-            return Ok(Pumped::Claim(contact, card));
+            return Ok(Pumped::Claim(contact, Box::new(card)));
         };
         let relay = relay_text(card.relay, &card.addrs);
         let my_card = self.p.invite().to_bytes()?;
@@ -1497,7 +1497,7 @@ impl Engine {
         }
         db::insert_contact(self.conn(), &name, &key, &bytes, now_ms()).await?;
         let c = self.p.contact(&name).await?;
-        out.events.push(Event::ContactAdded(c.clone()));
+        out.events.push(Event::ContactAdded(Box::new(c.clone())));
         Ok(c)
     }
 }

@@ -135,7 +135,9 @@ impl Envelope {
             return Err(Error::Malformed("envelope: padding is not zeros"));
         }
         let body = rest[..len].to_vec();
-        if kind != Kind::Text && (body.len() % 16 != 0 || body.len() > 16 * MAX_RECEIPT_IDS) {
+        if kind != Kind::Text
+            && (!body.len().is_multiple_of(16) || body.len() > 16 * MAX_RECEIPT_IDS)
+        {
             return Err(Error::Malformed("receipt: not a list of message ids"));
         }
         Ok(Self {

@@ -238,7 +238,7 @@ pub enum Event {
         one_time: u32,
     },
     /// Someone with our invite wrote to us; they are now a contact.
-    ContactAdded(Contact),
+    ContactAdded(Box<Contact>),
     /// The home relay connection changed.
     Connection(ConnectionState),
     /// Something failed that no call could report (e.g. a contact's
@@ -315,19 +315,19 @@ pub struct Client {
     done: std::sync::Arc<tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
-macro_rules! call {
-    ($self:ident, $variant:ident { $($field:ident : $value:expr),* }) => {{
+impl Client {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> engine::Cmd,
+    ) -> Result<T, Error> {
         let (reply, rx) = oneshot::channel();
-        $self
-            .cmds
-            .send(engine::Cmd::$variant { $($field: $value,)* reply })
+        self.cmds
+            .send(make(reply))
             .await
             .map_err(|_| Error::Stopped)?;
         rx.await.map_err(|_| Error::Stopped)?
-    }};
-}
+    }
 
-impl Client {
     /// Opens the profile and starts the client; events arrive on the
     /// returned receiver (read it, or the client stalls once
     /// `events_queue` are waiting).
@@ -365,62 +365,63 @@ impl Client {
         invite: Invite,
         name: Option<String>,
     ) -> Result<Contact, Error> {
-        call!(self, AddContact { invite, name })
+        self.call(|reply| engine::Cmd::AddContact {
+            invite: Box::new(invite),
+            name,
+            reply,
+        })
+        .await
     }
 
     /// All contacts.
     pub async fn contacts(&self) -> Result<Vec<Contact>, Error> {
-        call!(self, Contacts {})
+        self.call(|reply| engine::Cmd::Contacts { reply }).await
     }
 
     /// The safety number shared with a contact (60 digits).
     pub async fn safety_number(&self, contact: &str) -> Result<String, Error> {
-        call!(
-            self,
-            SafetyNumber {
-                name: contact.to_string()
-            }
-        )
+        self.call(|reply| engine::Cmd::SafetyNumber {
+            name: contact.to_string(),
+            reply,
+        })
+        .await
     }
 
     /// Sends `body` to a contact; returns once it is encrypted-ready and
     /// durable in the profile (it is then sent, and sent again after
     /// reconnects or a restart, until a relay stores it).
     pub async fn send(&self, contact: &str, body: Vec<u8>) -> Result<MessageId, Error> {
-        call!(
-            self,
-            Send {
-                name: contact.to_string(),
-                body
-            }
-        )
+        self.call(|reply| engine::Cmd::Send {
+            name: contact.to_string(),
+            body,
+            reply,
+        })
+        .await
     }
 
     /// Tells a contact we read these messages.
     pub async fn mark_read(&self, contact: &str, ids: Vec<MessageId>) -> Result<(), Error> {
-        call!(
-            self,
-            MarkRead {
-                name: contact.to_string(),
-                ids
-            }
-        )
+        self.call(|reply| engine::Cmd::MarkRead {
+            name: contact.to_string(),
+            ids,
+            reply,
+        })
+        .await
     }
 
     /// The last `limit` text messages with a contact, oldest first.
     pub async fn history(&self, contact: &str, limit: u32) -> Result<Vec<Message>, Error> {
-        call!(
-            self,
-            History {
-                name: contact.to_string(),
-                limit
-            }
-        )
+        self.call(|reply| engine::Cmd::History {
+            name: contact.to_string(),
+            limit,
+            reply,
+        })
+        .await
     }
 
     /// Waits until every message sent so far is stored by a relay.
     pub async fn flush(&self) -> Result<(), Error> {
-        call!(self, Flush {})
+        self.call(|reply| engine::Cmd::Flush { reply }).await
     }
 
     /// Stops the client: the network task and the engine end, the profile

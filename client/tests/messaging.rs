@@ -492,7 +492,7 @@ async fn prekeys_rotate_on_schedule_and_refill_when_low() {
     assert!(spk_id().await >= 2);
 
     // First contact against the rotated bundle works.
-    let mut alice = person(a.path()).await;
+    let alice = person(a.path()).await;
     alice
         .client
         .add_contact(bob_invite, None)

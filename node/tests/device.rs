@@ -200,3 +200,138 @@ async fn unacked_deliveries_are_redelivered_after_reconnect() {
     wait_health(&relay.base, |h| h["storedBlobs"] == 0).await;
     relay.stop().await;
 }
+
+/// The device directory: only signed bundles and signed one-time prekey
+/// batches are accepted, stale bundles are refused, and a claim hands out
+/// the bundle with each one-time prekey at most once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_directory_checks_signatures_and_staleness() {
+    use bytes::{Buf as _, Bytes};
+    use meshwhisper_behaviour::device::codec::Status;
+    use meshwhisper_crypto::identity::IdentityKeyPair;
+    use meshwhisper_crypto::pqxdh::{self, OneTimePrekey, PrekeyBundle};
+    use meshwhisper_crypto::primitives::{MlKemSecret, X25519Secret};
+    use rand_core::SeedableRng as _;
+
+    let relay = start(|_| {}).await;
+    let running = relay.running.as_ref().expect("running");
+    let mut dev = device(running).await;
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
+    let id = IdentityKeyPair::generate(&mut rng);
+    let other = IdentityKeyPair::generate(&mut rng);
+    let pq = MlKemSecret::generate(&mut rng).public();
+    let bundle = |spk_id: u32, rng: &mut rand_chacha::ChaCha20Rng| {
+        let spk = X25519Secret::generate(rng).public();
+        Bytes::from(PrekeyBundle::sign(&id, spk_id, &spk, spk_id, &pq).encode())
+    };
+    let ns = "ns".to_string();
+    let ask = async |dev: &mut Device, f: Frame| -> (Status, Bytes) {
+        dev.send(f).await;
+        match dev.next().await {
+            Frame::Reply { status, body, .. } => (status, body),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    };
+
+    // Unknown identity: nothing to claim.
+    let claim = Frame::Claim {
+        req: 1,
+        namespace: ns.clone(),
+        identity: id.public().to_bytes(),
+    };
+    assert_eq!(ask(&mut dev, claim.clone()).await.0, Status::NotFound);
+    // Garbage and tampered bundles are refused.
+    let garbage = Frame::Publish {
+        req: 2,
+        namespace: ns.clone(),
+        bundle: Bytes::from_static(b"x"),
+    };
+    assert_eq!(ask(&mut dev, garbage).await.0, Status::Invalid);
+    let mut tampered = bundle(5, &mut rng).to_vec();
+    tampered[40] ^= 1;
+    let f = Frame::Publish {
+        req: 3,
+        namespace: ns.clone(),
+        bundle: tampered.into(),
+    };
+    assert_eq!(ask(&mut dev, f).await.0, Status::Invalid);
+    // A valid bundle is stored; the pool is empty.
+    let v5 = bundle(5, &mut rng);
+    let (st, mut body) = ask(
+        &mut dev,
+        Frame::Publish {
+            req: 4,
+            namespace: ns.clone(),
+            bundle: v5.clone(),
+        },
+    )
+    .await;
+    assert_eq!((st, body.get_u32()), (Status::Ok, 0));
+    // An older signed prekey is refused as stale; a newer one replaces it.
+    let f = Frame::Publish {
+        req: 5,
+        namespace: ns.clone(),
+        bundle: bundle(4, &mut rng),
+    };
+    assert_eq!(ask(&mut dev, f).await.0, Status::Stale);
+    let v6 = bundle(6, &mut rng);
+    assert_eq!(
+        ask(
+            &mut dev,
+            Frame::Publish {
+                req: 6,
+                namespace: ns.clone(),
+                bundle: v6.clone()
+            }
+        )
+        .await
+        .0,
+        Status::Ok
+    );
+
+    // One-time prekeys: a batch signed by someone else is refused, the
+    // owner's is stored.
+    let keys: Vec<OneTimePrekey> = (1..=3)
+        .map(|i| OneTimePrekey {
+            id: i,
+            key: X25519Secret::generate(&mut rng).public(),
+        })
+        .collect();
+    let raw: Bytes = keys
+        .iter()
+        .flat_map(|k| k.encode())
+        .collect::<Vec<u8>>()
+        .into();
+    let forged = Frame::Prekeys {
+        req: 7,
+        namespace: ns.clone(),
+        identity: id.public().to_bytes(),
+        signature: pqxdh::sign_one_time_prekeys(&other, ns.as_bytes(), &keys),
+        keys: raw.clone(),
+    };
+    assert_eq!(ask(&mut dev, forged).await.0, Status::Invalid);
+    let good = Frame::Prekeys {
+        req: 8,
+        namespace: ns.clone(),
+        identity: id.public().to_bytes(),
+        signature: pqxdh::sign_one_time_prekeys(&id, ns.as_bytes(), &keys),
+        keys: raw,
+    };
+    let (st, mut body) = ask(&mut dev, good).await;
+    assert_eq!((st, body.get_u32()), (Status::Ok, 3));
+
+    // Claims: the newest bundle and a distinct key each time, then none.
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let (st, mut body) = ask(&mut dev, claim.clone()).await;
+        assert_eq!(st, Status::Ok);
+        let n = body.get_u32() as usize;
+        assert_eq!(body.split_to(n), v6);
+        seen.push(body.to_vec());
+    }
+    assert_eq!(seen[3], Vec::<u8>::new());
+    let mut keys_seen: Vec<Vec<u8>> = seen[..3].to_vec();
+    keys_seen.sort();
+    keys_seen.dedup();
+    assert_eq!(keys_seen.len(), 3);
+}

@@ -243,7 +243,7 @@ impl Encoder for Codec {
             {
                 return Err(Error::Malformed("namespace longer than 255 bytes"));
             }
-            Frame::Prekeys { keys, .. } if keys.len() % PREKEY_LEN != 0 => {
+            Frame::Prekeys { keys, .. } if !keys.len().is_multiple_of(PREKEY_LEN) => {
                 return Err(Error::Malformed("one-time prekeys are 36 bytes each"));
             }
             _ => {}
@@ -450,7 +450,7 @@ impl Decoder for Codec {
                 let (req, namespace) = get_head(&mut body)?;
                 let identity = get_array(&mut body)?;
                 let signature = get_array(&mut body)?;
-                if body.len() % PREKEY_LEN != 0 {
+                if !body.len().is_multiple_of(PREKEY_LEN) {
                     return Err(Error::Malformed("one-time prekeys are 36 bytes each"));
                 }
                 Frame::Prekeys {
