@@ -635,9 +635,13 @@ impl Engine {
             && self
                 .registered_hour
                 .is_some_and(|h| h != destination::epoch_hour(now))
-            && let Err(e) = self.register().await
         {
-            tracing::warn!(error = %e, "could not re-register");
+            // A new hour: new destination hashes, and a fresh look at how
+            // many one-time prekeys others have claimed (refilled if low).
+            if let Err(e) = self.register().await {
+                tracing::warn!(error = %e, "could not re-register");
+            }
+            self.publish();
         }
         if let Err(e) = self.rotate(now).await {
             tracing::warn!(error = %e, "could not rotate prekeys");

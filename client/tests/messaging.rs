@@ -5,7 +5,7 @@
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use meshwhisper_client::{
-    Client, Config, ConnectionState, Event, MessageStatus, Profile, ReceiptKind,
+    Client, Config, ConnectionState, Event, Invite, MessageStatus, Profile, ReceiptKind,
 };
 use std::path::Path;
 use std::time::Duration;
@@ -507,4 +507,94 @@ async fn prekeys_rotate_on_schedule_and_refill_when_low() {
     alice.stop().await;
     bob.stop().await;
     relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contacts_on_different_relays_and_changed_keys() {
+    // Alice is homed on one relay, Bob on another: Alice claims Bob's
+    // prekeys from his relay (dialled from his invite) and delivers there;
+    // Bob answers through Alice's relay the same way.
+    let r1 = relay_in(tempfile::tempdir().expect("tmp"), 0).await;
+    let r2 = relay_in(tempfile::tempdir().expect("tmp"), 0).await;
+    let (a, b) = (
+        tempfile::tempdir().expect("tmp"),
+        tempfile::tempdir().expect("tmp"),
+    );
+    Profile::create(a.path(), std::slice::from_ref(&r1.addr), "alice")
+        .await
+        .expect("alice");
+    Profile::create(b.path(), std::slice::from_ref(&r2.addr), "bob")
+        .await
+        .expect("bob");
+    let bob_invite = invite_of(b.path()).await;
+    let mut bob = person(b.path()).await;
+    bob.published().await;
+    let mut alice = person(a.path()).await;
+    alice
+        .client
+        .add_contact(bob_invite, None)
+        .await
+        .expect("add");
+    alice
+        .client
+        .send("bob", b"across relays".to_vec())
+        .await
+        .expect("send");
+    assert_eq!(bob.texts(1).await, ["across relays"]);
+    bob.client
+        .send("alice", b"back across".to_vec())
+        .await
+        .expect("send");
+    assert_eq!(alice.texts(1).await, ["back across"]);
+    // Each relay stored only its own client's packets.
+    let r2_core = r2.running.as_ref().expect("running").core.clone();
+    assert!(
+        r2_core
+            .metrics
+            .device_directory_requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+
+    // Safety numbers agree, and change when Bob's key changes: a new
+    // profile for Bob (new identity) gives Alice a different number.
+    let sa = alice.client.safety_number("bob").await.expect("sn");
+    assert_eq!(sa, bob.client.safety_number("alice").await.expect("sn"));
+    let b2 = tempfile::tempdir().expect("tmp");
+    let new_bob = Profile::create(b2.path(), std::slice::from_ref(&r2.addr), "bob")
+        .await
+        .expect("new bob")
+        .invite();
+    alice
+        .client
+        .add_contact(new_bob, Some("bob-new-phone".into()))
+        .await
+        .expect("add");
+    let sn_new = alice
+        .client
+        .safety_number("bob-new-phone")
+        .await
+        .expect("sn");
+    assert_eq!(sn_new.len(), 60);
+    assert_ne!(sn_new, sa);
+    // The same identity again only refreshes it; another identity under a
+    // name in use is refused with a typed error.
+    let again = Profile::open(b2.path()).await.expect("open").invite();
+    let refreshed = alice
+        .client
+        .add_contact(again, None)
+        .await
+        .expect("refresh");
+    assert_eq!(refreshed.name, "bob-new-phone");
+    let b3 = tempfile::tempdir().expect("tmp");
+    let third: Invite = Profile::create(b3.path(), std::slice::from_ref(&r2.addr), "bob")
+        .await
+        .expect("third")
+        .invite();
+    let err = alice.client.add_contact(third, None).await;
+    assert!(matches!(err, Err(meshwhisper_client::Error::NameTaken(n)) if n == "bob"));
+    alice.stop().await;
+    bob.stop().await;
+    r1.stop().await;
+    r2.stop().await;
 }
