@@ -378,10 +378,18 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let (client, mut events) = Client::start(Config::new(args.profile.dir()?)).await?;
         let name = args.name;
-        let history = client.history(&name, 20).await?;
-        for m in &history {
-            let who = if m.outgoing { "me" } else { name.as_str() };
-            println!("{who}> {}", String::from_utf8_lossy(&m.body));
+        match client.history(&name, 20).await {
+            Ok(history) => {
+                for m in &history {
+                    let who = if m.outgoing { "me" } else { name.as_str() };
+                    println!("{who}> {}", String::from_utf8_lossy(&m.body));
+                }
+            }
+            // They may be on their way: their first message adds them.
+            Err(meshwhisper_client::Error::NoSuchContact(_)) => eprintln!(
+                "  [{name} is not a contact yet: add their invite, or wait for their first message]"
+            ),
+            Err(e) => return Err(e.into()),
         }
         eprintln!("chatting with {name}: type a line and press Enter to send; Ctrl-D or Ctrl-C to leave");
         let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
