@@ -255,7 +255,7 @@ fn two_people_talk_through_a_relay_with_the_cli() {
     let log = std::fs::read(&relay_log).expect("relay log");
     assert!(log.len() > 1000, "the relay logged at debug level");
     let mut haystacks = vec![log];
-    for f in walk(&relay_dir) {
+    for f in meshwhisper_tests::files_under(&relay_dir) {
         haystacks.push(std::fs::read(&f).expect("read"));
     }
     let mut needles: Vec<Vec<u8>> = [
@@ -274,22 +274,9 @@ fn two_people_talk_through_a_relay_with_the_cli() {
     for h in &haystacks {
         for n in &needles {
             assert!(
-                !h.windows(n.len()).any(|w| w == n.as_slice()),
+                !meshwhisper_tests::contains(h, n),
                 "secret or plaintext found at the relay"
             );
         }
     }
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).expect("dir").flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }

@@ -185,14 +185,12 @@ async fn database_and_media_hold_only_ciphertext() {
     drop(relay);
     let mut scanned = 0;
     let mut ciphertext_seen = false;
-    for entry in walk(dir.path()) {
+    for entry in meshwhisper_tests::files_under(dir.path()) {
         let bytes = std::fs::read(&entry).expect("read");
         scanned += bytes.len();
-        ciphertext_seen |= bytes
-            .windows(first_ct.len())
-            .any(|w| w == first_ct.as_slice());
+        ciphertext_seen |= meshwhisper_tests::contains(&bytes, &first_ct);
         assert!(
-            !bytes.windows(secret_text.len()).any(|w| w == secret_text),
+            !meshwhisper_tests::contains(&bytes, secret_text),
             "plaintext found in {}",
             entry.display()
         );
@@ -203,19 +201,6 @@ async fn database_and_media_hold_only_ciphertext() {
         ciphertext_seen,
         "the stored ciphertext was not found: the scan proves nothing"
     );
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).expect("dir").flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -113,24 +113,6 @@ fn lock(dir: &Path) -> Result<std::fs::File, Error> {
     Ok(f)
 }
 
-#[cfg(unix)]
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
-}
-
-#[cfg(not(unix))]
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    std::fs::write(path, bytes)
-}
-
 impl Profile {
     /// Creates a profile in `dir` (which must not hold one) with a new
     /// identity, homed on the relay at `relay` (addresses ending in
@@ -147,7 +129,8 @@ impl Profile {
         }
         let lock = lock(dir)?;
         let identity = IdentityKeyPair::generate(&mut crate::os_rng());
-        write_private(&key_path, identity.seed().as_ref()).map_err(|e| Error::io(&key_path, e))?;
+        meshwhisper_storage::secret_file::create(&key_path, identity.seed().as_ref())
+            .map_err(|e| Error::io(&key_path, e))?;
         let mut conn = db::open(&dir.join(DB_FILE)).await?;
         let relay_text = relay
             .iter()

@@ -100,6 +100,17 @@ impl Person {
         out
     }
 
+    async fn add(&self, invite: Invite) {
+        self.client.add_contact(invite, None).await.expect("add");
+    }
+
+    async fn say(&self, to: &str, text: &str) -> meshwhisper_client::MessageId {
+        self.client
+            .send(to, text.as_bytes().to_vec())
+            .await
+            .expect("send")
+    }
+
     /// Waits until the relay holds our bundle and a full pool of
     /// one-time prekeys, so others can start sessions with us.
     async fn published(&mut self) {
@@ -150,16 +161,8 @@ async fn first_contact_messages_both_ways_receipts_and_safety_numbers() {
 
     // Alice adds Bob from his invite only; Bob learns of Alice from her
     // first message.
-    alice
-        .client
-        .add_contact(bob_invite, None)
-        .await
-        .expect("add bob");
-    let id = alice
-        .client
-        .send("bob", b"hello bob".to_vec())
-        .await
-        .expect("send");
+    alice.add(bob_invite).await;
+    let id = alice.say("bob", "hello bob").await;
     let added = bob.wait(|e| matches!(e, Event::ContactAdded(_))).await;
     let Event::ContactAdded(c) = added else {
         unreachable!()
@@ -179,10 +182,7 @@ async fn first_contact_messages_both_ways_receipts_and_safety_numbers() {
     );
 
     // Bob answers in the same session; Alice reads it and says so.
-    bob.client
-        .send("alice", b"hi alice".to_vec())
-        .await
-        .expect("send");
+    bob.say("alice", "hi alice").await;
     let m = alice.wait(|e| matches!(e, Event::Message(_))).await;
     let Event::Message(m) = m else { unreachable!() };
     assert_eq!(m.body, b"hi alice");
@@ -206,15 +206,8 @@ async fn first_contact_messages_both_ways_receipts_and_safety_numbers() {
 
     // Ten more each way, interleaved, in order, once.
     for i in 0..10 {
-        alice
-            .client
-            .send("bob", format!("a{i}").into_bytes())
-            .await
-            .expect("send");
-        bob.client
-            .send("alice", format!("b{i}").into_bytes())
-            .await
-            .expect("send");
+        alice.say("bob", &format!("a{i}")).await;
+        bob.say("alice", &format!("b{i}")).await;
     }
     let want_a: Vec<String> = (0..10).map(|i| format!("a{i}")).collect();
     let want_b: Vec<String> = (0..10).map(|i| format!("b{i}")).collect();
@@ -251,17 +244,9 @@ async fn offline_recipient_gets_everything_once_in_order_across_restarts() {
     bob.stop().await;
 
     let alice = person(a.path()).await;
-    alice
-        .client
-        .add_contact(bob_invite, None)
-        .await
-        .expect("add");
+    alice.add(bob_invite).await;
     for i in 0..5 {
-        alice
-            .client
-            .send("bob", format!("offline {i}").into_bytes())
-            .await
-            .expect("send");
+        alice.say("bob", &format!("offline {i}")).await;
     }
     alice.flush().await;
     alice.stop().await;
@@ -270,10 +255,7 @@ async fn offline_recipient_gets_everything_once_in_order_across_restarts() {
     let mut bob = person(b.path()).await;
     let want: Vec<String> = (0..5).map(|i| format!("offline {i}")).collect();
     assert_eq!(bob.texts(5).await, want);
-    bob.client
-        .send("alice", b"got them".to_vec())
-        .await
-        .expect("send");
+    bob.say("alice", "got them").await;
     bob.flush().await;
     bob.stop().await;
 
@@ -281,11 +263,7 @@ async fn offline_recipient_gets_everything_once_in_order_across_restarts() {
     let mut alice = person(a.path()).await;
     assert_eq!(alice.texts(1).await, ["got them"]);
     let mut bob = person(b.path()).await;
-    alice
-        .client
-        .send("bob", b"after restart".to_vec())
-        .await
-        .expect("send");
+    alice.say("bob", "after restart").await;
     assert_eq!(bob.texts(1).await, ["after restart"]);
     // Nothing was delivered twice: Bob's history holds each text once.
     let h = bob.client.history("alice", 100).await.expect("history");
@@ -310,40 +288,26 @@ async fn offline_recipient_gets_everything_once_in_order_across_restarts() {
         .await;
     bob.wait(|e| matches!(e, Event::Connection(ConnectionState::Connected)))
         .await;
-    alice
-        .client
-        .send("bob", b"relay restarted".to_vec())
-        .await
-        .expect("send");
+    alice.say("bob", "relay restarted").await;
     assert_eq!(bob.texts(1).await, ["relay restarted"]);
 
     // The relay's files hold no plaintext.
     alice.stop().await;
     bob.stop().await;
     let dir = relay.stop().await;
-    for entry in walk(dir.path()) {
-        let bytes = std::fs::read(&entry).expect("read");
-        for needle in ["offline 3", "got them", "after restart", "relay restarted"] {
-            assert!(
-                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
-                "{needle:?} found in {}",
-                entry.display()
-            );
-        }
-    }
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).expect("dir").flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
+    let found = meshwhisper_tests::find_any(
+        dir.path(),
+        &[
+            b"offline 3",
+            b"got them",
+            b"after restart",
+            b"relay restarted",
+        ],
+    );
+    assert!(found.is_none(), "plaintext found at the relay: {found:?}");
+    // Control: the same scan finds it where it is kept in the clear (Bob's
+    // own history).
+    assert!(meshwhisper_tests::find_any(b.path(), &[b"relay restarted"]).is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,17 +321,9 @@ async fn reordered_and_duplicated_packets_decrypt_once() {
     bob.stop().await;
 
     let mut alice = person(a.path()).await;
-    alice
-        .client
-        .add_contact(bob_invite.clone(), None)
-        .await
-        .expect("add");
+    alice.add(bob_invite.clone()).await;
     for i in 0..5 {
-        alice
-            .client
-            .send("bob", format!("m{i}").into_bytes())
-            .await
-            .expect("send");
+        alice.say("bob", &format!("m{i}")).await;
     }
     alice.flush().await;
 
@@ -406,11 +362,7 @@ async fn reordered_and_duplicated_packets_decrypt_once() {
     let mut bob = person(b.path()).await;
     assert_eq!(bob.texts(5).await, ["m4", "m3", "m2", "m1", "m0"]);
     // The duplicates produced nothing: the next message is the next one.
-    alice
-        .client
-        .send("bob", b"m5".to_vec())
-        .await
-        .expect("send");
+    alice.say("bob", "m5").await;
     assert_eq!(bob.texts(1).await, ["m5"]);
     assert_eq!(
         bob.client
@@ -493,16 +445,8 @@ async fn prekeys_rotate_on_schedule_and_refill_when_low() {
 
     // First contact against the rotated bundle works.
     let alice = person(a.path()).await;
-    alice
-        .client
-        .add_contact(bob_invite, None)
-        .await
-        .expect("add");
-    alice
-        .client
-        .send("bob", b"after rotation".to_vec())
-        .await
-        .expect("send");
+    alice.add(bob_invite).await;
+    alice.say("bob", "after rotation").await;
     assert_eq!(bob.texts(1).await, ["after rotation"]);
     alice.stop().await;
     bob.stop().await;
@@ -530,21 +474,10 @@ async fn contacts_on_different_relays_and_changed_keys() {
     let mut bob = person(b.path()).await;
     bob.published().await;
     let mut alice = person(a.path()).await;
-    alice
-        .client
-        .add_contact(bob_invite, None)
-        .await
-        .expect("add");
-    alice
-        .client
-        .send("bob", b"across relays".to_vec())
-        .await
-        .expect("send");
+    alice.add(bob_invite).await;
+    alice.say("bob", "across relays").await;
     assert_eq!(bob.texts(1).await, ["across relays"]);
-    bob.client
-        .send("alice", b"back across".to_vec())
-        .await
-        .expect("send");
+    bob.say("alice", "back across").await;
     assert_eq!(alice.texts(1).await, ["back across"]);
     // Each relay stored only its own client's packets.
     let r2_core = r2.running.as_ref().expect("running").core.clone();

@@ -63,29 +63,11 @@ pub fn load_or_create_key(data_dir: &Path) -> Result<Keypair, Error> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::create_dir_all(data_dir).map_err(io)?;
             let key = libp2p::identity::ed25519::Keypair::generate();
-            write_private(&path, key.secret().as_ref()).map_err(io)?;
+            meshwhisper_storage::secret_file::create(&path, key.secret().as_ref()).map_err(io)?;
             Ok(Keypair::from(key))
         }
         Err(e) => Err(io(e)),
     }
-}
-
-#[cfg(unix)]
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
-}
-
-#[cfg(not(unix))]
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    std::fs::write(path, bytes)
 }
 
 /// Builds the Swarm: TCP and QUIC, Noise, yamux.

@@ -41,6 +41,7 @@ mod error;
 pub mod mailbox;
 pub mod media;
 pub mod push;
+pub mod secret_file;
 mod writer;
 
 pub use error::{Error, Result};
