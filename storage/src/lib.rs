@@ -38,6 +38,7 @@ pub mod address_book;
 pub mod archive;
 pub mod directory;
 mod error;
+mod hot;
 pub mod mailbox;
 pub mod media;
 pub mod push;
@@ -109,6 +110,15 @@ pub struct Config {
     pub max_db_bytes: Option<u64>,
     /// How long a reader waits for a lock. Default 5 s.
     pub busy_timeout: Duration,
+    /// Keep new packets in an append-only log in front of SQLite, and move
+    /// what is still undelivered into SQLite every `hot_spill` (see
+    /// `storage/src/hot.rs`). Default true: most packets are delivered
+    /// before then and never touch SQLite's B-trees. Not used when
+    /// `max_db_bytes` is set (the cap must refuse writes at once).
+    pub hot_log: bool,
+    /// How often the hot log's undelivered packets move into SQLite.
+    /// Default 500 ms.
+    pub hot_spill: Duration,
 }
 
 impl Config {
@@ -134,6 +144,8 @@ impl Config {
             reader_connections: 4,
             max_db_bytes: None,
             busy_timeout: Duration::from_secs(5),
+            hot_log: true,
+            hot_spill: Duration::from_millis(500),
         }
     }
 
@@ -153,6 +165,7 @@ struct Inner {
     writer_task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     checkpointer: std::sync::Mutex<Option<Checkpointer>>,
     stats: Arc<writer::WriterStats>,
+    hot_rows: Option<Arc<std::sync::Mutex<hot::HotRows>>>,
 }
 
 type Checkpointer = (
@@ -179,6 +192,47 @@ async fn checkpoint_loop(mut conn: SqliteConnection, mut stop: tokio::sync::ones
         }
     }
     let _ = conn.close().await;
+}
+
+/// Opens the mailbox's hot log: moves what a crash left in it into SQLite,
+/// empties it, and starts its ids after every id SQLite has used.
+async fn open_hot(
+    conn: &mut SqliteConnection,
+    db_path: &Path,
+    cfg: &Config,
+) -> Result<hot::HotLog> {
+    let path = hot::log_path(db_path);
+    let (mut log, live) = hot::HotLog::open(
+        path.clone(),
+        cfg.durability == Durability::PowerLoss,
+        cfg.hot_spill,
+    )
+    .map_err(|e| Error::io("open the hot log", &path, e))?;
+    if !live.is_empty() {
+        let mut tx = conn
+            .begin()
+            .await
+            .map_err(|e| Error::db("recover the hot log", db_path, e))?;
+        mailbox::insert_with_ids(&mut tx, db_path, &live).await?;
+        tx.commit()
+            .await
+            .map_err(|e| Error::db("recover the hot log", db_path, e))?;
+        tracing::info!(
+            packets = live.len(),
+            "recovered queued packets from the hot log"
+        );
+    }
+    log.truncate()
+        .map_err(|e| Error::io("truncate the hot log", &path, e))?;
+    let max: i64 = sqlx::query_scalar(
+        "SELECT max(COALESCE((SELECT MAX(id) FROM mailbox), 0), \
+         COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'mailbox'), 0))",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(|e| Error::db("read the last packet id", db_path, e))?;
+    log.next_id = max.saturating_add(1);
+    Ok(log)
 }
 
 /// The relay's store. Cheap to clone; all clones share one writer.
@@ -349,11 +403,20 @@ impl Store {
             .await
             .map_err(|e| Error::db("open readers", &db_path, e))?;
 
+        // With a size cap the cap must refuse writes at once, which the hot
+        // tier would postpone to its next spill: packets go straight to SQLite.
+        let hot = if cfg.hot_log && cfg.max_db_bytes.is_none() {
+            Some(open_hot(&mut conn, &db_path, &cfg).await?)
+        } else {
+            None
+        };
+        let hot_rows = hot.as_ref().map(|h| h.rows.clone());
         let ctx = writer::WriterCtx {
             conn,
             path: db_path.clone(),
             counts: mailbox::MailboxCounts::default(),
             mailbox_max_per_dest: cfg.mailbox_max_per_dest.max(1),
+            hot,
         };
         let stats = Arc::new(writer::WriterStats::default());
         let (writer, task) =
@@ -373,6 +436,7 @@ impl Store {
                 writer_task: tokio::sync::Mutex::new(Some(task)),
                 checkpointer: std::sync::Mutex::new(Some((checkpoint_stop, checkpoint_task))),
                 stats,
+                hot_rows,
             }),
         };
         // Nothing is uploading yet, so files without rows are leftovers.
@@ -425,6 +489,10 @@ impl Store {
 
     pub(crate) fn readers(&self) -> &SqlitePool {
         &self.inner.readers
+    }
+
+    pub(crate) fn hot_rows(&self) -> Option<&Arc<std::sync::Mutex<hot::HotRows>>> {
+        self.inner.hot_rows.as_ref()
     }
 
     pub(crate) fn writer(&self) -> &writer::WriterHandle {
@@ -532,6 +600,21 @@ pub async fn backup_database(db: &Path, out: &Path, busy_timeout: Duration) -> R
         .await
         .map_err(|e| Error::db("backup (VACUUM INTO)", db, e))?;
     let _ = conn.close().await;
+    // Packets still in the hot log (the last fraction of a second) are
+    // acknowledged too: add them to the copy.
+    let log = hot::log_path(db);
+    let live = match std::fs::read(&log) {
+        Ok(bytes) => hot::replay(&bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(Error::io("read the hot log", &log, e)),
+    };
+    if !live.is_empty() {
+        let mut c = SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(out))
+            .await
+            .map_err(|e| Error::db("open the backup", out, e))?;
+        mailbox::insert_with_ids(&mut c, out, &live).await?;
+        let _ = c.close().await;
+    }
     Ok(())
 }
 

@@ -196,6 +196,140 @@ pub(crate) async fn insert_group(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Ve
     Ok(results)
 }
 
+/// Like [`insert_group`], into the hot tier (see [`crate::hot`]): ids from
+/// the tier's counter, the per-hash cap over both tiers (the oldest go
+/// first, and SQLite's rows are always older than hot ones).
+pub(crate) async fn hot_insert_group(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Vec<Enqueued>> {
+    if ctx.counts.counts.len() > COUNT_CACHE_MAX {
+        ctx.counts.clear();
+    }
+    let mut results = Vec::with_capacity(ops.len());
+    let cap = ctx.mailbox_max_per_dest;
+    for op in ops {
+        if !ctx.counts.counts.contains_key(&op.dest) {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mailbox WHERE dest = ?")
+                .bind(op.dest.as_slice())
+                .fetch_one(&mut ctx.conn)
+                .await
+                .map_err(|e| ctx.db_err("count mailbox", e))?;
+            let hot = ctx.hot.as_ref().map_or(0, |h| h.count_for(&op.dest));
+            ctx.counts.counts.insert(
+                op.dest,
+                u32::try_from(n).unwrap_or(u32::MAX).saturating_add(hot),
+            );
+        }
+        let Some(hot) = ctx.hot.as_mut() else {
+            return Err(Error::Closed);
+        };
+        let id = hot.add(crate::hot::HotRow {
+            dest: op.dest,
+            packet: op.packet.clone(),
+            received_ms: op.received_ms,
+            expires_ms: op.expires_ms,
+            at: Some(std::time::Instant::now()),
+        });
+        let count = ctx.counts.counts.entry(op.dest).or_insert(0);
+        *count = count.saturating_add(1);
+        let mut evicted = 0u32;
+        if *count > cap {
+            let mut excess = *count - cap;
+            let hot_n = hot.count_for(&op.dest);
+            let in_sqlite = (*count).saturating_sub(hot_n);
+            if in_sqlite > 0 {
+                let n = sqlx::query(
+                    "DELETE FROM mailbox WHERE id IN \
+                     (SELECT id FROM mailbox WHERE dest = ? ORDER BY id LIMIT ?)",
+                )
+                .bind(op.dest.as_slice())
+                .bind(i64::from(excess.min(in_sqlite)))
+                .execute(&mut ctx.conn)
+                .await
+                .map_err(|e| ctx.db_err("evict oldest", e))?
+                .rows_affected();
+                let n = u32::try_from(n).unwrap_or(u32::MAX);
+                excess = excess.saturating_sub(n);
+                evicted += n;
+            }
+            let Some(hot) = ctx.hot.as_mut() else {
+                return Err(Error::Closed);
+            };
+            while excess > 0 {
+                let Some(old) = hot.oldest_of(&op.dest) else {
+                    break;
+                };
+                hot.remove(old);
+                excess -= 1;
+                evicted += 1;
+            }
+            if let Some(c) = ctx.counts.counts.get_mut(&op.dest) {
+                *c = c.saturating_sub(evicted);
+            }
+        }
+        results.push(Enqueued {
+            id: MailboxId(id),
+            evicted,
+        });
+    }
+    Ok(results)
+}
+
+/// Removes the hot ones of `ids`; returns those and the ids left for SQLite.
+pub(crate) fn hot_delete(
+    ctx: &mut WriterCtx,
+    ids: &[i64],
+) -> (std::collections::HashSet<i64>, Vec<i64>) {
+    let mut gone = std::collections::HashSet::new();
+    let mut rest = Vec::new();
+    let Some(hot) = ctx.hot.as_mut() else {
+        return (gone, ids.to_vec());
+    };
+    for id in ids {
+        match hot.remove(*id) {
+            Some(dest) => {
+                ctx.counts.decrement(&dest);
+                gone.insert(*id);
+            }
+            None => rest.push(*id),
+        }
+    }
+    (gone, rest)
+}
+
+/// Moves every hot packet into SQLite (same ids) inside the writer's
+/// transaction; the tier drops them once the transaction commits.
+pub(crate) async fn spill(ctx: &mut WriterCtx) -> Result<()> {
+    let Some(hot) = ctx.hot.as_mut() else {
+        return Ok(());
+    };
+    let rows = hot.take_for_spill();
+    insert_with_ids(&mut ctx.conn, &ctx.path, &rows).await
+}
+
+/// `INSERT OR IGNORE` of rows with their ids (spills and crash recovery).
+pub(crate) async fn insert_with_ids(
+    conn: &mut sqlx::SqliteConnection,
+    path: &std::path::Path,
+    rows: &[(i64, crate::hot::HotRow)],
+) -> Result<()> {
+    for chunk in rows.chunks(128) {
+        let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "INSERT OR IGNORE INTO mailbox (id, dest, packet, received_ms, expires_ms) ",
+        );
+        qb.push_values(chunk, |mut b, (id, r)| {
+            b.push_bind(*id)
+                .push_bind(r.dest.to_vec())
+                .push_bind(r.packet.as_slice())
+                .push_bind(ms(r.received_ms))
+                .push_bind(ms(r.expires_ms));
+        });
+        qb.build()
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| Error::db("spill hot packets", path, e))?;
+    }
+    Ok(())
+}
+
 /// Deletes `ids` (any that exist) inside the writer's transaction and
 /// returns the ids that were deleted.
 pub(crate) async fn delete_group(
@@ -335,6 +469,18 @@ impl Mailbox<'_> {
                 out.push(row_to_packet(r).map_err(|e| self.store.db_err("read pending", e))?);
             }
         }
+        if let Some(hot) = self.store.hot_rows() {
+            let rows = match hot.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            for p in rows.pending(dests, now_ms, limit as usize) {
+                // A spill in progress may show a packet in both tiers.
+                if !out.iter().any(|q| q.id == p.id) {
+                    out.push(p);
+                }
+            }
+        }
         out.sort_by_key(|p| p.id);
         out.truncate(limit as usize);
         Ok(out)
@@ -363,6 +509,14 @@ impl Mailbox<'_> {
             .writer()
             .run(Box::new(move |ctx| {
                 Box::pin(async move {
+                    let mut hot_expired = 0u64;
+                    if let Some(hot) = ctx.hot.as_mut() {
+                        for (id, dest) in hot.expired(now_ms, max_rows as usize) {
+                            hot.remove(id);
+                            ctx.counts.decrement(&dest);
+                            hot_expired += 1;
+                        }
+                    }
                     // Packets expire in arrival order (one TTL for all), so
                     // look only at the oldest rows: bounded work per call.
                     let rows = sqlx::query(
@@ -381,15 +535,29 @@ impl Mailbox<'_> {
                             ctx.counts.decrement(&d);
                         }
                     }
-                    Ok(rows.len() as u64)
+                    Ok(rows.len() as u64 + hot_expired)
                 })
             }))
             .await
     }
 
+    fn hot_count(&self, dest: Option<&[u8; 8]>) -> u64 {
+        let Some(hot) = self.store.hot_rows() else {
+            return 0;
+        };
+        let rows = match hot.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        match dest {
+            Some(d) => u64::from(rows.count_for(d)),
+            None => rows.count(),
+        }
+    }
+
     /// Packets queued in total.
     pub async fn count(&self) -> Result<u64> {
-        self.store.count("SELECT COUNT(*) FROM mailbox").await
+        Ok(self.store.count("SELECT COUNT(*) FROM mailbox").await? + self.hot_count(None))
     }
 
     /// Packets queued for one hash.
@@ -399,7 +567,7 @@ impl Mailbox<'_> {
             .fetch_one(self.store.readers())
             .await
             .map_err(|e| self.store.db_err("count mailbox", e))?;
-        Ok(n.max(0) as u64)
+        Ok(n.max(0) as u64 + self.hot_count(Some(&dest.0)))
     }
 
     /// Packets dropped to enforce the per-hash cap since the store opened.

@@ -30,6 +30,8 @@ pub(crate) struct WriterCtx {
     pub(crate) path: PathBuf,
     pub(crate) counts: MailboxCounts,
     pub(crate) mailbox_max_per_dest: u32,
+    /// The mailbox's hot tier, when enabled.
+    pub(crate) hot: Option<crate::hot::HotLog>,
 }
 
 impl WriterCtx {
@@ -279,6 +281,11 @@ async fn run(
             }
         }
     }
+    // Leave nothing in the hot log: spill it all in a last group.
+    if let Some(hot) = ctx.hot.as_mut() {
+        hot.force_spill();
+        process(&mut ctx, Vec::new(), &stats).await;
+    }
     let _ = ctx.conn.close().await;
 }
 
@@ -290,9 +297,17 @@ enum Done {
 
 async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
     let mut done: Vec<Done> = Vec::with_capacity(batch.len());
+    // A group of only enqueues and deletes, with the hot tier on and no
+    // spill due, needs no SQLite transaction: the log append is the commit
+    // (the occasional SQLite statement in it — a count, an eviction, the
+    // delete of a spilled packet — runs on its own).
+    let light = ctx.hot.as_ref().is_some_and(|h| !h.spill_due())
+        && batch
+            .iter()
+            .all(|m| matches!(m, Msg::Enqueue(_) | Msg::Delete(_)));
     let mut pending: Vec<Msg> = batch;
     pending.reverse();
-    if let Err(e) = ctx.exec("begin", "BEGIN IMMEDIATE").await {
+    if !light && let Err(e) = ctx.exec("begin", "BEGIN IMMEDIATE").await {
         fail_all(pending.into_iter().filter_map(msg_to_failed), &e);
         return;
     }
@@ -321,7 +336,12 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
                     }
                 }
                 let all: Vec<&Row> = group.iter().flat_map(|op| op.rows.iter()).collect();
-                match crate::mailbox::insert_group(ctx, &all).await {
+                let inserted = if ctx.hot.is_some() {
+                    crate::mailbox::hot_insert_group(ctx, &all).await
+                } else {
+                    crate::mailbox::insert_group(ctx, &all).await
+                };
+                match inserted {
                     Ok(results) => {
                         let mut results = results.into_iter();
                         for op in group {
@@ -351,7 +371,16 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
                     }
                 }
                 let all: Vec<i64> = group.iter().flat_map(|op| op.ids.iter().copied()).collect();
-                match crate::mailbox::delete_group(ctx, &all).await {
+                let (hot_gone, rest) = crate::mailbox::hot_delete(ctx, &all);
+                let deleted = if rest.is_empty() {
+                    Ok(hot_gone)
+                } else {
+                    crate::mailbox::delete_group(ctx, &rest).await.map(|mut g| {
+                        g.extend(hot_gone);
+                        g
+                    })
+                };
+                match deleted {
                     Ok(gone) => {
                         for op in group {
                             let n = op.ids.iter().filter(|i| gone.contains(i)).count() as u64;
@@ -401,15 +430,41 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
             Msg::Shutdown => {}
         }
     }
+    if fatal.is_none()
+        && !light
+        && ctx.hot.as_ref().is_some_and(|h| h.spill_due())
+        && let Err(e) = crate::mailbox::spill(ctx).await
+    {
+        fatal = Some(e);
+    }
+    if fatal.is_none()
+        && let Some(hot) = ctx.hot.as_mut()
+        && let Err(e) = hot.flush()
+    {
+        fatal = Some(Error::io("append to the hot log", hot.path(), e));
+    }
     if let Some(e) = fatal {
-        let _ = ctx.exec("rollback", "ROLLBACK").await;
+        if !light {
+            let _ = ctx.exec("rollback", "ROLLBACK").await;
+        }
         ctx.counts.clear();
+        if let Some(hot) = ctx.hot.as_mut() {
+            hot.rolled_back();
+        }
         fail_done(done, &e);
         fail_all(pending.into_iter().filter_map(msg_to_failed), &e);
         return;
     }
-    match ctx.exec("commit", "COMMIT").await {
+    let committed = if light {
+        Ok(())
+    } else {
+        ctx.exec("commit", "COMMIT").await
+    };
+    match committed {
         Ok(()) => {
+            if let Some(hot) = ctx.hot.as_mut() {
+                hot.committed();
+            }
             stats.evicted.fetch_add(evicted_total, Ordering::Relaxed);
             for d in done {
                 match d {
@@ -424,6 +479,9 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
         Err(e) => {
             let _ = ctx.exec("rollback", "ROLLBACK").await;
             ctx.counts.clear();
+            if let Some(hot) = ctx.hot.as_mut() {
+                hot.rolled_back();
+            }
             fail_done(done, &e);
         }
     }

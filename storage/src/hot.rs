@@ -1,0 +1,512 @@
+//! The mailbox's hot tier: an append-only log in front of SQLite.
+//!
+//! Most packets a relay stores are delivered and deleted within
+//! milliseconds. Writing each into SQLite's B-trees (table and index, WAL
+//! and checkpoint) only to delete it again is what bounds a relay's
+//! throughput. So the writer appends new packets to this log instead — one
+//! `write` per group commit (and `fdatasync` with power-loss durability),
+//! which makes them exactly as durable as a committed SQLite row — and keeps
+//! them in memory. A delivered packet is a tombstone record in the log.
+//! Every `hot_spill_ms` (default 500 ms), whatever is still undelivered is
+//! inserted into SQLite (same ids) in the group's transaction; after that
+//! commit the log is truncated to zero.
+//!
+//! At open, a log left by a crash is replayed: its live packets go into
+//! SQLite (`INSERT OR IGNORE`, so a crash between a spill's commit and the
+//! truncation repeats nothing), then the log is truncated.
+//!
+//! ```text
+//! record   = length (u32 BE, of what follows) ‖ kind (u8) ‖ id (i64 BE) ‖ body
+//!            ‖ checksum (first 4 bytes of BLAKE3 of kind ‖ id ‖ body)
+//! kind 1   packet: dest (8) ‖ received ms (u64) ‖ expires ms (u64) ‖ packet
+//! kind 2   tombstone (empty body)
+//! ```
+//! Replay stops at the first short or damaged record (a torn tail).
+
+use crate::mailbox::{MailboxId, StoredPacket};
+use meshwhisper_crypto::destination::DestHash;
+use meshwhisper_crypto::primitives;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// The log file, beside the database.
+pub(crate) const LOG_SUFFIX: &str = "-hot.log";
+
+const PACKET: u8 = 1;
+const TOMBSTONE: u8 = 2;
+
+/// A packet held in the hot tier.
+#[derive(Debug, Clone)]
+pub(crate) struct HotRow {
+    pub(crate) dest: [u8; 8],
+    pub(crate) packet: Vec<u8>,
+    pub(crate) received_ms: u64,
+    pub(crate) expires_ms: u64,
+    /// When it entered the tier (not logged: a recovered row is old).
+    pub(crate) at: Option<std::time::Instant>,
+}
+
+/// The hot packets, shared with readers (who merge them into `pending`).
+#[derive(Debug, Default)]
+pub(crate) struct HotRows {
+    by_id: BTreeMap<i64, HotRow>,
+    per_dest: HashMap<[u8; 8], u32>,
+}
+
+impl HotRows {
+    fn insert(&mut self, id: i64, row: HotRow) {
+        *self.per_dest.entry(row.dest).or_insert(0) += 1;
+        self.by_id.insert(id, row);
+    }
+
+    fn remove(&mut self, id: i64) -> Option<HotRow> {
+        let row = self.by_id.remove(&id)?;
+        if let Some(c) = self.per_dest.get_mut(&row.dest) {
+            *c = c.saturating_sub(1);
+            if *c == 0 {
+                self.per_dest.remove(&row.dest);
+            }
+        }
+        Some(row)
+    }
+
+    /// Hot packets of `dest`.
+    pub(crate) fn count_for(&self, dest: &[u8; 8]) -> u32 {
+        self.per_dest.get(dest).copied().unwrap_or(0)
+    }
+
+    /// All hot packets.
+    pub(crate) fn count(&self) -> u64 {
+        self.by_id.len() as u64
+    }
+
+    /// Up to `limit` unexpired packets for `dests`, oldest first.
+    pub(crate) fn pending(
+        &self,
+        dests: &[DestHash],
+        now_ms: u64,
+        limit: usize,
+    ) -> Vec<StoredPacket> {
+        if dests.iter().all(|d| !self.per_dest.contains_key(&d.0)) {
+            return Vec::new();
+        }
+        self.by_id
+            .iter()
+            .filter(|(_, r)| r.expires_ms > now_ms && dests.iter().any(|d| d.0 == r.dest))
+            .take(limit)
+            .map(|(id, r)| StoredPacket {
+                id: MailboxId(*id),
+                dest: DestHash(r.dest),
+                packet: r.packet.clone(),
+                received_ms: r.received_ms,
+                expires_ms: r.expires_ms,
+            })
+            .collect()
+    }
+
+    fn oldest_of(&self, dest: &[u8; 8]) -> Option<i64> {
+        self.by_id
+            .iter()
+            .find(|(_, r)| r.dest == *dest)
+            .map(|(id, _)| *id)
+    }
+}
+
+/// The writer's side of the hot tier.
+pub(crate) struct HotLog {
+    file: std::fs::File,
+    path: PathBuf,
+    sync: bool,
+    buf: Vec<u8>,
+    pub(crate) rows: Arc<Mutex<HotRows>>,
+    pub(crate) next_id: i64,
+    /// Changes of the group in progress, undone if it fails.
+    added: Vec<i64>,
+    removed: Vec<(i64, HotRow)>,
+    /// Rows the group moved into SQLite (dropped from memory after commit).
+    spilled: Vec<i64>,
+    pub(crate) spill_every: std::time::Duration,
+    pub(crate) last_spill: std::time::Instant,
+    force: bool,
+    spill_ran: bool,
+}
+
+/// Hot packets held before a spill is forced regardless of the schedule.
+const MAX_ROWS: usize = 65_536;
+
+fn checksum(kind: u8, id: i64, body: &[u8]) -> [u8; 4] {
+    let h = primitives::blake3(&[&[kind], &id.to_be_bytes(), body]);
+    [h[0], h[1], h[2], h[3]]
+}
+
+fn encode(buf: &mut Vec<u8>, kind: u8, id: i64, body: &[&[u8]]) {
+    let body_len: usize = body.iter().map(|b| b.len()).sum();
+    let len = 1 + 8 + body_len + 4;
+    buf.extend_from_slice(&(len as u32).to_be_bytes());
+    let start = buf.len();
+    buf.push(kind);
+    buf.extend_from_slice(&id.to_be_bytes());
+    for b in body {
+        buf.extend_from_slice(b);
+    }
+    let sum = checksum(kind, id, &buf[start + 9..]);
+    buf.extend_from_slice(&sum);
+}
+
+/// Live packets of a log, in id order. Stops at the first damaged record.
+pub(crate) fn replay(bytes: &[u8]) -> Vec<(i64, HotRow)> {
+    let mut live: BTreeMap<i64, HotRow> = BTreeMap::new();
+    let mut rest = bytes;
+    while rest.len() >= 4 {
+        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if len < 1 + 8 + 4 || rest.len() < 4 + len {
+            break;
+        }
+        let rec = &rest[4..4 + len];
+        rest = &rest[4 + len..];
+        let kind = rec[0];
+        let mut idb = [0u8; 8];
+        idb.copy_from_slice(&rec[1..9]);
+        let id = i64::from_be_bytes(idb);
+        let body = &rec[9..len - 4];
+        if checksum(kind, id, body) != rec[len - 4..] {
+            break;
+        }
+        match kind {
+            PACKET if body.len() >= 24 => {
+                let mut dest = [0u8; 8];
+                dest.copy_from_slice(&body[..8]);
+                let mut t = [0u8; 8];
+                t.copy_from_slice(&body[8..16]);
+                let received_ms = u64::from_be_bytes(t);
+                t.copy_from_slice(&body[16..24]);
+                live.insert(
+                    id,
+                    HotRow {
+                        dest,
+                        packet: body[24..].to_vec(),
+                        received_ms,
+                        expires_ms: u64::from_be_bytes(t),
+                        at: None,
+                    },
+                );
+            }
+            TOMBSTONE => {
+                live.remove(&id);
+            }
+            _ => break,
+        }
+    }
+    live.into_iter().collect()
+}
+
+/// The log path for a database file.
+pub(crate) fn log_path(db: &Path) -> PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push(LOG_SUFFIX);
+    PathBuf::from(s)
+}
+
+impl HotLog {
+    /// Opens (creating) the log; returns it and the live packets a crash
+    /// left in it, which the caller moves into SQLite before calling
+    /// [`HotLog::truncate`].
+    pub(crate) fn open(
+        path: PathBuf,
+        sync: bool,
+        spill_every: std::time::Duration,
+    ) -> std::io::Result<(Self, Vec<(i64, HotRow)>)> {
+        let old = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let live = replay(&old);
+        // A rewrite interrupted before its rename: the old log is complete.
+        let mut next = path.clone().into_os_string();
+        next.push(".next");
+        let _ = std::fs::remove_file(PathBuf::from(next));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        Ok((
+            Self {
+                file,
+                path,
+                sync,
+                buf: Vec::new(),
+                rows: Arc::new(Mutex::new(HotRows::default())),
+                next_id: 1,
+                added: Vec::new(),
+                removed: Vec::new(),
+                spilled: Vec::new(),
+                spill_every,
+                last_spill: std::time::Instant::now(),
+                force: false,
+                spill_ran: false,
+            },
+            live,
+        ))
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn rows(&self) -> std::sync::MutexGuard<'_, HotRows> {
+        match self.rows.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Adds a packet (logged at the group's flush).
+    pub(crate) fn add(&mut self, row: HotRow) -> i64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        encode(
+            &mut self.buf,
+            PACKET,
+            id,
+            &[
+                &row.dest,
+                &row.received_ms.to_be_bytes(),
+                &row.expires_ms.to_be_bytes(),
+                &row.packet,
+            ],
+        );
+        self.rows().insert(id, row);
+        self.added.push(id);
+        id
+    }
+
+    /// Removes a hot packet; `Some(dest)` if it was hot.
+    pub(crate) fn remove(&mut self, id: i64) -> Option<[u8; 8]> {
+        let row = self.rows().remove(id)?;
+        encode(&mut self.buf, TOMBSTONE, id, &[]);
+        let dest = row.dest;
+        self.removed.push((id, row));
+        Some(dest)
+    }
+
+    /// The oldest hot packet of `dest`.
+    pub(crate) fn oldest_of(&self, dest: &[u8; 8]) -> Option<i64> {
+        self.rows().oldest_of(dest)
+    }
+
+    pub(crate) fn count_for(&self, dest: &[u8; 8]) -> u32 {
+        self.rows().count_for(dest)
+    }
+
+    /// Up to `max` hot packets expired at `now_ms`: (id, dest).
+    pub(crate) fn expired(&self, now_ms: u64, max: usize) -> Vec<(i64, [u8; 8])> {
+        self.rows()
+            .by_id
+            .iter()
+            .filter(|(_, r)| r.expires_ms <= now_ms)
+            .take(max)
+            .map(|(id, r)| (*id, r.dest))
+            .collect()
+    }
+
+    /// The hot packets that stayed a whole period (or all, when forced),
+    /// for a spill into SQLite inside the group. The younger ones are
+    /// usually delivered within milliseconds: they stay hot, and are
+    /// written to a fresh log that replaces this one after the commit.
+    pub(crate) fn take_for_spill(&mut self) -> Vec<(i64, HotRow)> {
+        let every = self.spill_every;
+        let all = self.force || self.rows().by_id.len() >= MAX_ROWS;
+        let rows = self.rows();
+        let out: Vec<(i64, HotRow)> = rows
+            .by_id
+            .iter()
+            .filter(|(id, r)| {
+                !self.spilled.contains(id) && (all || r.at.is_none_or(|t| t.elapsed() >= every))
+            })
+            .map(|(id, r)| (*id, r.clone()))
+            .collect();
+        drop(rows);
+        self.spilled.extend(out.iter().map(|(id, _)| *id));
+        self.spill_ran = true;
+        out
+    }
+
+    /// Whether a spill is due (on schedule, or the tier holds too much).
+    pub(crate) fn spill_due(&self) -> bool {
+        self.force
+            || self.last_spill.elapsed() >= self.spill_every
+            || self.rows().by_id.len() >= MAX_ROWS
+    }
+
+    /// Makes the next group spill everything.
+    pub(crate) fn force_spill(&mut self) {
+        self.force = true;
+    }
+
+    /// Writes the group's records; called before the group's COMMIT.
+    pub(crate) fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all(&self.buf)?;
+        if self.sync {
+            self.file.sync_data()?;
+        }
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// The group committed.
+    pub(crate) fn committed(&mut self) {
+        self.added.clear();
+        self.removed.clear();
+        if self.spill_ran {
+            self.spill_ran = false;
+            let spilled = std::mem::take(&mut self.spilled);
+            let mut rows = self.rows();
+            for id in spilled {
+                rows.remove(id);
+            }
+            let mut fresh = Vec::new();
+            for (id, r) in rows.by_id.iter() {
+                encode(
+                    &mut fresh,
+                    PACKET,
+                    *id,
+                    &[
+                        &r.dest,
+                        &r.received_ms.to_be_bytes(),
+                        &r.expires_ms.to_be_bytes(),
+                        &r.packet,
+                    ],
+                );
+            }
+            drop(rows);
+            self.last_spill = std::time::Instant::now();
+            self.force = false;
+            if let Err(e) = self.replace_with(&fresh) {
+                // The old log still holds everything: recovery repeats
+                // nothing (the spilled rows are inserted OR IGNOREd).
+                tracing::warn!(error = %e, "could not rewrite the hot log");
+            }
+        }
+    }
+
+    /// Replaces the log with `records` (the packets still hot): written
+    /// to a new file, synced, renamed over the old one.
+    fn replace_with(&mut self, records: &[u8]) -> std::io::Result<()> {
+        if records.is_empty() {
+            return self.truncate();
+        }
+        let mut next = self.path.clone().into_os_string();
+        next.push(".next");
+        let next = PathBuf::from(next);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&next)?;
+        f.write_all(records)?;
+        if self.sync {
+            f.sync_data()?;
+        }
+        drop(f);
+        std::fs::rename(&next, &self.path)?;
+        self.file = std::fs::OpenOptions::new().append(true).open(&self.path)?;
+        Ok(())
+    }
+
+    /// The group failed: undo its changes in memory (the log may hold
+    /// records of it if the failure came after the flush; compensate).
+    pub(crate) fn rolled_back(&mut self) {
+        let added = std::mem::take(&mut self.added);
+        let removed = std::mem::take(&mut self.removed);
+        self.spilled.clear();
+        self.spill_ran = false;
+        let flushed = self.buf.is_empty();
+        self.buf.clear();
+        let mut rows = self.rows();
+        for id in &added {
+            rows.remove(*id);
+        }
+        for (id, row) in &removed {
+            rows.insert(*id, row.clone());
+        }
+        drop(rows);
+        if flushed {
+            for id in &added {
+                encode(&mut self.buf, TOMBSTONE, *id, &[]);
+            }
+            for (id, row) in &removed {
+                encode(
+                    &mut self.buf,
+                    PACKET,
+                    *id,
+                    &[
+                        &row.dest,
+                        &row.received_ms.to_be_bytes(),
+                        &row.expires_ms.to_be_bytes(),
+                        &row.packet,
+                    ],
+                );
+            }
+            if let Err(e) = self.flush() {
+                tracing::warn!(error = %e, "could not record a failed group in the hot log");
+            }
+        }
+    }
+
+    /// Empties the log (everything in it is in SQLite or gone).
+    pub(crate) fn truncate(&mut self) -> std::io::Result<()> {
+        self.file.set_len(0)?;
+        if self.sync {
+            self.file.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_keeps_live_packets_and_stops_at_a_torn_tail() {
+        let mut buf = Vec::new();
+        for id in 1..=3 {
+            encode(
+                &mut buf,
+                PACKET,
+                id,
+                &[
+                    &[id as u8; 8],
+                    &1u64.to_be_bytes(),
+                    &2u64.to_be_bytes(),
+                    b"pkt",
+                ],
+            );
+        }
+        encode(&mut buf, TOMBSTONE, 2, &[]);
+        let live = replay(&buf);
+        assert_eq!(live.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(live[1].1.packet, b"pkt");
+        assert_eq!(live[1].1.expires_ms, 2);
+        // A torn or damaged tail: what came before is kept.
+        let whole = buf.len();
+        encode(
+            &mut buf,
+            PACKET,
+            4,
+            &[&[4; 8], &1u64.to_be_bytes(), &2u64.to_be_bytes(), b"x"],
+        );
+        assert_eq!(replay(&buf[..buf.len() - 1]).len(), 2);
+        let mut bad = buf.clone();
+        bad[whole + 20] ^= 1;
+        assert_eq!(replay(&bad).len(), 2);
+        assert_eq!(replay(&buf).len(), 3);
+        assert!(replay(&[0xff; 7]).is_empty());
+    }
+}
