@@ -17,7 +17,8 @@
 //!
 //! ```text
 //! record   = length (u32 BE, of what follows) ‖ kind (u8) ‖ id (i64 BE) ‖ body
-//!            ‖ checksum (first 4 bytes of BLAKE3 of kind ‖ id ‖ body)
+//!            ‖ checksum (CRC-32 of kind ‖ id ‖ body: catches torn writes,
+//!              not tampering — the log is as trusted as the database)
 //! kind 1   packet: dest (8) ‖ received ms (u64) ‖ expires ms (u64) ‖ packet
 //! kind 2   tombstone (empty body)
 //! ```
@@ -25,7 +26,6 @@
 
 use crate::mailbox::{MailboxId, StoredPacket};
 use meshwhisper_crypto::destination::DestHash;
-use meshwhisper_crypto::primitives;
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -137,8 +137,11 @@ pub(crate) struct HotLog {
 const MAX_ROWS: usize = 65_536;
 
 fn checksum(kind: u8, id: i64, body: &[u8]) -> [u8; 4] {
-    let h = primitives::blake3(&[&[kind], &id.to_be_bytes(), body]);
-    [h[0], h[1], h[2], h[3]]
+    let mut h = crc32fast::Hasher::new();
+    h.update(&[kind]);
+    h.update(&id.to_be_bytes());
+    h.update(body);
+    h.finalize().to_be_bytes()
 }
 
 fn encode(buf: &mut Vec<u8>, kind: u8, id: i64, body: &[&[u8]]) {

@@ -17,12 +17,13 @@ use crate::core::{Accepted, ConnId, ConnKind, Outbound, PacketError};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::response::{IntoResponse, Response};
 use futures::stream::FuturesOrdered;
-use futures::{FutureExt as _, StreamExt as _};
+use futures::{FutureExt as _, SinkExt as _, StreamExt as _};
 use meshwhisper_crypto::destination::DestHash;
 use meshwhisper_storage::mailbox::MailboxId;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::net::IpAddr;
+use tokio::sync::mpsc;
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Batches of packets being stored at once per connection.
@@ -31,6 +32,8 @@ const IN_FLIGHT: usize = 8;
 const BATCH: usize = 64;
 /// Sent packets whose stored copies are deleted in one go (at the latest).
 const DELETE_BATCH: usize = 256;
+/// Deliveries written per flush.
+const DELIVER_BATCH: usize = 32;
 
 /// Accepts the upgrade if the relay has room.
 pub fn upgrade(s: AppState, ws: WebSocketUpgrade, ip: IpAddr) -> Response {
@@ -117,7 +120,7 @@ async fn session(s: AppState, mut socket: WebSocket) {
                 // Then finish storing what we read, in order, and route it.
                 Some(r) = storing.next(), if !storing.is_empty() => sess.stored(r),
                 // Then deliver to this client.
-                Some(out) = outbound.recv() => sess.deliver(&mut socket, out).await,
+                Some(out) = outbound.recv() => sess.deliver(&mut socket, out, &mut outbound).await,
                 // Forget ids whose stored copies are gone.
                 Some(Ok(ids)) = sess.deleting.join_next(), if !sess.deleting.is_empty() => {
                     sess.deleted(ids);
@@ -211,26 +214,47 @@ impl Session {
         }
     }
 
-    async fn deliver(&mut self, socket: &mut WebSocket, out: Outbound) -> Step {
-        if let Some(id) = out.mailbox_id
-            && !self.in_flight.insert(id)
-        {
-            return Step::Continue; // already sent by a drain
-        }
-        match socket.send(Message::Binary(out.packet)).await {
-            Ok(()) => {
-                if let Some(id) = out.mailbox_id {
-                    self.sent.push(id);
+    /// Sends `out` and every delivery already queued behind it (up to
+    /// [`DELIVER_BATCH`]) with one flush: one write for the burst. Their
+    /// stored copies are deleted only once the flush succeeded.
+    async fn deliver(
+        &mut self,
+        socket: &mut WebSocket,
+        out: Outbound,
+        outbound: &mut mpsc::Receiver<Outbound>,
+    ) -> Step {
+        let mut ids = Vec::new();
+        let mut next = Some(out);
+        let mut n = 0;
+        while let Some(out) = next.take() {
+            let fresh = match out.mailbox_id {
+                Some(id) => self.in_flight.insert(id).then_some(Some(id)),
+                None => Some(None),
+            };
+            // `None`: already sent by a drain.
+            if let Some(id) = fresh {
+                if socket.feed(Message::Binary(out.packet)).await.is_err() {
+                    return self.failed(ids, id);
                 }
-                Step::Continue
+                ids.extend(id);
+                n += 1;
             }
-            Err(_) => {
-                if let Some(id) = out.mailbox_id {
-                    self.in_flight.remove(&id);
-                }
-                Step::Closed
+            if n < DELIVER_BATCH {
+                next = outbound.try_recv().ok();
             }
         }
+        if n > 0 && socket.flush().await.is_err() {
+            return self.failed(ids, None);
+        }
+        self.sent.extend(ids);
+        Step::Continue
+    }
+
+    fn failed(&mut self, ids: Vec<MailboxId>, also: Option<MailboxId>) -> Step {
+        for id in ids.into_iter().chain(also) {
+            self.in_flight.remove(&id);
+        }
+        Step::Closed
     }
 
     /// Starts deleting the stored copies of what was sent.
