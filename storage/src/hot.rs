@@ -53,16 +53,19 @@ pub(crate) struct HotRow {
 pub(crate) struct HotRows {
     by_id: BTreeMap<i64, HotRow>,
     per_dest: HashMap<[u8; 8], u32>,
+    bytes: usize,
 }
 
 impl HotRows {
     fn insert(&mut self, id: i64, row: HotRow) {
         *self.per_dest.entry(row.dest).or_insert(0) += 1;
+        self.bytes += row.packet.len();
         self.by_id.insert(id, row);
     }
 
     fn remove(&mut self, id: i64) -> Option<HotRow> {
         let row = self.by_id.remove(&id)?;
+        self.bytes = self.bytes.saturating_sub(row.packet.len());
         if let Some(c) = self.per_dest.get_mut(&row.dest) {
             *c = c.saturating_sub(1);
             if *c == 0 {
@@ -135,6 +138,8 @@ pub(crate) struct HotLog {
 
 /// Hot packets held before a spill is forced regardless of the schedule.
 const MAX_ROWS: usize = 65_536;
+/// Packet bytes held before a spill is forced regardless of the schedule.
+const MAX_BYTES: usize = 64 * 1024 * 1024;
 
 fn checksum(kind: u8, id: i64, body: &[u8]) -> [u8; 4] {
     let mut h = crc32fast::Hasher::new();
@@ -321,7 +326,7 @@ impl HotLog {
     /// written to a fresh log that replaces this one after the commit.
     pub(crate) fn take_for_spill(&mut self) -> Vec<(i64, HotRow)> {
         let every = self.spill_every;
-        let all = self.force || self.rows().by_id.len() >= MAX_ROWS;
+        let all = self.force || self.over_bounds();
         let rows = self.rows();
         let out: Vec<(i64, HotRow)> = rows
             .by_id
@@ -339,9 +344,12 @@ impl HotLog {
 
     /// Whether a spill is due (on schedule, or the tier holds too much).
     pub(crate) fn spill_due(&self) -> bool {
-        self.force
-            || self.last_spill.elapsed() >= self.spill_every
-            || self.rows().by_id.len() >= MAX_ROWS
+        self.force || self.last_spill.elapsed() >= self.spill_every || self.over_bounds()
+    }
+
+    fn over_bounds(&self) -> bool {
+        let rows = self.rows();
+        rows.by_id.len() >= MAX_ROWS || rows.bytes >= MAX_BYTES
     }
 
     /// Makes the next group spill everything.
@@ -418,6 +426,13 @@ impl HotLog {
         }
         drop(f);
         std::fs::rename(&next, &self.path)?;
+        if self.sync
+            && let Some(dir) = self.path.parent().filter(|p| !p.as_os_str().is_empty())
+        {
+            // The rename itself must survive power loss, or appends to the
+            // new file would be lost with it.
+            std::fs::File::open(dir)?.sync_all()?;
+        }
         self.file = std::fs::OpenOptions::new().append(true).open(&self.path)?;
         Ok(())
     }

@@ -23,8 +23,8 @@ use meshwhisper_storage::mailbox::MailboxId;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::net::IpAddr;
-use tokio::sync::mpsc;
 use std::sync::atomic::Ordering::Relaxed;
+use tokio::sync::mpsc;
 
 /// Batches of packets being stored at once per connection.
 const IN_FLIGHT: usize = 8;
