@@ -102,11 +102,12 @@ impl MailboxCounts {
 
 /// Inserts a group of enqueues in one statement and enforces the per-hash
 /// cap. Runs inside the writer's transaction.
-pub(crate) async fn insert_group(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Vec<Enqueued>> {
+/// Makes sure every hash of `ops` has a known count (SQLite's rows plus
+/// hot ones).
+async fn ensure_counts(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<()> {
     if ctx.counts.counts.len() > COUNT_CACHE_MAX {
         ctx.counts.clear();
     }
-    // Make sure every hash in the group has a known count.
     for op in ops {
         if !ctx.counts.counts.contains_key(&op.dest) {
             let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mailbox WHERE dest = ?")
@@ -114,11 +115,18 @@ pub(crate) async fn insert_group(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Ve
                 .fetch_one(&mut ctx.conn)
                 .await
                 .map_err(|e| ctx.db_err("count mailbox", e))?;
-            ctx.counts
-                .counts
-                .insert(op.dest, u32::try_from(n).unwrap_or(u32::MAX));
+            let hot = ctx.hot.as_ref().map_or(0, |h| h.count_for(&op.dest));
+            ctx.counts.counts.insert(
+                op.dest,
+                u32::try_from(n).unwrap_or(u32::MAX).saturating_add(hot),
+            );
         }
     }
+    Ok(())
+}
+
+pub(crate) async fn insert_group(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Vec<Enqueued>> {
+    ensure_counts(ctx, ops).await?;
     // Insert in chunks of fixed sizes so each statement shape is prepared
     // once and then served from the statement cache.
     let mut ids: Vec<i64> = Vec::with_capacity(ops.len());
@@ -200,24 +208,10 @@ pub(crate) async fn insert_group(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Ve
 /// the tier's counter, the per-hash cap over both tiers (the oldest go
 /// first, and SQLite's rows are always older than hot ones).
 pub(crate) async fn hot_insert_group(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Vec<Enqueued>> {
-    if ctx.counts.counts.len() > COUNT_CACHE_MAX {
-        ctx.counts.clear();
-    }
+    ensure_counts(ctx, ops).await?;
     let mut results = Vec::with_capacity(ops.len());
     let cap = ctx.mailbox_max_per_dest;
     for op in ops {
-        if !ctx.counts.counts.contains_key(&op.dest) {
-            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM mailbox WHERE dest = ?")
-                .bind(op.dest.as_slice())
-                .fetch_one(&mut ctx.conn)
-                .await
-                .map_err(|e| ctx.db_err("count mailbox", e))?;
-            let hot = ctx.hot.as_ref().map_or(0, |h| h.count_for(&op.dest));
-            ctx.counts.counts.insert(
-                op.dest,
-                u32::try_from(n).unwrap_or(u32::MAX).saturating_add(hot),
-            );
-        }
         let Some(hot) = ctx.hot.as_mut() else {
             return Err(Error::Closed);
         };
