@@ -103,7 +103,14 @@ pub async fn run(
                         let c = core.clone();
                         storing.push_back(async move { (seq, c.accept(packet).await) });
                     }
-                    Frame::Ack(mid) => acked.push(MailboxId(mid as i64)),
+                    // Only what this session delivered: an ack left over
+                    // from an earlier connection must not delete anything.
+                    Frame::Ack(mid) => {
+                        let mid = MailboxId(mid as i64);
+                        if in_flight.contains(&mid) && !acked.contains(&mid) {
+                            acked.push(mid);
+                        }
+                    }
                     Frame::Drain => {
                         if !drain(&core, &hashes, &mut in_flight, &to_device, drain_batch).await {
                             break;

@@ -335,3 +335,35 @@ async fn device_directory_checks_signatures_and_staleness() {
     keys_seen.dedup();
     assert_eq!(keys_seen.len(), 3);
 }
+
+/// An ack for a packet this stream was never given (e.g. left over from a
+/// connection before a relay restart) deletes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_for_undelivered_ids_are_ignored() {
+    let relay = start(|_| {}).await;
+    let running = relay.running.as_ref().expect("running");
+    let core = running.core.clone();
+    let h = meshwhisper_crypto::destination::DestHash(hash(DEV));
+    let pkt = meshwhisper_behaviour::packet::build(1, h, [0; 16], 1, b"keep me");
+    let acc = core.accept(pkt.clone().into()).await.expect("stored");
+    let _ = acc;
+    let now = meshwhisper_node::core::now_ms();
+    let id = core
+        .store
+        .mailbox()
+        .pending(&[h], now, 10)
+        .await
+        .expect("pending")[0]
+        .id;
+    let mut dev = device(running).await;
+    dev.send(Frame::Ack(id.0 as u64)).await;
+    // Still there: registering drains it to this device.
+    dev.send(Frame::Register(vec![hash(DEV)])).await;
+    match dev.next().await {
+        Frame::Deliver { id: got, packet } => {
+            assert_eq!(got, id.0 as u64);
+            assert_eq!(&packet[..], &pkt[..]);
+        }
+        other => panic!("expected the stored packet, got {other:?}"),
+    }
+}

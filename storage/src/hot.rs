@@ -165,6 +165,13 @@ fn encode(buf: &mut Vec<u8>, kind: u8, id: i64, body: &[&[u8]]) {
 
 /// Live packets of a log, in id order. Stops at the first damaged record.
 pub(crate) fn replay(bytes: &[u8]) -> Vec<(i64, HotRow)> {
+    replay_with_max(bytes).0
+}
+
+/// [`replay`], plus the highest id any record names (deleted ones too), so
+/// ids are never handed out twice across a restart.
+pub(crate) fn replay_with_max(bytes: &[u8]) -> (Vec<(i64, HotRow)>, i64) {
+    let mut max_id = 0i64;
     let mut live: BTreeMap<i64, HotRow> = BTreeMap::new();
     let mut rest = bytes;
     while rest.len() >= 4 {
@@ -182,6 +189,7 @@ pub(crate) fn replay(bytes: &[u8]) -> Vec<(i64, HotRow)> {
         if checksum(kind, id, body) != rec[len - 4..] {
             break;
         }
+        max_id = max_id.max(id);
         match kind {
             PACKET if body.len() >= 24 => {
                 let mut dest = [0u8; 8];
@@ -207,7 +215,7 @@ pub(crate) fn replay(bytes: &[u8]) -> Vec<(i64, HotRow)> {
             _ => break,
         }
     }
-    live.into_iter().collect()
+    (live.into_iter().collect(), max_id)
 }
 
 /// The log path for a database file.
@@ -225,13 +233,13 @@ impl HotLog {
         path: PathBuf,
         sync: bool,
         spill_every: std::time::Duration,
-    ) -> std::io::Result<(Self, Vec<(i64, HotRow)>)> {
+    ) -> std::io::Result<(Self, Vec<(i64, HotRow)>, i64)> {
         let old = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e),
         };
-        let live = replay(&old);
+        let (live, max_id) = replay_with_max(&old);
         // A rewrite interrupted before its rename: the old log is complete.
         let mut next = path.clone().into_os_string();
         next.push(".next");
@@ -257,6 +265,7 @@ impl HotLog {
                 spill_ran: false,
             },
             live,
+            max_id,
         ))
     }
 

@@ -202,7 +202,7 @@ async fn open_hot(
     cfg: &Config,
 ) -> Result<hot::HotLog> {
     let path = hot::log_path(db_path);
-    let (mut log, live) = hot::HotLog::open(
+    let (mut log, live, log_max) = hot::HotLog::open(
         path.clone(),
         cfg.durability == Durability::PowerLoss,
         cfg.hot_spill,
@@ -231,7 +231,7 @@ async fn open_hot(
     .fetch_one(&mut *conn)
     .await
     .map_err(|e| Error::db("read the last packet id", db_path, e))?;
-    log.next_id = max.saturating_add(1);
+    log.next_id = max.max(log_max).saturating_add(1);
     Ok(log)
 }
 

@@ -296,7 +296,25 @@ pub(crate) async fn spill(ctx: &mut WriterCtx) -> Result<()> {
         return Ok(());
     };
     let rows = hot.take_for_spill();
-    insert_with_ids(&mut ctx.conn, &ctx.path, &rows).await
+    let high = hot.next_id.saturating_sub(1);
+    insert_with_ids(&mut ctx.conn, &ctx.path, &rows).await?;
+    // Ids handed out to packets delivered while hot never reach the table;
+    // record the high-water mark so a restart never hands them out again
+    // (a stale acknowledgement must not delete a newer packet).
+    sqlx::query(
+        "INSERT INTO sqlite_sequence (name, seq) SELECT 'mailbox', ? \
+         WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'mailbox')",
+    )
+    .bind(high)
+    .execute(&mut ctx.conn)
+    .await
+    .map_err(|e| ctx.db_err("record the last packet id", e))?;
+    sqlx::query("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'mailbox'")
+        .bind(high)
+        .execute(&mut ctx.conn)
+        .await
+        .map_err(|e| ctx.db_err("record the last packet id", e))?;
+    Ok(())
 }
 
 /// `INSERT OR IGNORE` of rows with their ids (spills and crash recovery).
