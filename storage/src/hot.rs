@@ -117,6 +117,14 @@ impl HotRows {
     }
 }
 
+/// What a log left by an earlier run holds.
+pub(crate) struct Recovered {
+    /// Packets not delivered, in id order.
+    pub(crate) live: Vec<(i64, HotRow)>,
+    /// The highest id any record names.
+    pub(crate) max_id: i64,
+}
+
 /// The writer's side of the hot tier.
 pub(crate) struct HotLog {
     file: std::fs::File,
@@ -233,7 +241,7 @@ impl HotLog {
         path: PathBuf,
         sync: bool,
         spill_every: std::time::Duration,
-    ) -> std::io::Result<(Self, Vec<(i64, HotRow)>, i64)> {
+    ) -> std::io::Result<(Self, Recovered)> {
         let old = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -264,8 +272,7 @@ impl HotLog {
                 force: false,
                 spill_ran: false,
             },
-            live,
-            max_id,
+            Recovered { live, max_id },
         ))
     }
 

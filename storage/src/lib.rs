@@ -202,7 +202,13 @@ async fn open_hot(
     cfg: &Config,
 ) -> Result<hot::HotLog> {
     let path = hot::log_path(db_path);
-    let (mut log, live, log_max) = hot::HotLog::open(
+    let (
+        mut log,
+        hot::Recovered {
+            live,
+            max_id: log_max,
+        },
+    ) = hot::HotLog::open(
         path.clone(),
         cfg.durability == Durability::PowerLoss,
         cfg.hot_spill,
