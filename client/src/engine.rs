@@ -20,9 +20,7 @@ use crate::envelope::{Content, Envelope, Kind, MessageId};
 use crate::invite::Invite;
 use crate::net::{self, Command, NetError, NetEvent};
 use crate::profile::{Profile, split_relay};
-use crate::{
-    Config, ConnectionState, Contact, Error, Event, Message, MessageStatus, ReceiptKind, now_ms,
-};
+use crate::{Config, ConnectionState, Contact, Error, Event, Message, MessageStatus, ReceiptKind};
 use bytes::{Buf as _, Bytes};
 use libp2p::{Multiaddr, PeerId};
 use meshwhisper_behaviour::device::codec::{Frame, PREKEY_LEN, Status};
@@ -273,6 +271,10 @@ impl Engine {
         }
     }
 
+    fn now(&self) -> u64 {
+        self.cfg.clock.now_ms()
+    }
+
     fn conn(&mut self) -> &mut Conn {
         &mut self.p.conn
     }
@@ -311,7 +313,7 @@ impl Engine {
     // --- prekeys ---------------------------------------------------------
 
     async fn load_prekeys(&mut self) -> Result<(), Error> {
-        let now = now_ms();
+        let now = self.now();
         if db::prekeys(self.conn(), db::SIGNED).await?.is_empty() {
             self.new_signed_prekeys(1, now).await?;
         }
@@ -455,7 +457,7 @@ impl Engine {
             return Ok(());
         }
         let n = self.cfg.opk_target.saturating_sub(left) as usize;
-        let now = now_ms();
+        let now = self.now();
         let mut fresh = Vec::with_capacity(n);
         let mut tx = db::begin(&mut self.p.conn).await?;
         let mut id = self.next_opk;
@@ -502,7 +504,7 @@ impl Engine {
         if !self.cfg.receive {
             return Ok(());
         }
-        let now = now_ms();
+        let now = self.now();
         let hour = destination::epoch_hour(now);
         let back = match (
             self.registered_hour,
@@ -630,7 +632,7 @@ impl Engine {
     }
 
     async fn on_tick(&mut self) {
-        let now = now_ms();
+        let now = self.now();
         if self.up.contains(&self.p.relay)
             && self
                 .registered_hour
@@ -731,10 +733,11 @@ impl Engine {
         let env = Envelope {
             kind,
             id: primitives::random_array(&mut self.rng),
-            sent_ms: now_ms(),
+            sent_ms: self.now(),
             body,
         };
         env.encode()?; // size check before anything is stored
+        let now = env.sent_ms;
         db::insert_message(
             self.conn(),
             contact,
@@ -743,7 +746,7 @@ impl Engine {
             kind as u8,
             &env.body,
             env.sent_ms,
-            now_ms(),
+            now,
         )
         .await?;
         Ok(env.id)
@@ -914,7 +917,7 @@ impl Engine {
                 contact: row.name.clone(),
                 why: e.to_string(),
             })?;
-            let now = now_ms();
+            let now = self.now();
             let hour = destination::epoch_hour(now);
             let dest = DestHash::derive(&card.namespace, &card.identity.x25519(), hour);
             for m in unsent.iter().take(self.cfg.batch as usize) {
@@ -991,7 +994,7 @@ impl Engine {
     /// Sends queued packets that are not on their way, to relays that are
     /// connected (or, every few seconds, to dial those that are not).
     async fn retry_outbox(&mut self) -> Result<(), Error> {
-        let now = now_ms();
+        let now = self.now();
         let rows = db::outbox(self.conn(), 4096).await?;
         for r in rows {
             if self.in_flight.contains(&r.id) {
@@ -1084,7 +1087,8 @@ impl Engine {
         let (status, body) = match result {
             Ok(r) => r,
             Err(e) => {
-                self.claim_after.insert(contact, now_ms() + CLAIM_RETRY_MS);
+                self.claim_after
+                    .insert(contact, self.now() + CLAIM_RETRY_MS);
                 self.problem(
                     Some(row.name),
                     format!("could not reach their relay for first contact ({e}); retrying"),
@@ -1094,7 +1098,8 @@ impl Engine {
             }
         };
         if status != Status::Ok {
-            self.claim_after.insert(contact, now_ms() + CLAIM_RETRY_MS);
+            self.claim_after
+                .insert(contact, self.now() + CLAIM_RETRY_MS);
             self.problem(
                 Some(row.name),
                 format!(
@@ -1155,8 +1160,9 @@ impl Engine {
             initiator: self.p.identity.public().to_bytes(),
             active: true,
         };
+        let now = self.now();
         let mut tx = db::begin(&mut self.p.conn).await?;
-        db::save_session(&mut tx, contact, &s, now_ms()).await?;
+        db::save_session(&mut tx, contact, &s, now).await?;
         db::activate_session(
             &mut tx,
             contact,
@@ -1190,7 +1196,7 @@ impl Engine {
             }
             let body: Vec<u8> = ids.iter().flat_map(|(_, id)| *id).collect();
             let id: MessageId = primitives::random_array(&mut self.rng);
-            let now = now_ms();
+            let now = self.now();
             let mut tx = db::begin(&mut self.p.conn).await?;
             db::insert_message(
                 &mut tx,
@@ -1303,7 +1309,7 @@ impl Engine {
                 .all(|x| x.session_id != s.session_id);
         s.state = session.to_bytes();
         let answered = s.initial.take().is_some();
-        let now = now_ms();
+        let now = self.now();
         let tx = &mut self.p.conn;
         if new_session {
             // Which session we send with when both sides started one at
@@ -1499,7 +1505,8 @@ impl Engine {
             name = format!("{base}-{n}");
             n += 1;
         }
-        db::insert_contact(self.conn(), &name, &key, &bytes, now_ms()).await?;
+        let now = self.now();
+        db::insert_contact(self.conn(), &name, &key, &bytes, now).await?;
         let c = self.p.contact(&name).await?;
         out.events.push(Event::ContactAdded(Box::new(c.clone())));
         Ok(c)

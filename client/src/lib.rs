@@ -282,6 +282,37 @@ pub struct Config {
     pub store_timeout: Duration,
     /// Messages encrypted per batch. Default 256.
     pub batch: u32,
+    /// Where the client reads the time (unix ms): the system clock, or a
+    /// test's. Destination hashes, hour roll-over and prekey rotation
+    /// follow it.
+    pub clock: Clock,
+}
+
+/// A source of unix-millisecond time.
+#[derive(Clone)]
+pub struct Clock(std::sync::Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl Clock {
+    /// The system clock.
+    pub fn system() -> Self {
+        Self(std::sync::Arc::new(now_ms))
+    }
+
+    /// A clock that reads `f`.
+    pub fn from_fn(f: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        Self(std::sync::Arc::new(f))
+    }
+
+    /// The time now.
+    pub fn now_ms(&self) -> u64 {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Clock({})", self.now_ms())
+    }
 }
 
 impl Config {
@@ -300,6 +331,7 @@ impl Config {
             request_timeout: Duration::from_secs(15),
             store_timeout: Duration::from_secs(30),
             batch: 256,
+            clock: Clock::system(),
         }
     }
 }

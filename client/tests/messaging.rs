@@ -531,3 +531,52 @@ async fn contacts_on_different_relays_and_changed_keys() {
     r1.stop().await;
     r2.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_hashes_follow_the_hour() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // Both clients read one test clock, 3 s before an hour boundary.
+    let hour = 3_600_000u64;
+    let real = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let boundary = (real / hour + 1) * hour;
+    let t = Arc::new(AtomicU64::new(boundary - 3_000));
+    let clock = {
+        let t = t.clone();
+        meshwhisper_client::Clock::from_fn(move || t.load(Ordering::SeqCst))
+    };
+    let start = |dir: &Path| {
+        let mut cfg = Config::new(dir);
+        cfg.clock = clock.clone();
+        Client::start(cfg)
+    };
+    let relay = relay_in(tempfile::tempdir().expect("tmp"), 0).await;
+    let (a, b) = profiles(&relay).await;
+    let bob_invite = invite_of(b.path()).await;
+    let (client, events) = start(b.path()).await.expect("bob");
+    let mut bob = Person { client, events };
+    bob.published().await;
+    let (client, events) = start(a.path()).await.expect("alice");
+    let alice = Person { client, events };
+    alice.add(bob_invite).await;
+    alice.say("bob", "before the hour").await;
+    assert_eq!(bob.texts(1).await, ["before the hour"]);
+
+    // The hour turns: Alice now addresses Bob's hash for the new hour,
+    // which Bob had not registered; he re-registers at his next tick and
+    // the relay hands it over.
+    t.store(boundary + 1_000, Ordering::SeqCst);
+    alice.say("bob", "after the hour").await;
+    assert_eq!(bob.texts(1).await, ["after the hour"]);
+    // And a sender whose clock still says the previous hour reaches him
+    // too (the previous hour stays registered).
+    t.store(boundary - 1_000, Ordering::SeqCst);
+    alice.say("bob", "late sender").await;
+    assert_eq!(bob.texts(1).await, ["late sender"]);
+    alice.stop().await;
+    bob.stop().await;
+    relay.stop().await;
+}
