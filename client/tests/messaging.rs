@@ -133,14 +133,19 @@ impl Person {
 }
 
 async fn profiles(relay: &Relay) -> (tempfile::TempDir, tempfile::TempDir) {
+    profiles_on(relay, relay).await
+}
+
+/// Alice homed on `ra`, Bob on `rb`.
+async fn profiles_on(ra: &Relay, rb: &Relay) -> (tempfile::TempDir, tempfile::TempDir) {
     let (a, b) = (
         tempfile::tempdir().expect("tmp"),
         tempfile::tempdir().expect("tmp"),
     );
-    Profile::create(a.path(), std::slice::from_ref(&relay.addr), "alice")
+    Profile::create(a.path(), std::slice::from_ref(&ra.addr), "alice")
         .await
         .expect("alice");
-    Profile::create(b.path(), std::slice::from_ref(&relay.addr), "bob")
+    Profile::create(b.path(), std::slice::from_ref(&rb.addr), "bob")
         .await
         .expect("bob");
     (a, b)
@@ -460,16 +465,7 @@ async fn contacts_on_different_relays_and_changed_keys() {
     // Bob answers through Alice's relay the same way.
     let r1 = relay_in(tempfile::tempdir().expect("tmp"), 0).await;
     let r2 = relay_in(tempfile::tempdir().expect("tmp"), 0).await;
-    let (a, b) = (
-        tempfile::tempdir().expect("tmp"),
-        tempfile::tempdir().expect("tmp"),
-    );
-    Profile::create(a.path(), std::slice::from_ref(&r1.addr), "alice")
-        .await
-        .expect("alice");
-    Profile::create(b.path(), std::slice::from_ref(&r2.addr), "bob")
-        .await
-        .expect("bob");
+    let (a, b) = profiles_on(&r1, &r2).await;
     let bob_invite = invite_of(b.path()).await;
     let mut bob = person(b.path()).await;
     bob.published().await;
