@@ -151,15 +151,22 @@ async fn profiles_on(ra: &Relay, rb: &Relay) -> (tempfile::TempDir, tempfile::Te
     (a, b)
 }
 
+/// A relay on a fresh directory, Alice's and Bob's profiles homed on it,
+/// and Bob's invite.
+async fn alice_and_bob() -> (Relay, tempfile::TempDir, tempfile::TempDir, Invite) {
+    let relay = relay_in(tempfile::tempdir().expect("tmp"), 0).await;
+    let (a, b) = profiles(&relay).await;
+    let invite = invite_of(b.path()).await;
+    (relay, a, b, invite)
+}
+
 async fn invite_of(dir: &Path) -> meshwhisper_client::Invite {
     Profile::open(dir).await.expect("open").invite()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_contact_messages_both_ways_receipts_and_safety_numbers() {
-    let relay = relay_in(tempfile::tempdir().expect("tmp"), 0).await;
-    let (a, b) = profiles(&relay).await;
-    let bob_invite = invite_of(b.path()).await;
+    let (relay, a, b, bob_invite) = alice_and_bob().await;
     let mut alice = person(a.path()).await;
     let mut bob = person(b.path()).await;
     bob.published().await;
@@ -240,9 +247,7 @@ async fn first_contact_messages_both_ways_receipts_and_safety_numbers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_recipient_gets_everything_once_in_order_across_restarts() {
-    let relay = relay_in(tempfile::tempdir().expect("tmp"), 0).await;
-    let (a, b) = profiles(&relay).await;
-    let bob_invite = invite_of(b.path()).await;
+    let (relay, a, b, bob_invite) = alice_and_bob().await;
     // Bob has been online once (his prekeys are at the relay), then leaves.
     let mut bob = person(b.path()).await;
     bob.published().await;
@@ -318,9 +323,7 @@ async fn offline_recipient_gets_everything_once_in_order_across_restarts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reordered_and_duplicated_packets_decrypt_once() {
     use meshwhisper_crypto::destination;
-    let relay = relay_in(tempfile::tempdir().expect("tmp"), 0).await;
-    let (a, b) = profiles(&relay).await;
-    let bob_invite = invite_of(b.path()).await;
+    let (relay, a, b, bob_invite) = alice_and_bob().await;
     let mut bob = person(b.path()).await;
     bob.published().await;
     bob.stop().await;
@@ -399,9 +402,7 @@ async fn reordered_and_duplicated_packets_decrypt_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prekeys_rotate_on_schedule_and_refill_when_low() {
     use meshwhisper_crypto::pqxdh::PrekeyBundle;
-    let relay = relay_in(tempfile::tempdir().expect("tmp"), 0).await;
-    let (a, b) = profiles(&relay).await;
-    let bob_invite = invite_of(b.path()).await;
+    let (relay, a, b, bob_invite) = alice_and_bob().await;
     let ns = hex::encode(meshwhisper_client::profile::default_namespace().as_bytes());
     let key = hex::encode(bob_invite.identity.to_bytes());
     let core = relay.running.as_ref().expect("running").core.clone();
@@ -549,9 +550,7 @@ async fn destination_hashes_follow_the_hour() {
         cfg.clock = clock.clone();
         Client::start(cfg)
     };
-    let relay = relay_in(tempfile::tempdir().expect("tmp"), 0).await;
-    let (a, b) = profiles(&relay).await;
-    let bob_invite = invite_of(b.path()).await;
+    let (relay, a, b, bob_invite) = alice_and_bob().await;
     let (client, events) = start(b.path()).await.expect("bob");
     let mut bob = Person { client, events };
     bob.published().await;
