@@ -8,8 +8,8 @@
 //! decides what they mean (store, route, deliver).
 
 pub mod codec;
-mod handler;
 
+use crate::stream;
 use codec::Frame;
 use libp2p::PeerId;
 use libp2p::core::{Endpoint, Multiaddr, transport::PortUse};
@@ -85,7 +85,7 @@ pub enum Event {
 pub struct Behaviour {
     config: Config,
     open: HashSet<(PeerId, ConnectionId)>,
-    actions: VecDeque<ToSwarm<Event, handler::In>>,
+    actions: VecDeque<ToSwarm<Event, stream::In<Frame>>>,
 }
 
 impl Behaviour {
@@ -106,7 +106,7 @@ impl Behaviour {
         self.actions.push_back(ToSwarm::NotifyHandler {
             peer_id: peer,
             handler: NotifyHandler::One(connection),
-            event: handler::In::Send(frame),
+            event: stream::In::Send(frame),
         });
         true
     }
@@ -132,7 +132,7 @@ impl Behaviour {
 }
 
 impl NetworkBehaviour for Behaviour {
-    type ConnectionHandler = handler::Handler;
+    type ConnectionHandler = stream::Handler<codec::Codec>;
     type ToSwarm = Event;
 
     fn handle_established_inbound_connection(
@@ -142,7 +142,7 @@ impl NetworkBehaviour for Behaviour {
         _: &Multiaddr,
         _: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(handler::Handler::new(
+        Ok(stream::Handler::new(
             self.config.max_frame,
             self.config.max_queued_frames,
         ))
@@ -160,10 +160,10 @@ impl NetworkBehaviour for Behaviour {
             self.actions.push_back(ToSwarm::NotifyHandler {
                 peer_id: peer,
                 handler: NotifyHandler::One(connection),
-                event: handler::In::Open,
+                event: stream::In::Open,
             });
         }
-        Ok(handler::Handler::new(
+        Ok(stream::Handler::new(
             self.config.max_frame,
             self.config.max_queued_frames,
         ))
@@ -189,16 +189,16 @@ impl NetworkBehaviour for Behaviour {
         event: THandlerOutEvent<Self>,
     ) {
         let ev = match event {
-            handler::Out::Opened => {
+            stream::Out::Opened => {
                 self.open.insert((peer, connection));
                 Event::Opened { peer, connection }
             }
-            handler::Out::Frame(frame) => Event::Frame {
+            stream::Out::Frame(frame) => Event::Frame {
                 peer,
                 connection,
                 frame,
             },
-            handler::Out::Closed(reason) => {
+            stream::Out::Closed(reason) => {
                 self.open.remove(&(peer, connection));
                 Event::Closed {
                     peer,

@@ -4,6 +4,10 @@
 //! reads the clock. The node's event loop owns the Swarm and wires these
 //! to storage.
 
+pub mod client;
 pub mod device;
+pub mod federation;
 pub mod node;
 pub mod packet;
+pub mod policy;
+pub mod stream;

@@ -1,11 +1,96 @@
 //! The composed behaviour of a relay node. Fields are polled in declaration
 //! order; each is documented.
 
-use crate::device;
-use libp2p::{connection_limits, identify, identity::Keypair, ping, swarm::NetworkBehaviour};
+use crate::{device, federation, policy};
+use libp2p::{
+    StreamProtocol, connection_limits, gossipsub, identify, identity::Keypair, kad, ping,
+    swarm::NetworkBehaviour,
+};
+use std::time::Duration;
 
 /// Protocol name advertised by identify.
 pub const PROTOCOL_VERSION: &str = "/meshwhisper/0.1.0";
+/// The Kademlia protocol name of MeshWhisper relays.
+pub const KAD_PROTOCOL: &str = "/meshwhisper/kad/1";
+/// The gossipsub topic carrying signed address records.
+pub const RECORDS_TOPIC: &str = "meshwhisper/address-records/1";
+
+/// Gossipsub mesh parameters. The defaults suit meshes from 2 relays up
+/// (libp2p's own defaults assume a dozen peers and leave a 3-relay mesh
+/// permanently "low").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GossipParams {
+    /// Target mesh degree D. Default 2.
+    pub mesh_n: usize,
+    /// Lower bound D_lo. Default 1.
+    pub mesh_n_low: usize,
+    /// Upper bound D_hi. Default 4.
+    pub mesh_n_high: usize,
+    /// Outbound peers kept in the mesh, D_out. Default 1.
+    pub mesh_outbound_min: usize,
+    /// Peers gossiped to outside the mesh. Default 2.
+    pub gossip_lazy: usize,
+    /// Heartbeat. Default 500 ms.
+    pub heartbeat: Duration,
+    /// Largest message. Default 64 KiB (a record is at most ~4 KiB).
+    pub max_transmit: usize,
+}
+
+impl Default for GossipParams {
+    fn default() -> Self {
+        Self {
+            mesh_n: 2,
+            mesh_n_low: 1,
+            mesh_n_high: 4,
+            mesh_outbound_min: 1,
+            gossip_lazy: 2,
+            heartbeat: Duration::from_millis(500),
+            max_transmit: 64 * 1024,
+        }
+    }
+}
+
+impl GossipParams {
+    /// Checks what gossipsub's builder no longer checks:
+    /// `D_out ≤ D_lo ≤ D ≤ D_hi`, `2·D_out ≤ D`, all positive.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        if self.mesh_n == 0 || self.mesh_n_low == 0 || self.mesh_outbound_min == 0 {
+            return Err("gossip mesh degrees must be positive");
+        }
+        if !(self.mesh_outbound_min <= self.mesh_n_low
+            && self.mesh_n_low <= self.mesh_n
+            && self.mesh_n <= self.mesh_n_high)
+        {
+            return Err("gossip mesh degrees must satisfy D_out <= D_lo <= D <= D_hi");
+        }
+        if 2 * self.mesh_outbound_min > self.mesh_n {
+            return Err("gossip mesh_outbound_min must be at most mesh_n / 2");
+        }
+        if self.heartbeat.is_zero() || self.max_transmit < 4096 {
+            return Err("gossip heartbeat must be positive and max_transmit at least 4096");
+        }
+        Ok(())
+    }
+}
+
+/// Why the behaviour could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The gossipsub settings are inconsistent.
+    #[error("gossipsub settings: {0}")]
+    Gossip(String),
+}
+
+/// Federation settings of the behaviour.
+#[derive(Debug, Clone, Default)]
+pub struct FederationSettings {
+    /// Admission policy.
+    pub policy: policy::Config,
+    /// Gossipsub mesh parameters.
+    pub gossip: GossipParams,
+    /// Federation stream limits.
+    pub stream: federation::Config,
+}
 
 /// Connection bounds.
 #[derive(Debug, Clone, Copy)]
@@ -34,18 +119,67 @@ pub struct Behaviour {
     /// Caps connections; first, so it decides before anything else sees a
     /// connection.
     pub limits: connection_limits::Behaviour,
-    /// Tells peers our listen addresses and protocols, and learns theirs.
+    /// Denies blocklisted peers and admits relays; second, so a blocked
+    /// peer's connection is refused before any protocol handler exists.
+    pub policy: policy::Behaviour,
+    /// Tells peers our listen addresses and protocols, and learns theirs:
+    /// its protocol list is how a relay is told from a device.
     pub identify: identify::Behaviour,
     /// Keeps connections measured and detects dead ones.
     pub ping: ping::Behaviour,
+    /// Spreads signed address records (topic [`RECORDS_TOPIC`]); messages
+    /// are validated by the Swarm owner before they are forwarded.
+    pub gossipsub: gossipsub::Behaviour,
+    /// Finds relays not yet in the address book (server mode always: a
+    /// LAN-only mesh never confirms an external address).
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    /// Relay-to-relay packet forwarding and anti-entropy
+    /// (`/meshwhisper/federation/1`).
+    pub federation: federation::Behaviour,
     /// Native devices' long-lived streams (`/meshwhisper/device/1`).
     pub device: device::Behaviour,
 }
 
 impl Behaviour {
     /// The behaviour for `key`, speaking the device protocol in `device.role`.
-    pub fn new(key: &Keypair, device: device::Config, limits: Limits) -> Self {
-        Self {
+    pub fn new(
+        key: &Keypair,
+        device: device::Config,
+        limits: Limits,
+        fed: FederationSettings,
+    ) -> Result<Self, BuildError> {
+        fed.gossip
+            .validate()
+            .map_err(|e| BuildError::Gossip(e.into()))?;
+        let g = fed.gossip;
+        let gossip_cfg = gossipsub::ConfigBuilder::default()
+            .mesh_n(g.mesh_n)
+            .mesh_n_low(g.mesh_n_low)
+            .mesh_n_high(g.mesh_n_high)
+            .mesh_outbound_min(g.mesh_outbound_min)
+            .gossip_lazy(g.gossip_lazy)
+            .heartbeat_interval(g.heartbeat)
+            .max_transmit_size(g.max_transmit)
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            .validate_messages()
+            .build()
+            .map_err(|e| BuildError::Gossip(e.to_string()))?;
+        let mut gossipsub = gossipsub::Behaviour::new(
+            gossipsub::MessageAuthenticity::Signed(key.clone()),
+            gossip_cfg,
+        )
+        .map_err(|e| BuildError::Gossip(e.to_string()))?;
+        gossipsub
+            .subscribe(&gossipsub::IdentTopic::new(RECORDS_TOPIC))
+            .map_err(|e| BuildError::Gossip(e.to_string()))?;
+        let peer_id = key.public().to_peer_id();
+        let mut kad = kad::Behaviour::with_config(
+            peer_id,
+            kad::store::MemoryStore::new(peer_id),
+            kad::Config::new(StreamProtocol::new(KAD_PROTOCOL)),
+        );
+        kad.set_mode(Some(kad::Mode::Server));
+        Ok(Self {
             limits: connection_limits::Behaviour::new(
                 connection_limits::ConnectionLimits::default()
                     .with_max_established(Some(limits.max_connections))
@@ -56,8 +190,12 @@ impl Behaviour {
                 PROTOCOL_VERSION.into(),
                 key.public(),
             )),
+            policy: policy::Behaviour::new(fed.policy),
             ping: ping::Behaviour::new(ping::Config::new()),
+            gossipsub,
+            kad,
+            federation: federation::Behaviour::new(fed.stream),
             device: device::Behaviour::new(device),
-        }
+        })
     }
 }

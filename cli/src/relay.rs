@@ -24,6 +24,21 @@ pub struct RelayArgs {
     /// Log filter, e.g. `info` or `meshwhisper_node=debug` (RUST_LOG wins).
     #[arg(long)]
     log: Option<String>,
+    /// Federation mode: open (default), allowlist or off.
+    #[arg(long, value_name = "MODE")]
+    federation: Option<meshwhisper_node::config::FederationMode>,
+    /// A relay to join the mesh through: a multiaddr ending in
+    /// /p2p/<PeerId> (repeatable).
+    #[arg(long, value_name = "MULTIADDR")]
+    bootstrap: Vec<String>,
+    /// Blocklist file (one PeerId or hex key per line); re-read when it
+    /// changes and on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    blocklist: Option<PathBuf>,
+    /// An address to advertise in our record besides the listen addresses
+    /// (repeatable).
+    #[arg(long, value_name = "MULTIADDR")]
+    external_addr: Vec<String>,
 }
 
 pub fn run(args: RelayArgs) -> anyhow::Result<()> {
@@ -32,6 +47,10 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
         http: args.http,
         listen: args.listen,
         log: args.log,
+        federation: args.federation,
+        bootstrap: args.bootstrap,
+        blocklist_file: args.blocklist,
+        external_addrs: args.external_addr,
     };
     let cfg = Config::load(
         args.config.as_deref(),

@@ -12,11 +12,11 @@ use libp2p::futures::StreamExt as _;
 use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::DialOpts;
 use libp2p::{Multiaddr, PeerId, Swarm, noise, tcp, yamux};
+use meshwhisper_behaviour::client::{Behaviour, BehaviourEvent};
 use meshwhisper_behaviour::device::{
     self,
     codec::{Frame, Status},
 };
-use meshwhisper_behaviour::node::{Behaviour, BehaviourEvent};
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};

@@ -71,6 +71,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Rate limits and connection bounds.
     pub limits: Limits,
+    /// Relay federation (see docs/federation.md).
+    pub federation: Federation,
 }
 
 /// Storage limits (see `meshwhisper_storage::Config`).
@@ -138,6 +140,182 @@ pub struct Limits {
     pub max_p2p_per_peer: u32,
 }
 
+/// Federation admission mode (`--federation`, env `FEDERATION_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum FederationMode {
+    /// Any relay that proves its key, up to `max_peers`.
+    #[default]
+    Open,
+    /// Only the relays in `allowlist`.
+    Allowlist,
+    /// No federation: the relay serves its own clients only.
+    Off,
+}
+
+impl std::str::FromStr for FederationMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "open" => Ok(Self::Open),
+            "allowlist" => Ok(Self::Allowlist),
+            "off" => Ok(Self::Off),
+            other => Err(format!("{other:?} is not open, allowlist or off")),
+        }
+    }
+}
+
+/// Relay federation settings. Relays are named by libp2p PeerId or by
+/// their Ed25519 key in hex (64 digits).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Federation {
+    /// Admission mode. Default `open`.
+    pub mode: FederationMode,
+    /// Relays to join through: multiaddrs ending in `/p2p/<PeerId>`. Env
+    /// `FEDERATION_BOOTSTRAP` (comma-separated).
+    pub bootstrap: Vec<String>,
+    /// Relays admitted in `allowlist` mode.
+    pub allowlist: Vec<String>,
+    /// File of blocked relays (one per line, `#` comments). Re-read when it
+    /// changes and on SIGHUP; connected peers on it are dropped at once.
+    pub blocklist_file: Option<PathBuf>,
+    /// Addresses to advertise in our record besides the listen addresses
+    /// (e.g. a public address behind port forwarding).
+    pub external_addrs: Vec<String>,
+    /// Most admitted relays at once. Default 64. Env `FEDERATION_MAX_PEERS`.
+    pub max_peers: usize,
+    /// Relays this relay dials on its own from the address book. Default 8.
+    pub target_peers: usize,
+    /// Federation frames one relay may send per minute. Default 6000.
+    pub frames_per_minute: u32,
+    /// Most relays a flooded packet passes. Default 3.
+    pub max_hops: u8,
+    /// Packet ids remembered for dedup. Default 8192.
+    pub dedup_entries: usize,
+    /// How long a packet id is remembered, seconds. Default 60.
+    pub dedup_secs: u64,
+    /// Packets waiting for a federation acknowledgement. Default 100000.
+    pub max_pending: usize,
+    /// Packets queued for one relay while it is being dialed. Default 1024.
+    pub dial_queue: usize,
+    /// Resend an unacknowledged packet after this long, ms; dials back off
+    /// from here to 30 s. Default 2000.
+    pub retry_ms: u64,
+    /// Re-flood a packet no relay stored after this long, ms. Default 60000.
+    pub flood_retry_ms: u64,
+    /// Re-sign our address record this often, hours (records expire after
+    /// 7 days). Default 24.
+    pub record_refresh_hours: u64,
+    /// Publish records over gossipsub. Default true; off leaves
+    /// convergence to anti-entropy alone.
+    pub record_gossip: bool,
+    /// Anti-entropy round with one peer every this many ms. Default 10000.
+    pub anti_entropy_ms: u64,
+    /// Digest entries per anti-entropy page. Default 256 (at most 1024).
+    pub anti_entropy_page: u16,
+    /// Relay records kept in the address book. Default 4096.
+    pub address_book_max: u32,
+    /// Destination hashes remembered as homed here. Default 1000000.
+    pub homed_max: usize,
+    /// How long a registered hash stays homed here after its last
+    /// registration, hours. Default 720 (the mailbox TTL).
+    pub homed_hours: u64,
+    /// Gossipsub mesh degree D. Default 2.
+    pub gossip_mesh_n: usize,
+    /// Gossipsub D_lo. Default 1.
+    pub gossip_mesh_n_low: usize,
+    /// Gossipsub D_hi. Default 4.
+    pub gossip_mesh_n_high: usize,
+    /// Gossipsub D_out. Default 1.
+    pub gossip_mesh_outbound_min: usize,
+    /// Gossipsub heartbeat, ms. Default 500.
+    pub gossip_heartbeat_ms: u64,
+}
+
+impl Default for Federation {
+    fn default() -> Self {
+        Self {
+            mode: FederationMode::Open,
+            bootstrap: Vec::new(),
+            allowlist: Vec::new(),
+            blocklist_file: None,
+            external_addrs: Vec::new(),
+            max_peers: 64,
+            target_peers: 8,
+            frames_per_minute: 6000,
+            max_hops: 3,
+            dedup_entries: 8192,
+            dedup_secs: 60,
+            max_pending: 100_000,
+            dial_queue: 1024,
+            retry_ms: 2000,
+            flood_retry_ms: 60_000,
+            record_refresh_hours: 24,
+            record_gossip: true,
+            anti_entropy_ms: 10_000,
+            anti_entropy_page: 256,
+            address_book_max: 4096,
+            homed_max: 1_000_000,
+            homed_hours: 720,
+            gossip_mesh_n: 2,
+            gossip_mesh_n_low: 1,
+            gossip_mesh_n_high: 4,
+            gossip_mesh_outbound_min: 1,
+            gossip_heartbeat_ms: 500,
+        }
+    }
+}
+
+impl Federation {
+    /// The gossipsub parameters these settings imply.
+    pub fn gossip_params(&self) -> meshwhisper_behaviour::node::GossipParams {
+        meshwhisper_behaviour::node::GossipParams {
+            mesh_n: self.gossip_mesh_n,
+            mesh_n_low: self.gossip_mesh_n_low,
+            mesh_n_high: self.gossip_mesh_n_high,
+            mesh_outbound_min: self.gossip_mesh_outbound_min,
+            heartbeat: std::time::Duration::from_millis(self.gossip_heartbeat_ms),
+            ..Default::default()
+        }
+    }
+}
+
+/// Parses a relay name: a PeerId, or an Ed25519 key in hex.
+pub fn parse_relay(s: &str) -> Option<libp2p::PeerId> {
+    let s = s.trim();
+    if let Ok(p) = s.parse::<libp2p::PeerId>() {
+        return Some(p);
+    }
+    let bytes = hex::decode(s).ok()?;
+    let key = libp2p::identity::ed25519::PublicKey::try_from_bytes(&bytes).ok()?;
+    Some(libp2p::identity::PublicKey::from(key).to_peer_id())
+}
+
+/// Parses a blocklist or allowlist file: one relay per line, `#` starts a
+/// comment, blank lines ignored. Lines that name no relay are errors.
+pub fn parse_relay_list(text: &str) -> Result<std::collections::HashSet<libp2p::PeerId>, String> {
+    let mut out = std::collections::HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        match parse_relay(line) {
+            Some(p) => {
+                out.insert(p);
+            }
+            None => {
+                return Err(format!(
+                    "line {}: {line:?} is not a PeerId or hex key",
+                    i + 1
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -154,6 +332,7 @@ impl Default for Config {
             log: "info".into(),
             storage: StorageConfig::default(),
             limits: Limits::default(),
+            federation: Federation::default(),
         }
     }
 }
@@ -209,6 +388,14 @@ pub struct Overrides {
     pub listen: Vec<String>,
     /// `--log`.
     pub log: Option<String>,
+    /// `--federation`.
+    pub federation: Option<FederationMode>,
+    /// `--bootstrap` (repeatable; replaces the list).
+    pub bootstrap: Vec<String>,
+    /// `--blocklist`.
+    pub blocklist_file: Option<PathBuf>,
+    /// `--external-addr` (repeatable; replaces the list).
+    pub external_addrs: Vec<String>,
 }
 
 fn parse_env<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, Error> {
@@ -259,6 +446,18 @@ impl Config {
         }
         if let Some(l) = &overrides.log {
             cfg.log = l.clone();
+        }
+        if let Some(m) = overrides.federation {
+            cfg.federation.mode = m;
+        }
+        if !overrides.bootstrap.is_empty() {
+            cfg.federation.bootstrap = overrides.bootstrap.clone();
+        }
+        if let Some(b) = &overrides.blocklist_file {
+            cfg.federation.blocklist_file = Some(b.clone());
+        }
+        if !overrides.external_addrs.is_empty() {
+            cfg.federation.external_addrs = overrides.external_addrs.clone();
         }
         cfg.validate()?;
         Ok(cfg)
@@ -320,6 +519,22 @@ impl Config {
         if let Some(v) = env("MAX_MEDIA_SIZE") {
             s.max_media_size = parse_env("MAX_MEDIA_SIZE", &v)?;
         }
+        if let Some(v) = env("FEDERATION_MODE") {
+            self.federation.mode = v.parse().map_err(|why| Error::Invalid {
+                key: "FEDERATION_MODE".into(),
+                why,
+            })?;
+        }
+        if let Some(v) = env("FEDERATION_BOOTSTRAP") {
+            self.federation.bootstrap = v
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+        if let Some(v) = env("FEDERATION_MAX_PEERS") {
+            self.federation.max_peers = parse_env("FEDERATION_MAX_PEERS", &v)?;
+        }
         let l = &mut self.limits;
         for (key, slot) in [
             ("RATE_LIMIT_MEDIA", &mut l.rate_limit_media),
@@ -363,6 +578,63 @@ impl Config {
         if s.sweep_batch == 0 || s.sweep_interval_secs == 0 {
             return bad("storage.sweep_*", "must be positive");
         }
+        let f = &self.federation;
+        for b in &f.bootstrap {
+            let ok = b.parse::<libp2p::Multiaddr>().ok().is_some_and(|a| {
+                matches!(a.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_)))
+            });
+            if !ok {
+                return bad(
+                    "federation.bootstrap",
+                    &format!("{b:?} is not a multiaddr ending in /p2p/<PeerId>"),
+                );
+            }
+        }
+        for a in &f.external_addrs {
+            if a.parse::<libp2p::Multiaddr>().is_err() {
+                return bad(
+                    "federation.external_addrs",
+                    &format!("{a:?} is not a multiaddr"),
+                );
+            }
+        }
+        for a in &f.allowlist {
+            if parse_relay(a).is_none() {
+                return bad(
+                    "federation.allowlist",
+                    &format!("{a:?} is not a PeerId or hex key"),
+                );
+            }
+        }
+        if f.mode == FederationMode::Allowlist && f.allowlist.is_empty() {
+            return bad(
+                "federation.allowlist",
+                "allowlist mode needs at least one relay",
+            );
+        }
+        if f.max_hops == 0 || f.dedup_entries == 0 || f.max_pending == 0 || f.dial_queue == 0 {
+            return bad(
+                "federation",
+                "max_hops, dedup_entries, max_pending and dial_queue must be positive",
+            );
+        }
+        if f.retry_ms == 0 || f.flood_retry_ms == 0 || f.anti_entropy_ms == 0 {
+            return bad("federation", "intervals must be positive");
+        }
+        if f.record_refresh_hours == 0 || f.record_refresh_hours >= 7 * 24 {
+            return bad(
+                "federation.record_refresh_hours",
+                "must be 1..167 (records expire after 7 days)",
+            );
+        }
+        if f.anti_entropy_page == 0
+            || f.anti_entropy_page as usize > meshwhisper_behaviour::federation::codec::MAX_DIGEST
+        {
+            return bad("federation.anti_entropy_page", "must be 1..=1024");
+        }
+        if let Err(e) = f.gossip_params().validate() {
+            return bad("federation.gossip_*", e);
+        }
         let l = &self.limits;
         if l.max_websockets == 0 || l.client_queue == 0 || l.max_hashes_per_client == 0 {
             return bad("limits", "bounds must be positive");
@@ -387,6 +659,7 @@ impl Config {
         c.archive_max_bytes = s.max_archive_size;
         c.bundle_max_bytes = s.max_bundle_size;
         c.max_db_bytes = (s.max_db_bytes > 0).then_some(s.max_db_bytes);
+        c.address_book_max = self.federation.address_book_max;
         c
     }
 

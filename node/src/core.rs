@@ -81,6 +81,46 @@ pub struct Accepted {
     id: MailboxId,
 }
 
+impl Accepted {
+    /// The destination hash.
+    pub fn dest(&self) -> DestHash {
+        self.dest
+    }
+
+    /// The stored copy's id.
+    pub fn id(&self) -> MailboxId {
+        self.id
+    }
+
+    /// The packet.
+    pub fn frame(&self) -> &Bytes {
+        &self.frame
+    }
+}
+
+/// A stored packet whose recipient is not homed here: the federation sends
+/// it on and deletes the stored copy once the home relay has stored it.
+#[derive(Debug)]
+pub struct Federate {
+    /// The stored copy here.
+    pub mailbox_id: MailboxId,
+    /// Its destination.
+    pub dest: DestHash,
+    /// The packet.
+    pub packet: Bytes,
+    /// The home relay's Ed25519 key, when the sender named it.
+    pub hint: Option<[u8; 32]>,
+    /// When it was accepted, unix ms.
+    pub at_ms: u64,
+}
+
+/// Hashes registered here, remembered until they expire, bounded.
+struct HomedSet {
+    map: HashMap<DestHash, u64>,
+    ttl_ms: u64,
+    max: usize,
+}
+
 /// Clock in unix milliseconds.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -99,6 +139,8 @@ pub struct Core {
     pub events: Arc<EventCounts>,
     push: PushSender,
     registry: Mutex<Registry>,
+    homed: Mutex<HomedSet>,
+    federation: std::sync::OnceLock<mpsc::Sender<Federate>>,
     max_packet: usize,
     client_queue: usize,
     max_hashes: usize,
@@ -126,6 +168,12 @@ impl Core {
             events: Arc::new(EventCounts::default()),
             push,
             registry: Mutex::new(Registry::default()),
+            homed: Mutex::new(HomedSet {
+                map: HashMap::new(),
+                ttl_ms: 720 * 3_600_000,
+                max: 1_000_000,
+            }),
+            federation: std::sync::OnceLock::new(),
             max_packet,
             client_queue: client_queue.max(1),
             max_hashes: max_hashes.max(1),
@@ -137,6 +185,89 @@ impl Core {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         }
+    }
+
+    fn homed_set(&self) -> std::sync::MutexGuard<'_, HomedSet> {
+        match self.homed.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Sets how long registered hashes stay homed here and how many are
+    /// remembered, then loads the remembered ones from the store.
+    pub async fn load_homed(
+        &self,
+        ttl_ms: u64,
+        max: usize,
+    ) -> Result<usize, meshwhisper_storage::Error> {
+        let rows = self
+            .store
+            .homed()
+            .load(now_ms(), u32::try_from(max).unwrap_or(u32::MAX))
+            .await?;
+        let mut h = self.homed_set();
+        h.ttl_ms = ttl_ms;
+        h.max = max.max(1);
+        for (hash, exp) in rows {
+            h.map.insert(hash, exp);
+        }
+        Ok(h.map.len())
+    }
+
+    /// Hands packets for relays elsewhere to the federation from now on.
+    pub fn set_federation(&self, tx: mpsc::Sender<Federate>) {
+        let _ = self.federation.set(tx);
+    }
+
+    /// Whether `dest` belongs to a client of this relay: connected now, or
+    /// registered here before and not expired.
+    pub fn is_homed(&self, dest: &DestHash) -> bool {
+        if self.registry().by_hash.contains_key(dest) {
+            return true;
+        }
+        let now = now_ms();
+        self.homed_set().map.get(dest).is_some_and(|&exp| exp > now)
+    }
+
+    /// Destination hashes remembered as homed here.
+    pub fn homed_count(&self) -> usize {
+        self.homed_set().map.len()
+    }
+
+    /// Remembers `hashes` as homed here; persists the ones that are new or
+    /// whose expiry moved by more than an hour.
+    fn remember_homed(&self, hashes: &[DestHash]) {
+        let now = now_ms();
+        let (changed, exp) = {
+            let mut h = self.homed_set();
+            let exp = now.saturating_add(h.ttl_ms);
+            let mut changed = Vec::new();
+            for d in hashes {
+                let fresh = h.map.get(d).is_none_or(|&e| e + 3_600_000 < exp);
+                if !fresh {
+                    continue;
+                }
+                if h.map.len() >= h.max && !h.map.contains_key(d) {
+                    h.map.retain(|_, e| *e > now);
+                    if h.map.len() >= h.max {
+                        continue;
+                    }
+                }
+                h.map.insert(*d, exp);
+                changed.push(*d);
+            }
+            (changed, exp)
+        };
+        if changed.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.homed().remember(changed, exp).await {
+                tracing::warn!(error = %e, "could not remember homed hashes");
+            }
+        });
     }
 
     /// The most hashes one client may register.
@@ -199,6 +330,8 @@ impl Core {
         if let Some(c) = r.conns.get_mut(&id) {
             c.hashes = mine;
         }
+        drop(r);
+        self.remember_homed(hashes);
     }
 
     /// Destination hashes registered by connected clients.
@@ -282,8 +415,47 @@ impl Core {
     }
 
     /// Hands a stored packet to its connected recipient (not back to the
-    /// sender), or leaves it queued and sends a push wake.
+    /// sender); else, when the recipient is homed elsewhere, to the
+    /// federation; else leaves it queued and sends a push wake.
     pub fn route(self: &Arc<Self>, from: ConnId, accepted: Accepted) {
+        self.route_hinted(from, accepted, None);
+    }
+
+    /// [`Core::route`] with the sender's home-relay hint.
+    pub fn route_hinted(
+        self: &Arc<Self>,
+        from: ConnId,
+        accepted: Accepted,
+        hint: Option<[u8; 32]>,
+    ) {
+        if let Some(fed) = self.federation.get()
+            && !self.is_homed(&accepted.dest)
+        {
+            let f = Federate {
+                mailbox_id: accepted.id,
+                dest: accepted.dest,
+                packet: accepted.frame,
+                hint,
+                at_ms: now_ms(),
+            };
+            if let Err(e) = fed.try_send(f) {
+                // The stored copy stays here for the recipient to fetch.
+                self.metrics
+                    .federation
+                    .drops_queue_full
+                    .fetch_add(1, Relaxed);
+                tracing::debug!(error = %e, "federation queue full; packet kept locally");
+            }
+            self.metrics.packets_queued.fetch_add(1, Relaxed);
+            self.events.queued.fetch_add(1, Relaxed);
+            return;
+        }
+        self.route_local(from, accepted);
+    }
+
+    /// Delivers a stored packet to a connected local recipient or leaves it
+    /// queued (push wake); never federates. Returns whether it went live.
+    pub fn route_local(self: &Arc<Self>, from: ConnId, accepted: Accepted) -> bool {
         let target = {
             let r = self.registry();
             r.by_hash
@@ -300,7 +472,7 @@ impl Core {
             if tx.try_send(out).is_ok() {
                 self.metrics.packets_delivered_live.fetch_add(1, Relaxed);
                 self.events.forwarded.fetch_add(1, Relaxed);
-                return;
+                return true;
             }
             // The recipient's queue is full: it stays stored and is drained
             // on its next pull.
@@ -324,6 +496,7 @@ impl Core {
                 }
             });
         }
+        false
     }
 
     /// Stored packets for `hashes`, oldest first, skipping ids already in

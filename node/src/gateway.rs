@@ -64,6 +64,8 @@ pub struct AppState {
     /// Client sessions (WebSocket and device): shutdown waits for them
     /// before closing the store.
     pub sessions: tokio_util::task::TaskTracker,
+    /// Federation status from the Swarm task.
+    pub federation: tokio::sync::watch::Receiver<crate::p2p::FedStatus>,
 }
 
 fn cors(mut resp: Response) -> Response {
@@ -212,8 +214,8 @@ pub async fn gauges(s: &AppState) -> Gauges {
         media_entries: store.media().count().await.unwrap_or(0),
         opk_entries: store.directory().one_time_prekey_count().await.unwrap_or(0),
         archive_entries: store.archive().count().await.unwrap_or(0),
-        federation_peers_configured: 0,
-        federation_peers_connected: 0,
+        federation_peers_configured: s.federation.borrow().configured as u64,
+        federation_peers_connected: s.federation.borrow().connected.len() as u64,
         store_commits: store.commit_stats().0,
         store_writes: store.commit_stats().1,
     }
@@ -239,6 +241,13 @@ async fn health(State(s): State<AppState>) -> Response {
             "connections": g.connections,
             "devices": devices,
             "peerId": &*s.peer_id,
+            "federation": {
+                "mode": s.cfg.federation.mode,
+                "peers": s.federation.borrow().connected.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                "addressRecords": s.metrics.federation.records_known.load(Relaxed),
+                "homedHashes": s.core.homed_count(),
+                "pending": s.metrics.federation.pending.load(Relaxed),
+            },
         }),
     )
 }

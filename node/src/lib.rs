@@ -11,6 +11,7 @@ pub mod core;
 pub mod device_directory;
 pub mod device_session;
 pub mod events;
+pub mod federation;
 pub mod gateway;
 pub mod metrics;
 pub mod p2p;
@@ -138,7 +139,44 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         max_pending_incoming: cfg.limits.max_p2p_pending,
         max_per_peer: cfg.limits.max_p2p_per_peer,
     };
-    let swarm = p2p::build_swarm(key, device_cfg, limits)?;
+    let f = &cfg.federation;
+    let mut allowlist = std::collections::HashSet::new();
+    for a in &f.allowlist {
+        if let Some(p) = config::parse_relay(a) {
+            allowlist.insert(p);
+        }
+    }
+    let blocklist = match &f.blocklist_file {
+        Some(path) => read_blocklist(path).unwrap_or_else(|e| {
+            tracing::warn!(path = %path.display(), error = %e, "blocklist not loaded");
+            Default::default()
+        }),
+        None => Default::default(),
+    };
+    let fed_settings = meshwhisper_behaviour::node::FederationSettings {
+        policy: meshwhisper_behaviour::policy::Config {
+            mode: match f.mode {
+                config::FederationMode::Open => meshwhisper_behaviour::policy::Mode::Open,
+                config::FederationMode::Allowlist => meshwhisper_behaviour::policy::Mode::Allowlist,
+                config::FederationMode::Off => meshwhisper_behaviour::policy::Mode::Off,
+            },
+            max_peers: f.max_peers,
+            allowlist,
+            blocklist,
+            frames_per_minute: f.frames_per_minute,
+        },
+        gossip: f.gossip_params(),
+        stream: meshwhisper_behaviour::federation::Config {
+            max_frame: meshwhisper_behaviour::federation::codec::DEFAULT_MAX_FRAME
+                .max(cfg.storage.max_blob_size + 64),
+            ..Default::default()
+        },
+    };
+    let loaded = core
+        .load_homed(f.homed_hours.saturating_mul(3_600_000), f.homed_max)
+        .await?;
+    tracing::debug!(hashes = loaded, "homed hashes loaded");
+    let swarm = p2p::build_swarm(key.clone(), device_cfg, limits, fed_settings)?;
     let sessions = tokio_util::task::TaskTracker::new();
     let (p2p, swarm_task) = p2p::start(
         swarm,
@@ -147,7 +185,20 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         cfg.limits.drain_batch,
         cancel.clone(),
         sessions.clone(),
+        p2p::FedStart {
+            cfg: cfg.federation.clone(),
+            key,
+            mailbox_ttl_ms: cfg.storage.blob_ttl_hours.saturating_mul(3_600_000),
+        },
     )?;
+    let mut tasks_extra = Vec::new();
+    if let Some(path) = cfg.federation.blocklist_file.clone() {
+        tasks_extra.push(tokio::spawn(watch_blocklist(
+            path,
+            p2p.blocklist.clone(),
+            cancel.clone(),
+        )));
+    }
 
     let (events_tx, _) = tokio::sync::broadcast::channel(64);
     let state = gateway::AppState {
@@ -170,6 +221,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         websockets: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         peer_id: p2p.peer_id.to_string().into(),
         sessions: sessions.clone(),
+        federation: p2p.federation.clone(),
     };
     let listener = tokio::net::TcpListener::bind(&cfg.http)
         .await
@@ -247,12 +299,76 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         }
     });
 
+    let mut tasks = vec![server, swarm_task, ticker, sweeper];
+    tasks.extend(tasks_extra);
     Ok(Running {
         http_addr,
         p2p,
         core,
         cancel,
         sessions,
-        tasks: vec![server, swarm_task, ticker, sweeper],
+        tasks,
     })
+}
+
+/// Reads a blocklist file (see [`config::parse_relay_list`]).
+pub fn read_blocklist(
+    path: &std::path::Path,
+) -> Result<std::collections::HashSet<libp2p::PeerId>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    config::parse_relay_list(&text)
+}
+
+/// Re-reads the blocklist when the file changes (checked every second) and
+/// on SIGHUP, and hands it to the Swarm task. A file that does not parse
+/// keeps the previous list in force.
+async fn watch_blocklist(
+    path: std::path::PathBuf,
+    tx: tokio::sync::mpsc::Sender<std::collections::HashSet<libp2p::PeerId>>,
+    cancel: CancellationToken,
+) {
+    let stamp = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut last = stamp(&path);
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        let forced = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = hangup => true,
+            _ = every.tick() => false,
+        };
+        let now = stamp(&path);
+        if !forced && now == last {
+            continue;
+        }
+        last = now;
+        match read_blocklist(&path) {
+            Ok(set) => {
+                tracing::info!(path = %path.display(), entries = set.len(), "blocklist reloaded");
+                if tx.send(set).await.is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "blocklist not reloaded");
+            }
+        }
+    }
 }

@@ -49,6 +49,8 @@ pub struct Metrics {
     pub device_directory_failed: AtomicU64,
     /// Prekey bundles stored in a format the relay cannot verify.
     pub unknown_bundles: AtomicU64,
+    /// Federation.
+    pub federation: FederationMetrics,
 }
 
 /// Values read from the store and registry at scrape time.
@@ -82,50 +84,185 @@ pub struct Gauges {
     pub store_writes: u64,
 }
 
-/// Federation counters with the reference's names, all zero until the
-/// federation issue lands (kept so dashboards find them).
-const FEDERATION_COUNTERS: [(&str, &str); 10] = [
-    (
-        "forwards_sent_total",
-        "Packets forwarded to federation peers",
-    ),
-    (
-        "forwards_received_total",
-        "Packets received from federation peers",
-    ),
-    (
-        "delivered_locally_total",
-        "Federated packets delivered to a local client",
-    ),
-    (
-        "stored_locally_total",
-        "Federated packets stored for a local client",
-    ),
-    (
-        "forwarded_onward_total",
-        "Federated packets forwarded onward",
-    ),
-    (
-        "drops_duplicate_total",
-        "Federated packets dropped as duplicates",
-    ),
-    (
-        "drops_ttl_total",
-        "Federated packets dropped at the hop limit",
-    ),
-    (
-        "handshake_failures_total",
-        "Federation handshakes that failed",
-    ),
-    (
-        "drops_rate_limited_total",
-        "Federated packets dropped by the per-peer rate limit",
-    ),
-    (
-        "handshake_rejections_blocked_total",
-        "Federation handshakes refused by the blocklist",
-    ),
+/// Federation counters and gauges. The first ten keep the reference
+/// relay's `meshwhisper_federation_*` names; the rest are ours.
+#[derive(Debug, Default)]
+pub struct FederationMetrics {
+    /// Packets this relay sent to federation peers (floods count once per peer).
+    pub forwards_sent: AtomicU64,
+    /// Packets received from federation peers (Forward and Routed frames).
+    pub forwards_received: AtomicU64,
+    /// Federated packets delivered to a connected local client at once.
+    pub delivered_locally: AtomicU64,
+    /// Federated packets stored here for a homed client.
+    pub stored_locally: AtomicU64,
+    /// Flooded packets passed on to other relays.
+    pub forwarded_onward: AtomicU64,
+    /// Federated packets dropped as duplicates (packet-id cache).
+    pub drops_duplicate: AtomicU64,
+    /// Flooded packets stopped by the hop cap.
+    pub drops_ttl: AtomicU64,
+    /// Federation streams that failed to open or closed with an error.
+    pub handshake_failures: AtomicU64,
+    /// Frames refused by the per-peer rate limit.
+    pub drops_rate_limited: AtomicU64,
+    /// Connections refused or closed because of the blocklist.
+    pub handshake_rejections_blocked: AtomicU64,
+    /// Packets sent straight to a hinted home relay (Routed frames).
+    pub routed_forwards: AtomicU64,
+    /// Routed packets the home relay acknowledged as stored.
+    pub routed_acked: AtomicU64,
+    /// Packets resent because no acknowledgement came in time.
+    pub retries: AtomicU64,
+    /// Packets given up on: TTL passed, or the pending or dial queue was full.
+    pub drops_expired: AtomicU64,
+    /// Packets not forwarded because a queue was full.
+    pub drops_queue_full: AtomicU64,
+    /// Malformed frames or packets received from peers.
+    pub drops_malformed: AtomicU64,
+    /// Relays refused admission (mode, allowlist, max peers).
+    pub admissions_refused: AtomicU64,
+    /// Address records learned (new relay or newer record).
+    pub records_learned: AtomicU64,
+    /// Address records rejected, by reason (see [`RECORD_REJECTIONS`]).
+    pub records_rejected: [AtomicU64; 6],
+    /// Dials to relays found in the address book or by Kademlia.
+    pub discovered_dials: AtomicU64,
+    /// Anti-entropy rounds started.
+    pub anti_entropy_rounds: AtomicU64,
+    /// Own address record signed (start, refresh, address change).
+    pub records_signed: AtomicU64,
+    /// Admitted relays with an open federation stream (gauge).
+    pub peers_connected: AtomicU64,
+    /// Relays in the address book (gauge, refreshed every anti-entropy tick).
+    pub records_known: AtomicU64,
+    /// Packets waiting for a federation acknowledgement (gauge).
+    pub pending: AtomicU64,
+}
+
+/// Labels of [`FederationMetrics::records_rejected`], in order.
+pub const RECORD_REJECTIONS: [&str; 6] = [
+    "malformed",
+    "bad_key",
+    "bad_signature",
+    "stale",
+    "future",
+    "book_full",
 ];
+
+impl FederationMetrics {
+    /// Counts a rejected record by its label.
+    pub fn reject_record(&self, label: &str) {
+        if let Some(i) = RECORD_REJECTIONS.iter().position(|l| *l == label) {
+            self.records_rejected[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 20] {
+        [
+            (
+                "forwards_sent_total",
+                "Packets forwarded to federation peers",
+                &self.forwards_sent,
+            ),
+            (
+                "forwards_received_total",
+                "Packets received from federation peers",
+                &self.forwards_received,
+            ),
+            (
+                "delivered_locally_total",
+                "Federated packets delivered to a local client",
+                &self.delivered_locally,
+            ),
+            (
+                "stored_locally_total",
+                "Federated packets stored for a local client",
+                &self.stored_locally,
+            ),
+            (
+                "forwarded_onward_total",
+                "Federated packets forwarded onward",
+                &self.forwarded_onward,
+            ),
+            (
+                "drops_duplicate_total",
+                "Federated packets dropped as duplicates",
+                &self.drops_duplicate,
+            ),
+            (
+                "drops_ttl_total",
+                "Federated packets dropped at the hop limit",
+                &self.drops_ttl,
+            ),
+            (
+                "handshake_failures_total",
+                "Federation streams that failed",
+                &self.handshake_failures,
+            ),
+            (
+                "drops_rate_limited_total",
+                "Federation frames dropped by the per-peer rate limit",
+                &self.drops_rate_limited,
+            ),
+            (
+                "handshake_rejections_blocked_total",
+                "Connections refused by the blocklist",
+                &self.handshake_rejections_blocked,
+            ),
+            (
+                "routed_forwards_total",
+                "Packets sent straight to the hinted home relay",
+                &self.routed_forwards,
+            ),
+            (
+                "routed_acked_total",
+                "Routed packets acknowledged as stored by the home relay",
+                &self.routed_acked,
+            ),
+            (
+                "retries_total",
+                "Federated packets resent for want of an acknowledgement",
+                &self.retries,
+            ),
+            (
+                "drops_expired_total",
+                "Federated packets given up on (TTL)",
+                &self.drops_expired,
+            ),
+            (
+                "drops_queue_full_total",
+                "Packets not federated because a queue was full",
+                &self.drops_queue_full,
+            ),
+            (
+                "drops_malformed_total",
+                "Malformed federation frames or packets",
+                &self.drops_malformed,
+            ),
+            (
+                "admissions_refused_total",
+                "Relays refused admission by the peer policy",
+                &self.admissions_refused,
+            ),
+            (
+                "address_records_learned_total",
+                "Address records learned or updated",
+                &self.records_learned,
+            ),
+            (
+                "discovered_dials_total",
+                "Dials to relays found in the book or the DHT",
+                &self.discovered_dials,
+            ),
+            (
+                "anti_entropy_rounds_total",
+                "Address-book anti-entropy rounds started",
+                &self.anti_entropy_rounds,
+            ),
+        ]
+    }
+}
 
 impl Metrics {
     /// Counts an HTTP response as the reference does.
@@ -299,8 +436,47 @@ impl Metrics {
             "Device directory requests that failed on storage",
             self.device_directory_failed.load(Relaxed),
         );
-        for (name, help) in FEDERATION_COUNTERS {
-            counter(&format!("meshwhisper_federation_{name}"), help, 0);
+        let f = &self.federation;
+        for (name, help, v) in f.counters() {
+            counter(
+                &format!("meshwhisper_federation_{name}"),
+                help,
+                v.load(Relaxed),
+            );
+        }
+        counter(
+            "meshwhisper_federation_records_signed_total",
+            "Own address record signed",
+            f.records_signed.load(Relaxed),
+        );
+        for (name, help, v) in [
+            (
+                "address_records_known",
+                "Relays in the address book",
+                &f.records_known,
+            ),
+            (
+                "pending",
+                "Packets waiting for a federation acknowledgement",
+                &f.pending,
+            ),
+        ] {
+            let _ = write!(
+                out,
+                "# HELP meshwhisper_federation_{name} {help}\n# TYPE meshwhisper_federation_{name} gauge\nmeshwhisper_federation_{name} {}\n",
+                v.load(Relaxed)
+            );
+        }
+        let _ = write!(
+            out,
+            "# HELP meshwhisper_federation_address_records_rejected_total Address records rejected by reason\n# TYPE meshwhisper_federation_address_records_rejected_total counter\n"
+        );
+        for (i, r) in RECORD_REJECTIONS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "meshwhisper_federation_address_records_rejected_total{{reason=\"{r}\"}} {}",
+                f.records_rejected[i].load(Relaxed)
+            );
         }
 
         let _ = write!(

@@ -7,7 +7,9 @@ use libp2p::{
     Multiaddr, PeerId, Swarm, futures::StreamExt as _, identity::Keypair, noise, swarm::SwarmEvent,
     tcp, yamux,
 };
+use libp2p::{gossipsub, kad};
 use meshwhisper_behaviour::device::{self, codec::Frame};
+use meshwhisper_behaviour::federation;
 use meshwhisper_behaviour::node::{Behaviour, BehaviourEvent};
 use std::collections::HashMap;
 use std::path::Path;
@@ -70,12 +72,24 @@ pub fn load_or_create_key(data_dir: &Path) -> Result<Keypair, Error> {
     }
 }
 
-/// Builds the Swarm: TCP and QUIC, Noise, yamux.
+/// Builds a relay's Swarm: TCP and QUIC, Noise, yamux.
 pub fn build_swarm(
     key: Keypair,
     device: device::Config,
     limits: meshwhisper_behaviour::node::Limits,
+    fed: meshwhisper_behaviour::node::FederationSettings,
 ) -> Result<Swarm<Behaviour>, Error> {
+    build_swarm_with(key, move |k| {
+        Behaviour::new(k, device, limits, fed).map_err(|e| Error::Transport(e.to_string()))
+    })
+}
+
+/// Builds a Swarm with any behaviour over the relay's transports (tests use
+/// it for device-side swarms).
+pub fn build_swarm_with<B: libp2p::swarm::NetworkBehaviour>(
+    key: Keypair,
+    make: impl FnOnce(&Keypair) -> Result<B, Error>,
+) -> Result<Swarm<B>, Error> {
     let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
         .with_tokio()
         .with_tcp(
@@ -85,7 +99,7 @@ pub fn build_swarm(
         )
         .map_err(|e| Error::Transport(e.to_string()))?
         .with_quic()
-        .with_behaviour(|key| Ok(Behaviour::new(key, device, limits)))
+        .with_behaviour(|key| make(key).map_err(Box::from))
         .map_err(|e| Error::Transport(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
@@ -99,6 +113,30 @@ pub struct P2p {
     pub peer_id: PeerId,
     /// Current listen addresses.
     pub listen_addrs: watch::Receiver<Vec<Multiaddr>>,
+    /// Federation: admitted relays with an open stream, and the bootstrap
+    /// entries configured.
+    pub federation: watch::Receiver<FedStatus>,
+    /// Sends a new blocklist to the Swarm task (tests and the file watcher).
+    pub blocklist: mpsc::Sender<std::collections::HashSet<PeerId>>,
+}
+
+/// What `/health` reports about federation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FedStatus {
+    /// Bootstrap relays configured.
+    pub configured: usize,
+    /// Relays with an open federation stream.
+    pub connected: Vec<PeerId>,
+}
+
+/// What the Swarm task needs for federation.
+pub struct FedStart {
+    /// Settings.
+    pub cfg: crate::config::Federation,
+    /// The node key (signs our address record).
+    pub key: Keypair,
+    /// How long a stored packet lives (bounds forwarding retries).
+    pub mailbox_ttl_ms: u64,
 }
 
 /// Frames queued from the Swarm task to one device session.
@@ -114,6 +152,7 @@ pub fn start(
     drain_batch: u32,
     cancel: CancellationToken,
     sessions: tokio_util::task::TaskTracker,
+    fed: FedStart,
 ) -> Result<(P2p, tokio::task::JoinHandle<()>), Error> {
     for a in listen {
         let addr: Multiaddr = a
@@ -130,7 +169,33 @@ pub fn start(
     let peer_id = *swarm.local_peer_id();
     let (tx, rx) = watch::channel(Vec::new());
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (internal_tx, internal_rx) = mpsc::channel(crate::federation::INTERNAL_QUEUE);
+    let (out_tx, out_rx) = mpsc::channel(crate::federation::OUTBOUND_QUEUE);
+    let (block_tx, block_rx) = mpsc::channel(4);
+    let enabled = fed.cfg.mode != crate::config::FederationMode::Off;
+    let tick = std::time::Duration::from_millis(fed.cfg.retry_ms.clamp(50, 1000));
+    let fed = crate::federation::Fed::new(
+        fed.cfg,
+        core.clone(),
+        &fed.key,
+        internal_tx,
+        fed.mailbox_ttl_ms,
+    )
+    .ok_or_else(|| Error::Transport("the node key is not an Ed25519 key".into()))?;
+    if enabled {
+        core.set_federation(out_tx);
+    }
+    let (status_tx, status_rx) = watch::channel(FedStatus {
+        configured: fed.bootstrap_count(),
+        connected: Vec::new(),
+    });
     let event_loop = EventLoop {
+        fed,
+        internal_rx,
+        out_rx,
+        block_rx,
+        status: status_tx,
+        tick,
         swarm,
         core,
         drain_batch,
@@ -146,6 +211,8 @@ pub fn start(
         P2p {
             peer_id,
             listen_addrs: rx,
+            federation: status_rx,
+            blocklist: block_tx,
         },
         task,
     ))
@@ -159,6 +226,12 @@ struct Outgoing {
 }
 
 struct EventLoop {
+    fed: crate::federation::Fed,
+    internal_rx: mpsc::Receiver<crate::federation::Internal>,
+    out_rx: mpsc::Receiver<crate::core::Federate>,
+    block_rx: mpsc::Receiver<std::collections::HashSet<PeerId>>,
+    status: watch::Sender<FedStatus>,
+    tick: Duration,
     swarm: Swarm<Behaviour>,
     core: Arc<Core>,
     drain_batch: u32,
@@ -172,6 +245,8 @@ struct EventLoop {
 
 impl EventLoop {
     async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -181,10 +256,38 @@ impl EventLoop {
                 Some(out) = self.cmd_rx.recv() => {
                     self.swarm.behaviour_mut().device.send(out.peer, out.connection, out.frame);
                 }
+                // Results of federation work, then packets to federate.
+                Some(m) = self.internal_rx.recv() => self.fed.on_internal(&mut self.swarm, m),
+                Some(f) = self.out_rx.recv() => self.fed.on_outbound(&mut self.swarm, f),
+                Some(b) = self.block_rx.recv() => self.fed.on_internal(
+                    &mut self.swarm,
+                    crate::federation::Internal::Blocklist(b),
+                ),
                 // Then the network.
                 ev = self.swarm.select_next_some() => self.on_event(ev),
+                _ = tick.tick() => self.fed.tick(&mut self.swarm),
             }
+            self.publish_status();
         }
+    }
+
+    fn publish_status(&mut self) {
+        let b = self.swarm.behaviour();
+        let mut connected: Vec<PeerId> = b
+            .federation
+            .peers()
+            .filter(|p| b.policy.is_admitted(p))
+            .copied()
+            .collect();
+        connected.sort();
+        self.status.send_if_modified(|s| {
+            if s.connected == connected {
+                false
+            } else {
+                s.connected = connected;
+                true
+            }
+        });
     }
 
     fn on_event(&mut self, ev: SwarmEvent<meshwhisper_behaviour::node::BehaviourEvent>) {
@@ -197,7 +300,55 @@ impl EventLoop {
                 self.addrs.send_modify(|v| v.retain(|a| a != &address));
             }
             SwarmEvent::Behaviour(BehaviourEvent::Device(e)) => self.on_device(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(
+                libp2p::identify::Event::Received { peer_id, info, .. },
+            )) => self.fed.on_identified(&mut self.swarm, peer_id, &info),
+            SwarmEvent::Behaviour(BehaviourEvent::Policy(e)) => self.fed.on_policy(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Federation(e)) => match e {
+                federation::Event::Opened { peer } => self.fed.on_opened(&mut self.swarm, peer),
+                federation::Event::Frame { peer, frame } => {
+                    self.fed.on_frame(&mut self.swarm, peer, frame)
+                }
+                federation::Event::Closed { peer, reason } => {
+                    self.fed.on_closed(&self.swarm, peer, &reason)
+                }
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => match e {
+                gossipsub::Event::Message {
+                    propagation_source,
+                    message_id,
+                    message,
+                } => self.fed.on_gossip(
+                    &mut self.swarm,
+                    propagation_source,
+                    message_id,
+                    message.data,
+                ),
+                gossipsub::Event::Subscribed { .. } => self.fed.on_subscribed(),
+                _ => {}
+            },
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::GetClosestPeers(Ok(ok)),
+                ..
+            })) => self.fed.on_kad_peers(&mut self.swarm, ok.peers),
             SwarmEvent::Behaviour(_) => {}
+            SwarmEvent::IncomingConnectionError {
+                error: libp2p::swarm::ListenError::Denied { cause },
+                ..
+            }
+            | SwarmEvent::OutgoingConnectionError {
+                error: libp2p::swarm::DialError::Denied { cause },
+                ..
+            } if cause
+                .downcast_ref::<meshwhisper_behaviour::policy::Blocked>()
+                .is_some() =>
+            {
+                self.core
+                    .metrics
+                    .federation
+                    .handshake_rejections_blocked
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             other => tracing::trace!(?other, "swarm event"),
         }
     }

@@ -7,8 +7,8 @@ use common::*;
 use futures::{SinkExt as _, StreamExt as _};
 use libp2p::Multiaddr;
 use libp2p::swarm::SwarmEvent;
+use meshwhisper_behaviour::client::BehaviourEvent;
 use meshwhisper_behaviour::device::{self, codec::Frame};
-use meshwhisper_behaviour::node::BehaviourEvent;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
@@ -29,11 +29,13 @@ async fn device(relay: &meshwhisper_node::Running) -> Device {
             .clone();
     let relay_peer = relay.p2p.peer_id;
     let key = libp2p::identity::Keypair::generate_ed25519();
-    let mut swarm = meshwhisper_node::p2p::build_swarm(
-        key,
-        device::Config::new(device::Role::Device),
-        Default::default(),
-    )
+    let mut swarm = meshwhisper_node::p2p::build_swarm_with(key, |k| {
+        Ok(meshwhisper_behaviour::client::Behaviour::new(
+            k,
+            device::Config::new(device::Role::Device),
+            Default::default(),
+        ))
+    })
     .expect("swarm");
     swarm
         .dial(addr.with(libp2p::multiaddr::Protocol::P2p(relay_peer)))

@@ -38,6 +38,7 @@ pub mod address_book;
 pub mod archive;
 pub mod directory;
 mod error;
+pub mod homed;
 mod hot;
 pub mod mailbox;
 pub mod media;
@@ -486,6 +487,11 @@ impl Store {
     /// Push wake registrations.
     pub fn push(&self) -> push::Push<'_> {
         push::Push { store: self }
+    }
+
+    /// Destination hashes homed at this relay.
+    pub fn homed(&self) -> homed::Homed<'_> {
+        homed::Homed { store: self }
     }
 
     /// Signed relay address records.

@@ -200,6 +200,15 @@ impl Codec {
     }
 }
 
+impl crate::stream::FrameCodec for Codec {
+    type Frame = Frame;
+    type Fault = Error;
+    const PROTOCOL: &'static str = PROTOCOL;
+    fn with_max(max: usize) -> Self {
+        Self::new(max)
+    }
+}
+
 fn body_len(f: &Frame) -> usize {
     1 + match f {
         Frame::Register(h) => 2 + 8 * h.len(),

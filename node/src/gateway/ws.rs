@@ -34,6 +34,9 @@ const BATCH: usize = 64;
 const DELETE_BATCH: usize = 256;
 /// Deliveries written per flush.
 const DELIVER_BATCH: usize = 32;
+/// Home-relay hints (`route` frames) one socket keeps; beyond this the
+/// oldest are forgotten.
+const MAX_HINTS: usize = 1024;
 
 /// Accepts the upgrade if the relay has room.
 pub fn upgrade(s: AppState, ws: WebSocketUpgrade, ip: IpAddr) -> Response {
@@ -84,6 +87,9 @@ struct Session {
     /// so sending never waits for a commit. Their ids stay in `in_flight`
     /// (so a drain does not send them again) until they complete.
     deleting: tokio::task::JoinSet<Vec<MailboxId>>,
+    /// Home relays named by `route` frames, by destination hash.
+    hints: std::collections::HashMap<DestHash, [u8; 32]>,
+    hint_order: std::collections::VecDeque<DestHash>,
 }
 
 enum Step {
@@ -101,6 +107,8 @@ async fn session(s: AppState, mut socket: WebSocket) {
         in_flight: HashSet::new(),
         sent: Vec::new(),
         deleting: tokio::task::JoinSet::new(),
+        hints: std::collections::HashMap::new(),
+        hint_order: std::collections::VecDeque::new(),
     };
     let mut storing: FuturesOrdered<_> = FuturesOrdered::new();
     // A message read while collecting a batch, handled next.
@@ -176,7 +184,10 @@ impl Session {
     fn stored(&mut self, batch: Vec<Result<Accepted, PacketError>>) -> Step {
         for r in batch {
             match r {
-                Ok(acc) => self.s.core.route(self.id, acc),
+                Ok(acc) => {
+                    let hint = self.hints.get(&acc.dest()).copied();
+                    self.s.core.route_hinted(self.id, acc, hint)
+                }
                 Err(PacketError::Malformed(meshwhisper_behaviour::packet::Error::TooLarge {
                     ..
                 })) => return Step::Close(1009, "packet too large"),
@@ -296,10 +307,37 @@ impl Session {
         match v.get("type").and_then(Value::as_str) {
             Some("hello") => self.hello(socket, &v).await,
             Some("pull") => self.drain(socket).await,
-            // A routing hint for the next packet: used by federation.
-            Some("route") => Step::Continue,
+            // Which relay homes a destination: federation sends packets
+            // for it straight there. A malformed hint is ignored.
+            Some("route") => {
+                self.route_hint(&v);
+                Step::Continue
+            }
             // Unknown types are ignored, as the reference does.
             _ => Step::Continue,
+        }
+    }
+
+    fn route_hint(&mut self, v: &Value) {
+        let dest = v
+            .get("destHash")
+            .and_then(Value::as_str)
+            .and_then(DestHash::from_hex);
+        let relay = v
+            .get("homeRelay")
+            .and_then(Value::as_str)
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok());
+        let (Some(dest), Some(relay)) = (dest, relay) else {
+            return;
+        };
+        if self.hints.insert(dest, relay).is_none() {
+            self.hint_order.push_back(dest);
+            if self.hint_order.len() > MAX_HINTS
+                && let Some(old) = self.hint_order.pop_front()
+            {
+                self.hints.remove(&old);
+            }
         }
     }
 

@@ -1,8 +1,9 @@
-//! The connection handler of `/meshwhisper/device/1`: at most one stream
-//! per connection, read and written as frames.
+//! A connection handler for our long-lived framed protocols
+//! (`/meshwhisper/device/1`, `/meshwhisper/federation/1`): at most one
+//! stream per connection, read and written as frames by a [`FrameCodec`],
+//! with a bounded send queue.
 
-use super::codec::{Codec, Frame, PROTOCOL};
-use asynchronous_codec::Framed;
+use asynchronous_codec::{Decoder, Encoder, Framed};
 use futures::{SinkExt as _, StreamExt as _};
 use libp2p::core::upgrade::ReadyUpgrade;
 use libp2p::swarm::handler::{ConnectionEvent, FullyNegotiatedInbound, FullyNegotiatedOutbound};
@@ -12,39 +13,59 @@ use libp2p::swarm::{
 use std::collections::VecDeque;
 use std::task::{Context, Poll};
 
+/// A length-prefixed codec of one protocol.
+pub trait FrameCodec:
+    for<'a> Encoder<Item<'a> = Self::Frame, Error = Self::Fault>
+    + Decoder<Item = Self::Frame, Error = Self::Fault>
+    + Send
+    + 'static
+{
+    /// Why a frame could not be read or written.
+    type Fault: std::fmt::Display + From<std::io::Error>;
+    /// What one frame decodes to.
+    type Frame: std::fmt::Debug + Send + 'static;
+    /// The protocol name negotiated for the stream.
+    const PROTOCOL: &'static str;
+    /// A codec refusing frames over `max` bytes.
+    fn with_max(max: usize) -> Self;
+}
+
 /// Commands from the behaviour.
 #[derive(Debug)]
-pub enum In {
-    /// Open the stream (device side).
+pub enum In<F> {
+    /// Open the stream (dialer side).
     Open,
     /// Send a frame.
-    Send(Frame),
+    Send(F),
 }
 
 /// Events to the behaviour.
 #[derive(Debug)]
-pub enum Out {
+pub enum Out<F> {
     /// The stream is open.
     Opened,
     /// A frame arrived.
-    Frame(Frame),
+    Frame(F),
     /// The stream ended (or failed, or never opened).
     Closed(String),
 }
 
 /// The handler.
-pub struct Handler {
+pub struct Handler<C: FrameCodec> {
     max_frame: usize,
     max_queued: usize,
-    stream: Option<Framed<Stream, Codec>>,
+    stream: Option<Framed<Stream, C>>,
     want_open: bool,
     opening: bool,
-    queue: VecDeque<Frame>,
-    events: VecDeque<Out>,
+    queue: VecDeque<C::Frame>,
+    events: VecDeque<Out<C::Frame>>,
 }
 
-impl Handler {
-    pub(crate) fn new(max_frame: usize, max_queued: usize) -> Self {
+impl<C: FrameCodec> Handler<C> {
+    /// A handler with frames up to `max_frame` bytes and at most
+    /// `max_queued` frames waiting to be written (beyond that the stream is
+    /// closed as stuck).
+    pub fn new(max_frame: usize, max_queued: usize) -> Self {
         Self {
             max_frame,
             max_queued: max_queued.max(1),
@@ -62,7 +83,7 @@ impl Handler {
             // dropping it.
             return;
         }
-        self.stream = Some(Framed::new(stream, Codec::new(self.max_frame)));
+        self.stream = Some(Framed::new(stream, C::with_max(self.max_frame)));
         self.events.push_back(Out::Opened);
     }
 
@@ -75,23 +96,23 @@ impl Handler {
     }
 }
 
-impl ConnectionHandler for Handler {
-    type FromBehaviour = In;
-    type ToBehaviour = Out;
+impl<C: FrameCodec> ConnectionHandler for Handler<C> {
+    type FromBehaviour = In<C::Frame>;
+    type ToBehaviour = Out<C::Frame>;
     type InboundProtocol = ReadyUpgrade<StreamProtocol>;
     type OutboundProtocol = ReadyUpgrade<StreamProtocol>;
     type InboundOpenInfo = ();
     type OutboundOpenInfo = ();
 
     fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol> {
-        SubstreamProtocol::new(ReadyUpgrade::new(StreamProtocol::new(PROTOCOL)), ())
+        SubstreamProtocol::new(ReadyUpgrade::new(StreamProtocol::new(C::PROTOCOL)), ())
     }
 
     fn connection_keep_alive(&self) -> bool {
         self.stream.is_some() || self.opening || self.want_open
     }
 
-    fn on_behaviour_event(&mut self, event: In) {
+    fn on_behaviour_event(&mut self, event: In<C::Frame>) {
         match event {
             In::Open => {
                 if self.stream.is_none() && !self.opening {
@@ -137,7 +158,7 @@ impl ConnectionHandler for Handler {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-    ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, (), Out>> {
+    ) -> Poll<ConnectionHandlerEvent<Self::OutboundProtocol, (), Out<C::Frame>>> {
         if let Some(e) = self.events.pop_front() {
             return Poll::Ready(ConnectionHandlerEvent::NotifyBehaviour(e));
         }
@@ -146,7 +167,7 @@ impl ConnectionHandler for Handler {
             self.opening = true;
             return Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest {
                 protocol: SubstreamProtocol::new(
-                    ReadyUpgrade::new(StreamProtocol::new(PROTOCOL)),
+                    ReadyUpgrade::new(StreamProtocol::new(C::PROTOCOL)),
                     (),
                 ),
             });

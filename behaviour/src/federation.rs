@@ -1,0 +1,213 @@
+//! `/meshwhisper/federation/1`: relays forwarding packets to each other and
+//! reconciling their address books.
+//!
+//! One long-lived stream per connection between two admitted relays carries
+//! the frames of [`codec`]. The **dialer** of a connection opens the stream
+//! (once the Swarm owner has admitted the peer, see [`Behaviour::open`]), so
+//! two relays never race to open two streams on one connection. This
+//! behaviour only moves frames; the Swarm owner decides what they mean.
+
+pub mod codec;
+
+use crate::stream;
+use codec::Frame;
+use libp2p::PeerId;
+use libp2p::core::{Endpoint, Multiaddr, transport::PortUse};
+use libp2p::swarm::{
+    ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, NotifyHandler, THandler,
+    THandlerInEvent, THandlerOutEvent, ToSwarm,
+};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::task::{Context, Poll};
+
+/// Limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// Largest frame. Default [`codec::DEFAULT_MAX_FRAME`].
+    pub max_frame: usize,
+    /// Frames queued per stream before it is closed as stuck. Default 4096.
+    pub max_queued_frames: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            max_frame: codec::DEFAULT_MAX_FRAME,
+            max_queued_frames: 4096,
+        }
+    }
+}
+
+/// What happened on a federation stream.
+#[derive(Debug)]
+pub enum Event {
+    /// The first stream to `peer` opened.
+    Opened {
+        /// The peer.
+        peer: PeerId,
+    },
+    /// A frame arrived.
+    Frame {
+        /// The peer.
+        peer: PeerId,
+        /// The frame.
+        frame: Frame,
+    },
+    /// The last stream to `peer` closed.
+    Closed {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The behaviour.
+pub struct Behaviour {
+    config: Config,
+    /// Connections we dialed, per peer (the ones we may open a stream on).
+    dialed: HashMap<PeerId, HashSet<ConnectionId>>,
+    /// Connections with an open stream, per peer.
+    open: HashMap<PeerId, HashSet<ConnectionId>>,
+    actions: VecDeque<ToSwarm<Event, stream::In<Frame>>>,
+}
+
+impl Behaviour {
+    /// A behaviour with `config`.
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            dialed: HashMap::new(),
+            open: HashMap::new(),
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// Opens a stream on every connection to `peer` that we dialed and that
+    /// has none yet. Connections `peer` dialed get their stream from it.
+    pub fn open(&mut self, peer: PeerId) {
+        let Some(conns) = self.dialed.get(&peer) else {
+            return;
+        };
+        let open = self.open.get(&peer);
+        for c in conns {
+            if open.is_some_and(|o| o.contains(c)) {
+                continue;
+            }
+            self.actions.push_back(ToSwarm::NotifyHandler {
+                peer_id: peer,
+                handler: NotifyHandler::One(*c),
+                event: stream::In::Open,
+            });
+        }
+    }
+
+    /// Sends `frame` on an open stream to `peer`; `false` if there is none.
+    pub fn send(&mut self, peer: PeerId, frame: Frame) -> bool {
+        let Some(c) = self.open.get(&peer).and_then(|s| s.iter().next().copied()) else {
+            return false;
+        };
+        self.actions.push_back(ToSwarm::NotifyHandler {
+            peer_id: peer,
+            handler: NotifyHandler::One(c),
+            event: stream::In::Send(frame),
+        });
+        true
+    }
+
+    /// Whether a stream to `peer` is open.
+    pub fn is_open(&self, peer: &PeerId) -> bool {
+        self.open.get(peer).is_some_and(|s| !s.is_empty())
+    }
+
+    /// Peers with an open stream.
+    pub fn peers(&self) -> impl Iterator<Item = &PeerId> {
+        self.open.keys()
+    }
+
+    fn stream_gone(&mut self, peer: PeerId, connection: ConnectionId, reason: String) {
+        if let Some(s) = self.open.get_mut(&peer)
+            && s.remove(&connection)
+            && s.is_empty()
+        {
+            self.open.remove(&peer);
+            self.actions
+                .push_back(ToSwarm::GenerateEvent(Event::Closed { peer, reason }));
+        }
+    }
+}
+
+impl NetworkBehaviour for Behaviour {
+    type ConnectionHandler = stream::Handler<codec::Codec>;
+    type ToSwarm = Event;
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        _: ConnectionId,
+        _: PeerId,
+        _: &Multiaddr,
+        _: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        Ok(stream::Handler::new(
+            self.config.max_frame,
+            self.config.max_queued_frames,
+        ))
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        connection: ConnectionId,
+        peer: PeerId,
+        _: &Multiaddr,
+        _: Endpoint,
+        _: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        self.dialed.entry(peer).or_default().insert(connection);
+        Ok(stream::Handler::new(
+            self.config.max_frame,
+            self.config.max_queued_frames,
+        ))
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm) {
+        if let FromSwarm::ConnectionClosed(c) = event {
+            if let Some(d) = self.dialed.get_mut(&c.peer_id) {
+                d.remove(&c.connection_id);
+                if d.is_empty() {
+                    self.dialed.remove(&c.peer_id);
+                }
+            }
+            self.stream_gone(c.peer_id, c.connection_id, "connection closed".into());
+        }
+    }
+
+    fn on_connection_handler_event(
+        &mut self,
+        peer: PeerId,
+        connection: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
+        match event {
+            stream::Out::Opened => {
+                let s = self.open.entry(peer).or_default();
+                let first = s.is_empty();
+                s.insert(connection);
+                if first {
+                    self.actions
+                        .push_back(ToSwarm::GenerateEvent(Event::Opened { peer }));
+                }
+            }
+            stream::Out::Frame(frame) => self
+                .actions
+                .push_back(ToSwarm::GenerateEvent(Event::Frame { peer, frame })),
+            stream::Out::Closed(reason) => self.stream_gone(peer, connection, reason),
+        }
+    }
+
+    fn poll(&mut self, _: &mut Context<'_>) -> Poll<ToSwarm<Event, THandlerInEvent<Self>>> {
+        match self.actions.pop_front() {
+            Some(a) => Poll::Ready(a),
+            None => Poll::Pending,
+        }
+    }
+}

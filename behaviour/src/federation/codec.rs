@@ -1,0 +1,585 @@
+//! Frames of `/meshwhisper/federation/1`: one long-lived stream per pair of
+//! relays, length-prefixed frames in both directions.
+//!
+//! ```text
+//! frame = length (u32 BE, of what follows) ‖ type (u8) ‖ body
+//!
+//! packets
+//!   0x01 Forward   id (16) ‖ hops (u8) ‖ client packet           flooded: stored only where homed
+//!   0x02 Routed    id (16) ‖ hops (u8) ‖ target key (32) ‖ client packet
+//!                                                                for the relay with that Ed25519 key
+//!   0x03 Ack       id (16) ‖ status (u8)                         answers 0x01 and 0x02
+//! address-book anti-entropy
+//!   0x10 DigestRequest  req (u64) ‖ after flag (u8) [‖ key (32)] ‖ limit (u16)
+//!   0x11 Digest         req (u64) ‖ more (u8) ‖ n (u16) ‖ n × (key (32) ‖ timestamp ms (u64))
+//!   0x12 Pull           req (u64) ‖ n (u16) ‖ n × key (32)
+//!   0x13 Records        req (u64) ‖ n (u16) ‖ n × (length (u16) ‖ signed address record)
+//! ```
+//!
+//! Decoding is strict: unknown types, short bodies, trailing bytes, counts
+//! over the bounds below and frames over the size limit are errors, and an
+//! error closes the stream.
+
+use asynchronous_codec::{Decoder, Encoder};
+use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
+
+/// The protocol name.
+pub const PROTOCOL: &str = "/meshwhisper/federation/1";
+/// Default largest frame: a 256 KiB packet plus framing, or a page of records.
+pub const DEFAULT_MAX_FRAME: usize = 512 * 1024;
+/// Most entries in one Digest (and the largest `limit` a request may ask).
+pub const MAX_DIGEST: usize = 1024;
+/// Most keys in one Pull.
+pub const MAX_PULL: usize = 256;
+/// Most records in one Records frame.
+pub const MAX_RECORDS: usize = 64;
+
+/// A forwarded packet's id: random, chosen by the relay that first
+/// forwarded it, used for dedup and acks.
+pub type PacketId = [u8; 16];
+
+/// How the receiving relay took a forwarded packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum AckStatus {
+    /// Stored at the recipient's home relay (durable there): the sender may
+    /// forget its copy.
+    Stored = 0,
+    /// Not homed here; flooded on to other relays (a `Stored` may follow).
+    Relayed = 1,
+    /// Seen before (by id); nothing done.
+    Duplicate = 2,
+    /// Not homed here and the hop cap stops it.
+    NotHome = 3,
+    /// Not taken now (rate limit, storage failure): retry later.
+    Refused = 4,
+    /// A routed packet for a relay other than this one.
+    NotTarget = 5,
+    /// Not a routable packet: never retry.
+    Malformed = 6,
+}
+
+impl AckStatus {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            0 => Self::Stored,
+            1 => Self::Relayed,
+            2 => Self::Duplicate,
+            3 => Self::NotHome,
+            4 => Self::Refused,
+            5 => Self::NotTarget,
+            6 => Self::Malformed,
+            _ => return None,
+        })
+    }
+
+    /// A short stable label, for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Stored => "stored",
+            Self::Relayed => "relayed",
+            Self::Duplicate => "duplicate",
+            Self::NotHome => "not_home",
+            Self::Refused => "refused",
+            Self::NotTarget => "not_target",
+            Self::Malformed => "malformed",
+        }
+    }
+}
+
+/// One frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A flooded packet.
+    Forward {
+        /// Packet id.
+        id: PacketId,
+        /// Relays it has passed (1 when first sent).
+        hops: u8,
+        /// The client packet.
+        packet: Bytes,
+    },
+    /// A packet for one relay.
+    Routed {
+        /// Packet id.
+        id: PacketId,
+        /// Relays it has passed.
+        hops: u8,
+        /// The home relay's Ed25519 key.
+        target: [u8; 32],
+        /// The client packet.
+        packet: Bytes,
+    },
+    /// The answer to Forward or Routed.
+    Ack {
+        /// Packet id.
+        id: PacketId,
+        /// What happened.
+        status: AckStatus,
+    },
+    /// Asks for a page of the peer's address-book digest.
+    DigestRequest {
+        /// Request id.
+        req: u64,
+        /// Keys strictly greater than this (from the start when `None`).
+        after: Option<[u8; 32]>,
+        /// Most entries wanted (≤ [`MAX_DIGEST`]).
+        limit: u16,
+    },
+    /// A page of `(relay key, record timestamp)` in key order.
+    Digest {
+        /// Request id.
+        req: u64,
+        /// Whether entries follow the last one of this page.
+        more: bool,
+        /// The entries.
+        entries: Vec<([u8; 32], u64)>,
+    },
+    /// Asks for the records of these relays.
+    Pull {
+        /// Request id.
+        req: u64,
+        /// Relay keys.
+        keys: Vec<[u8; 32]>,
+    },
+    /// Signed address records (each checked by the receiver).
+    Records {
+        /// Request id (0 when unsolicited).
+        req: u64,
+        /// Encoded records.
+        records: Vec<Bytes>,
+    },
+}
+
+/// A frame that could not be decoded or encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The stream failed.
+    #[error("stream I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// A frame is larger than allowed.
+    #[error("frame of {got} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Announced size.
+        got: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A frame is malformed.
+    #[error("malformed federation frame: {0}")]
+    Malformed(&'static str),
+}
+
+/// Length-prefixed frame codec with a size limit.
+#[derive(Debug, Clone)]
+pub struct Codec {
+    max: usize,
+}
+
+impl Codec {
+    /// A codec refusing frames over `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Self { max }
+    }
+}
+
+impl crate::stream::FrameCodec for Codec {
+    type Frame = Frame;
+    type Fault = Error;
+    const PROTOCOL: &'static str = PROTOCOL;
+    fn with_max(max: usize) -> Self {
+        Self::new(max)
+    }
+}
+
+fn body_len(f: &Frame) -> usize {
+    1 + match f {
+        Frame::Forward { packet, .. } => 17 + packet.len(),
+        Frame::Routed { packet, .. } => 17 + 32 + packet.len(),
+        Frame::Ack { .. } => 17,
+        Frame::DigestRequest { after, .. } => 8 + 1 + after.map_or(0, |_| 32) + 2,
+        Frame::Digest { entries, .. } => 8 + 1 + 2 + 40 * entries.len(),
+        Frame::Pull { keys, .. } => 8 + 2 + 32 * keys.len(),
+        Frame::Records { records, .. } => {
+            8 + 2 + records.iter().map(|r| 2 + r.len()).sum::<usize>()
+        }
+    }
+}
+
+impl Encoder for Codec {
+    type Item<'a> = Frame;
+    type Error = Error;
+
+    fn encode(&mut self, f: Frame, dst: &mut BytesMut) -> Result<(), Error> {
+        let len = body_len(&f);
+        if len > self.max {
+            return Err(Error::TooLarge {
+                got: len,
+                max: self.max,
+            });
+        }
+        match &f {
+            Frame::Digest { entries, .. } if entries.len() > MAX_DIGEST => {
+                return Err(Error::Malformed("too many digest entries"));
+            }
+            Frame::Pull { keys, .. } if keys.len() > MAX_PULL => {
+                return Err(Error::Malformed("too many keys in a pull"));
+            }
+            Frame::Records { records, .. }
+                if records.len() > MAX_RECORDS
+                    || records.iter().any(|r| r.len() > u16::MAX as usize) =>
+            {
+                return Err(Error::Malformed("too many or too large records"));
+            }
+            _ => {}
+        }
+        dst.reserve(4 + len);
+        dst.put_u32(len as u32);
+        match f {
+            Frame::Forward { id, hops, packet } => {
+                dst.put_u8(0x01);
+                dst.put_slice(&id);
+                dst.put_u8(hops);
+                dst.put_slice(&packet);
+            }
+            Frame::Routed {
+                id,
+                hops,
+                target,
+                packet,
+            } => {
+                dst.put_u8(0x02);
+                dst.put_slice(&id);
+                dst.put_u8(hops);
+                dst.put_slice(&target);
+                dst.put_slice(&packet);
+            }
+            Frame::Ack { id, status } => {
+                dst.put_u8(0x03);
+                dst.put_slice(&id);
+                dst.put_u8(status as u8);
+            }
+            Frame::DigestRequest { req, after, limit } => {
+                dst.put_u8(0x10);
+                dst.put_u64(req);
+                match after {
+                    Some(k) => {
+                        dst.put_u8(1);
+                        dst.put_slice(&k);
+                    }
+                    None => dst.put_u8(0),
+                }
+                dst.put_u16(limit);
+            }
+            Frame::Digest { req, more, entries } => {
+                dst.put_u8(0x11);
+                dst.put_u64(req);
+                dst.put_u8(u8::from(more));
+                dst.put_u16(entries.len() as u16);
+                for (k, ts) in entries {
+                    dst.put_slice(&k);
+                    dst.put_u64(ts);
+                }
+            }
+            Frame::Pull { req, keys } => {
+                dst.put_u8(0x12);
+                dst.put_u64(req);
+                dst.put_u16(keys.len() as u16);
+                for k in keys {
+                    dst.put_slice(&k);
+                }
+            }
+            Frame::Records { req, records } => {
+                dst.put_u8(0x13);
+                dst.put_u64(req);
+                dst.put_u16(records.len() as u16);
+                for r in records {
+                    dst.put_u16(r.len() as u16);
+                    dst.put_slice(&r);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn need(body: &Bytes, n: usize) -> Result<(), Error> {
+    if body.remaining() < n {
+        Err(Error::Malformed("frame too short"))
+    } else {
+        Ok(())
+    }
+}
+
+fn array<const N: usize>(body: &mut Bytes) -> Result<[u8; N], Error> {
+    need(body, N)?;
+    let mut a = [0u8; N];
+    body.copy_to_slice(&mut a);
+    Ok(a)
+}
+
+fn u8_(body: &mut Bytes) -> Result<u8, Error> {
+    need(body, 1)?;
+    Ok(body.get_u8())
+}
+
+fn u16_(body: &mut Bytes) -> Result<u16, Error> {
+    need(body, 2)?;
+    Ok(body.get_u16())
+}
+
+fn u64_(body: &mut Bytes) -> Result<u64, Error> {
+    need(body, 8)?;
+    Ok(body.get_u64())
+}
+
+fn done(body: &Bytes) -> Result<(), Error> {
+    if body.has_remaining() {
+        Err(Error::Malformed("trailing bytes"))
+    } else {
+        Ok(())
+    }
+}
+
+fn decode_body(kind: u8, mut body: Bytes) -> Result<Frame, Error> {
+    let f = match kind {
+        0x01 | 0x02 => {
+            let id = array::<16>(&mut body)?;
+            let hops = u8_(&mut body)?;
+            let target = if kind == 0x02 {
+                Some(array::<32>(&mut body)?)
+            } else {
+                None
+            };
+            if body.is_empty() {
+                return Err(Error::Malformed("empty packet"));
+            }
+            let packet = body.split_off(0);
+            match target {
+                Some(target) => Frame::Routed {
+                    id,
+                    hops,
+                    target,
+                    packet,
+                },
+                None => Frame::Forward { id, hops, packet },
+            }
+        }
+        0x03 => {
+            let id = array::<16>(&mut body)?;
+            let status = AckStatus::from_u8(u8_(&mut body)?)
+                .ok_or(Error::Malformed("unknown ack status"))?;
+            Frame::Ack { id, status }
+        }
+        0x10 => {
+            let req = u64_(&mut body)?;
+            let after = match u8_(&mut body)? {
+                0 => None,
+                1 => Some(array::<32>(&mut body)?),
+                _ => return Err(Error::Malformed("bad digest cursor flag")),
+            };
+            let limit = u16_(&mut body)?;
+            if limit as usize > MAX_DIGEST {
+                return Err(Error::Malformed("digest limit too large"));
+            }
+            Frame::DigestRequest { req, after, limit }
+        }
+        0x11 => {
+            let req = u64_(&mut body)?;
+            let more = match u8_(&mut body)? {
+                0 => false,
+                1 => true,
+                _ => return Err(Error::Malformed("bad digest flag")),
+            };
+            let n = u16_(&mut body)? as usize;
+            if n > MAX_DIGEST {
+                return Err(Error::Malformed("too many digest entries"));
+            }
+            need(&body, n * 40)?;
+            let mut entries = Vec::with_capacity(n);
+            for _ in 0..n {
+                let k = array::<32>(&mut body)?;
+                entries.push((k, u64_(&mut body)?));
+            }
+            Frame::Digest { req, more, entries }
+        }
+        0x12 => {
+            let req = u64_(&mut body)?;
+            let n = u16_(&mut body)? as usize;
+            if n > MAX_PULL {
+                return Err(Error::Malformed("too many keys in a pull"));
+            }
+            need(&body, n * 32)?;
+            let mut keys = Vec::with_capacity(n);
+            for _ in 0..n {
+                keys.push(array::<32>(&mut body)?);
+            }
+            Frame::Pull { req, keys }
+        }
+        0x13 => {
+            let req = u64_(&mut body)?;
+            let n = u16_(&mut body)? as usize;
+            if n > MAX_RECORDS {
+                return Err(Error::Malformed("too many records"));
+            }
+            let mut records = Vec::with_capacity(n);
+            for _ in 0..n {
+                let len = u16_(&mut body)? as usize;
+                need(&body, len)?;
+                records.push(body.split_to(len));
+            }
+            Frame::Records { req, records }
+        }
+        _ => return Err(Error::Malformed("unknown frame type")),
+    };
+    done(&body)?;
+    Ok(f)
+}
+
+impl Decoder for Codec {
+    type Item = Frame;
+    type Error = Error;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, Error> {
+        if src.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+        if len > self.max {
+            return Err(Error::TooLarge {
+                got: len,
+                max: self.max,
+            });
+        }
+        if len == 0 {
+            return Err(Error::Malformed("empty frame"));
+        }
+        if src.len() < 4 + len {
+            src.reserve(4 + len - src.len());
+            return Ok(None);
+        }
+        src.advance(4);
+        let mut body = src.split_to(len).freeze();
+        let kind = body.get_u8();
+        decode_body(kind, body).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn round_trip(f: Frame) {
+        let mut c = Codec::new(DEFAULT_MAX_FRAME);
+        let mut buf = BytesMut::new();
+        c.encode(f.clone(), &mut buf).expect("encode");
+        let back = c.decode(&mut buf).expect("decode").expect("whole frame");
+        assert_eq!(back, f);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn every_frame_round_trips() {
+        let p = Bytes::from_static(&[1u8; 40]);
+        round_trip(Frame::Forward {
+            id: [7; 16],
+            hops: 2,
+            packet: p.clone(),
+        });
+        round_trip(Frame::Routed {
+            id: [8; 16],
+            hops: 1,
+            target: [9; 32],
+            packet: p,
+        });
+        for s in 0..=6 {
+            let status = AckStatus::from_u8(s).expect("status");
+            round_trip(Frame::Ack {
+                id: [1; 16],
+                status,
+            });
+        }
+        round_trip(Frame::DigestRequest {
+            req: 5,
+            after: None,
+            limit: 256,
+        });
+        round_trip(Frame::DigestRequest {
+            req: 6,
+            after: Some([3; 32]),
+            limit: 1,
+        });
+        round_trip(Frame::Digest {
+            req: 6,
+            more: true,
+            entries: vec![([1; 32], 10), ([2; 32], u64::MAX)],
+        });
+        round_trip(Frame::Pull {
+            req: 7,
+            keys: vec![[4; 32]; 3],
+        });
+        round_trip(Frame::Records {
+            req: 8,
+            records: vec![Bytes::from_static(b"abc"), Bytes::new()],
+        });
+    }
+
+    fn decode_raw(kind: u8, body: &[u8]) -> Result<Option<Frame>, Error> {
+        let mut buf = BytesMut::new();
+        buf.put_u32(body.len() as u32 + 1);
+        buf.put_u8(kind);
+        buf.put_slice(body);
+        Codec::new(DEFAULT_MAX_FRAME).decode(&mut buf)
+    }
+
+    #[test]
+    fn malformed_frames_are_errors() {
+        // Unknown type, short ack, bad status, trailing bytes, empty packet.
+        assert!(decode_raw(0x7f, &[]).is_err());
+        assert!(decode_raw(0x03, &[0; 10]).is_err());
+        assert!(decode_raw(0x03, &[[0u8; 16].as_slice(), &[9]].concat()).is_err());
+        assert!(decode_raw(0x03, &[0u8; 18]).is_err());
+        assert!(decode_raw(0x01, &[0u8; 17]).is_err());
+        // Counts over the bounds, and counts the body cannot hold.
+        let mut d = 1u64.to_be_bytes().to_vec();
+        d.extend_from_slice(&[0, 0xff, 0xff]);
+        assert!(decode_raw(0x11, &d).is_err());
+        let mut p = 1u64.to_be_bytes().to_vec();
+        p.extend_from_slice(&[0, 2]);
+        p.extend_from_slice(&[0; 32]);
+        assert!(decode_raw(0x12, &p).is_err());
+        let mut r = 1u64.to_be_bytes().to_vec();
+        r.extend_from_slice(&[0, 1, 0, 10, 1, 2]);
+        assert!(decode_raw(0x13, &r).is_err());
+        let mut q = 1u64.to_be_bytes().to_vec();
+        q.extend_from_slice(&[2]);
+        q.extend_from_slice(&[0, 1]);
+        assert!(decode_raw(0x10, &q).is_err());
+    }
+
+    #[test]
+    fn oversize_frames_are_refused_both_ways() {
+        let mut c = Codec::new(100);
+        let mut buf = BytesMut::new();
+        let big = Frame::Forward {
+            id: [0; 16],
+            hops: 1,
+            packet: Bytes::from(vec![0u8; 200]),
+        };
+        assert!(matches!(
+            c.encode(big, &mut buf),
+            Err(Error::TooLarge { .. })
+        ));
+        buf.put_u32(1_000_000);
+        assert!(matches!(c.decode(&mut buf), Err(Error::TooLarge { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut buf = BytesMut::from(bytes.as_slice());
+            let _ = Codec::new(DEFAULT_MAX_FRAME).decode(&mut buf);
+        }
+    }
+}

@@ -1,0 +1,1116 @@
+//! Federation, as driven by the Swarm task: admission on identify, the
+//! relay's own signed address record (gossiped, re-signed), the address
+//! book (gossip validation, anti-entropy), dialing relays by key, and
+//! forwarding packets to their home relay (routed with a hint, flooded
+//! without) with acknowledgements, retries and dedup.
+//!
+//! [`Fed`] is owned by the Swarm task and never blocks it: store work runs
+//! in spawned tasks that report back on a bounded channel ([`Internal`]).
+
+use crate::config::{self, FederationMode};
+use crate::core::{Core, Federate, now_ms};
+use bytes::Bytes;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, MessageId};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::{Multiaddr, PeerId, Swarm, identity};
+use meshwhisper_behaviour::federation::codec::{AckStatus, Frame, MAX_PULL, MAX_RECORDS, PacketId};
+use meshwhisper_behaviour::node::{Behaviour, RECORDS_TOPIC};
+use meshwhisper_behaviour::{packet, policy};
+use meshwhisper_crypto::address_record::{self, AddressRecord, Contents};
+use meshwhisper_crypto::identity::IdentityKeyPair;
+use meshwhisper_storage::address_book::Upsert;
+use meshwhisper_storage::mailbox::MailboxId;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use tokio::sync::mpsc;
+
+/// Results of spawned work, back to the Swarm task.
+#[derive(Debug)]
+pub(crate) enum Internal {
+    /// Send a frame to a peer.
+    Send { peer: PeerId, frame: Frame },
+    /// An incoming packet was handled by the store.
+    Stored {
+        peer: PeerId,
+        id: PacketId,
+        status: AckStatus,
+    },
+    /// A gossiped record was checked against the book.
+    Validated {
+        message_id: MessageId,
+        source: PeerId,
+        acceptance: MessageAcceptance,
+    },
+    /// Relays whose records are in the book (maybe worth dialing).
+    Known(Vec<(PeerId, Vec<Multiaddr>)>),
+    /// The record lookup for a relay we must reach.
+    DialTarget { peer: PeerId, addrs: Vec<Multiaddr> },
+    /// A new blocklist (file changed or SIGHUP).
+    Blocklist(HashSet<PeerId>),
+}
+
+/// Capacity of the [`Internal`] channel.
+pub(crate) const INTERNAL_QUEUE: usize = 4096;
+/// Capacity of the channel from the core (packets to federate).
+pub(crate) const OUTBOUND_QUEUE: usize = 8192;
+
+/// The Ed25519 key inside an Ed25519 PeerId.
+pub fn key_of(peer: &PeerId) -> Option<[u8; 32]> {
+    let mh: &libp2p::multihash::Multihash<64> = peer.as_ref();
+    if mh.code() != 0 {
+        return None;
+    }
+    let pk = identity::PublicKey::try_decode_protobuf(mh.digest()).ok()?;
+    Some(pk.try_into_ed25519().ok()?.to_bytes())
+}
+
+/// The PeerId of an Ed25519 key.
+pub fn peer_of(key: &[u8; 32]) -> Option<PeerId> {
+    let k = identity::ed25519::PublicKey::try_from_bytes(key).ok()?;
+    Some(identity::PublicKey::from(k).to_peer_id())
+}
+
+fn random_id() -> PacketId {
+    let mut id = [0u8; 16];
+    if getrandom::fill(&mut id).is_err() {
+        // No OS randomness: fall back to time (ids only need to be unique).
+        id[..8].copy_from_slice(&now_ms().to_be_bytes());
+    }
+    id
+}
+
+struct Pending {
+    /// Our stored copy (deleted once the home relay stored it).
+    mailbox_id: MailboxId,
+    /// The home relay, or `None` for a flood.
+    target: Option<PeerId>,
+    target_key: Option<[u8; 32]>,
+    packet: Bytes,
+    deadline_ms: u64,
+    next_ms: u64,
+}
+
+struct Seen {
+    at_ms: u64,
+    /// Who sent it to us (acks go back there).
+    upstream: Option<PeerId>,
+    /// Stored here (a repeated Routed is acked `Stored` again).
+    stored: bool,
+    /// A `Stored` ack already went upstream.
+    acked: bool,
+}
+
+/// Packet ids seen recently, bounded by count and age.
+struct Dedup {
+    map: HashMap<PacketId, Seen>,
+    order: VecDeque<(PacketId, u64)>,
+    max: usize,
+    ttl_ms: u64,
+}
+
+impl Dedup {
+    fn evict(&mut self, now: u64) {
+        while let Some(&(id, at)) = self.order.front() {
+            if self.order.len() > self.max || at + self.ttl_ms <= now {
+                self.order.pop_front();
+                if self.map.get(&id).is_some_and(|s| s.at_ms == at) {
+                    self.map.remove(&id);
+                }
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn insert(&mut self, id: PacketId, upstream: Option<PeerId>, now: u64) {
+        self.map.insert(
+            id,
+            Seen {
+                at_ms: now,
+                upstream,
+                stored: false,
+                acked: false,
+            },
+        );
+        self.order.push_back((id, now));
+        self.evict(now);
+    }
+}
+
+struct DialState {
+    next_ms: u64,
+    backoff_ms: u64,
+}
+
+/// Federation state of the Swarm task.
+pub(crate) struct Fed {
+    cfg: config::Federation,
+    core: Arc<Core>,
+    me: PeerId,
+    my_key: [u8; 32],
+    identity: IdentityKeyPair,
+    tx: mpsc::Sender<Internal>,
+    dedup: Dedup,
+    pending: HashMap<PacketId, Pending>,
+    dials: HashMap<PeerId, DialState>,
+    bootstrap: Vec<(PeerId, Multiaddr)>,
+    next_bootstrap_ms: u64,
+    bootstrap_backoff_ms: u64,
+    own: Option<(AddressRecord, Vec<Vec<u8>>)>,
+    unpublished: bool,
+    next_sign_ms: u64,
+    next_ae_ms: u64,
+    ae_turn: usize,
+    next_req: Arc<std::sync::atomic::AtomicU64>,
+    mailbox_ttl_ms: u64,
+    topic: IdentTopic,
+}
+
+impl Fed {
+    /// State for the relay whose libp2p key is `key`.
+    pub(crate) fn new(
+        cfg: config::Federation,
+        core: Arc<Core>,
+        key: &identity::Keypair,
+        tx: mpsc::Sender<Internal>,
+        mailbox_ttl_ms: u64,
+    ) -> Option<Self> {
+        let ed = key.clone().try_into_ed25519().ok()?;
+        let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+        seed.copy_from_slice(ed.secret().as_ref());
+        let identity = IdentityKeyPair::from_seed(&seed);
+        let me = key.public().to_peer_id();
+        let bootstrap = cfg
+            .bootstrap
+            .iter()
+            .filter_map(|b| {
+                let a: Multiaddr = b.parse().ok()?;
+                match a.iter().last() {
+                    Some(libp2p::multiaddr::Protocol::P2p(p)) if p != me => Some((p, a)),
+                    _ => None,
+                }
+            })
+            .collect();
+        Some(Self {
+            dedup: Dedup {
+                map: HashMap::new(),
+                order: VecDeque::new(),
+                max: cfg.dedup_entries,
+                ttl_ms: cfg.dedup_secs.saturating_mul(1000),
+            },
+            cfg,
+            core,
+            me,
+            my_key: ed.public().to_bytes(),
+            identity,
+            tx,
+            pending: HashMap::new(),
+            dials: HashMap::new(),
+            bootstrap,
+            next_bootstrap_ms: 0,
+            bootstrap_backoff_ms: 500,
+            own: None,
+            unpublished: false,
+            next_sign_ms: 0,
+            next_ae_ms: 0,
+            ae_turn: 0,
+            next_req: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+            mailbox_ttl_ms,
+            topic: IdentTopic::new(RECORDS_TOPIC),
+        })
+    }
+
+    fn metrics(&self) -> &crate::metrics::FederationMetrics {
+        &self.core.metrics.federation
+    }
+
+    /// Bootstrap peers configured.
+    pub(crate) fn bootstrap_count(&self) -> usize {
+        self.bootstrap.len()
+    }
+
+    fn spawn_send(&self, fut: impl std::future::Future<Output = Vec<Internal>> + Send + 'static) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            for m in fut.await {
+                if tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    fn update_gauges(&self, swarm: &Swarm<Behaviour>) {
+        let open = swarm.behaviour().federation.peers().count() as u64;
+        self.metrics().peers_connected.store(open, Relaxed);
+        self.metrics()
+            .pending
+            .store(self.pending.len() as u64, Relaxed);
+    }
+
+    // ---- admission -------------------------------------------------------
+
+    /// identify told us what `peer` speaks.
+    pub(crate) fn on_identified(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        info: &libp2p::identify::Info,
+    ) {
+        let fed = libp2p::StreamProtocol::new(meshwhisper_behaviour::federation::codec::PROTOCOL);
+        if !info.protocols.contains(&fed) {
+            return;
+        }
+        let b = swarm.behaviour_mut();
+        let was = b.policy.is_admitted(&peer);
+        match b.policy.admit(peer, now_ms()) {
+            Ok(()) => {
+                for a in &info.listen_addrs {
+                    b.kad.add_address(&peer, a.clone());
+                }
+                b.federation.open(peer);
+                if !was {
+                    tracing::info!(%peer, "relay admitted");
+                }
+            }
+            Err(r) => {
+                match r {
+                    policy::Refusal::Blocked => {}
+                    _ => {
+                        self.metrics().admissions_refused.fetch_add(1, Relaxed);
+                    }
+                }
+                tracing::info!(%peer, reason = r.label(), "relay refused");
+            }
+        }
+    }
+
+    /// The policy is closing a peer's connections.
+    pub(crate) fn on_policy(&mut self, ev: policy::Event) {
+        let policy::Event::Disconnecting { peer, reason } = ev;
+        if reason == policy::Refusal::Blocked {
+            self.metrics()
+                .handshake_rejections_blocked
+                .fetch_add(1, Relaxed);
+        }
+        tracing::info!(%peer, reason = reason.label(), "disconnecting relay");
+    }
+
+    // ---- streams ---------------------------------------------------------
+
+    pub(crate) fn on_opened(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
+        self.dials.remove(&peer);
+        // Packets waiting for this relay go now.
+        let now = now_ms();
+        let ids: Vec<PacketId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.target == Some(peer))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.dispatch(swarm, id, now);
+        }
+        // Reconcile address books with a new peer right away.
+        self.anti_entropy_with(swarm, peer);
+        self.update_gauges(swarm);
+    }
+
+    pub(crate) fn on_closed(&mut self, swarm: &Swarm<Behaviour>, peer: PeerId, reason: &str) {
+        if !reason.contains("connection closed") && !reason.contains("closed by peer") {
+            self.metrics().handshake_failures.fetch_add(1, Relaxed);
+        }
+        tracing::debug!(%peer, %reason, "federation stream closed");
+        self.update_gauges(swarm);
+    }
+
+    // ---- outbound packets -------------------------------------------------
+
+    /// A packet accepted here whose recipient is homed elsewhere.
+    pub(crate) fn on_outbound(&mut self, swarm: &mut Swarm<Behaviour>, f: Federate) {
+        if self.cfg.mode == FederationMode::Off {
+            return;
+        }
+        if self.pending.len() >= self.cfg.max_pending {
+            self.metrics().drops_queue_full.fetch_add(1, Relaxed);
+            return;
+        }
+        let target = f.hint.and_then(|k| peer_of(&k).map(|p| (p, k)));
+        if target.is_some_and(|(p, _)| p == self.me) {
+            // Named us: it is stored here already.
+            return;
+        }
+        if let Some((p, _)) = target {
+            let queued = self
+                .pending
+                .values()
+                .filter(|x| x.target == Some(p))
+                .count();
+            if queued >= self.cfg.dial_queue && !swarm.behaviour().federation.is_open(&p) {
+                self.metrics().drops_queue_full.fetch_add(1, Relaxed);
+                return;
+            }
+        }
+        let id = random_id();
+        let now = now_ms();
+        self.pending.insert(
+            id,
+            Pending {
+                mailbox_id: f.mailbox_id,
+                target: target.map(|(p, _)| p),
+                target_key: target.map(|(_, k)| k),
+                packet: f.packet,
+                deadline_ms: f.at_ms.saturating_add(self.mailbox_ttl_ms),
+                next_ms: now,
+            },
+        );
+        self.dedup.insert(id, None, now);
+        self.dispatch(swarm, id, now);
+        self.update_gauges(swarm);
+    }
+
+    /// Sends (or re-sends) a pending packet, or starts reaching its target.
+    fn dispatch(&mut self, swarm: &mut Swarm<Behaviour>, id: PacketId, now: u64) {
+        let Some(p) = self.pending.get_mut(&id) else {
+            return;
+        };
+        match (p.target, p.target_key) {
+            (Some(target), Some(key)) => {
+                if swarm.behaviour().federation.is_open(&target) {
+                    let frame = Frame::Routed {
+                        id,
+                        hops: 1,
+                        target: key,
+                        packet: p.packet.clone(),
+                    };
+                    p.next_ms = now + self.cfg.retry_ms;
+                    if swarm.behaviour_mut().federation.send(target, frame) {
+                        self.metrics().forwards_sent.fetch_add(1, Relaxed);
+                        self.metrics().routed_forwards.fetch_add(1, Relaxed);
+                    }
+                } else {
+                    p.next_ms = now + self.cfg.retry_ms;
+                    self.reach(swarm, target, now);
+                }
+            }
+            _ => {
+                p.next_ms = now + self.cfg.flood_retry_ms;
+                let frame = Frame::Forward {
+                    id,
+                    hops: 1,
+                    packet: p.packet.clone(),
+                };
+                let sent = self.flood(swarm, frame, None);
+                if sent == 0 {
+                    // Nobody to flood to yet: try again soon.
+                    if let Some(p) = self.pending.get_mut(&id) {
+                        p.next_ms = now + self.cfg.retry_ms;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends `frame` to every admitted relay with a stream except `except`.
+    fn flood(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        frame: Frame,
+        except: Option<PeerId>,
+    ) -> usize {
+        let b = swarm.behaviour_mut();
+        let peers: Vec<PeerId> = b
+            .federation
+            .peers()
+            .filter(|p| Some(**p) != except && b.policy.is_admitted(p))
+            .copied()
+            .collect();
+        let mut n = 0;
+        for p in peers {
+            if b.federation.send(p, frame.clone()) {
+                n += 1;
+            }
+        }
+        self.metrics().forwards_sent.fetch_add(n as u64, Relaxed);
+        n
+    }
+
+    /// Starts reaching `peer` (known by key): dial its record's addresses,
+    /// or ask the DHT. Backs off between attempts.
+    fn reach(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, now: u64) {
+        if swarm.is_connected(&peer) {
+            // Connected but no stream yet: identify and admission follow.
+            return;
+        }
+        let d = self.dials.entry(peer).or_insert(DialState {
+            next_ms: 0,
+            backoff_ms: self.cfg.retry_ms,
+        });
+        if d.next_ms > now {
+            return;
+        }
+        d.next_ms = now + d.backoff_ms;
+        d.backoff_ms = (d.backoff_ms * 2).min(30_000);
+        let Some(key) = key_of(&peer) else {
+            return;
+        };
+        let core = self.core.clone();
+        self.spawn_send(async move {
+            let addrs = match core.store.address_book().get(&key).await {
+                Ok(Some(r)) => r
+                    .contents()
+                    .addrs
+                    .iter()
+                    .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+                    .collect(),
+                _ => Vec::new(),
+            };
+            vec![Internal::DialTarget { peer, addrs }]
+        });
+    }
+
+    fn dial(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if swarm.is_connected(&peer) || swarm.behaviour().policy.is_blocked(&peer) {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        match swarm.dial(opts) {
+            Ok(()) => {
+                self.metrics().discovered_dials.fetch_add(1, Relaxed);
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "dial failed"),
+        }
+    }
+
+    // ---- inbound frames ---------------------------------------------------
+
+    pub(crate) fn on_frame(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, frame: Frame) {
+        let now = now_ms();
+        let b = swarm.behaviour_mut();
+        if !b.policy.is_admitted(&peer) {
+            // Not (yet) admitted: refuse packets so the sender retries.
+            if let Frame::Forward { id, .. } | Frame::Routed { id, .. } = frame {
+                b.federation.send(
+                    peer,
+                    Frame::Ack {
+                        id,
+                        status: AckStatus::Refused,
+                    },
+                );
+            }
+            return;
+        }
+        if !b.policy.allow_frame(&peer, now) {
+            self.metrics().drops_rate_limited.fetch_add(1, Relaxed);
+            if let Frame::Forward { id, .. } | Frame::Routed { id, .. } = frame {
+                b.federation.send(
+                    peer,
+                    Frame::Ack {
+                        id,
+                        status: AckStatus::Refused,
+                    },
+                );
+            }
+            return;
+        }
+        match frame {
+            Frame::Forward { id, hops, packet } => {
+                self.on_packet(swarm, peer, id, hops, None, packet, now)
+            }
+            Frame::Routed {
+                id,
+                hops,
+                target,
+                packet,
+            } => self.on_packet(swarm, peer, id, hops, Some(target), packet, now),
+            Frame::Ack { id, status } => self.on_ack(swarm, peer, id, status),
+            Frame::DigestRequest { req, after, limit } => {
+                let core = self.core.clone();
+                self.spawn_send(async move {
+                    let limit = u32::from(limit);
+                    match core.store.address_book().digest(after, limit + 1).await {
+                        Ok(mut entries) => {
+                            let more = entries.len() > limit as usize;
+                            entries.truncate(limit as usize);
+                            vec![Internal::Send {
+                                peer,
+                                frame: Frame::Digest { req, more, entries },
+                            }]
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading the address book");
+                            Vec::new()
+                        }
+                    }
+                });
+            }
+            Frame::Digest { more, entries, .. } => {
+                let core = self.core.clone();
+                let next = self.next_req.clone();
+                let page = self.cfg.anti_entropy_page;
+                let me = self.my_key;
+                self.spawn_send(async move {
+                    let mut want = Vec::new();
+                    for (k, ts) in &entries {
+                        if *k == me {
+                            continue;
+                        }
+                        match core.store.address_book().get(k).await {
+                            Ok(Some(r)) if r.timestamp_ms() >= *ts => {}
+                            Ok(_) => want.push(*k),
+                            Err(_) => {}
+                        }
+                    }
+                    let mut out: Vec<Internal> = want
+                        .chunks(MAX_PULL)
+                        .map(|c| Internal::Send {
+                            peer,
+                            frame: Frame::Pull {
+                                req: next.fetch_add(1, Relaxed),
+                                keys: c.to_vec(),
+                            },
+                        })
+                        .collect();
+                    if more && let Some((last, _)) = entries.last() {
+                        out.push(Internal::Send {
+                            peer,
+                            frame: Frame::DigestRequest {
+                                req: next.fetch_add(1, Relaxed),
+                                after: Some(*last),
+                                limit: page,
+                            },
+                        });
+                    }
+                    out
+                });
+            }
+            Frame::Pull { req, keys } => {
+                let core = self.core.clone();
+                self.spawn_send(async move {
+                    let mut recs = Vec::new();
+                    for k in &keys {
+                        if let Ok(Some(r)) = core.store.address_book().get(k).await {
+                            recs.push(Bytes::from(r.encode()));
+                        }
+                    }
+                    recs.chunks(MAX_RECORDS)
+                        .map(|c| Internal::Send {
+                            peer,
+                            frame: Frame::Records {
+                                req,
+                                records: c.to_vec(),
+                            },
+                        })
+                        .collect()
+                });
+            }
+            Frame::Records { records, .. } => {
+                let core = self.core.clone();
+                let me = self.my_key;
+                self.spawn_send(async move {
+                    let mut learned = Vec::new();
+                    for bytes in records {
+                        if let Some(x) = learn(&core, &bytes, me).await {
+                            learned.push(x);
+                        }
+                    }
+                    if learned.is_empty() {
+                        Vec::new()
+                    } else {
+                        vec![Internal::Known(learned)]
+                    }
+                });
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_packet(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        id: PacketId,
+        hops: u8,
+        target: Option<[u8; 32]>,
+        packet: Bytes,
+        now: u64,
+    ) {
+        self.metrics().forwards_received.fetch_add(1, Relaxed);
+        let ack = |swarm: &mut Swarm<Behaviour>, status| {
+            swarm
+                .behaviour_mut()
+                .federation
+                .send(peer, Frame::Ack { id, status });
+        };
+        if let Some(t) = target
+            && t != self.my_key
+        {
+            ack(swarm, AckStatus::NotTarget);
+            return;
+        }
+        if let Some(seen) = self.dedup.map.get(&id) {
+            self.metrics().drops_duplicate.fetch_add(1, Relaxed);
+            let status = if seen.stored {
+                AckStatus::Stored
+            } else {
+                AckStatus::Duplicate
+            };
+            ack(swarm, status);
+            return;
+        }
+        let dest = match packet::destination(&packet, usize::MAX) {
+            Ok(d) => d,
+            Err(_) => {
+                self.metrics().drops_malformed.fetch_add(1, Relaxed);
+                ack(swarm, AckStatus::Malformed);
+                return;
+            }
+        };
+        self.dedup.insert(id, Some(peer), now);
+        if target.is_some() || self.core.is_homed(&dest) {
+            let core = self.core.clone();
+            self.spawn_send(async move {
+                let status = match core.accept(packet).await {
+                    Ok(acc) => {
+                        let m = &core.metrics.federation;
+                        if core.route_local(0, acc) {
+                            m.delivered_locally.fetch_add(1, Relaxed);
+                        } else {
+                            m.stored_locally.fetch_add(1, Relaxed);
+                        }
+                        AckStatus::Stored
+                    }
+                    Err(crate::core::PacketError::Malformed(_)) => AckStatus::Malformed,
+                    Err(_) => AckStatus::Refused,
+                };
+                vec![Internal::Stored { peer, id, status }]
+            });
+            return;
+        }
+        if hops >= self.cfg.max_hops {
+            self.metrics().drops_ttl.fetch_add(1, Relaxed);
+            ack(swarm, AckStatus::NotHome);
+            return;
+        }
+        let n = self.flood(
+            swarm,
+            Frame::Forward {
+                id,
+                hops: hops + 1,
+                packet,
+            },
+            Some(peer),
+        );
+        self.metrics()
+            .forwarded_onward
+            .fetch_add(u64::from(n > 0), Relaxed);
+        ack(
+            swarm,
+            if n > 0 {
+                AckStatus::Relayed
+            } else {
+                AckStatus::NotHome
+            },
+        );
+    }
+
+    /// The store handled a packet a peer sent us.
+    pub(crate) fn on_stored(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        id: PacketId,
+        status: AckStatus,
+    ) {
+        match status {
+            AckStatus::Stored => {
+                if let Some(s) = self.dedup.map.get_mut(&id) {
+                    s.stored = true;
+                    s.acked = true;
+                }
+            }
+            // Let a retry through.
+            _ => {
+                self.dedup.map.remove(&id);
+            }
+        }
+        swarm
+            .behaviour_mut()
+            .federation
+            .send(peer, Frame::Ack { id, status });
+    }
+
+    fn on_ack(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        id: PacketId,
+        status: AckStatus,
+    ) {
+        match status {
+            AckStatus::Stored => {
+                if let Some(p) = self.pending.remove(&id) {
+                    if p.target.is_some() {
+                        self.metrics().routed_acked.fetch_add(1, Relaxed);
+                    }
+                    let core = self.core.clone();
+                    tokio::spawn(async move { core.delivered(vec![p.mailbox_id]).await });
+                    self.update_gauges(swarm);
+                } else if let Some(s) = self.dedup.map.get_mut(&id)
+                    && !s.acked
+                    && let Some(up) = s.upstream
+                {
+                    // We relayed this flood: tell whoever sent it to us.
+                    s.acked = true;
+                    swarm
+                        .behaviour_mut()
+                        .federation
+                        .send(up, Frame::Ack { id, status });
+                }
+            }
+            AckStatus::Malformed | AckStatus::NotTarget => {
+                if let Some(p) = self.pending.get(&id)
+                    && p.target == Some(peer)
+                {
+                    // Never accepted there: keep our stored copy, stop sending.
+                    self.pending.remove(&id);
+                    self.metrics().drops_malformed.fetch_add(1, Relaxed);
+                    self.update_gauges(swarm);
+                }
+            }
+            AckStatus::Refused | AckStatus::Relayed | AckStatus::Duplicate | AckStatus::NotHome => {
+            }
+        }
+    }
+
+    // ---- address records --------------------------------------------------
+
+    /// A gossiped record arrived: check it, then let the store decide.
+    pub(crate) fn on_gossip(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        source: PeerId,
+        message_id: MessageId,
+        data: Vec<u8>,
+    ) {
+        match AddressRecord::accept(&data, now_ms()) {
+            Err(e) => {
+                self.metrics().reject_record(e.kind());
+                let _ = swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(
+                        &message_id,
+                        &source,
+                        MessageAcceptance::Reject,
+                    );
+            }
+            Ok(_) => {
+                let core = self.core.clone();
+                let me = self.my_key;
+                self.spawn_send(async move {
+                    let learned = learn(&core, &data, me).await;
+                    let acceptance = if learned.is_some() {
+                        MessageAcceptance::Accept
+                    } else {
+                        MessageAcceptance::Ignore
+                    };
+                    let mut out = vec![Internal::Validated {
+                        message_id,
+                        source,
+                        acceptance,
+                    }];
+                    if let Some(l) = learned {
+                        out.push(Internal::Known(vec![l]));
+                    }
+                    out
+                });
+            }
+        }
+    }
+
+    /// Signs a fresh record when the addresses changed or the refresh time
+    /// came, stores it in our own book and publishes it.
+    fn maintain_record(&mut self, swarm: &mut Swarm<Behaviour>, now: u64) {
+        let mut addrs: Vec<Vec<u8>> = Vec::new();
+        let listen = swarm.listeners().cloned().collect::<Vec<_>>();
+        let external = swarm.external_addresses().cloned().collect::<Vec<_>>();
+        let configured = self
+            .cfg
+            .external_addrs
+            .iter()
+            .filter_map(|a| a.parse::<Multiaddr>().ok())
+            .collect::<Vec<_>>();
+        for a in configured.into_iter().chain(external).chain(listen) {
+            let bytes = a.to_vec();
+            if bytes.len() <= address_record::MAX_ADDR_LEN
+                && !addrs.contains(&bytes)
+                && addrs.len() < address_record::MAX_ADDRS
+            {
+                addrs.push(bytes);
+            }
+        }
+        if addrs.is_empty() {
+            return;
+        }
+        let changed = self.own.as_ref().is_none_or(|(_, a)| *a != addrs);
+        if changed || now >= self.next_sign_ms {
+            let ts = self
+                .own
+                .as_ref()
+                .map_or(now, |(r, _)| now.max(r.timestamp_ms() + 1));
+            let contents = Contents {
+                timestamp_ms: ts,
+                onion_key: self.identity.public().x25519(),
+                addrs: addrs.clone(),
+                anchors: Vec::new(),
+            };
+            match AddressRecord::sign(&self.identity, contents) {
+                Ok(r) => {
+                    self.metrics().records_signed.fetch_add(1, Relaxed);
+                    let store_rec = r.clone();
+                    let core = self.core.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = core.store.address_book().upsert(&store_rec, now_ms()).await
+                        {
+                            tracing::warn!(error = %e, "storing our own address record");
+                        }
+                    });
+                    self.own = Some((r, addrs));
+                    self.unpublished = self.cfg.record_gossip;
+                    self.next_sign_ms =
+                        now + self.cfg.record_refresh_hours.saturating_mul(3_600_000);
+                    tracing::debug!("signed a new address record");
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot sign our address record"),
+            }
+        }
+        if self.unpublished
+            && let Some((r, _)) = &self.own
+        {
+            match swarm
+                .behaviour_mut()
+                .gossipsub
+                .publish(self.topic.clone(), r.encode())
+            {
+                Ok(_) => self.unpublished = false,
+                // No subscriber seen yet (or a duplicate): retry next tick.
+                Err(gossipsub::PublishError::Duplicate) => self.unpublished = false,
+                Err(e) => tracing::trace!(error = %e, "record not published yet"),
+            }
+        }
+    }
+
+    /// Publishes our record again (a relay subscribed to the topic).
+    pub(crate) fn on_subscribed(&mut self) {
+        if self.cfg.record_gossip && self.own.is_some() {
+            self.unpublished = true;
+        }
+    }
+
+    fn anti_entropy_with(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
+        let frame = Frame::DigestRequest {
+            req: self.next_req.fetch_add(1, Relaxed),
+            after: None,
+            limit: self.cfg.anti_entropy_page,
+        };
+        if swarm.behaviour_mut().federation.send(peer, frame) {
+            self.metrics().anti_entropy_rounds.fetch_add(1, Relaxed);
+        }
+    }
+
+    // ---- results of spawned work -------------------------------------------
+
+    pub(crate) fn on_internal(&mut self, swarm: &mut Swarm<Behaviour>, m: Internal) {
+        match m {
+            Internal::Send { peer, frame } => {
+                swarm.behaviour_mut().federation.send(peer, frame);
+            }
+            Internal::Stored { peer, id, status } => self.on_stored(swarm, peer, id, status),
+            Internal::Validated {
+                message_id,
+                source,
+                acceptance,
+            } => {
+                let _ = swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &source, acceptance);
+            }
+            Internal::Known(relays) => {
+                for (peer, addrs) in relays {
+                    for a in &addrs {
+                        swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+                    }
+                    if self.wants_more_peers(swarm) && peer != self.me {
+                        self.dial(swarm, peer, addrs);
+                    }
+                }
+            }
+            Internal::DialTarget { peer, addrs } => {
+                if addrs.is_empty() {
+                    // Not in the book: ask the DHT.
+                    swarm.behaviour_mut().kad.get_closest_peers(peer);
+                } else {
+                    self.dial(swarm, peer, addrs);
+                }
+            }
+            Internal::Blocklist(set) => {
+                let n = swarm.behaviour_mut().policy.set_blocklist(set);
+                tracing::info!(disconnected = n, "blocklist updated");
+            }
+        }
+    }
+
+    fn wants_more_peers(&self, swarm: &Swarm<Behaviour>) -> bool {
+        let p = &swarm.behaviour().policy;
+        p.has_room() && p.admitted_count() < self.cfg.target_peers
+    }
+
+    /// A DHT lookup found peers: dial the ones we are trying to reach.
+    pub(crate) fn on_kad_peers(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peers: Vec<libp2p::kad::PeerInfo>,
+    ) {
+        for p in peers {
+            if self.dials.contains_key(&p.peer_id) && !p.addrs.is_empty() {
+                self.dial(swarm, p.peer_id, p.addrs);
+            }
+        }
+    }
+
+    // ---- timers -------------------------------------------------------------
+
+    pub(crate) fn tick(&mut self, swarm: &mut Swarm<Behaviour>) {
+        let now = now_ms();
+        if self.cfg.mode == FederationMode::Off {
+            return;
+        }
+        self.dedup.evict(now);
+        self.maintain_record(swarm, now);
+
+        // Bootstrap until some relay is admitted.
+        if swarm.behaviour().policy.admitted_count() == 0
+            && !self.bootstrap.is_empty()
+            && now >= self.next_bootstrap_ms
+        {
+            for (peer, addr) in self.bootstrap.clone() {
+                swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                self.dial(swarm, peer, vec![addr]);
+            }
+            self.next_bootstrap_ms = now + self.bootstrap_backoff_ms;
+            self.bootstrap_backoff_ms = (self.bootstrap_backoff_ms * 2).min(30_000);
+        } else if swarm.behaviour().policy.admitted_count() > 0 {
+            self.bootstrap_backoff_ms = 500;
+        }
+
+        // Pending packets: expire, resend, reach.
+        let due: Vec<PacketId> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.next_ms <= now || p.deadline_ms <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            let expired = self.pending.get(&id).is_some_and(|p| p.deadline_ms <= now);
+            if expired {
+                self.pending.remove(&id);
+                self.metrics().drops_expired.fetch_add(1, Relaxed);
+                continue;
+            }
+            let flood = self.pending.get(&id).is_some_and(|p| p.target.is_none());
+            if flood {
+                // Re-flood under a new id: the old one is in every dedup
+                // cache and would be taken for a duplicate.
+                if let Some(p) = self.pending.remove(&id) {
+                    let nid = random_id();
+                    self.pending.insert(nid, p);
+                    self.dedup.insert(nid, None, now);
+                    self.metrics().retries.fetch_add(1, Relaxed);
+                    self.dispatch(swarm, nid, now);
+                }
+            } else {
+                self.metrics().retries.fetch_add(1, Relaxed);
+                self.dispatch(swarm, id, now);
+            }
+        }
+
+        // Anti-entropy with the next peer in turn; dial relays from the book
+        // while below the target.
+        if now >= self.next_ae_ms {
+            self.next_ae_ms = now + self.cfg.anti_entropy_ms;
+            let peers: Vec<PeerId> = swarm.behaviour().federation.peers().copied().collect();
+            if !peers.is_empty() {
+                self.ae_turn = (self.ae_turn + 1) % peers.len();
+                let peer = peers[self.ae_turn];
+                self.anti_entropy_with(swarm, peer);
+            }
+            let core = self.core.clone();
+            let want = self.wants_more_peers(swarm);
+            let me = self.my_key;
+            self.spawn_send(async move {
+                let book = core.store.address_book();
+                if let Ok(n) = book.count().await {
+                    core.metrics.federation.records_known.store(n, Relaxed);
+                }
+                if !want {
+                    return Vec::new();
+                }
+                let page = book.page(None, 64).await.unwrap_or_default();
+                let known = page
+                    .iter()
+                    .filter(|r| r.relay_key().to_bytes() != me)
+                    .filter_map(|r| relay_entry(r))
+                    .collect::<Vec<_>>();
+                vec![Internal::Known(known)]
+            });
+        }
+        self.update_gauges(swarm);
+    }
+}
+
+fn relay_entry(r: &AddressRecord) -> Option<(PeerId, Vec<Multiaddr>)> {
+    let peer = peer_of(&r.relay_key().to_bytes())?;
+    let addrs = r
+        .contents()
+        .addrs
+        .iter()
+        .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+        .collect();
+    Some((peer, addrs))
+}
+
+/// Checks and stores one record; returns the relay when it is new or newer.
+async fn learn(core: &Core, bytes: &[u8], me: [u8; 32]) -> Option<(PeerId, Vec<Multiaddr>)> {
+    let m = &core.metrics.federation;
+    let r = match AddressRecord::accept(bytes, now_ms()) {
+        Ok(r) => r,
+        Err(e) => {
+            m.reject_record(e.kind());
+            return None;
+        }
+    };
+    if r.relay_key().to_bytes() == me {
+        return None;
+    }
+    match core.store.address_book().upsert(&r, now_ms()).await {
+        Ok(Upsert::Inserted | Upsert::Replaced) => {
+            m.records_learned.fetch_add(1, Relaxed);
+            relay_entry(&r)
+        }
+        Ok(Upsert::Unchanged) => None,
+        Err(meshwhisper_storage::Error::BookFull { .. }) => {
+            m.reject_record("book_full");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "storing an address record");
+            None
+        }
+    }
+}
