@@ -81,6 +81,8 @@ fn random_id() -> PacketId {
 }
 
 struct Pending {
+    /// Order of arrival (packets to one relay go out in this order).
+    seq: u64,
     /// Our stored copy (deleted once the home relay stored it).
     mailbox_id: MailboxId,
     /// The home relay, or `None` for a flood.
@@ -163,6 +165,9 @@ pub(crate) struct Fed {
     next_ae_ms: u64,
     ae_turn: usize,
     next_req: Arc<std::sync::atomic::AtomicU64>,
+    next_seq: u64,
+    /// Per-peer tasks storing packets for homed recipients, in order.
+    storers: HashMap<PeerId, mpsc::Sender<(PacketId, Bytes)>>,
     mailbox_ttl_ms: u64,
     topic: IdentTopic,
 }
@@ -216,6 +221,8 @@ impl Fed {
             next_ae_ms: 0,
             ae_turn: 0,
             next_req: Arc::new(std::sync::atomic::AtomicU64::new(1)),
+            next_seq: 0,
+            storers: HashMap::new(),
             mailbox_ttl_ms,
             topic: IdentTopic::new(RECORDS_TOPIC),
         })
@@ -303,13 +310,14 @@ impl Fed {
         self.dials.remove(&peer);
         // Packets waiting for this relay go now.
         let now = now_ms();
-        let ids: Vec<PacketId> = self
+        let mut ids: Vec<(u64, PacketId)> = self
             .pending
             .iter()
             .filter(|(_, p)| p.target == Some(peer))
-            .map(|(id, _)| *id)
+            .map(|(id, p)| (p.seq, *id))
             .collect();
-        for id in ids {
+        ids.sort_unstable();
+        for (_, id) in ids {
             self.dispatch(swarm, id, now);
         }
         // Reconcile address books with a new peer right away.
@@ -318,6 +326,8 @@ impl Fed {
     }
 
     pub(crate) fn on_closed(&mut self, swarm: &Swarm<Behaviour>, peer: PeerId, reason: &str) {
+        // Its storing task finishes what it holds, then ends.
+        self.storers.remove(&peer);
         if !reason.contains("connection closed") && !reason.contains("closed by peer") {
             self.metrics().handshake_failures.fetch_add(1, Relaxed);
         }
@@ -354,9 +364,11 @@ impl Fed {
         }
         let id = random_id();
         let now = now_ms();
+        self.next_seq += 1;
         self.pending.insert(
             id,
             Pending {
+                seq: self.next_seq,
                 mailbox_id: f.mailbox_id,
                 target: target.map(|(p, _)| p),
                 target_key: target.map(|(_, k)| k),
@@ -672,23 +684,16 @@ impl Fed {
         };
         self.dedup.insert(id, Some(peer), now);
         if target.is_some() || self.core.is_homed(&dest) {
-            let core = self.core.clone();
-            self.spawn_send(async move {
-                let status = match core.accept(packet).await {
-                    Ok(acc) => {
-                        let m = &core.metrics.federation;
-                        if core.route_local(0, acc) {
-                            m.delivered_locally.fetch_add(1, Relaxed);
-                        } else {
-                            m.stored_locally.fetch_add(1, Relaxed);
-                        }
-                        AckStatus::Stored
-                    }
-                    Err(crate::core::PacketError::Malformed(_)) => AckStatus::Malformed,
-                    Err(_) => AckStatus::Refused,
-                };
-                vec![Internal::Stored { peer, id, status }]
-            });
+            // Stored in arrival order per peer, many per commit.
+            let tx = self
+                .storers
+                .entry(peer)
+                .or_insert_with(|| spawn_storer(self.core.clone(), peer, self.tx.clone()));
+            if tx.try_send((id, packet)).is_err() {
+                self.dedup.map.remove(&id);
+                self.metrics().drops_queue_full.fetch_add(1, Relaxed);
+                ack(swarm, AckStatus::Refused);
+            }
             return;
         }
         if hops >= self.cfg.max_hops {
@@ -1010,13 +1015,14 @@ impl Fed {
         }
 
         // Pending packets: expire, resend, reach.
-        let due: Vec<PacketId> = self
+        let mut due: Vec<(u64, PacketId)> = self
             .pending
             .iter()
             .filter(|(_, p)| p.next_ms <= now || p.deadline_ms <= now)
-            .map(|(id, _)| *id)
+            .map(|(id, p)| (p.seq, *id))
             .collect();
-        for id in due {
+        due.sort_unstable();
+        for (_, id) in due {
             let expired = self.pending.get(&id).is_some_and(|p| p.deadline_ms <= now);
             if expired {
                 self.pending.remove(&id);
@@ -1072,6 +1078,57 @@ impl Fed {
         }
         self.update_gauges(swarm);
     }
+}
+
+/// Packets from one peer waiting to be stored.
+const STORE_QUEUE: usize = 1024;
+/// Most packets stored in one commit.
+const STORE_BATCH: usize = 256;
+
+/// A task that stores one peer's packets in arrival order, batching what
+/// is queued into one commit, then reports each outcome (for the ack).
+fn spawn_storer(
+    core: Arc<Core>,
+    peer: PeerId,
+    out: mpsc::Sender<Internal>,
+) -> mpsc::Sender<(PacketId, Bytes)> {
+    let (tx, mut rx) = mpsc::channel::<(PacketId, Bytes)>(STORE_QUEUE);
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < STORE_BATCH {
+                match rx.try_recv() {
+                    Ok(x) => batch.push(x),
+                    Err(_) => break,
+                }
+            }
+            let (ids, packets): (Vec<PacketId>, Vec<Bytes>) = batch.into_iter().unzip();
+            let results = core.accept_many(packets).await;
+            let m = &core.metrics.federation;
+            for (id, r) in ids.into_iter().zip(results) {
+                let status = match r {
+                    Ok(acc) => {
+                        if core.route_local(0, acc) {
+                            m.delivered_locally.fetch_add(1, Relaxed);
+                        } else {
+                            m.stored_locally.fetch_add(1, Relaxed);
+                        }
+                        AckStatus::Stored
+                    }
+                    Err(crate::core::PacketError::Malformed(_)) => AckStatus::Malformed,
+                    Err(_) => AckStatus::Refused,
+                };
+                if out
+                    .send(Internal::Stored { peer, id, status })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    });
+    tx
 }
 
 fn relay_entry(r: &AddressRecord) -> Option<(PeerId, Vec<Multiaddr>)> {

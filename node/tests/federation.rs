@@ -1,0 +1,447 @@
+//! Federation across in-process relays on loopback: real libp2p swarms,
+//! real SQLite stores, WebSocket clients.
+
+mod common;
+
+use common::*;
+use futures::SinkExt as _;
+use meshwhisper_node::config::Config;
+use meshwhisper_node::federation::key_of;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Federation settings that make tests quick: short retry and anti-entropy
+/// intervals, loopback only.
+fn quick(cfg: &mut Config, bootstrap: Option<&str>) {
+    cfg.federation.retry_ms = 200;
+    cfg.federation.anti_entropy_ms = 300;
+    cfg.federation.flood_retry_ms = 5_000;
+    cfg.federation.gossip_heartbeat_ms = 200;
+    if let Some(b) = bootstrap {
+        cfg.federation.bootstrap = vec![b.to_string()];
+    }
+}
+
+/// The relay's libp2p address with its PeerId (what `--bootstrap` takes).
+async fn p2p_addr(r: &Relay) -> String {
+    let running = r.running.as_ref().expect("running");
+    let mut addrs = running.p2p.listen_addrs.clone();
+    let a = tokio::time::timeout(Duration::from_secs(10), addrs.wait_for(|a| !a.is_empty()))
+        .await
+        .expect("listening")
+        .expect("watch")[0]
+        .clone();
+    format!("{a}/p2p/{}", running.p2p.peer_id)
+}
+
+fn running(r: &Relay) -> &meshwhisper_node::Running {
+    r.running.as_ref().expect("running")
+}
+
+fn fed(r: &Relay) -> &meshwhisper_node::metrics::FederationMetrics {
+    &running(r).core.metrics.federation
+}
+
+/// The relay's Ed25519 key in hex (what the `route` frame names).
+fn key_hex(r: &Relay) -> String {
+    hex::encode(key_of(&running(r).p2p.peer_id).expect("ed25519 peer id"))
+}
+
+/// Waits (bounded) until `check` holds; `what` names it in the failure.
+async fn eventually<F, Fut>(what: &str, secs: u64, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut every = tokio::time::interval(Duration::from_millis(25));
+    loop {
+        every.tick().await;
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {secs} s"
+        );
+    }
+}
+
+async fn book_count(r: &Relay) -> u64 {
+    running(r)
+        .core
+        .store
+        .address_book()
+        .count()
+        .await
+        .expect("count")
+}
+
+/// Starts `n` relays, the first being everyone's bootstrap, with `tweak`
+/// applied to each configuration.
+async fn mesh(n: usize, tweak: impl Fn(usize, &mut Config)) -> Vec<Relay> {
+    let first = start(|c| {
+        quick(c, None);
+        tweak(0, c);
+    })
+    .await;
+    let boot = p2p_addr(&first).await;
+    let mut relays = vec![first];
+    for i in 1..n {
+        let b = boot.clone();
+        relays.push(
+            start(|c| {
+                quick(c, Some(&b));
+                tweak(i, c);
+            })
+            .await,
+        );
+    }
+    relays
+}
+
+async fn converged(relays: &[Relay], n: u64) {
+    for (i, r) in relays.iter().enumerate() {
+        eventually(&format!("relay {i} knows {n} records"), 30, || async {
+            book_count(r).await == n
+        })
+        .await;
+    }
+}
+
+const H: &str = "00112233445566ff";
+
+async fn send_packet(ws: &mut Ws, dest: &str, payload: &[u8]) {
+    ws.send(Message::Binary(packet(dest, payload).into()))
+        .await
+        .expect("send");
+}
+
+async fn send_route(ws: &mut Ws, dest: &str, home: &str) {
+    let v = serde_json::json!({"type": "route", "destHash": dest, "homeRelay": home});
+    ws.send(Message::Text(v.to_string().into()))
+        .await
+        .expect("send route");
+}
+
+/// A client registered with `relay` for `H`, once the relay holds it.
+async fn recipient(relay: &Relay) -> Ws {
+    let mut ws = ws(&relay.ws).await;
+    hello(&mut ws, &[H]).await;
+    eventually("recipient registered", 10, || async {
+        running(relay)
+            .core
+            .is_homed(&meshwhisper_crypto::destination::DestHash::from_hex(H).expect("hex"))
+            && running(relay).core.registered_hashes() == 1
+    })
+    .await;
+    ws
+}
+
+/// Nothing more arrives on `ws` before a marker packet sent after it.
+async fn no_more_before_marker(sender: &mut Ws, recipient: &mut Ws, home: Option<&str>) {
+    if let Some(h) = home {
+        send_route(sender, H, h).await;
+    }
+    send_packet(sender, H, b"marker").await;
+    let p = next_packet(recipient).await;
+    assert_eq!(&p[31..], b"marker", "a duplicate arrived before the marker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_relays_converge_and_relearn_a_relay_on_a_new_port() {
+    let mut relays = mesh(10, |_, _| {}).await;
+    converged(&relays, 10).await;
+    for r in &relays {
+        let h = get(&format!("{}/health", r.base)).await.json();
+        assert!(
+            h["federationPeersConnected"].as_u64().unwrap_or(0) >= 1,
+            "{h}"
+        );
+    }
+
+    // Relay 5 restarts on a new port with gossip off: only anti-entropy
+    // can tell the others.
+    let old = relays.remove(5);
+    let old_addr = p2p_addr(&old).await;
+    let boot = p2p_addr(&relays[0]).await;
+    let dir = old.stop().await;
+    let moved = start_in(dir, |c| {
+        quick(c, Some(&boot));
+        c.federation.record_gossip = false;
+    })
+    .await;
+    let new_addr = p2p_addr(&moved).await;
+    assert_ne!(new_addr, old_addr, "new port");
+    let key = key_of(&running(&moved).p2p.peer_id).expect("key");
+    let port = new_addr
+        .split("/tcp/")
+        .nth(1)
+        .and_then(|s| s.split('/').next())
+        .expect("port")
+        .to_string();
+    for (i, r) in relays.iter().enumerate() {
+        eventually(&format!("relay {i} learns the new address"), 30, || async {
+            match running(r).core.store.address_book().get(&key).await {
+                Ok(Some(rec)) => rec.addrs().iter().any(|a| {
+                    libp2p::Multiaddr::try_from(a.clone())
+                        .map(|m| m.to_string().contains(&format!("/tcp/{port}")))
+                        .unwrap_or(false)
+                }),
+                _ => false,
+            }
+        })
+        .await;
+    }
+    assert_eq!(fed(&moved).records_signed.load(Relaxed), 1);
+    for r in relays {
+        r.stop().await;
+    }
+    moved.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_alone_spreads_a_new_record() {
+    // Anti-entropy effectively off: records travel by gossipsub only.
+    let relays = mesh(3, |_, c| c.federation.anti_entropy_ms = 3_600_000).await;
+    converged(&relays, 3).await;
+    for r in &relays {
+        assert!(fed(r).records_learned.load(Relaxed) >= 2);
+    }
+    for r in relays {
+        r.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hinted_packet_touches_only_sender_and_home_relay() {
+    let relays = mesh(5, |_, _| {}).await;
+    converged(&relays, 5).await;
+    let (a, f) = (&relays[1], &relays[4]);
+    let mut bob = recipient(f).await;
+    let mut alice = ws(&a.ws).await;
+    hello(&mut alice, &["aaaaaaaaaaaaaaaa"]).await;
+    let home = key_hex(f);
+    for i in 0..5u8 {
+        send_route(&mut alice, H, &home).await;
+        send_packet(&mut alice, H, &[i; 40]).await;
+    }
+    for i in 0..5u8 {
+        let p = next_packet(&mut bob).await;
+        assert_eq!(&p[31..], &[i; 40], "in order, once");
+    }
+    no_more_before_marker(&mut alice, &mut bob, Some(&home)).await;
+    // Every other relay never saw a packet.
+    for (i, r) in relays.iter().enumerate() {
+        if i == 1 || i == 4 {
+            continue;
+        }
+        assert_eq!(fed(r).forwards_received.load(Relaxed), 0, "relay {i}");
+        assert_eq!(fed(r).forwards_sent.load(Relaxed), 0, "relay {i}");
+    }
+    assert_eq!(fed(f).forwards_received.load(Relaxed), 6);
+    assert_eq!(fed(a).routed_forwards.load(Relaxed), 6);
+    // The sender's copies are deleted once the home relay acknowledged.
+    eventually("sender forgets acknowledged packets", 10, || async {
+        running(a).core.store.mailbox().count().await.unwrap_or(1) == 0
+            && fed(a).pending.load(Relaxed) == 0
+    })
+    .await;
+    for r in relays {
+        r.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unhinted_packet_floods_and_is_delivered_once() {
+    let relays = mesh(5, |_, _| {}).await;
+    converged(&relays, 5).await;
+    let (a, f) = (&relays[1], &relays[4]);
+    let mut bob = recipient(f).await;
+    let mut alice = ws(&a.ws).await;
+    for i in 0..5u8 {
+        send_packet(&mut alice, H, &[i; 40]).await;
+    }
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(next_packet(&mut bob).await[31..].to_vec());
+    }
+    got.sort();
+    assert_eq!(got, (0..5u8).map(|i| vec![i; 40]).collect::<Vec<_>>());
+    no_more_before_marker(&mut alice, &mut bob, None).await;
+    eventually("every flood acknowledged", 10, || async {
+        fed(a).pending.load(Relaxed) == 0
+    })
+    .await;
+    let delivered: u64 = relays
+        .iter()
+        .map(|r| fed(r).delivered_locally.load(Relaxed) + fed(r).stored_locally.load(Relaxed))
+        .sum();
+    assert_eq!(delivered, 6, "stored only at the home relay, once each");
+    assert_eq!(
+        fed(f).delivered_locally.load(Relaxed) + fed(f).stored_locally.load(Relaxed),
+        6
+    );
+    // Only the home relay keeps anything: the sender forgot its copies.
+    eventually("sender's copies deleted", 10, || async {
+        running(a).core.store.mailbox().count().await.unwrap_or(1) == 0
+    })
+    .await;
+    for r in relays {
+        r.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packet_for_a_home_relay_that_is_down_arrives_after_it_returns() {
+    let mut relays = mesh(3, |_, _| {}).await;
+    converged(&relays, 3).await;
+    // Bob registers on F, then F goes down (Bob with it).
+    let f = relays.remove(2);
+    let home = key_hex(&f);
+    let bob = recipient(&f).await;
+    drop(bob);
+    let dir = f.stop().await;
+    let a = &relays[1];
+    let mut alice = ws(&a.ws).await;
+    send_route(&mut alice, H, &home).await;
+    send_packet(&mut alice, H, b"while you were away").await;
+    eventually("the sender holds it for F", 10, || async {
+        fed(a).pending.load(Relaxed) == 1
+    })
+    .await;
+    // F comes back (new port) and is reached from its new record.
+    let boot = p2p_addr(&relays[0]).await;
+    let f = start_in(dir, |c| quick(c, Some(&boot))).await;
+    eventually("F acknowledged", 30, || async {
+        fed(a).pending.load(Relaxed) == 0 && fed(a).routed_acked.load(Relaxed) == 1
+    })
+    .await;
+    let mut bob = ws(&f.ws).await;
+    hello(&mut bob, &[H]).await;
+    let p = next_packet(&mut bob).await;
+    assert_eq!(&p[31..], b"while you were away");
+    no_more_before_marker(&mut alice, &mut bob, Some(&home)).await;
+    for r in relays {
+        r.stop().await;
+    }
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_recipient_homed_elsewhere_gets_flooded_packets() {
+    // The JS SDK case: no hint, recipient offline, its relay remembers the
+    // hashes it registered.
+    let relays = mesh(3, |_, _| {}).await;
+    converged(&relays, 3).await;
+    let (a, f) = (&relays[1], &relays[2]);
+    let bob = recipient(f).await;
+    drop(bob);
+    eventually("bob gone", 10, || async {
+        running(f).core.registered_hashes() == 0
+    })
+    .await;
+    let mut alice = ws(&a.ws).await;
+    for i in 0..20u8 {
+        send_packet(&mut alice, H, &[i; 32]).await;
+    }
+    eventually("all stored at F", 10, || async {
+        fed(f).stored_locally.load(Relaxed) == 20
+    })
+    .await;
+    let mut bob = ws(&f.ws).await;
+    hello(&mut bob, &[H]).await;
+    let mut got = Vec::new();
+    for _ in 0..20 {
+        got.push(next_packet(&mut bob).await[31..].to_vec());
+    }
+    got.sort();
+    assert_eq!(got, (0..20u8).map(|i| vec![i; 32]).collect::<Vec<_>>());
+    no_more_before_marker(&mut alice, &mut bob, None).await;
+    assert_eq!(fed(&relays[0]).stored_locally.load(Relaxed), 0);
+    for r in relays {
+        r.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocklisting_a_connected_relay_disconnects_it_at_once() {
+    let list = tempfile::NamedTempFile::new().expect("tmp");
+    let path = list.path().to_path_buf();
+    let relays = mesh(2, |i, c| {
+        if i == 0 {
+            c.federation.blocklist_file = Some(path.clone());
+        }
+    })
+    .await;
+    converged(&relays, 2).await;
+    let (a, b) = (&relays[0], &relays[1]);
+    let mut status = running(a).p2p.federation.clone();
+    status
+        .wait_for(|s| s.connected.contains(&running(b).p2p.peer_id))
+        .await
+        .expect("connected");
+    std::fs::write(&path, format!("# bad relay\n{}\n", running(b).p2p.peer_id)).expect("write");
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        status.wait_for(|s| s.connected.is_empty()),
+    )
+    .await
+    .expect("disconnected within the file-check period")
+    .expect("watch");
+    eventually("B's reconnects are refused", 10, || async {
+        fed(a).handshake_rejections_blocked.load(Relaxed) >= 1
+    })
+    .await;
+    assert!(
+        !running(a)
+            .p2p
+            .federation
+            .borrow()
+            .connected
+            .contains(&running(b).p2p.peer_id)
+    );
+    // Taking it off the list lets B back in (it keeps bootstrapping).
+    std::fs::write(&path, "# nobody\n").expect("write");
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        status.wait_for(|s| !s.connected.is_empty()),
+    )
+    .await
+    .expect("reconnected")
+    .expect("watch");
+    for r in relays {
+        r.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_off_refuses_relays_but_serves_clients() {
+    let relays = mesh(2, |i, c| {
+        if i == 0 {
+            c.federation.mode = meshwhisper_node::config::FederationMode::Off;
+        }
+    })
+    .await;
+    eventually("B refused by A", 10, || async {
+        fed(&relays[0]).admissions_refused.load(Relaxed) >= 1
+    })
+    .await;
+    assert!(
+        running(&relays[0])
+            .p2p
+            .federation
+            .borrow()
+            .connected
+            .is_empty()
+    );
+    // A still relays between its own clients.
+    let mut bob = recipient(&relays[0]).await;
+    let mut alice = ws(&relays[0].ws).await;
+    send_packet(&mut alice, H, b"local").await;
+    assert_eq!(&next_packet(&mut bob).await[31..], b"local");
+    for r in relays {
+        r.stop().await;
+    }
+}
