@@ -1071,7 +1071,7 @@ impl Fed {
                 let known = page
                     .iter()
                     .filter(|r| r.relay_key().to_bytes() != me)
-                    .filter_map(|r| relay_entry(r))
+                    .filter_map(relay_entry)
                     .collect::<Vec<_>>();
                 vec![Internal::Known(known)]
             });

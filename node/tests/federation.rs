@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use futures::SinkExt as _;
+use futures::{SinkExt as _, StreamExt as _};
 use meshwhisper_node::config::Config;
 use meshwhisper_node::federation::key_of;
 use std::sync::atomic::Ordering::Relaxed;
@@ -441,6 +441,164 @@ async fn federation_off_refuses_relays_but_serves_clients() {
     let mut alice = ws(&relays[0].ws).await;
     send_packet(&mut alice, H, b"local").await;
     assert_eq!(&next_packet(&mut bob).await[31..], b"local");
+    for r in relays {
+        r.stop().await;
+    }
+}
+
+/// A hand-driven relay-like swarm: publishes forged records and sends bad
+/// frames to a real relay, which must reject and count them, and go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_records_and_bad_frames_are_rejected_and_counted() {
+    use libp2p::swarm::SwarmEvent;
+    use meshwhisper_behaviour::federation::{self as fedb, codec::AckStatus, codec::Frame};
+    use meshwhisper_behaviour::node::{BehaviourEvent, RECORDS_TOPIC};
+    use meshwhisper_crypto::address_record::{AddressRecord, Contents};
+    use meshwhisper_crypto::identity::IdentityKeyPair;
+
+    let relays = mesh(1, |_, _| {}).await;
+    let a = &relays[0];
+    let a_peer = running(a).p2p.peer_id;
+    let target: libp2p::Multiaddr = p2p_addr(a).await.parse().expect("addr");
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let mut swarm = meshwhisper_node::p2p::build_swarm(
+        key,
+        meshwhisper_behaviour::device::Config::new(meshwhisper_behaviour::device::Role::Relay),
+        Default::default(),
+        Default::default(),
+    )
+    .expect("swarm");
+    swarm.dial(target).expect("dial");
+
+    // Forged records: garbage, a bad signature, stale, from the future.
+    let now = meshwhisper_node::core::now_ms();
+    let forger = IdentityKeyPair::from_seed(&[9u8; 32]);
+    let rec = |ts: u64| {
+        AddressRecord::sign(
+            &forger,
+            Contents {
+                timestamp_ms: ts,
+                onion_key: forger.public().x25519(),
+                addrs: vec![b"/ip4/127.0.0.1/tcp/1".to_vec()],
+                anchors: Vec::new(),
+            },
+        )
+        .expect("sign")
+        .encode()
+    };
+    let mut bad_sig = rec(now);
+    let last = bad_sig.len() - 1;
+    bad_sig[last] ^= 1;
+    let forged = vec![
+        b"not a record".to_vec(),
+        bad_sig,
+        rec(now - 8 * 24 * 3_600_000),
+        rec(now + 600_000),
+    ];
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (mut opened, mut subscribed, mut published) = (false, false, false);
+    let mut acks = std::collections::HashMap::new();
+    let mut sent_frames = false;
+    loop {
+        if opened && subscribed && !published {
+            for f in &forged {
+                swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(libp2p::gossipsub::IdentTopic::new(RECORDS_TOPIC), f.clone())
+                    .expect("publish");
+            }
+            published = true;
+        }
+        if opened && !sent_frames {
+            let fb = &mut swarm.behaviour_mut().federation;
+            fb.send(
+                a_peer,
+                Frame::Records {
+                    req: 1,
+                    records: forged.iter().cloned().map(bytes::Bytes::from).collect(),
+                },
+            );
+            fb.send(
+                a_peer,
+                Frame::Forward {
+                    id: [1; 16],
+                    hops: 1,
+                    packet: bytes::Bytes::from_static(b"short"),
+                },
+            );
+            fb.send(
+                a_peer,
+                Frame::Routed {
+                    id: [2; 16],
+                    hops: 1,
+                    target: [5; 32],
+                    packet: bytes::Bytes::from(packet(H, b"x")),
+                },
+            );
+            sent_frames = true;
+        }
+        let f = fed(a);
+        let counted = [0usize, 2, 3, 4]
+            .iter()
+            .all(|&i| f.records_rejected[i].load(Relaxed) >= 2);
+        if counted && acks.len() == 2 {
+            break;
+        }
+        tokio::select! {
+            ev = swarm.select_next_some() => match ev {
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(
+                    libp2p::identify::Event::Received { peer_id, .. },
+                )) => {
+                    let b = swarm.behaviour_mut();
+                    b.policy.admit(peer_id, now).expect("admit");
+                    b.federation.open(peer_id);
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Federation(fedb::Event::Opened { .. })) => {
+                    opened = true;
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Federation(fedb::Event::Frame {
+                    frame: Frame::Ack { id, status },
+                    ..
+                })) => {
+                    acks.insert(id, status);
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(
+                    libp2p::gossipsub::Event::Subscribed { .. },
+                )) => subscribed = true,
+                _ => {}
+            },
+            _ = tokio::time::sleep_until(deadline) => panic!(
+                "relay did not reject everything: opened {opened} subscribed {subscribed} acks {acks:?}"
+            ),
+            // Check the counters while the swarm is quiet.
+            _ = tokio::time::sleep(Duration::from_millis(25)) => {}
+        }
+    }
+    assert_eq!(acks[&[1; 16]], AckStatus::Malformed);
+    assert_eq!(acks[&[2; 16]], AckStatus::NotTarget);
+    assert!(fed(a).drops_malformed.load(Relaxed) >= 1);
+    // Nothing was stored, and the relay is fine.
+    assert_eq!(book_count(a).await, 1, "only its own record");
+    assert_eq!(
+        running(a)
+            .core
+            .store
+            .mailbox()
+            .count()
+            .await
+            .expect("count"),
+        0
+    );
+    let h = get(&format!("{}/health", a.base)).await.json();
+    assert_eq!(h["status"], "ok");
+    let metrics = String::from_utf8(get(&format!("{}/metrics", a.base)).await.body).expect("utf8");
+    assert!(
+        metrics
+            .contains("meshwhisper_federation_address_records_rejected_total{reason=\"stale\"} 2"),
+        "{metrics}"
+    );
     for r in relays {
         r.stop().await;
     }
