@@ -55,10 +55,10 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            Some((seq, r)) = storing.next(), if !storing.is_empty() => {
+            Some((seq, hint, r)) = storing.next(), if !storing.is_empty() => {
                 let reply = match r {
                     Ok(acc) => {
-                        core.route(id, acc);
+                        core.route_hinted(id, acc, hint);
                         Frame::Stored(seq)
                     }
                     Err(PacketError::Malformed(e)) => Frame::Refused { seq, code: RefusedCode::Malformed, reason: e.to_string() },
@@ -98,10 +98,15 @@ pub async fn run(
                             break;
                         }
                     }
-                    Frame::Packet { seq, packet } => {
+                    f @ (Frame::Packet { .. } | Frame::PacketTo { .. }) => {
+                        let (seq, hint, packet) = match f {
+                            Frame::PacketTo { seq, home, packet } => (seq, Some(home), packet),
+                            Frame::Packet { seq, packet } => (seq, None, packet),
+                            _ => continue,
+                        };
                         core.metrics.device_packets_in.fetch_add(1, Relaxed);
                         let c = core.clone();
-                        storing.push_back(async move { (seq, c.accept(packet).await) });
+                        storing.push_back(async move { (seq, hint, c.accept(packet).await) });
                     }
                     // Only what this session delivered: an ack left over
                     // from an earlier connection must not delete anything.
@@ -132,9 +137,9 @@ pub async fn run(
             }
         }
     }
-    while let Some((seq, r)) = storing.next().await {
+    while let Some((seq, hint, r)) = storing.next().await {
         if let Ok(acc) = r {
-            core.route(id, acc);
+            core.route_hinted(id, acc, hint);
             let _ = to_device.try_send(Frame::Stored(seq));
         }
     }

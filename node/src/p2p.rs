@@ -397,13 +397,13 @@ impl EventLoop {
                 // device retries them), drop anything else (an unacked
                 // delivery is sent again on the next drain).
                 let refusal = match tx.try_send(frame) {
-                    Err(mpsc::error::TrySendError::Full(Frame::Packet { seq, .. })) => {
-                        Some(Frame::Refused {
-                            seq,
-                            code: device::codec::RefusedCode::Busy,
-                            reason: "relay busy".into(),
-                        })
-                    }
+                    Err(mpsc::error::TrySendError::Full(
+                        Frame::Packet { seq, .. } | Frame::PacketTo { seq, .. },
+                    )) => Some(Frame::Refused {
+                        seq,
+                        code: device::codec::RefusedCode::Busy,
+                        reason: "relay busy".into(),
+                    }),
                     Err(mpsc::error::TrySendError::Full(
                         Frame::Publish { req, .. }
                         | Frame::Prekeys { req, .. }

@@ -603,3 +603,66 @@ async fn forged_records_and_bad_frames_are_rejected_and_counted() {
         r.stop().await;
     }
 }
+
+/// A native device names the home relay in its packet frame (PacketTo):
+/// the packet goes straight there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_packet_with_home_relay_goes_straight_there() {
+    use libp2p::swarm::SwarmEvent;
+    use meshwhisper_behaviour::client::BehaviourEvent;
+    use meshwhisper_behaviour::device::{self, codec::Frame};
+
+    let relays = mesh(3, |_, _| {}).await;
+    converged(&relays, 3).await;
+    let (a, f) = (&relays[1], &relays[2]);
+    let mut bob = recipient(f).await;
+    let home = key_of(&running(f).p2p.peer_id).expect("key");
+    let target: libp2p::Multiaddr = p2p_addr(a).await.parse().expect("addr");
+    let a_peer = running(a).p2p.peer_id;
+    let mut swarm = meshwhisper_node::p2p::build_swarm_with(
+        libp2p::identity::Keypair::generate_ed25519(),
+        |k| {
+            Ok(meshwhisper_behaviour::client::Behaviour::new(
+                k,
+                device::Config::new(device::Role::Device),
+                Default::default(),
+            ))
+        },
+    )
+    .expect("swarm");
+    swarm.dial(target).expect("dial");
+    let mut stored = 0;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while stored < 3 {
+            match swarm.select_next_some().await {
+                SwarmEvent::Behaviour(BehaviourEvent::Device(device::Event::Opened { .. })) => {
+                    for seq in 0..3u64 {
+                        swarm.behaviour_mut().device.send_to(
+                            a_peer,
+                            Frame::PacketTo {
+                                seq,
+                                home,
+                                packet: bytes::Bytes::from(packet(H, &[seq as u8; 20])),
+                            },
+                        );
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Device(device::Event::Frame {
+                    frame: Frame::Stored(_),
+                    ..
+                })) => stored += 1,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("three packets stored by relay A");
+    for i in 0..3u8 {
+        assert_eq!(&next_packet(&mut bob).await[31..], &[i; 20]);
+    }
+    assert_eq!(fed(&relays[0]).forwards_received.load(Relaxed), 0);
+    assert_eq!(fed(a).routed_forwards.load(Relaxed), 3);
+    for r in relays {
+        r.stop().await;
+    }
+}

@@ -13,6 +13,9 @@
 //!   0x06 Prekeys   req (u64) ‖ ns len (u8) ‖ namespace ‖ identity (32)
 //!                  ‖ signature (64) ‖ n × one-time prekey (36)  add to my one-time pool
 //!   0x07 Claim     req (u64) ‖ ns len (u8) ‖ namespace ‖ identity (32)
+//!   0x08 PacketTo  seq (u64) ‖ home relay key (32) ‖ client packet
+//!                                                                a Packet whose recipient is homed
+//!                                                                at that relay (federation hint)
 //!                                                                their bundle + one one-time prekey
 //! relay → device
 //!   0x81 Stored    seq (u64)                                     the packet is durable
@@ -101,6 +104,15 @@ pub enum Frame {
     Packet {
         /// Sender's sequence number, echoed in Stored/Refused.
         seq: u64,
+        /// The client packet.
+        packet: Bytes,
+    },
+    /// Device sends a packet and names the recipient's home relay.
+    PacketTo {
+        /// Sender's sequence number, echoed in Stored/Refused.
+        seq: u64,
+        /// The home relay's Ed25519 key.
+        home: [u8; 32],
         /// The client packet.
         packet: Bytes,
     },
@@ -213,6 +225,7 @@ fn body_len(f: &Frame) -> usize {
     1 + match f {
         Frame::Register(h) => 2 + 8 * h.len(),
         Frame::Packet { packet, .. } | Frame::Deliver { packet, .. } => 8 + packet.len(),
+        Frame::PacketTo { packet, .. } => 40 + packet.len(),
         Frame::Ack(_) | Frame::Stored(_) => 8,
         Frame::Drain => 0,
         Frame::Refused { reason, .. } => 9 + reason.len(),
@@ -270,6 +283,12 @@ impl Encoder for Codec {
             Frame::Packet { seq, packet } => {
                 dst.put_u8(0x02);
                 dst.put_u64(seq);
+                dst.put_slice(&packet);
+            }
+            Frame::PacketTo { seq, home, packet } => {
+                dst.put_u8(0x08);
+                dst.put_u64(seq);
+                dst.put_slice(&home);
                 dst.put_slice(&packet);
             }
             Frame::Ack(id) => {
@@ -421,6 +440,17 @@ impl Decoder for Codec {
                 let seq = body.get_u64();
                 Frame::Packet { seq, packet: body }
             }
+            0x08 => {
+                need(&body, 40)?;
+                let seq = body.get_u64();
+                let mut home = [0u8; 32];
+                body.copy_to_slice(&mut home);
+                Frame::PacketTo {
+                    seq,
+                    home,
+                    packet: body,
+                }
+            }
             0x03 => {
                 exact(&body, 8)?;
                 Frame::Ack(body.get_u64())
@@ -512,6 +542,11 @@ mod tests {
     fn every_frame_round_trips() {
         round_trip(Frame::Register(vec![[1; 8], [2; 8]]));
         round_trip(Frame::Register(vec![]));
+        round_trip(Frame::PacketTo {
+            seq: 3,
+            home: [4; 32],
+            packet: Bytes::from_static(b"abc"),
+        });
         round_trip(Frame::Packet {
             seq: 7,
             packet: Bytes::from_static(b"pkt"),
