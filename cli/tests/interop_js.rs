@@ -18,9 +18,8 @@ fn run(cmd: &mut Command, what: &str) -> std::process::Output {
     })
 }
 
-#[test]
-fn js_sdk_clients_talk_through_our_relay() {
-    let dir = interop_dir();
+/// Installs the SDK (pinned by package-lock.json) unless it is there.
+fn npm_ci(dir: &std::path::Path) {
     if !dir.join("node_modules/@meshwhisper/sdk").exists() {
         let out = run(
             Command::new("npm")
@@ -34,6 +33,12 @@ fn js_sdk_clients_talk_through_our_relay() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+}
+
+#[test]
+fn js_sdk_clients_talk_through_our_relay() {
+    let dir = interop_dir();
+    npm_ci(&dir);
     for stop_mode in ["quit", "kill"] {
         let out = run(
             Command::new("node")
@@ -53,4 +58,77 @@ fn js_sdk_clients_talk_through_our_relay() {
         );
         assert!(stdout.contains("PASS"), "{stdout}");
     }
+}
+
+/// Stops a testnet when dropped (also when an assertion fails).
+struct Testnet {
+    run: tempfile::TempDir,
+}
+
+impl Testnet {
+    fn script(&self, name: &str, args: &[&str]) -> std::process::Output {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../testnet")
+            .join(name);
+        run(
+            Command::new("bash")
+                .arg(script)
+                .args(args)
+                .env("MW_BIN", env!("CARGO_BIN_EXE_meshwhisper"))
+                .env("MW_TESTNET_DIR", self.run.path()),
+            name,
+        )
+    }
+}
+
+impl Drop for Testnet {
+    fn drop(&mut self) {
+        let _ = self.script("down.sh", &[]);
+    }
+}
+
+/// Two real JS SDK clients homed on two relays of a 3-relay testnet meet by
+/// QR string and exchange 20 messages each way; 20 sent while the recipient
+/// was offline arrive once each after it reconnects (the reference relay
+/// delivers 0 of those).
+#[test]
+fn js_sdk_clients_on_two_federated_relays() {
+    let dir = interop_dir();
+    npm_ci(&dir);
+    let net = Testnet {
+        run: tempfile::tempdir().expect("tmp"),
+    };
+    let up = net.script("up.sh", &["3"]);
+    let up_out = String::from_utf8_lossy(&up.stdout).to_string();
+    assert!(
+        up.status.success(),
+        "testnet/up.sh 3 failed:\n{up_out}\n{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let table = std::fs::read_to_string(net.run.path().join("relays.tsv")).expect("relay table");
+    let http: Vec<String> = table
+        .lines()
+        .filter_map(|l| l.split('\t').nth(3).map(str::to_string))
+        .collect();
+    assert_eq!(http.len(), 3, "{table}");
+    let status = net.script("status.sh", &[]);
+    let status_out = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(status.status.success(), "{status_out}");
+    assert_eq!(status_out.matches(" yes ").count(), 3, "{status_out}");
+    let out = run(
+        Command::new("node")
+            .arg("federation.mjs")
+            .arg(&http[1])
+            .arg(&http[2])
+            .current_dir(&dir),
+        "node federation.mjs",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "federation scenario failed with {:?}:\n{stdout}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("RESULT: PASS"), "{stdout}");
 }

@@ -202,8 +202,12 @@ pub struct Federation {
     /// Resend an unacknowledged packet after this long, ms; dials back off
     /// from here to 30 s. Default 2000.
     pub retry_ms: u64,
-    /// Re-flood a packet no relay stored after this long, ms. Default 60000.
+    /// Re-flood a packet no relay stored after this long, ms, doubling
+    /// each time. Default 60000.
     pub flood_retry_ms: u64,
+    /// Floods of one packet before giving up on finding its home relay
+    /// (the stored copy stays here). Default 3.
+    pub flood_attempts: u8,
     /// Re-sign our address record this often, hours (records expire after
     /// 7 days). Default 24.
     pub record_refresh_hours: u64,
@@ -251,6 +255,7 @@ impl Default for Federation {
             dial_queue: 1024,
             retry_ms: 2000,
             flood_retry_ms: 60_000,
+            flood_attempts: 3,
             record_refresh_hours: 24,
             record_gossip: true,
             anti_entropy_ms: 10_000,
@@ -612,7 +617,12 @@ impl Config {
                 "allowlist mode needs at least one relay",
             );
         }
-        if f.max_hops == 0 || f.dedup_entries == 0 || f.max_pending == 0 || f.dial_queue == 0 {
+        if f.flood_attempts == 0
+            || f.max_hops == 0
+            || f.dedup_entries == 0
+            || f.max_pending == 0
+            || f.dial_queue == 0
+        {
             return bad(
                 "federation",
                 "max_hops, dedup_entries, max_pending and dial_queue must be positive",

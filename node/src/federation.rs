@@ -91,6 +91,8 @@ struct Pending {
     packet: Bytes,
     deadline_ms: u64,
     next_ms: u64,
+    /// Floods that reached at least one relay.
+    floods: u32,
 }
 
 struct Seen {
@@ -375,6 +377,7 @@ impl Fed {
                 packet: f.packet,
                 deadline_ms: f.at_ms.saturating_add(self.mailbox_ttl_ms),
                 next_ms: now,
+                floods: 0,
             },
         );
         self.dedup.insert(id, None, now);
@@ -407,17 +410,20 @@ impl Fed {
                 }
             }
             _ => {
-                p.next_ms = now + self.cfg.flood_retry_ms;
                 let frame = Frame::Forward {
                     id,
                     hops: 1,
                     packet: p.packet.clone(),
                 };
                 let sent = self.flood(swarm, frame, None);
-                if sent == 0 {
-                    // Nobody to flood to yet: try again soon.
-                    if let Some(p) = self.pending.get_mut(&id) {
+                if let Some(p) = self.pending.get_mut(&id) {
+                    if sent == 0 {
+                        // Nobody to flood to yet: try again soon.
                         p.next_ms = now + self.cfg.retry_ms;
+                    } else {
+                        // Unclaimed floods back off: 1, 2, 4... × flood_retry_ms.
+                        p.next_ms = now + (self.cfg.flood_retry_ms << p.floods.min(16));
+                        p.floods += 1;
                     }
                 }
             }
@@ -1030,6 +1036,16 @@ impl Fed {
                 continue;
             }
             let flood = self.pending.get(&id).is_some_and(|p| p.target.is_none());
+            let unclaimed = self.pending.get(&id).is_some_and(|p| {
+                p.target.is_none() && p.floods >= u32::from(self.cfg.flood_attempts)
+            });
+            if unclaimed {
+                // No relay homes it (chaff, or a recipient never seen): the
+                // stored copy here stays for the recipient to fetch.
+                self.pending.remove(&id);
+                self.metrics().floods_unclaimed.fetch_add(1, Relaxed);
+                continue;
+            }
             if flood {
                 // Re-flood under a new id: the old one is in every dedup
                 // cache and would be taken for a duplicate.

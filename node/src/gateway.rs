@@ -204,6 +204,9 @@ async fn not_found(State(s): State<AppState>) -> Response {
 pub async fn gauges(s: &AppState) -> Gauges {
     let store = &s.core.store;
     let (connections, _) = s.core.connections();
+    if let Ok(n) = store.address_book().count().await {
+        s.metrics.federation.records_known.store(n, Relaxed);
+    }
     Gauges {
         uptime_seconds: s.started.elapsed().as_secs(),
         clients_connected: s.core.registered_hashes() as u64,

@@ -118,6 +118,8 @@ pub struct FederationMetrics {
     pub drops_expired: AtomicU64,
     /// Packets not forwarded because a queue was full.
     pub drops_queue_full: AtomicU64,
+    /// Floods no relay claimed after every attempt (chaff, unknown recipients).
+    pub floods_unclaimed: AtomicU64,
     /// Malformed frames or packets received from peers.
     pub drops_malformed: AtomicU64,
     /// Relays refused admission (mode, allowlist, max peers).
@@ -158,7 +160,7 @@ impl FederationMetrics {
         }
     }
 
-    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 20] {
+    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 21] {
         [
             (
                 "forwards_sent_total",
@@ -234,6 +236,11 @@ impl FederationMetrics {
                 "drops_queue_full_total",
                 "Packets not federated because a queue was full",
                 &self.drops_queue_full,
+            ),
+            (
+                "floods_unclaimed_total",
+                "Floods no relay stored after every attempt",
+                &self.floods_unclaimed,
             ),
             (
                 "drops_malformed_total",

@@ -666,3 +666,51 @@ async fn device_packet_with_home_relay_goes_straight_there() {
         r.stop().await;
     }
 }
+
+/// A packet no relay homes (chaff, an unknown recipient) is flooded a
+/// bounded number of times, then left stored at the sender's relay only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unclaimed_floods_stop_after_their_attempts() {
+    let relays = mesh(3, |_, c| {
+        c.federation.flood_retry_ms = 100;
+        c.federation.flood_attempts = 2;
+    })
+    .await;
+    converged(&relays, 3).await;
+    let a = &relays[1];
+    let mut alice = ws(&a.ws).await;
+    send_packet(&mut alice, "0badc0ffee000000", b"nobody's").await;
+    eventually("the flood is given up", 10, || async {
+        fed(a).floods_unclaimed.load(Relaxed) == 1 && fed(a).pending.load(Relaxed) == 0
+    })
+    .await;
+    assert_eq!(fed(a).retries.load(Relaxed), 1, "one re-flood");
+    assert_eq!(
+        running(a)
+            .core
+            .store
+            .mailbox()
+            .count()
+            .await
+            .expect("count"),
+        1
+    );
+    for (i, r) in relays.iter().enumerate() {
+        if i != 1 {
+            assert_eq!(fed(r).stored_locally.load(Relaxed), 0);
+            assert_eq!(
+                running(r)
+                    .core
+                    .store
+                    .mailbox()
+                    .count()
+                    .await
+                    .expect("count"),
+                0
+            );
+        }
+    }
+    for r in relays {
+        r.stop().await;
+    }
+}

@@ -18,6 +18,8 @@
 //    "connectTimeoutMs"?:10000}
 //        -> {"ok":true,"cmd":"init","peerId":<X25519 hex>,"edPublicKey":<hex>,
 //            "username":..,"restoredIdentity":bool,"connected":bool,"contacts":[..]}
+//   {"cmd":"qr"}                           -> {"qr": the SDK's contact QR string}
+//   {"cmd":"acceptQr","qr":Q,"name":N}     accept a contact's QR (starts X3DH)
 //   {"cmd":"addContact","username":"bob"}    (directory lookup by username,
 //        i.e. MeshWhisper.addContactByKey('@bob'))
 //        -> {"ok":true,"peerId":..,"username":"bob"}
@@ -336,6 +338,25 @@ const handlers = {
     saveDriverState();
     knownContacts.add(peerId); // we report it in the reply, not as an event
     return { peerId, username };
+  },
+
+  // The SDK's contact QR string (base64 of our peerId and prekey bundle).
+  async qr() {
+    if (!mw) throw new Error('not initialised');
+    return { qr: MeshWhisper.generateContactQR() };
+  },
+
+  // Accept a contact's QR string: sets their bundle and starts X3DH.
+  async acceptQr(c) {
+    if (!mw) throw new Error('not initialised');
+    if (typeof c.qr !== 'string' || !c.qr) throw new Error('acceptQr: missing "qr"');
+    await withTimeout(MeshWhisper.acceptContact(c.qr), c.timeoutMs ?? 15000, 'acceptContact');
+    const raw = Buffer.from(c.qr, 'base64');
+    const len = raw.readUInt16BE(0);
+    const peerId = raw.subarray(2, 2 + len).toString('utf8');
+    if (c.name) { names[peerId] = String(c.name).toLowerCase(); saveDriverState(); }
+    knownContacts.add(peerId);
+    return { peerId };
   },
 
   async send(c) {
