@@ -230,6 +230,46 @@ impl Core {
         self.homed_set().map.get(dest).is_some_and(|&exp| exp > now)
     }
 
+    /// After a restart: hands every stored packet whose recipient is not
+    /// homed here back to the federation (flooded: hints are not kept), so
+    /// a packet accepted before a crash still reaches its home relay.
+    /// Bounded by `max`; returns how many were handed over.
+    pub async fn refederate_stored(&self, max: usize) -> usize {
+        let Some(fed) = self.federation.get().cloned() else {
+            return 0;
+        };
+        let mut after = MailboxId(0);
+        let mut n = 0;
+        while n < max {
+            let page = match self.store.mailbox().page_stored(after, now_ms(), 512).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "listing stored packets for federation");
+                    break;
+                }
+            };
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            for p in page {
+                if n >= max || self.is_homed(&p.dest) {
+                    continue;
+                }
+                let f = Federate {
+                    mailbox_id: p.id,
+                    dest: p.dest,
+                    packet: Bytes::from(p.packet),
+                    hint: None,
+                    at_ms: p.received_ms,
+                };
+                if fed.send(f).await.is_err() {
+                    return n;
+                }
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Destination hashes remembered as homed here.
     pub fn homed_count(&self) -> usize {
         self.homed_set().map.len()

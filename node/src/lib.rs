@@ -192,6 +192,15 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         },
     )?;
     let mut tasks_extra = Vec::new();
+    // Packets stored for relays elsewhere before a restart go out again.
+    let refed_core = core.clone();
+    let max_pending = cfg.federation.max_pending;
+    tasks_extra.push(tokio::spawn(async move {
+        let n = refed_core.refederate_stored(max_pending).await;
+        if n > 0 {
+            tracing::info!(packets = n, "stored packets handed back to the federation");
+        }
+    }));
     if let Some(path) = cfg.federation.blocklist_file.clone() {
         tasks_extra.push(tokio::spawn(watch_blocklist(
             path,

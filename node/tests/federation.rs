@@ -714,3 +714,45 @@ async fn unclaimed_floods_stop_after_their_attempts() {
         r.stop().await;
     }
 }
+
+/// The sending relay restarts while the home relay is down: the packet it
+/// acknowledged is still forwarded (flooded) once both are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sender_restart_does_not_lose_an_unforwarded_packet() {
+    let mut relays = mesh(3, |_, _| {}).await;
+    converged(&relays, 3).await;
+    let f = relays.remove(2);
+    let a = relays.remove(1);
+    let home = key_hex(&f);
+    drop(recipient(&f).await);
+    let f_dir = f.stop().await;
+    let mut alice = ws(&a.ws).await;
+    send_route(&mut alice, H, &home).await;
+    send_packet(&mut alice, H, b"survives a restart").await;
+    eventually("A holds it for F", 10, || async {
+        fed(&a).pending.load(Relaxed) == 1
+    })
+    .await;
+    drop(alice);
+    let a_dir = a.stop().await;
+    let boot = p2p_addr(&relays[0]).await;
+    let f = start_in(f_dir, |c| quick(c, Some(&boot))).await;
+    let a = start_in(a_dir, |c| quick(c, Some(&boot))).await;
+    eventually("F stored it", 30, || async {
+        fed(&f).stored_locally.load(Relaxed) == 1
+    })
+    .await;
+    let mut bob = ws(&f.ws).await;
+    hello(&mut bob, &[H]).await;
+    assert_eq!(&next_packet(&mut bob).await[31..], b"survives a restart");
+    eventually("A forgot its copy", 10, || async {
+        running(&a).core.store.mailbox().count().await.unwrap_or(1) == 0
+    })
+    .await;
+    for r in [a, f] {
+        r.stop().await;
+    }
+    for r in relays {
+        r.stop().await;
+    }
+}

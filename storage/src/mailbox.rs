@@ -498,6 +498,30 @@ impl Mailbox<'_> {
         Ok(out)
     }
 
+    /// Up to `limit` unexpired packets with ids above `after`, in id order,
+    /// from the SQLite tier only: at open every packet is there (the hot
+    /// log is replayed into it), so this lists what a restart holds.
+    pub async fn page_stored(
+        &self,
+        after: MailboxId,
+        now_ms: u64,
+        limit: u32,
+    ) -> Result<Vec<StoredPacket>> {
+        let rows = sqlx::query(
+            "SELECT id, dest, packet, received_ms, expires_ms FROM mailbox \
+             WHERE id > ? AND expires_ms > ? ORDER BY id LIMIT ?",
+        )
+        .bind(after.0)
+        .bind(ms(now_ms))
+        .bind(i64::from(limit))
+        .fetch_all(self.store.readers())
+        .await
+        .map_err(|e| self.store.db_err("page stored packets", e))?;
+        rows.iter()
+            .map(|r| row_to_packet(r).map_err(|e| self.store.db_err("read stored packet", e)))
+            .collect()
+    }
+
     /// Deletes delivered packets; returns how many existed. Deletions from
     /// many callers are merged into one statement per commit.
     pub async fn delete(&self, ids: Vec<MailboxId>) -> Result<u64> {
