@@ -24,6 +24,9 @@ pub enum BenchCommand {
     /// Two clients messaging through an in-process relay, and
     /// first-contact latency.
     Client(crate::bench_client::ClientBench),
+    /// Federation: address-book convergence of N in-process relays from
+    /// one bootstrap.
+    Federation(crate::bench_federation::FederationBench),
 }
 
 /// The value at fraction `p` of a sorted slice (0 when empty).
@@ -36,9 +39,18 @@ pub(crate) fn percentile(sorted: &[u64], p: f64) -> u64 {
 
 #[derive(Debug, clap::Args)]
 pub struct RelayBench {
-    /// The relay's WebSocket URL, e.g. ws://127.0.0.1:8080/.
+    /// The relay's WebSocket URL, e.g. ws://127.0.0.1:8080/ (receivers
+    /// connect here, and senders too unless --sender-url is given).
     #[arg(long)]
     url: String,
+    /// Senders connect to this relay instead (federation: packets cross
+    /// from it to --url's relay).
+    #[arg(long)]
+    sender_url: Option<String>,
+    /// Senders name the receivers' home relay (hex Ed25519 key) in a
+    /// `route` frame, so federation sends packets straight there.
+    #[arg(long, value_name = "HEX")]
+    home_relay: Option<String>,
     /// Sender/receiver pairs.
     #[arg(long, default_value_t = 50)]
     pairs: u32,
@@ -82,6 +94,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     let b = match cmd {
         BenchCommand::Relay(b) => b,
         BenchCommand::Client(b) => return crate::bench_client::run(b),
+        BenchCommand::Federation(b) => return crate::bench_federation::run(b),
     };
     anyhow::ensure!(
         b.size >= 47,
@@ -130,7 +143,14 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
         rx.send(Message::Text(hello.into()))
             .await
             .context("hello")?;
-        let tx = connect(&b.url).await?;
+        let mut tx = connect(b.sender_url.as_deref().unwrap_or(&b.url)).await?;
+        if let Some(home) = &b.home_relay {
+            let route =
+                serde_json::json!({"type": "route", "destHash": dest.to_hex(), "homeRelay": home});
+            tx.send(Message::Text(route.to_string().into()))
+                .await
+                .context("route")?;
+        }
         let window = Arc::new(Semaphore::new(b.window as usize));
         receivers.push((rx, window.clone(), dest));
         senders.push((tx, window, dest));

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 mod backup;
 mod bench;
 mod bench_client;
+mod bench_federation;
 mod keys;
 mod person;
 mod relay;

@@ -24,7 +24,7 @@ fn npm_ci(dir: &std::path::Path) {
         let out = run(
             Command::new("npm")
                 .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
-                .current_dir(&dir),
+                .current_dir(dir),
             "npm ci",
         );
         assert!(

@@ -264,10 +264,17 @@ impl AddressRecord {
         if self.relay_key != other.relay_key {
             return false;
         }
-        match self.contents.timestamp_ms.cmp(&other.contents.timestamp_ms) {
+        self.supersedes_encoded(other.contents.timestamp_ms, &other.encode())
+    }
+
+    /// [`AddressRecord::supersedes`] against a stored record of the same
+    /// relay given by its timestamp and encoding (no signature check: for
+    /// stores that verified it when it was written).
+    pub fn supersedes_encoded(&self, other_timestamp_ms: u64, other_encoding: &[u8]) -> bool {
+        match self.contents.timestamp_ms.cmp(&other_timestamp_ms) {
             std::cmp::Ordering::Greater => true,
             std::cmp::Ordering::Less => false,
-            std::cmp::Ordering::Equal => self.encode() > other.encode(),
+            std::cmp::Ordering::Equal => self.encode().as_slice() > other_encoding,
         }
     }
 

@@ -43,7 +43,7 @@ pub(crate) enum Internal {
         acceptance: MessageAcceptance,
     },
     /// Relays whose records are in the book (maybe worth dialing).
-    Known(Vec<(PeerId, Vec<Multiaddr>)>),
+    Known(Vec<(PeerId, Vec<Multiaddr>, u64)>),
     /// The record lookup for a relay we must reach.
     DialTarget { peer: PeerId, addrs: Vec<Multiaddr> },
     /// A new blocklist (file changed or SIGHUP).
@@ -93,6 +93,8 @@ struct Pending {
     next_ms: u64,
     /// Floods that reached at least one relay.
     floods: u32,
+    /// Floods tried (the backoff grows with each).
+    tries: u32,
 }
 
 struct Seen {
@@ -168,6 +170,10 @@ pub(crate) struct Fed {
     ae_turn: usize,
     next_req: Arc<std::sync::atomic::AtomicU64>,
     next_seq: u64,
+    /// Relays dialed from the book recently (not dialed again for a minute).
+    discovered_at: HashMap<PeerId, u64>,
+    /// Newest record timestamp per relay key seen here.
+    known_ts: HashMap<[u8; 32], u64>,
     /// Per-peer tasks storing packets for homed recipients, in order.
     storers: HashMap<PeerId, mpsc::Sender<(PacketId, Bytes)>>,
     mailbox_ttl_ms: u64,
@@ -224,6 +230,8 @@ impl Fed {
             ae_turn: 0,
             next_req: Arc::new(std::sync::atomic::AtomicU64::new(1)),
             next_seq: 0,
+            known_ts: HashMap::new(),
+            discovered_at: HashMap::new(),
             storers: HashMap::new(),
             mailbox_ttl_ms,
             topic: IdentTopic::new(RECORDS_TOPIC),
@@ -378,6 +386,7 @@ impl Fed {
                 deadline_ms: f.at_ms.saturating_add(self.mailbox_ttl_ms),
                 next_ms: now,
                 floods: 0,
+                tries: 0,
             },
         );
         self.dedup.insert(id, None, now);
@@ -417,12 +426,16 @@ impl Fed {
                 };
                 let sent = self.flood(swarm, frame, None);
                 if let Some(p) = self.pending.get_mut(&id) {
-                    if sent == 0 {
-                        // Nobody to flood to yet: try again soon.
-                        p.next_ms = now + self.cfg.retry_ms;
+                    // Unclaimed floods back off: 1, 2, 4... × flood_retry_ms
+                    // (× retry_ms while there is no relay to flood to).
+                    let base = if sent == 0 {
+                        self.cfg.retry_ms
                     } else {
-                        // Unclaimed floods back off: 1, 2, 4... × flood_retry_ms.
-                        p.next_ms = now + (self.cfg.flood_retry_ms << p.floods.min(16));
+                        self.cfg.flood_retry_ms
+                    };
+                    p.next_ms = now + (base << p.tries.min(16));
+                    p.tries += 1;
+                    if sent > 0 {
                         p.floods += 1;
                     }
                 }
@@ -572,17 +585,15 @@ impl Fed {
                 let page = self.cfg.anti_entropy_page;
                 let me = self.my_key;
                 self.spawn_send(async move {
-                    let mut want = Vec::new();
-                    for (k, ts) in &entries {
-                        if *k == me {
-                            continue;
-                        }
-                        match core.store.address_book().get(k).await {
-                            Ok(Some(r)) if r.timestamp_ms() >= *ts => {}
-                            Ok(_) => want.push(*k),
-                            Err(_) => {}
-                        }
-                    }
+                    let keys: Vec<[u8; 32]> = entries.iter().map(|(k, _)| *k).collect();
+                    let Ok(ours) = core.store.address_book().timestamps(&keys).await else {
+                        return Vec::new();
+                    };
+                    let want: Vec<[u8; 32]> = entries
+                        .iter()
+                        .filter(|(k, ts)| *k != me && ours.get(k).is_none_or(|o| o < ts))
+                        .map(|(k, _)| *k)
+                        .collect();
                     let mut out: Vec<Internal> = want
                         .chunks(MAX_PULL)
                         .map(|c| Internal::Send {
@@ -609,12 +620,13 @@ impl Fed {
             Frame::Pull { req, keys } => {
                 let core = self.core.clone();
                 self.spawn_send(async move {
-                    let mut recs = Vec::new();
-                    for k in &keys {
-                        if let Ok(Some(r)) = core.store.address_book().get(k).await {
-                            recs.push(Bytes::from(r.encode()));
+                    let recs: Vec<Bytes> = match core.store.address_book().encoded(&keys).await {
+                        Ok(r) => r.into_iter().map(Bytes::from).collect(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "reading the address book");
+                            Vec::new()
                         }
-                    }
+                    };
                     recs.chunks(MAX_RECORDS)
                         .map(|c| Internal::Send {
                             peer,
@@ -820,6 +832,22 @@ impl Fed {
                         MessageAcceptance::Reject,
                     );
             }
+            Ok(rec)
+                if self
+                    .known_ts
+                    .get(&rec.relay_key().to_bytes())
+                    .is_some_and(|&ts| ts >= rec.timestamp_ms()) =>
+            {
+                // Already known (as new or newer): no store round trip.
+                let _ = swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(
+                        &message_id,
+                        &source,
+                        MessageAcceptance::Ignore,
+                    );
+            }
             Ok(_) => {
                 let core = self.core.clone();
                 let me = self.my_key;
@@ -916,11 +944,17 @@ impl Fed {
         }
     }
 
-    /// Publishes our record again (a relay subscribed to the topic).
-    pub(crate) fn on_subscribed(&mut self) {
-        if self.cfg.record_gossip && self.own.is_some() {
-            self.unpublished = true;
+    /// Remembers the newest record timestamp seen for a relay (bounded),
+    /// so gossip repeats are ignored without a store round trip.
+    fn note_known(&mut self, peer: &PeerId, ts: u64) {
+        let Some(key) = key_of(peer) else { return };
+        if self.known_ts.len() >= 2 * self.cfg.address_book_max as usize
+            && !self.known_ts.contains_key(&key)
+        {
+            self.known_ts.clear();
         }
+        let e = self.known_ts.entry(key).or_insert(ts);
+        *e = (*e).max(ts);
     }
 
     fn anti_entropy_with(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
@@ -953,14 +987,18 @@ impl Fed {
                     .report_message_validation_result(&message_id, &source, acceptance);
             }
             Internal::Known(relays) => {
-                for (peer, addrs) in relays {
+                let now = now_ms();
+                let mut candidates = Vec::new();
+                for (peer, addrs, ts) in relays {
+                    self.note_known(&peer, ts);
                     for a in &addrs {
                         swarm.behaviour_mut().kad.add_address(&peer, a.clone());
                     }
-                    if self.wants_more_peers(swarm) && peer != self.me {
-                        self.dial(swarm, peer, addrs);
+                    if peer != self.me && !swarm.is_connected(&peer) {
+                        candidates.push((peer, addrs));
                     }
                 }
+                self.dial_some(swarm, candidates, now);
             }
             Internal::DialTarget { peer, addrs } => {
                 if addrs.is_empty() {
@@ -980,6 +1018,42 @@ impl Fed {
     fn wants_more_peers(&self, swarm: &Swarm<Behaviour>) -> bool {
         let p = &swarm.behaviour().policy;
         p.has_room() && p.admitted_count() < self.cfg.target_peers
+    }
+
+    /// Dials a few of `candidates` (from a random offset, so relays do not
+    /// all pick the same ones) while below `target_peers`; a relay dialed
+    /// this way is not dialed again for a minute.
+    fn dial_some(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        candidates: Vec<(PeerId, Vec<Multiaddr>)>,
+        now: u64,
+    ) {
+        if !self.wants_more_peers(swarm) || candidates.is_empty() {
+            return;
+        }
+        self.discovered_at.retain(|_, t| *t + 60_000 > now);
+        let p = &swarm.behaviour().policy;
+        let mut budget = self
+            .cfg
+            .target_peers
+            .saturating_sub(p.admitted_count() + self.discovered_at.len());
+        let r = random_id();
+        let start = u16::from_be_bytes([r[0], r[1]]) as usize % candidates.len();
+        let n = candidates.len();
+        let mut list = candidates;
+        list.rotate_left(start);
+        for (peer, addrs) in list.into_iter().take(n) {
+            if budget == 0 {
+                break;
+            }
+            if self.discovered_at.contains_key(&peer) {
+                continue;
+            }
+            self.discovered_at.insert(peer, now);
+            self.dial(swarm, peer, addrs);
+            budget -= 1;
+        }
     }
 
     /// A DHT lookup found peers: dial the ones we are trying to reach.
@@ -1147,7 +1221,7 @@ fn spawn_storer(
     tx
 }
 
-fn relay_entry(r: &AddressRecord) -> Option<(PeerId, Vec<Multiaddr>)> {
+fn relay_entry(r: &AddressRecord) -> Option<(PeerId, Vec<Multiaddr>, u64)> {
     let peer = peer_of(&r.relay_key().to_bytes())?;
     let addrs = r
         .contents()
@@ -1155,11 +1229,11 @@ fn relay_entry(r: &AddressRecord) -> Option<(PeerId, Vec<Multiaddr>)> {
         .iter()
         .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
         .collect();
-    Some((peer, addrs))
+    Some((peer, addrs, r.timestamp_ms()))
 }
 
 /// Checks and stores one record; returns the relay when it is new or newer.
-async fn learn(core: &Core, bytes: &[u8], me: [u8; 32]) -> Option<(PeerId, Vec<Multiaddr>)> {
+async fn learn(core: &Core, bytes: &[u8], me: [u8; 32]) -> Option<(PeerId, Vec<Multiaddr>, u64)> {
     let m = &core.metrics.federation;
     let r = match AddressRecord::accept(bytes, now_ms()) {
         Ok(r) => r,

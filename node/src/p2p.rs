@@ -313,20 +313,16 @@ impl EventLoop {
                     self.fed.on_closed(&self.swarm, peer, &reason)
                 }
             },
-            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => match e {
-                gossipsub::Event::Message {
-                    propagation_source,
-                    message_id,
-                    message,
-                } => self.fed.on_gossip(
-                    &mut self.swarm,
-                    propagation_source,
-                    message_id,
-                    message.data,
-                ),
-                gossipsub::Event::Subscribed { .. } => self.fed.on_subscribed(),
-                _ => {}
-            },
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            })) => self.fed.on_gossip(
+                &mut self.swarm,
+                propagation_source,
+                message_id,
+                message.data,
+            ),
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 result: kad::QueryResult::GetClosestPeers(Ok(ok)),
                 ..

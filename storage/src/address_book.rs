@@ -47,14 +47,19 @@ impl AddressBook<'_> {
             .writer()
             .run(Box::new(move |ctx| {
                 Box::pin(async move {
-                    let existing: Option<Vec<u8>> =
-                        sqlx::query_scalar("SELECT record FROM address_book WHERE relay_key = ?")
-                            .bind(key.as_slice())
-                            .fetch_optional(&mut ctx.conn)
-                            .await
-                            .map_err(|e| ctx.db_err("read address record", e))?;
-                    let outcome = match existing.as_deref().and_then(decode_row) {
-                        Some(old) if !record.supersedes(&old) => return Ok(Upsert::Unchanged),
+                    // The stored record was verified when it was written:
+                    // compare by its timestamp and encoding.
+                    let existing: Option<(i64, Vec<u8>)> = sqlx::query_as(
+                        "SELECT timestamp_ms, record FROM address_book WHERE relay_key = ?",
+                    )
+                    .bind(key.as_slice())
+                    .fetch_optional(&mut ctx.conn)
+                    .await
+                    .map_err(|e| ctx.db_err("read address record", e))?;
+                    let outcome = match existing {
+                        Some((ts, old)) if !record.supersedes_encoded(ts.max(0) as u64, &old) => {
+                            return Ok(Upsert::Unchanged);
+                        }
                         Some(_) => Upsert::Replaced,
                         None => {
                             let count: i64 =
@@ -152,6 +157,67 @@ impl AddressBook<'_> {
             let t: i64 = r.try_get(1).map_err(|e| self.store.db_err("digest", e))?;
             if let Ok(k) = <[u8; 32]>::try_from(k.as_slice()) {
                 out.push((k, t.max(0) as u64));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stored timestamps of those of `keys` that are in the book (no
+    /// signature checks: what anti-entropy compares a digest with).
+    pub async fn timestamps(
+        &self,
+        keys: &[[u8; 32]],
+    ) -> Result<std::collections::HashMap<[u8; 32], u64>> {
+        let mut out = std::collections::HashMap::with_capacity(keys.len());
+        for chunk in keys.chunks(500) {
+            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "SELECT relay_key, timestamp_ms FROM address_book WHERE relay_key IN (",
+            );
+            let mut sep = qb.separated(", ");
+            for k in chunk {
+                sep.push_bind(k.to_vec());
+            }
+            qb.push(")");
+            let rows = qb
+                .build()
+                .fetch_all(self.store.readers())
+                .await
+                .map_err(|e| self.store.db_err("read record timestamps", e))?;
+            for r in rows {
+                let k: Vec<u8> = r
+                    .try_get(0)
+                    .map_err(|e| self.store.db_err("timestamps", e))?;
+                let t: i64 = r
+                    .try_get(1)
+                    .map_err(|e| self.store.db_err("timestamps", e))?;
+                if let Ok(k) = <[u8; 32]>::try_from(k.as_slice()) {
+                    out.insert(k, t.max(0) as u64);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The stored encodings of those of `keys` that are in the book, as
+    /// stored (they were verified when stored; receivers verify again).
+    pub async fn encoded(&self, keys: &[[u8; 32]]) -> Result<Vec<Vec<u8>>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(500) {
+            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "SELECT record FROM address_book WHERE relay_key IN (",
+            );
+            let mut sep = qb.separated(", ");
+            for k in chunk {
+                sep.push_bind(k.to_vec());
+            }
+            qb.push(") ORDER BY relay_key");
+            let rows = qb
+                .build()
+                .fetch_all(self.store.readers())
+                .await
+                .map_err(|e| self.store.db_err("read records", e))?;
+            for r in rows {
+                out.push(r.try_get(0).map_err(|e| self.store.db_err("records", e))?);
             }
         }
         Ok(out)
