@@ -46,7 +46,8 @@ pub struct Config {
     pub allowlist: HashSet<PeerId>,
     /// Peers refused in every mode.
     pub blocklist: HashSet<PeerId>,
-    /// Federation frames one relay may send per minute. Default 6000.
+    /// Federation frames one relay may send per minute (bursts up to ten
+    /// seconds' worth). Default 3 000 000.
     pub frames_per_minute: u32,
 }
 
@@ -57,7 +58,7 @@ impl Default for Config {
             max_peers: 64,
             allowlist: HashSet::new(),
             blocklist: HashSet::new(),
-            frames_per_minute: 6000,
+            frames_per_minute: 3_000_000,
         }
     }
 }
@@ -159,7 +160,7 @@ impl Behaviour {
         self.admitted.insert(
             peer,
             Bucket {
-                tokens: f64::from(self.config.frames_per_minute),
+                tokens: self.burst(),
                 at_ms: now_ms,
             },
         );
@@ -191,15 +192,21 @@ impl Behaviour {
         self.config.blocklist.contains(peer)
     }
 
+    /// Bucket capacity: ten seconds at the configured rate (at least one).
+    fn burst(&self) -> f64 {
+        (f64::from(self.config.frames_per_minute) / 6.0).max(1.0)
+    }
+
     /// Takes one frame from `peer`'s bucket; `false` when it is over its
     /// rate (the frame should be refused) or not admitted.
     pub fn allow_frame(&mut self, peer: &PeerId, now_ms: u64) -> bool {
         let rate = f64::from(self.config.frames_per_minute);
+        let burst = self.burst();
         let Some(b) = self.admitted.get_mut(peer) else {
             return false;
         };
         let elapsed = now_ms.saturating_sub(b.at_ms) as f64;
-        b.tokens = (b.tokens + elapsed * rate / 60_000.0).min(rate);
+        b.tokens = (b.tokens + elapsed * rate / 60_000.0).min(burst);
         b.at_ms = now_ms;
         if b.tokens >= 1.0 {
             b.tokens -= 1.0;
@@ -385,7 +392,8 @@ mod tests {
         });
         assert!(!p.allow_frame(&a, 0), "not admitted");
         p.admit(a, 0).expect("admit");
-        for _ in 0..60 {
+        // A burst of ten seconds' worth.
+        for _ in 0..10 {
             assert!(p.allow_frame(&a, 0));
         }
         assert!(!p.allow_frame(&a, 0), "bucket empty");

@@ -79,6 +79,9 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
         .await;
         println!("meshwhisper relay {}", env!("CARGO_PKG_VERSION"));
         println!("peer_id={}", running.p2p.peer_id);
+        if let Some(k) = meshwhisper_node::federation::key_of(&running.p2p.peer_id) {
+            println!("relay_key={}", hex::encode(k));
+        }
         println!("http=http://{}", running.http_addr);
         for a in addrs.borrow().iter() {
             println!("listen={a}/p2p/{}", running.p2p.peer_id);

@@ -187,11 +187,14 @@ pub struct Federation {
     pub max_peers: usize,
     /// Relays this relay dials on its own from the address book. Default 8.
     pub target_peers: usize,
-    /// Federation frames one relay may send per minute. Default 6000.
+    /// Federation frames (acks excepted) one relay may send per minute, with
+    /// bursts of up to ten seconds' worth. Default 3000000 (50 000/s, above
+    /// what one relay forwards: a peer relay carries many clients' traffic,
+    /// so this only stops a misbehaving peer).
     pub frames_per_minute: u32,
     /// Most relays a flooded packet passes. Default 3.
     pub max_hops: u8,
-    /// Packet ids remembered for dedup. Default 8192.
+    /// Packet ids remembered for dedup. Default 65536.
     pub dedup_entries: usize,
     /// How long a packet id is remembered, seconds. Default 60.
     pub dedup_secs: u64,
@@ -199,6 +202,9 @@ pub struct Federation {
     pub max_pending: usize,
     /// Packets queued for one relay while it is being dialed. Default 1024.
     pub dial_queue: usize,
+    /// Routed packets sent to one relay and not yet acknowledged; the rest
+    /// wait in order. Default 1024 (the receiver queues up to 4096).
+    pub send_window: usize,
     /// Resend an unacknowledged packet after this long, ms; dials back off
     /// from here to 30 s. Default 2000.
     pub retry_ms: u64,
@@ -247,12 +253,13 @@ impl Default for Federation {
             external_addrs: Vec::new(),
             max_peers: 64,
             target_peers: 8,
-            frames_per_minute: 6000,
+            frames_per_minute: 3_000_000,
             max_hops: 3,
-            dedup_entries: 8192,
+            dedup_entries: 65_536,
             dedup_secs: 60,
             max_pending: 100_000,
             dial_queue: 1024,
+            send_window: 1024,
             retry_ms: 2000,
             flood_retry_ms: 60_000,
             flood_attempts: 3,
@@ -627,6 +634,9 @@ impl Config {
                 "federation",
                 "max_hops, dedup_entries, max_pending and dial_queue must be positive",
             );
+        }
+        if f.send_window == 0 || f.send_window > 4096 {
+            return bad("federation.send_window", "must be 1..=4096");
         }
         if f.retry_ms == 0 || f.flood_retry_ms == 0 || f.anti_entropy_ms == 0 {
             return bad("federation", "intervals must be positive");

@@ -50,6 +50,10 @@ pub(crate) enum Internal {
     Blocklist(HashSet<PeerId>),
 }
 
+/// A routed packet sent on a live stream is resent if no ack came in this
+/// long (the peer may have lost it without closing the stream).
+const ACK_TIMEOUT_MS: u64 = 60_000;
+
 /// Capacity of the [`Internal`] channel.
 pub(crate) const INTERNAL_QUEUE: usize = 4096;
 /// Capacity of the channel from the core (packets to federate).
@@ -95,6 +99,12 @@ struct Pending {
     floods: u32,
     /// Floods tried (the backoff grows with each).
     tries: u32,
+    /// The stream generation a routed packet was last sent on, and when:
+    /// a reliable stream delivers it, so it is resent only when that
+    /// stream is gone, the target refused it, or no ack came for a minute.
+    sent: Option<(u64, u64)>,
+    /// Waiting in its target's backlog for room in the send window.
+    backlogged: bool,
 }
 
 struct Seen {
@@ -170,6 +180,14 @@ pub(crate) struct Fed {
     ae_turn: usize,
     next_req: Arc<std::sync::atomic::AtomicU64>,
     next_seq: u64,
+    /// Routed packets sent and not yet acknowledged, per target.
+    inflight: HashMap<PeerId, HashSet<PacketId>>,
+    /// Routed packets waiting for room in the window, per target, in order.
+    backlog: HashMap<PeerId, VecDeque<PacketId>>,
+    /// Pending packets per target relay.
+    queued_for: HashMap<PeerId, usize>,
+    /// Stream generation per peer (bumped when its stream opens or closes).
+    gens: HashMap<PeerId, u64>,
     /// Relays dialed from the book recently (not dialed again for a minute).
     discovered_at: HashMap<PeerId, u64>,
     /// Newest record timestamp per relay key seen here.
@@ -232,10 +250,49 @@ impl Fed {
             next_seq: 0,
             known_ts: HashMap::new(),
             discovered_at: HashMap::new(),
+            gens: HashMap::new(),
+            queued_for: HashMap::new(),
+            inflight: HashMap::new(),
+            backlog: HashMap::new(),
             storers: HashMap::new(),
             mailbox_ttl_ms,
             topic: IdentTopic::new(RECORDS_TOPIC),
         })
+    }
+
+    /// Removes a pending packet, keeping the per-target counts and the
+    /// send window.
+    fn take_pending(&mut self, id: &PacketId) -> Option<Pending> {
+        let p = self.pending.remove(id)?;
+        if let Some(t) = p.target {
+            if let Some(n) = self.queued_for.get_mut(&t) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.queued_for.remove(&t);
+                }
+            }
+            if let Some(w) = self.inflight.get_mut(&t) {
+                w.remove(id);
+            }
+        }
+        Some(p)
+    }
+
+    /// Sends backlogged packets to `peer` while its window has room.
+    fn pump(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
+        let now = now_ms();
+        while self.inflight.get(&peer).map_or(0, HashSet::len) < self.cfg.send_window {
+            let Some(next) = self.backlog.get_mut(&peer).and_then(VecDeque::pop_front) else {
+                self.backlog.remove(&peer);
+                break;
+            };
+            if let Some(p) = self.pending.get_mut(&next)
+                && p.backlogged
+            {
+                p.backlogged = false;
+                self.dispatch(swarm, next, now);
+            }
+        }
     }
 
     fn metrics(&self) -> &crate::metrics::FederationMetrics {
@@ -318,6 +375,7 @@ impl Fed {
 
     pub(crate) fn on_opened(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
         self.dials.remove(&peer);
+        *self.gens.entry(peer).or_default() += 1;
         // Packets waiting for this relay go now.
         let now = now_ms();
         let mut ids: Vec<(u64, PacketId)> = self
@@ -338,6 +396,15 @@ impl Fed {
     pub(crate) fn on_closed(&mut self, swarm: &Swarm<Behaviour>, peer: PeerId, reason: &str) {
         // Its storing task finishes what it holds, then ends.
         self.storers.remove(&peer);
+        // Frames in flight on it may be lost: routed packets are resent.
+        *self.gens.entry(peer).or_default() += 1;
+        let now = now_ms();
+        for id in self.inflight.remove(&peer).unwrap_or_default() {
+            if let Some(p) = self.pending.get_mut(&id) {
+                p.sent = None;
+                p.next_ms = now;
+            }
+        }
         if !reason.contains("connection closed") && !reason.contains("closed by peer") {
             self.metrics().handshake_failures.fetch_add(1, Relaxed);
         }
@@ -361,20 +428,19 @@ impl Fed {
             // Named us: it is stored here already.
             return;
         }
-        if let Some((p, _)) = target {
-            let queued = self
-                .pending
-                .values()
-                .filter(|x| x.target == Some(p))
-                .count();
-            if queued >= self.cfg.dial_queue && !swarm.behaviour().federation.is_open(&p) {
-                self.metrics().drops_queue_full.fetch_add(1, Relaxed);
-                return;
-            }
+        if let Some((p, _)) = target
+            && !swarm.behaviour().federation.is_open(&p)
+            && self.queued_for.get(&p).copied().unwrap_or(0) >= self.cfg.dial_queue
+        {
+            self.metrics().drops_queue_full.fetch_add(1, Relaxed);
+            return;
         }
         let id = random_id();
         let now = now_ms();
         self.next_seq += 1;
+        if let Some((p, _)) = target {
+            *self.queued_for.entry(p).or_default() += 1;
+        }
         self.pending.insert(
             id,
             Pending {
@@ -387,6 +453,8 @@ impl Fed {
                 next_ms: now,
                 floods: 0,
                 tries: 0,
+                sent: None,
+                backlogged: false,
             },
         );
         self.dedup.insert(id, None, now);
@@ -396,12 +464,37 @@ impl Fed {
 
     /// Sends (or re-sends) a pending packet, or starts reaching its target.
     fn dispatch(&mut self, swarm: &mut Swarm<Behaviour>, id: PacketId, now: u64) {
+        let core = self.core.clone();
+        let m = &core.metrics.federation;
         let Some(p) = self.pending.get_mut(&id) else {
             return;
         };
         match (p.target, p.target_key) {
             (Some(target), Some(key)) => {
-                if swarm.behaviour().federation.is_open(&target) {
+                let generation = self.gens.get(&target).copied().unwrap_or(0);
+                if swarm.behaviour().federation.is_open(&target)
+                    && p.sent
+                        .is_some_and(|(g, at)| g == generation && now < at + ACK_TIMEOUT_MS)
+                {
+                    // On its way over a live stream: wait for the ack.
+                    p.next_ms = now + self.cfg.retry_ms;
+                } else if swarm.behaviour().federation.is_open(&target) {
+                    let window = self.inflight.entry(target).or_default();
+                    if window.len() >= self.cfg.send_window && !window.contains(&id) {
+                        // The window is full: wait in order for an ack.
+                        if !p.backlogged {
+                            p.backlogged = true;
+                            self.backlog.entry(target).or_default().push_back(id);
+                        }
+                        p.next_ms = now + ACK_TIMEOUT_MS;
+                        return;
+                    }
+                    window.insert(id);
+                    p.backlogged = false;
+                    if p.sent.is_some() {
+                        m.retries.fetch_add(1, Relaxed);
+                    }
+                    p.sent = Some((generation, now));
                     let frame = Frame::Routed {
                         id,
                         hops: 1,
@@ -410,8 +503,8 @@ impl Fed {
                     };
                     p.next_ms = now + self.cfg.retry_ms;
                     if swarm.behaviour_mut().federation.send(target, frame) {
-                        self.metrics().forwards_sent.fetch_add(1, Relaxed);
-                        self.metrics().routed_forwards.fetch_add(1, Relaxed);
+                        m.forwards_sent.fetch_add(1, Relaxed);
+                        m.routed_forwards.fetch_add(1, Relaxed);
                     }
                 } else {
                     p.next_ms = now + self.cfg.retry_ms;
@@ -535,7 +628,10 @@ impl Fed {
             }
             return;
         }
-        if !b.policy.allow_frame(&peer, now) {
+        // Acks answer our own sends (bounded by them): never rate-limited,
+        // or a busy peer's acks would be lost and everything resent.
+        let is_ack = matches!(frame, Frame::Ack { .. });
+        if !is_ack && !b.policy.allow_frame(&peer, now) {
             self.metrics().drops_rate_limited.fetch_add(1, Relaxed);
             if let Frame::Forward { id, .. } | Frame::Routed { id, .. } = frame {
                 b.federation.send(
@@ -776,13 +872,13 @@ impl Fed {
     ) {
         match status {
             AckStatus::Stored => {
-                if let Some(p) = self.pending.remove(&id) {
-                    if p.target.is_some() {
+                if let Some(p) = self.take_pending(&id) {
+                    if let Some(t) = p.target {
                         self.metrics().routed_acked.fetch_add(1, Relaxed);
+                        self.pump(swarm, t);
                     }
                     let core = self.core.clone();
                     tokio::spawn(async move { core.delivered(vec![p.mailbox_id]).await });
-                    self.update_gauges(swarm);
                 } else if let Some(s) = self.dedup.map.get_mut(&id)
                     && !s.acked
                     && let Some(up) = s.upstream
@@ -800,13 +896,37 @@ impl Fed {
                     && p.target == Some(peer)
                 {
                     // Never accepted there: keep our stored copy, stop sending.
-                    self.pending.remove(&id);
+                    self.take_pending(&id);
                     self.metrics().drops_malformed.fetch_add(1, Relaxed);
-                    self.update_gauges(swarm);
+                    self.pump(swarm, peer);
                 }
             }
-            AckStatus::Refused | AckStatus::Relayed | AckStatus::Duplicate | AckStatus::NotHome => {
+            AckStatus::Refused => {
+                // A flood a relay could not take now (rate limit, storage):
+                // flood again soon, without counting an attempt.
+                if let Some(p) = self.pending.get_mut(&id)
+                    && p.target.is_none()
+                {
+                    let soon = now_ms() + self.cfg.retry_ms;
+                    if p.next_ms > soon {
+                        p.next_ms = soon;
+                        p.floods = p.floods.saturating_sub(1);
+                        p.tries = p.tries.saturating_sub(1);
+                    }
+                }
+                // Not taken now: resend after retry_ms, let others through.
+                if let Some(p) = self.pending.get_mut(&id)
+                    && p.target == Some(peer)
+                {
+                    p.sent = None;
+                    p.next_ms = now_ms() + self.cfg.retry_ms;
+                    if let Some(w) = self.inflight.get_mut(&peer) {
+                        w.remove(&id);
+                    }
+                    self.pump(swarm, peer);
+                }
             }
+            AckStatus::Relayed | AckStatus::Duplicate | AckStatus::NotHome => {}
         }
     }
 
@@ -1105,7 +1225,7 @@ impl Fed {
         for (_, id) in due {
             let expired = self.pending.get(&id).is_some_and(|p| p.deadline_ms <= now);
             if expired {
-                self.pending.remove(&id);
+                self.take_pending(&id);
                 self.metrics().drops_expired.fetch_add(1, Relaxed);
                 continue;
             }
@@ -1116,7 +1236,7 @@ impl Fed {
             if unclaimed {
                 // No relay homes it (chaff, or a recipient never seen): the
                 // stored copy here stays for the recipient to fetch.
-                self.pending.remove(&id);
+                self.take_pending(&id);
                 self.metrics().floods_unclaimed.fetch_add(1, Relaxed);
                 continue;
             }
@@ -1131,7 +1251,6 @@ impl Fed {
                     self.dispatch(swarm, nid, now);
                 }
             } else {
-                self.metrics().retries.fetch_add(1, Relaxed);
                 self.dispatch(swarm, id, now);
             }
         }
@@ -1170,8 +1289,8 @@ impl Fed {
     }
 }
 
-/// Packets from one peer waiting to be stored.
-const STORE_QUEUE: usize = 1024;
+/// Packets from one peer waiting to be stored (above any sender's window).
+const STORE_QUEUE: usize = 4096;
 /// Most packets stored in one commit.
 const STORE_BATCH: usize = 256;
 

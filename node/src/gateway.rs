@@ -246,6 +246,8 @@ async fn health(State(s): State<AppState>) -> Response {
             "peerId": &*s.peer_id,
             "federation": {
                 "mode": s.cfg.federation.mode,
+                "relayKey": s.peer_id.parse::<libp2p::PeerId>().ok()
+                    .and_then(|p| crate::federation::key_of(&p)).map(hex::encode),
                 "peers": s.federation.borrow().connected.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
                 "addressRecords": s.metrics.federation.records_known.load(Relaxed),
                 "homedHashes": s.core.homed_count(),

@@ -18,6 +18,8 @@ fn quick(cfg: &mut Config, bootstrap: Option<&str>) {
     cfg.federation.anti_entropy_ms = 300;
     cfg.federation.flood_retry_ms = 5_000;
     cfg.federation.gossip_heartbeat_ms = 200;
+    // A tiny send window, so routed packets go through the backlog.
+    cfg.federation.send_window = 2;
     if let Some(b) = bootstrap {
         cfg.federation.bootstrap = vec![b.to_string()];
     }
@@ -223,11 +225,11 @@ async fn hinted_packet_touches_only_sender_and_home_relay() {
     let mut alice = ws(&a.ws).await;
     hello(&mut alice, &["aaaaaaaaaaaaaaaa"]).await;
     let home = key_hex(f);
-    for i in 0..5u8 {
+    for i in 0..50u8 {
         send_route(&mut alice, H, &home).await;
         send_packet(&mut alice, H, &[i; 40]).await;
     }
-    for i in 0..5u8 {
+    for i in 0..50u8 {
         let p = next_packet(&mut bob).await;
         assert_eq!(&p[31..], &[i; 40], "in order, once");
     }
@@ -240,8 +242,13 @@ async fn hinted_packet_touches_only_sender_and_home_relay() {
         assert_eq!(fed(r).forwards_received.load(Relaxed), 0, "relay {i}");
         assert_eq!(fed(r).forwards_sent.load(Relaxed), 0, "relay {i}");
     }
-    assert_eq!(fed(f).forwards_received.load(Relaxed), 6);
-    assert_eq!(fed(a).routed_forwards.load(Relaxed), 6);
+    assert_eq!(fed(f).forwards_received.load(Relaxed), 51);
+    assert_eq!(fed(a).routed_forwards.load(Relaxed), 51);
+    assert_eq!(
+        fed(a).retries.load(Relaxed),
+        0,
+        "a live stream needs no resends"
+    );
     // The sender's copies are deleted once the home relay acknowledged.
     eventually("sender forgets acknowledged packets", 10, || async {
         running(a).core.store.mailbox().count().await.unwrap_or(1) == 0
