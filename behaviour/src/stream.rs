@@ -13,6 +13,47 @@ use libp2p::swarm::{
 use std::collections::VecDeque;
 use std::task::{Context, Poll};
 
+/// Why a length prefix was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LengthError {
+    /// It announces more than the limit.
+    TooLarge {
+        /// Announced size.
+        got: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// It announces an empty frame (every frame has a type byte).
+    Empty,
+}
+
+/// Takes one `u32 BE length ‖ type ‖ body` frame off `src`: the type and
+/// the body, `None` until it has all arrived.
+pub fn split_frame(
+    src: &mut bytes::BytesMut,
+    max: usize,
+) -> Result<Option<(u8, bytes::Bytes)>, LengthError> {
+    use bytes::Buf as _;
+    if src.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
+    if len > max {
+        return Err(LengthError::TooLarge { got: len, max });
+    }
+    if len == 0 {
+        return Err(LengthError::Empty);
+    }
+    if src.len() < 4 + len {
+        src.reserve(4 + len - src.len());
+        return Ok(None);
+    }
+    src.advance(4);
+    let mut body = src.split_to(len).freeze();
+    let kind = body.get_u8();
+    Ok(Some((kind, body)))
+}
+
 /// A length-prefixed codec of one protocol.
 pub trait FrameCodec:
     for<'a> Encoder<Item<'a> = Self::Frame, Error = Self::Fault>

@@ -771,4 +771,49 @@ mod tests {
         let e = Config::load(Some(&file), env(&[]), &Overrides::default()).expect_err("bad");
         assert!(e.to_string().contains("no_such_key"), "{e}");
     }
+
+    #[test]
+    fn federation_settings_are_checked() {
+        let c = Config::load(
+            None,
+            env(&[("FEDERATION_MODE", "off"), ("FEDERATION_MAX_PEERS", "7")]),
+            &Overrides::default(),
+        )
+        .expect("load");
+        assert_eq!(
+            (c.federation.mode, c.federation.max_peers),
+            (FederationMode::Off, 7)
+        );
+        let e = Config::load(
+            None,
+            env(&[("FEDERATION_MODE", "sometimes")]),
+            &Overrides::default(),
+        )
+        .expect_err("bad mode");
+        assert!(e.to_string().contains("FEDERATION_MODE"), "{e}");
+        let o = Overrides {
+            bootstrap: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+            ..Default::default()
+        };
+        let e = Config::load(None, env(&[]), &o).expect_err("no /p2p");
+        assert!(e.to_string().contains("federation.bootstrap"), "{e}");
+        let o = Overrides {
+            federation: Some(FederationMode::Allowlist),
+            ..Default::default()
+        };
+        assert!(
+            Config::load(None, env(&[]), &o).is_err(),
+            "allowlist mode needs entries"
+        );
+        let mut c = Config::default();
+        c.federation.gossip_mesh_outbound_min = 2;
+        let e = c.validate().expect_err("2·D_out > D");
+        assert!(e.to_string().contains("gossip"), "{e}");
+        let peer = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let list = parse_relay_list(&format!("# comment\n{peer}\n\n")).expect("list");
+        assert!(list.contains(&peer));
+        assert!(parse_relay_list("not-a-relay\n").is_err());
+    }
 }

@@ -615,32 +615,20 @@ impl Fed {
     pub(crate) fn on_frame(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, frame: Frame) {
         let now = now_ms();
         let b = swarm.behaviour_mut();
-        if !b.policy.is_admitted(&peer) {
-            // Not (yet) admitted: refuse packets so the sender retries.
-            if let Frame::Forward { id, .. } | Frame::Routed { id, .. } = frame {
-                b.federation.send(
-                    peer,
-                    Frame::Ack {
-                        id,
-                        status: AckStatus::Refused,
-                    },
-                );
+        // Not (yet) admitted, or over its rate: packets are refused (the
+        // sender retries), anything else dropped. Acks answer our own sends
+        // (bounded by them) and are never rate-limited, or a busy peer's
+        // acks would be lost and everything resent.
+        let admitted = b.policy.is_admitted(&peer);
+        let limited =
+            admitted && !matches!(frame, Frame::Ack { .. }) && !b.policy.allow_frame(&peer, now);
+        if !admitted || limited {
+            if limited {
+                self.metrics().drops_rate_limited.fetch_add(1, Relaxed);
             }
-            return;
-        }
-        // Acks answer our own sends (bounded by them): never rate-limited,
-        // or a busy peer's acks would be lost and everything resent.
-        let is_ack = matches!(frame, Frame::Ack { .. });
-        if !is_ack && !b.policy.allow_frame(&peer, now) {
-            self.metrics().drops_rate_limited.fetch_add(1, Relaxed);
             if let Frame::Forward { id, .. } | Frame::Routed { id, .. } = frame {
-                b.federation.send(
-                    peer,
-                    Frame::Ack {
-                        id,
-                        status: AckStatus::Refused,
-                    },
-                );
+                let status = AckStatus::Refused;
+                b.federation.send(peer, Frame::Ack { id, status });
             }
             return;
         }

@@ -170,6 +170,15 @@ pub enum Error {
     Malformed(&'static str),
 }
 
+impl From<crate::stream::LengthError> for Error {
+    fn from(e: crate::stream::LengthError) -> Self {
+        match e {
+            crate::stream::LengthError::TooLarge { got, max } => Error::TooLarge { got, max },
+            crate::stream::LengthError::Empty => Error::Malformed("empty frame"),
+        }
+    }
+}
+
 /// Length-prefixed frame codec with a size limit.
 #[derive(Debug, Clone)]
 pub struct Codec {
@@ -441,27 +450,10 @@ impl Decoder for Codec {
     type Error = Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, Error> {
-        if src.len() < 4 {
-            return Ok(None);
+        match crate::stream::split_frame(src, self.max)? {
+            Some((kind, body)) => decode_body(kind, body).map(Some),
+            None => Ok(None),
         }
-        let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
-        if len > self.max {
-            return Err(Error::TooLarge {
-                got: len,
-                max: self.max,
-            });
-        }
-        if len == 0 {
-            return Err(Error::Malformed("empty frame"));
-        }
-        if src.len() < 4 + len {
-            src.reserve(4 + len - src.len());
-            return Ok(None);
-        }
-        src.advance(4);
-        let mut body = src.split_to(len).freeze();
-        let kind = body.get_u8();
-        decode_body(kind, body).map(Some)
     }
 }
 
