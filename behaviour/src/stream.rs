@@ -27,6 +27,34 @@ pub enum LengthError {
     Empty,
 }
 
+/// A frame that could not be read or written (both protocols).
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream failed.
+    #[error("stream I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// A frame is larger than allowed.
+    #[error("frame of {got} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Announced size.
+        got: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A frame is malformed.
+    #[error("malformed frame: {0}")]
+    Malformed(&'static str),
+}
+
+impl From<LengthError> for FrameError {
+    fn from(e: LengthError) -> Self {
+        match e {
+            LengthError::TooLarge { got, max } => FrameError::TooLarge { got, max },
+            LengthError::Empty => FrameError::Malformed("empty frame"),
+        }
+    }
+}
+
 /// Takes one `u32 BE length ‖ type ‖ body` frame off `src`: the type and
 /// the body, `None` until it has all arrived.
 pub fn split_frame(

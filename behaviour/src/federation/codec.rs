@@ -151,33 +151,8 @@ pub enum Frame {
     },
 }
 
-/// A frame that could not be decoded or encoded.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The stream failed.
-    #[error("stream I/O: {0}")]
-    Io(#[from] std::io::Error),
-    /// A frame is larger than allowed.
-    #[error("frame of {got} bytes exceeds the limit of {max}")]
-    TooLarge {
-        /// Announced size.
-        got: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// A frame is malformed.
-    #[error("malformed federation frame: {0}")]
-    Malformed(&'static str),
-}
-
-impl From<crate::stream::LengthError> for Error {
-    fn from(e: crate::stream::LengthError) -> Self {
-        match e {
-            crate::stream::LengthError::TooLarge { got, max } => Error::TooLarge { got, max },
-            crate::stream::LengthError::Empty => Error::Malformed("empty frame"),
-        }
-    }
-}
+/// A frame that could not be read or written.
+pub use crate::stream::FrameError as Error;
 
 /// Length-prefixed frame codec with a size limit.
 #[derive(Debug, Clone)]
