@@ -336,26 +336,39 @@ impl Fed {
         if !info.protocols.contains(&fed) {
             return;
         }
+        for a in &info.listen_addrs {
+            swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+        }
+        // Also for an admitted relay: a new connection we dialed gets its
+        // stream.
+        if self.ensure_admitted(swarm, peer) {
+            swarm.behaviour_mut().federation.open(peer);
+        }
+    }
+
+    /// Admits `peer` as a relay if the policy allows (and opens our side
+    /// of the federation stream); whether it is admitted. A peer that opens
+    /// a federation stream or sends federation frames has shown it is a
+    /// relay as surely as identify would, so this is also asked then: a
+    /// slow or failed identify never leaves two relays connected but not
+    /// federated.
+    fn ensure_admitted(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) -> bool {
         let b = swarm.behaviour_mut();
-        let was = b.policy.is_admitted(&peer);
+        if b.policy.is_admitted(&peer) {
+            return true;
+        }
         match b.policy.admit(peer, now_ms()) {
             Ok(()) => {
-                for a in &info.listen_addrs {
-                    b.kad.add_address(&peer, a.clone());
-                }
                 b.federation.open(peer);
-                if !was {
-                    tracing::info!(%peer, "relay admitted");
-                }
+                tracing::info!(%peer, "relay admitted");
+                true
             }
             Err(r) => {
-                match r {
-                    policy::Refusal::Blocked => {}
-                    _ => {
-                        self.metrics().admissions_refused.fetch_add(1, Relaxed);
-                    }
+                if r != policy::Refusal::Blocked {
+                    self.metrics().admissions_refused.fetch_add(1, Relaxed);
                 }
                 tracing::info!(%peer, reason = r.label(), "relay refused");
+                false
             }
         }
     }
@@ -374,6 +387,9 @@ impl Fed {
     // ---- streams ---------------------------------------------------------
 
     pub(crate) fn on_opened(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
+        if !self.ensure_admitted(swarm, peer) {
+            return;
+        }
         self.dials.remove(&peer);
         *self.gens.entry(peer).or_default() += 1;
         // Packets waiting for this relay go now.
@@ -614,8 +630,11 @@ impl Fed {
 
     pub(crate) fn on_frame(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, frame: Frame) {
         let now = now_ms();
+        if !swarm.behaviour().policy.is_admitted(&peer) {
+            self.ensure_admitted(swarm, peer);
+        }
         let b = swarm.behaviour_mut();
-        // Not (yet) admitted, or over its rate: packets are refused (the
+        // Not admitted, or over its rate: packets are refused (the
         // sender retries), anything else dropped. Acks answer our own sends
         // (bounded by them) and are never rate-limited, or a busy peer's
         // acks would be lost and everything resent.

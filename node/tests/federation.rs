@@ -103,6 +103,19 @@ async fn mesh(n: usize, tweak: impl Fn(usize, &mut Config)) -> Vec<Relay> {
     relays
 }
 
+/// `n` relays with default (quick) settings whose books all hold `n` records.
+async fn converged_mesh(n: usize) -> Vec<Relay> {
+    let relays = mesh(n, |_, _| {}).await;
+    converged(&relays, n as u64).await;
+    relays
+}
+
+async fn stop_all(relays: Vec<Relay>) {
+    for r in relays {
+        r.stop().await;
+    }
+}
+
 async fn converged(relays: &[Relay], n: u64) {
     for (i, r) in relays.iter().enumerate() {
         eventually(&format!("relay {i} knows {n} records"), 30, || async {
@@ -153,8 +166,7 @@ async fn no_more_before_marker(sender: &mut Ws, recipient: &mut Ws, home: Option
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_relays_converge_and_relearn_a_relay_on_a_new_port() {
-    let mut relays = mesh(10, |_, _| {}).await;
-    converged(&relays, 10).await;
+    let mut relays = converged_mesh(10).await;
     for r in &relays {
         let h = get(&format!("{}/health", r.base)).await.json();
         assert!(
@@ -197,9 +209,7 @@ async fn ten_relays_converge_and_relearn_a_relay_on_a_new_port() {
         .await;
     }
     assert_eq!(fed(&moved).records_signed.load(Relaxed), 1);
-    for r in relays {
-        r.stop().await;
-    }
+    stop_all(relays).await;
     moved.stop().await;
 }
 
@@ -211,15 +221,12 @@ async fn gossip_alone_spreads_a_new_record() {
     for r in &relays {
         assert!(fed(r).records_learned.load(Relaxed) >= 2);
     }
-    for r in relays {
-        r.stop().await;
-    }
+    stop_all(relays).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hinted_packet_touches_only_sender_and_home_relay() {
-    let relays = mesh(5, |_, _| {}).await;
-    converged(&relays, 5).await;
+    let relays = converged_mesh(5).await;
     let (a, f) = (&relays[1], &relays[4]);
     let mut bob = recipient(f).await;
     let mut alice = ws(&a.ws).await;
@@ -255,15 +262,12 @@ async fn hinted_packet_touches_only_sender_and_home_relay() {
             && fed(a).pending.load(Relaxed) == 0
     })
     .await;
-    for r in relays {
-        r.stop().await;
-    }
+    stop_all(relays).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unhinted_packet_floods_and_is_delivered_once() {
-    let relays = mesh(5, |_, _| {}).await;
-    converged(&relays, 5).await;
+    let relays = converged_mesh(5).await;
     let (a, f) = (&relays[1], &relays[4]);
     let mut bob = recipient(f).await;
     let mut alice = ws(&a.ws).await;
@@ -295,15 +299,12 @@ async fn unhinted_packet_floods_and_is_delivered_once() {
         running(a).core.store.mailbox().count().await.unwrap_or(1) == 0
     })
     .await;
-    for r in relays {
-        r.stop().await;
-    }
+    stop_all(relays).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packet_for_a_home_relay_that_is_down_arrives_after_it_returns() {
-    let mut relays = mesh(3, |_, _| {}).await;
-    converged(&relays, 3).await;
+    let mut relays = converged_mesh(3).await;
     // Bob registers on F, then F goes down (Bob with it).
     let f = relays.remove(2);
     let home = key_hex(&f);
@@ -330,9 +331,7 @@ async fn packet_for_a_home_relay_that_is_down_arrives_after_it_returns() {
     let p = next_packet(&mut bob).await;
     assert_eq!(&p[31..], b"while you were away");
     no_more_before_marker(&mut alice, &mut bob, Some(&home)).await;
-    for r in relays {
-        r.stop().await;
-    }
+    stop_all(relays).await;
     f.stop().await;
 }
 
@@ -340,8 +339,7 @@ async fn packet_for_a_home_relay_that_is_down_arrives_after_it_returns() {
 async fn offline_recipient_homed_elsewhere_gets_flooded_packets() {
     // The JS SDK case: no hint, recipient offline, its relay remembers the
     // hashes it registered.
-    let relays = mesh(3, |_, _| {}).await;
-    converged(&relays, 3).await;
+    let relays = converged_mesh(3).await;
     let (a, f) = (&relays[1], &relays[2]);
     let bob = recipient(f).await;
     drop(bob);
@@ -367,9 +365,7 @@ async fn offline_recipient_homed_elsewhere_gets_flooded_packets() {
     assert_eq!(got, (0..20u8).map(|i| vec![i; 32]).collect::<Vec<_>>());
     no_more_before_marker(&mut alice, &mut bob, None).await;
     assert_eq!(fed(&relays[0]).stored_locally.load(Relaxed), 0);
-    for r in relays {
-        r.stop().await;
-    }
+    stop_all(relays).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -418,9 +414,7 @@ async fn blocklisting_a_connected_relay_disconnects_it_at_once() {
     .await
     .expect("reconnected")
     .expect("watch");
-    for r in relays {
-        r.stop().await;
-    }
+    stop_all(relays).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,9 +442,7 @@ async fn federation_off_refuses_relays_but_serves_clients() {
     let mut alice = ws(&relays[0].ws).await;
     send_packet(&mut alice, H, b"local").await;
     assert_eq!(&next_packet(&mut bob).await[31..], b"local");
-    for r in relays {
-        r.stop().await;
-    }
+    stop_all(relays).await;
 }
 
 /// A hand-driven relay-like swarm: publishes forged records and sends bad
@@ -606,9 +598,7 @@ async fn forged_records_and_bad_frames_are_rejected_and_counted() {
             .contains("meshwhisper_federation_address_records_rejected_total{reason=\"stale\"} 2"),
         "{metrics}"
     );
-    for r in relays {
-        r.stop().await;
-    }
+    stop_all(relays).await;
 }
 
 /// A native device names the home relay in its packet frame (PacketTo):
@@ -619,8 +609,7 @@ async fn device_packet_with_home_relay_goes_straight_there() {
     use meshwhisper_behaviour::client::BehaviourEvent;
     use meshwhisper_behaviour::device::{self, codec::Frame};
 
-    let relays = mesh(3, |_, _| {}).await;
-    converged(&relays, 3).await;
+    let relays = converged_mesh(3).await;
     let (a, f) = (&relays[1], &relays[2]);
     let mut bob = recipient(f).await;
     let home = key_of(&running(f).p2p.peer_id).expect("key");
@@ -669,9 +658,7 @@ async fn device_packet_with_home_relay_goes_straight_there() {
     }
     assert_eq!(fed(&relays[0]).forwards_received.load(Relaxed), 0);
     assert_eq!(fed(a).routed_forwards.load(Relaxed), 3);
-    for r in relays {
-        r.stop().await;
-    }
+    stop_all(relays).await;
 }
 
 /// A packet no relay homes (chaff, an unknown recipient) is flooded a
@@ -717,17 +704,14 @@ async fn unclaimed_floods_stop_after_their_attempts() {
             );
         }
     }
-    for r in relays {
-        r.stop().await;
-    }
+    stop_all(relays).await;
 }
 
 /// The sending relay restarts while the home relay is down: the packet it
 /// acknowledged is still forwarded (flooded) once both are back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sender_restart_does_not_lose_an_unforwarded_packet() {
-    let mut relays = mesh(3, |_, _| {}).await;
-    converged(&relays, 3).await;
+    let mut relays = converged_mesh(3).await;
     let f = relays.remove(2);
     let a = relays.remove(1);
     let home = key_hex(&f);
@@ -759,7 +743,5 @@ async fn sender_restart_does_not_lose_an_unforwarded_packet() {
     for r in [a, f] {
         r.stop().await;
     }
-    for r in relays {
-        r.stop().await;
-    }
+    stop_all(relays).await;
 }
