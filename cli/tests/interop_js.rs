@@ -5,8 +5,11 @@
 //! restarting; every message arrives exactly once (`tests/interop/scenario.mjs`
 //! checks all of it against a relay process of ours).
 
+mod testnet;
+
 use std::path::PathBuf;
 use std::process::Command;
+use testnet::Testnet;
 
 fn interop_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/interop")
@@ -60,33 +63,6 @@ fn js_sdk_clients_talk_through_our_relay() {
     }
 }
 
-/// Stops a testnet when dropped (also when an assertion fails).
-struct Testnet {
-    run: tempfile::TempDir,
-}
-
-impl Testnet {
-    fn script(&self, name: &str, args: &[&str]) -> std::process::Output {
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../testnet")
-            .join(name);
-        run(
-            Command::new("bash")
-                .arg(script)
-                .args(args)
-                .env("MW_BIN", env!("CARGO_BIN_EXE_meshwhisper"))
-                .env("MW_TESTNET_DIR", self.run.path()),
-            name,
-        )
-    }
-}
-
-impl Drop for Testnet {
-    fn drop(&mut self) {
-        let _ = self.script("down.sh", &[]);
-    }
-}
-
 /// Two real JS SDK clients homed on two relays of a 3-relay testnet meet by
 /// QR string and exchange 20 messages each way; 20 sent while the recipient
 /// was offline arrive once each after it reconnects (the reference relay
@@ -95,22 +71,10 @@ impl Drop for Testnet {
 fn js_sdk_clients_on_two_federated_relays() {
     let dir = interop_dir();
     npm_ci(&dir);
-    let net = Testnet {
-        run: tempfile::tempdir().expect("tmp"),
-    };
-    let up = net.script("up.sh", &["3"]);
-    let up_out = String::from_utf8_lossy(&up.stdout).to_string();
-    assert!(
-        up.status.success(),
-        "testnet/up.sh 3 failed:\n{up_out}\n{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
-    let table = std::fs::read_to_string(net.run.path().join("relays.tsv")).expect("relay table");
-    let http: Vec<String> = table
-        .lines()
-        .filter_map(|l| l.split('\t').nth(3).map(str::to_string))
-        .collect();
-    assert_eq!(http.len(), 3, "{table}");
+    let net = Testnet::new(&[]);
+    net.up(3);
+    let http: Vec<String> = net.relays().into_iter().map(|r| r.2).collect();
+    assert_eq!(http.len(), 3);
     let status = net.script("status.sh", &[]);
     let status_out = String::from_utf8_lossy(&status.stdout).to_string();
     assert!(status.status.success(), "{status_out}");

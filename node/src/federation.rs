@@ -186,6 +186,8 @@ pub(crate) struct Fed {
     backlog: HashMap<PeerId, VecDeque<PacketId>>,
     /// Pending packets per target relay.
     queued_for: HashMap<PeerId, usize>,
+    /// Anti-entropy walks in progress, per peer, since when.
+    ae_walks: HashMap<PeerId, u64>,
     /// Stream generation per peer (bumped when its stream opens or closes).
     gens: HashMap<PeerId, u64>,
     /// Relays dialed from the book recently (not dialed again for a minute).
@@ -251,6 +253,7 @@ impl Fed {
             known_ts: HashMap::new(),
             discovered_at: HashMap::new(),
             gens: HashMap::new(),
+            ae_walks: HashMap::new(),
             queued_for: HashMap::new(),
             inflight: HashMap::new(),
             backlog: HashMap::new(),
@@ -412,6 +415,7 @@ impl Fed {
     pub(crate) fn on_closed(&mut self, swarm: &Swarm<Behaviour>, peer: PeerId, reason: &str) {
         // Its storing task finishes what it holds, then ends.
         self.storers.remove(&peer);
+        self.ae_walks.remove(&peer);
         // Frames in flight on it may be lost: routed packets are resent.
         *self.gens.entry(peer).or_default() += 1;
         let now = now_ms();
@@ -683,6 +687,9 @@ impl Fed {
                 });
             }
             Frame::Digest { more, entries, .. } => {
+                if !more {
+                    self.ae_walks.remove(&peer);
+                }
                 let core = self.core.clone();
                 let next = self.next_req.clone();
                 let page = self.cfg.anti_entropy_page;
@@ -1085,6 +1092,17 @@ impl Fed {
     }
 
     fn anti_entropy_with(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
+        // One walk through a peer's book at a time (a walk of thousands of
+        // records takes several pages); a stuck one is given up after a minute.
+        let now = now_ms();
+        if self
+            .ae_walks
+            .get(&peer)
+            .is_some_and(|&t| t + ACK_TIMEOUT_MS > now)
+        {
+            return;
+        }
+        self.ae_walks.insert(peer, now);
         let frame = Frame::DigestRequest {
             req: self.next_req.fetch_add(1, Relaxed),
             after: None,

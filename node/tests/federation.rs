@@ -745,3 +745,61 @@ async fn sender_restart_does_not_lose_an_unforwarded_packet() {
     }
     stop_all(relays).await;
 }
+
+/// Anti-entropy pages through a book of thousands of records: a relay that
+/// joins a relay holding 3000 others' records learns every one of them
+/// without gossip (those relays are not even running).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anti_entropy_pages_through_thousands_of_records() {
+    use meshwhisper_crypto::address_record::{AddressRecord, Contents};
+    use meshwhisper_crypto::identity::IdentityKeyPair;
+    const N: u64 = 3000;
+    let a = start(|c| quick(c, None)).await;
+    let now = meshwhisper_node::core::now_ms();
+    let book = running(&a).core.store.address_book();
+    let mut jobs = Vec::new();
+    for i in 0..N {
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&i.to_be_bytes());
+        seed[31] = 0x5a;
+        let id = IdentityKeyPair::from_seed(&seed);
+        let rec = AddressRecord::sign(
+            &id,
+            Contents {
+                timestamp_ms: now - i,
+                onion_key: id.public().x25519(),
+                addrs: vec![
+                    format!("/ip4/10.0.{}.{}/tcp/4001", i / 256, i % 256)
+                        .parse::<libp2p::Multiaddr>()
+                        .expect("addr")
+                        .to_vec(),
+                ],
+                anchors: Vec::new(),
+            },
+        )
+        .expect("sign");
+        jobs.push(async move { book.upsert(&rec, now).await });
+    }
+    // Many upserts in flight at once: the store groups them into commits.
+    for r in futures::future::join_all(jobs).await {
+        r.expect("upsert");
+    }
+    eventually("A's own record stored too", 10, || async {
+        book_count(&a).await == N + 1
+    })
+    .await;
+    let boot = p2p_addr(&a).await;
+    let b = start(|c| {
+        quick(c, Some(&boot));
+        c.federation.record_gossip = false;
+        // Dialing 3000 unreachable relays is not what this test is about.
+        c.federation.target_peers = 1;
+    })
+    .await;
+    eventually("B learns all of A's book", 60, || async {
+        book_count(&b).await == N + 2
+    })
+    .await;
+    assert!(fed(&b).records_learned.load(Relaxed) > N);
+    stop_all(vec![a, b]).await;
+}
