@@ -803,3 +803,62 @@ async fn anti_entropy_pages_through_thousands_of_records() {
     assert!(fed(&b).records_learned.load(Relaxed) > N);
     stop_all(vec![a, b]).await;
 }
+
+/// A relay not in the book (no gossip, no anti-entropy since it joined) is
+/// found through the DHT when a packet must reach it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_missing_from_the_book_is_found_through_kademlia() {
+    let quiet = |c: &mut Config| {
+        c.federation.record_gossip = false;
+        c.federation.anti_entropy_ms = 3_600_000;
+        c.federation.target_peers = 1;
+    };
+    let b = start(|c| {
+        quick(c, None);
+        quiet(c);
+    })
+    .await;
+    let boot = p2p_addr(&b).await;
+    let a = start(|c| {
+        quick(c, Some(&boot));
+        quiet(c);
+    })
+    .await;
+    eventually("A federated with B", 10, || async {
+        !running(&a).p2p.federation.borrow().connected.is_empty()
+    })
+    .await;
+    let c = start(|c| {
+        quick(c, Some(&boot));
+        quiet(c);
+    })
+    .await;
+    let c_key = key_of(&running(&c).p2p.peer_id).expect("key");
+    eventually("B knows C", 10, || async {
+        running(&b).p2p.federation.borrow().connected.len() == 2
+    })
+    .await;
+    assert!(
+        running(&a)
+            .core
+            .store
+            .address_book()
+            .get(&c_key)
+            .await
+            .expect("get")
+            .is_none(),
+        "A must not know C yet"
+    );
+    let mut bob = recipient(&c).await;
+    let mut alice = ws(&a.ws).await;
+    send_route(&mut alice, H, &key_hex(&c)).await;
+    send_packet(&mut alice, H, b"found by key").await;
+    assert_eq!(&next_packet(&mut bob).await[31..], b"found by key");
+    assert!(fed(&a).discovered_dials.load(Relaxed) >= 1);
+    assert_eq!(
+        fed(&b).forwards_received.load(Relaxed),
+        0,
+        "B only answered the DHT"
+    );
+    stop_all(vec![a, b, c]).await;
+}
