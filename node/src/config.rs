@@ -200,6 +200,9 @@ pub struct Federation {
     pub dedup_secs: u64,
     /// Packets waiting for a federation acknowledgement. Default 100000.
     pub max_pending: usize,
+    /// Bytes of those packets held in memory. Default 268435456 (256 MiB).
+    /// Beyond either bound a packet stays stored here only.
+    pub max_pending_bytes: usize,
     /// Packets queued for one relay while it is being dialed. Default 1024.
     pub dial_queue: usize,
     /// Routed packets sent to one relay and not yet acknowledged; the rest
@@ -258,6 +261,7 @@ impl Default for Federation {
             dedup_entries: 65_536,
             dedup_secs: 60,
             max_pending: 100_000,
+            max_pending_bytes: 256 * 1024 * 1024,
             dial_queue: 1024,
             send_window: 1024,
             retry_ms: 2000,

@@ -184,6 +184,8 @@ pub(crate) struct Fed {
     inflight: HashMap<PeerId, HashSet<PacketId>>,
     /// Routed packets waiting for room in the window, per target, in order.
     backlog: HashMap<PeerId, VecDeque<PacketId>>,
+    /// Bytes of packets held in `pending`.
+    pending_bytes: usize,
     /// Pending packets per target relay.
     queued_for: HashMap<PeerId, usize>,
     /// Anti-entropy walks in progress, per peer, since when.
@@ -255,6 +257,7 @@ impl Fed {
             gens: HashMap::new(),
             ae_walks: HashMap::new(),
             queued_for: HashMap::new(),
+            pending_bytes: 0,
             inflight: HashMap::new(),
             backlog: HashMap::new(),
             storers: HashMap::new(),
@@ -267,6 +270,7 @@ impl Fed {
     /// send window.
     fn take_pending(&mut self, id: &PacketId) -> Option<Pending> {
         let p = self.pending.remove(id)?;
+        self.pending_bytes = self.pending_bytes.saturating_sub(p.packet.len());
         if let Some(t) = p.target {
             if let Some(n) = self.queued_for.get_mut(&t) {
                 *n = n.saturating_sub(1);
@@ -439,7 +443,10 @@ impl Fed {
         if self.cfg.mode == FederationMode::Off {
             return;
         }
-        if self.pending.len() >= self.cfg.max_pending {
+        if self.pending.len() >= self.cfg.max_pending
+            || self.pending_bytes + f.packet.len() > self.cfg.max_pending_bytes
+        {
+            // The stored copy stays here for the recipient to fetch.
             self.metrics().drops_queue_full.fetch_add(1, Relaxed);
             return;
         }
@@ -461,6 +468,7 @@ impl Fed {
         if let Some((p, _)) = target {
             *self.queued_for.entry(p).or_default() += 1;
         }
+        self.pending_bytes += f.packet.len();
         self.pending.insert(
             id,
             Pending {
@@ -548,9 +556,10 @@ impl Fed {
                     };
                     p.next_ms = now + (base << p.tries.min(16));
                     p.tries += 1;
-                    if sent > 0 {
-                        p.floods += 1;
-                    }
+                    // A try with nobody to flood to counts too, so a relay
+                    // alone (or one whose peers are all away) does not keep
+                    // every unclaimed packet in memory.
+                    p.floods += 1;
                 }
             }
         }

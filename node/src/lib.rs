@@ -195,7 +195,17 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     // Packets stored for relays elsewhere before a restart go out again.
     let refed_core = core.clone();
     let max_pending = cfg.federation.max_pending;
+    let mut fed_status = p2p.federation.clone();
+    let refed_cancel = cancel.clone();
     tasks_extra.push(tokio::spawn(async move {
+        // Once there is a relay to send them to (or after a minute).
+        tokio::select! {
+            _ = refed_cancel.cancelled() => return,
+            _ = tokio::time::timeout(
+                Duration::from_secs(60),
+                fed_status.wait_for(|s| !s.connected.is_empty()),
+            ) => {}
+        }
         let n = refed_core.refederate_stored(max_pending).await;
         if n > 0 {
             tracing::info!(packets = n, "stored packets handed back to the federation");
