@@ -198,6 +198,8 @@ impl NetworkBehaviour for Behaviour {
                 connection,
                 frame,
             },
+            // Device handlers close instead of shedding.
+            stream::Out::Unsent(_) => return,
             stream::Out::Closed(reason) => {
                 self.open.remove(&(peer, connection));
                 Event::Closed {

@@ -25,7 +25,8 @@ use std::task::{Context, Poll};
 pub struct Config {
     /// Largest frame. Default [`codec::DEFAULT_MAX_FRAME`].
     pub max_frame: usize,
-    /// Frames queued per stream before it is closed as stuck. Default 4096.
+    /// Frames queued per stream; beyond that a frame is handed back as
+    /// [`Event::Unsent`]. Default 8192.
     pub max_queued_frames: usize,
 }
 
@@ -33,7 +34,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             max_frame: codec::DEFAULT_MAX_FRAME,
-            max_queued_frames: 4096,
+            max_queued_frames: 8192,
         }
     }
 }
@@ -53,12 +54,22 @@ pub enum Event {
         /// The frame.
         frame: Frame,
     },
-    /// The last stream to `peer` closed.
+    /// A stream to `peer` closed; frames queued on it are lost.
     Closed {
         /// The peer.
         peer: PeerId,
         /// Why.
         reason: String,
+        /// Whether it was the last one.
+        last: bool,
+    },
+    /// A frame could not be queued (queue full, or the stream went away):
+    /// the sender keeps it and decides what to do.
+    Unsent {
+        /// The peer.
+        peer: PeerId,
+        /// The frame.
+        frame: Frame,
     },
 }
 
@@ -128,11 +139,13 @@ impl Behaviour {
     fn stream_gone(&mut self, peer: PeerId, connection: ConnectionId, reason: String) {
         if let Some(s) = self.open.get_mut(&peer)
             && s.remove(&connection)
-            && s.is_empty()
         {
-            self.open.remove(&peer);
+            let last = s.is_empty();
+            if last {
+                self.open.remove(&peer);
+            }
             self.actions
-                .push_back(ToSwarm::GenerateEvent(Event::Closed { peer, reason }));
+                .push_back(ToSwarm::GenerateEvent(Event::Closed { peer, reason, last }));
         }
     }
 }
@@ -148,7 +161,7 @@ impl NetworkBehaviour for Behaviour {
         _: &Multiaddr,
         _: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        Ok(stream::Handler::new(
+        Ok(stream::Handler::shedding(
             self.config.max_frame,
             self.config.max_queued_frames,
         ))
@@ -163,7 +176,7 @@ impl NetworkBehaviour for Behaviour {
         _: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
         self.dialed.entry(peer).or_default().insert(connection);
-        Ok(stream::Handler::new(
+        Ok(stream::Handler::shedding(
             self.config.max_frame,
             self.config.max_queued_frames,
         ))
@@ -201,6 +214,9 @@ impl NetworkBehaviour for Behaviour {
                 .actions
                 .push_back(ToSwarm::GenerateEvent(Event::Frame { peer, frame })),
             stream::Out::Closed(reason) => self.stream_gone(peer, connection, reason),
+            stream::Out::Unsent(frame) => self
+                .actions
+                .push_back(ToSwarm::GenerateEvent(Event::Unsent { peer, frame })),
         }
     }
 

@@ -173,11 +173,13 @@ impl Behaviour {
             .subscribe(&gossipsub::IdentTopic::new(RECORDS_TOPIC))
             .map_err(|e| BuildError::Gossip(e.to_string()))?;
         let peer_id = key.public().to_peer_id();
-        let mut kad = kad::Behaviour::with_config(
-            peer_id,
-            kad::store::MemoryStore::new(peer_id),
-            kad::Config::new(StreamProtocol::new(KAD_PROTOCOL)),
-        );
+        let mut kad_cfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+        // No timer-driven bootstrap: it fails (and warns) on a relay that
+        // knows no one yet. The Swarm owner bootstraps once relays are
+        // admitted, and kad bootstraps by itself when its table grows.
+        kad_cfg.set_periodic_bootstrap_interval(None);
+        let mut kad =
+            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg);
         kad.set_mode(Some(kad::Mode::Server));
         Ok(Self {
             limits: connection_limits::Behaviour::new(

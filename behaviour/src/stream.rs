@@ -117,12 +117,16 @@ pub enum Out<F> {
     Frame(F),
     /// The stream ended (or failed, or never opened).
     Closed(String),
+    /// A frame was not queued (no stream, or the queue is full) in a
+    /// handler that sheds instead of closing: the behaviour decides.
+    Unsent(F),
 }
 
 /// The handler.
 pub struct Handler<C: FrameCodec> {
     max_frame: usize,
     max_queued: usize,
+    shed: bool,
     stream: Option<Framed<Stream, C>>,
     want_open: bool,
     opening: bool,
@@ -138,11 +142,22 @@ impl<C: FrameCodec> Handler<C> {
         Self {
             max_frame,
             max_queued: max_queued.max(1),
+            shed: false,
             stream: None,
             want_open: false,
             opening: false,
             queue: VecDeque::new(),
             events: VecDeque::new(),
+        }
+    }
+
+    /// Like [`Handler::new`], but a frame that finds the queue full (or no
+    /// stream) is handed back as [`Out::Unsent`] and the stream stays open:
+    /// for protocols whose sender keeps what it sends until acknowledged.
+    pub fn shedding(max_frame: usize, max_queued: usize) -> Self {
+        Self {
+            shed: true,
+            ..Self::new(max_frame, max_queued)
         }
     }
 
@@ -189,10 +204,15 @@ impl<C: FrameCodec> ConnectionHandler for Handler<C> {
                 }
             }
             In::Send(frame) => {
+                let full = self.queue.len() >= self.max_queued;
+                if self.shed && (self.stream.is_none() || full) {
+                    self.events.push_back(Out::Unsent(frame));
+                    return;
+                }
                 if self.stream.is_none() {
                     return;
                 }
-                if self.queue.len() >= self.max_queued {
+                if full {
                     self.close("peer is not reading: send queue full".into());
                     return;
                 }

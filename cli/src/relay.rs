@@ -125,6 +125,13 @@ pub(crate) async fn wait_for_signal() {
 }
 
 pub(crate) fn init_logging(default: &str) {
+    // Kademlia warns at every start of a relay that knows no one yet ("no
+    // known peers"): quiet unless asked for by name.
+    let default = if default.contains("libp2p_kad") {
+        default.to_string()
+    } else {
+        format!("{default},libp2p_kad::behaviour=error")
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()

@@ -196,7 +196,8 @@ pub struct Federation {
     pub max_hops: u8,
     /// Packet ids remembered for dedup. Default 65536.
     pub dedup_entries: usize,
-    /// How long a packet id is remembered, seconds. Default 60.
+    /// How long a packet id is remembered, seconds: longer than a resend
+    /// after a lost ack (60 s) plus a reconnect. Default 300 (at least 120).
     pub dedup_secs: u64,
     /// Packets waiting for a federation acknowledgement. Default 100000.
     pub max_pending: usize,
@@ -259,7 +260,7 @@ impl Default for Federation {
             frames_per_minute: 3_000_000,
             max_hops: 3,
             dedup_entries: 65_536,
-            dedup_secs: 60,
+            dedup_secs: 300,
             max_pending: 100_000,
             max_pending_bytes: 256 * 1024 * 1024,
             dial_queue: 1024,
@@ -637,6 +638,12 @@ impl Config {
             return bad(
                 "federation",
                 "max_hops, dedup_entries, max_pending and dial_queue must be positive",
+            );
+        }
+        if f.dedup_secs < 120 {
+            return bad(
+                "federation.dedup_secs",
+                "must be at least 120 (a resend after a lost ack comes after 60 s)",
             );
         }
         if f.send_window == 0 || f.send_window > 4096 {

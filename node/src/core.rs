@@ -283,16 +283,17 @@ impl Core {
             let mut h = self.homed_set();
             let exp = now.saturating_add(h.ttl_ms);
             let mut changed = Vec::new();
+            // Full: drop what expired, once per registration.
+            if h.map.len() + hashes.len() > h.max {
+                h.map.retain(|_, e| *e > now);
+            }
             for d in hashes {
                 let fresh = h.map.get(d).is_none_or(|&e| e + 3_600_000 < exp);
                 if !fresh {
                     continue;
                 }
                 if h.map.len() >= h.max && !h.map.contains_key(d) {
-                    h.map.retain(|_, e| *e > now);
-                    if h.map.len() >= h.max {
-                        continue;
-                    }
+                    continue;
                 }
                 h.map.insert(*d, exp);
                 changed.push(*d);

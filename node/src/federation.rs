@@ -54,6 +54,21 @@ pub(crate) enum Internal {
 /// long (the peer may have lost it without closing the stream).
 const ACK_TIMEOUT_MS: u64 = 60_000;
 
+/// Anti-entropy requests served for one peer at a time.
+const AE_SERVING: usize = 4;
+
+/// A held anti-entropy serving slot.
+struct AeSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for AeSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// How often the DHT is refreshed (kad's own default period).
+const KAD_REFRESH_MS: u64 = 5 * 60_000;
+
 /// Capacity of the [`Internal`] channel.
 pub(crate) const INTERNAL_QUEUE: usize = 4096;
 /// Capacity of the channel from the core (packets to federate).
@@ -73,6 +88,12 @@ pub fn key_of(peer: &PeerId) -> Option<[u8; 32]> {
 pub fn peer_of(key: &[u8; 32]) -> Option<PeerId> {
     let k = identity::ed25519::PublicKey::try_from_bytes(key).ok()?;
     Some(identity::PublicKey::from(k).to_peer_id())
+}
+
+fn random_cursor() -> [u8; 32] {
+    let mut c = [0u8; 32];
+    c[..16].copy_from_slice(&random_id());
+    c
 }
 
 fn random_id() -> PacketId {
@@ -184,10 +205,18 @@ pub(crate) struct Fed {
     inflight: HashMap<PeerId, HashSet<PacketId>>,
     /// Routed packets waiting for room in the window, per target, in order.
     backlog: HashMap<PeerId, VecDeque<PacketId>>,
+    /// Stored copies with a pending packet (one federation per copy).
+    by_mailbox: HashSet<MailboxId>,
+    /// Old ids of re-flooded packets, to their current id.
+    aliases: HashMap<PacketId, PacketId>,
+    /// Anti-entropy requests being served, per peer.
+    ae_serving: HashMap<PeerId, Arc<std::sync::atomic::AtomicUsize>>,
     /// Bytes of packets held in `pending`.
     pending_bytes: usize,
     /// Pending packets per target relay.
     queued_for: HashMap<PeerId, usize>,
+    /// When the DHT is refreshed next.
+    next_kad_ms: u64,
     /// Anti-entropy walks in progress, per peer, since when.
     ae_walks: HashMap<PeerId, u64>,
     /// Stream generation per peer (bumped when its stream opens or closes).
@@ -256,8 +285,12 @@ impl Fed {
             discovered_at: HashMap::new(),
             gens: HashMap::new(),
             ae_walks: HashMap::new(),
+            next_kad_ms: 0,
             queued_for: HashMap::new(),
             pending_bytes: 0,
+            by_mailbox: HashSet::new(),
+            aliases: HashMap::new(),
+            ae_serving: HashMap::new(),
             inflight: HashMap::new(),
             backlog: HashMap::new(),
             storers: HashMap::new(),
@@ -271,11 +304,14 @@ impl Fed {
     fn take_pending(&mut self, id: &PacketId) -> Option<Pending> {
         let p = self.pending.remove(id)?;
         self.pending_bytes = self.pending_bytes.saturating_sub(p.packet.len());
+        self.by_mailbox.remove(&p.mailbox_id);
         if let Some(t) = p.target {
             if let Some(n) = self.queued_for.get_mut(&t) {
                 *n = n.saturating_sub(1);
                 if *n == 0 {
                     self.queued_for.remove(&t);
+                    // Nothing waits for it any more: stop trying to reach it.
+                    self.dials.remove(&t);
                 }
             }
             if let Some(w) = self.inflight.get_mut(&t) {
@@ -416,11 +452,21 @@ impl Fed {
         self.update_gauges(swarm);
     }
 
-    pub(crate) fn on_closed(&mut self, swarm: &Swarm<Behaviour>, peer: PeerId, reason: &str) {
-        // Its storing task finishes what it holds, then ends.
-        self.storers.remove(&peer);
-        self.ae_walks.remove(&peer);
-        // Frames in flight on it may be lost: routed packets are resent.
+    /// A stream to `peer` closed (`last`: no other is open).
+    pub(crate) fn on_closed(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        reason: &str,
+        last: bool,
+    ) {
+        if last {
+            // Its storing task finishes what it holds, then ends.
+            self.storers.remove(&peer);
+            self.ae_walks.remove(&peer);
+            self.ae_serving.remove(&peer);
+        }
+        // Frames queued on it are lost: routed packets are resent.
         *self.gens.entry(peer).or_default() += 1;
         let now = now_ms();
         for id in self.inflight.remove(&peer).unwrap_or_default() {
@@ -431,9 +477,52 @@ impl Fed {
         }
         if !reason.contains("connection closed") && !reason.contains("closed by peer") {
             self.metrics().handshake_failures.fetch_add(1, Relaxed);
+            // The connection may still be up: open a new stream on the
+            // connections we dialed (the peer does the same on its own).
+            if swarm.behaviour().policy.is_admitted(&peer) {
+                swarm.behaviour_mut().federation.open(peer);
+            }
         }
-        tracing::debug!(%peer, %reason, "federation stream closed");
+        tracing::debug!(%peer, %reason, last, "federation stream closed");
         self.update_gauges(swarm);
+    }
+
+    /// A slot for serving one anti-entropy request of `peer` (at most
+    /// [`AE_SERVING`] at once; beyond that requests are dropped and the
+    /// peer asks again next round). Freed when the guard drops.
+    fn ae_slot(&mut self, peer: PeerId) -> Option<AeSlot> {
+        let n = self.ae_serving.entry(peer).or_default().clone();
+        if n.load(Relaxed) >= AE_SERVING {
+            self.metrics().drops_rate_limited.fetch_add(1, Relaxed);
+            return None;
+        }
+        n.fetch_add(1, Relaxed);
+        Some(AeSlot(n))
+    }
+
+    /// A frame could not be queued for `peer`: what we keep is retried.
+    pub(crate) fn on_unsent(&mut self, peer: PeerId, frame: Frame) {
+        let now = now_ms();
+        self.metrics().drops_queue_full.fetch_add(1, Relaxed);
+        match frame {
+            Frame::Routed { id, .. } => {
+                if let Some(p) = self.pending.get_mut(&id) {
+                    p.sent = None;
+                    p.next_ms = now + self.cfg.retry_ms;
+                }
+                if let Some(w) = self.inflight.get_mut(&peer) {
+                    w.remove(&id);
+                }
+            }
+            Frame::Forward { id, .. } => {
+                if let Some(p) = self.pending.get_mut(&id) {
+                    p.next_ms = p.next_ms.min(now + self.cfg.retry_ms);
+                }
+            }
+            // An unsent ack or anti-entropy frame: the other side resends
+            // or asks again.
+            _ => {}
+        }
     }
 
     // ---- outbound packets -------------------------------------------------
@@ -441,6 +530,10 @@ impl Fed {
     /// A packet accepted here whose recipient is homed elsewhere.
     pub(crate) fn on_outbound(&mut self, swarm: &mut Swarm<Behaviour>, f: Federate) {
         if self.cfg.mode == FederationMode::Off {
+            return;
+        }
+        if self.by_mailbox.contains(&f.mailbox_id) {
+            // Already on its way (a restart's hand-back met a live one).
             return;
         }
         if self.pending.len() >= self.cfg.max_pending
@@ -469,6 +562,7 @@ impl Fed {
             *self.queued_for.entry(p).or_default() += 1;
         }
         self.pending_bytes += f.packet.len();
+        self.by_mailbox.insert(f.mailbox_id);
         self.pending.insert(
             id,
             Pending {
@@ -676,8 +770,12 @@ impl Fed {
             } => self.on_packet(swarm, peer, id, hops, Some(target), packet, now),
             Frame::Ack { id, status } => self.on_ack(swarm, peer, id, status),
             Frame::DigestRequest { req, after, limit } => {
+                let Some(serving) = self.ae_slot(peer) else {
+                    return;
+                };
                 let core = self.core.clone();
                 self.spawn_send(async move {
+                    let _serving = serving;
                     let limit = u32::from(limit);
                     match core.store.address_book().digest(after, limit + 1).await {
                         Ok(mut entries) => {
@@ -737,8 +835,12 @@ impl Fed {
                 });
             }
             Frame::Pull { req, keys } => {
+                let Some(serving) = self.ae_slot(peer) else {
+                    return;
+                };
                 let core = self.core.clone();
                 self.spawn_send(async move {
+                    let _serving = serving;
                     let recs: Vec<Bytes> = match core.store.address_book().encoded(&keys).await {
                         Ok(r) => r.into_iter().map(Bytes::from).collect(),
                         Err(e) => {
@@ -895,6 +997,10 @@ impl Fed {
     ) {
         match status {
             AckStatus::Stored => {
+                let id = match self.aliases.remove(&id) {
+                    Some(newer) if !self.pending.contains_key(&id) => newer,
+                    _ => id,
+                };
                 if let Some(p) = self.take_pending(&id) {
                     if let Some(t) = p.target {
                         self.metrics().routed_acked.fetch_add(1, Relaxed);
@@ -926,16 +1032,12 @@ impl Fed {
             }
             AckStatus::Refused => {
                 // A flood a relay could not take now (rate limit, storage):
-                // flood again soon, without counting an attempt.
+                // flood again sooner (still one of its bounded attempts).
                 if let Some(p) = self.pending.get_mut(&id)
                     && p.target.is_none()
                 {
-                    let soon = now_ms() + self.cfg.retry_ms;
-                    if p.next_ms > soon {
-                        p.next_ms = soon;
-                        p.floods = p.floods.saturating_sub(1);
-                        p.tries = p.tries.saturating_sub(1);
-                    }
+                    let soon = now_ms() + (self.cfg.retry_ms << p.tries.min(16));
+                    p.next_ms = p.next_ms.min(soon);
                 }
                 // Not taken now: resend after retry_ms, let others through.
                 if let Some(p) = self.pending.get_mut(&id)
@@ -1281,12 +1383,23 @@ impl Fed {
                     let nid = random_id();
                     self.pending.insert(nid, p);
                     self.dedup.insert(nid, None, now);
+                    // A late Stored for the old id still completes it.
+                    if self.aliases.len() >= self.cfg.max_pending {
+                        self.aliases.clear();
+                    }
+                    self.aliases.insert(id, nid);
                     self.metrics().retries.fetch_add(1, Relaxed);
                     self.dispatch(swarm, nid, now);
                 }
             } else {
                 self.dispatch(swarm, id, now);
             }
+        }
+
+        // Refresh the DHT's view every five minutes while federated.
+        if now >= self.next_kad_ms && swarm.behaviour().policy.admitted_count() > 0 {
+            self.next_kad_ms = now + KAD_REFRESH_MS;
+            let _ = swarm.behaviour_mut().kad.bootstrap();
         }
 
         // Anti-entropy with the next peer in turn; dial relays from the book
@@ -1310,7 +1423,19 @@ impl Fed {
                 if !want {
                     return Vec::new();
                 }
-                let page = book.page(None, 64).await.unwrap_or_default();
+                // From a random point of the book, so relays spread their
+                // dials (and every relay gets its turn), wrapping around.
+                let mut page = book
+                    .page(Some(random_cursor()), 64)
+                    .await
+                    .unwrap_or_default();
+                if page.len() < 64 {
+                    page.extend(
+                        book.page(None, 64 - page.len() as u32)
+                            .await
+                            .unwrap_or_default(),
+                    );
+                }
                 let known = page
                     .iter()
                     .filter(|r| r.relay_key().to_bytes() != me)

@@ -300,7 +300,17 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
                 biased;
                 _ = c.cancelled() => break,
                 _ = tick.tick() => loop {
-                    match sweep_store.sweep(core::now_ms(), batch).await {
+                    // Address records too old to be accepted, and homed
+                    // hashes past their time, go too.
+                    let now = core::now_ms();
+                    let stale = now.saturating_sub(meshwhisper_crypto::address_record::MAX_AGE_MS);
+                    if let Err(e) = sweep_store.address_book().expire(stale).await {
+                        tracing::warn!(error = %e, "expiring address records");
+                    }
+                    if let Err(e) = sweep_store.homed().expire(now).await {
+                        tracing::warn!(error = %e, "expiring homed hashes");
+                    }
+                    match sweep_store.sweep(now, batch).await {
                         Ok(r) if r.more && !c.is_cancelled() => continue,
                         Ok(r) => {
                             if r.mailbox + r.media > 0 {

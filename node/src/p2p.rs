@@ -309,9 +309,10 @@ impl EventLoop {
                 federation::Event::Frame { peer, frame } => {
                     self.fed.on_frame(&mut self.swarm, peer, frame)
                 }
-                federation::Event::Closed { peer, reason } => {
-                    self.fed.on_closed(&self.swarm, peer, &reason)
+                federation::Event::Closed { peer, reason, last } => {
+                    self.fed.on_closed(&mut self.swarm, peer, &reason, last)
                 }
+                federation::Event::Unsent { peer, frame } => self.fed.on_unsent(peer, frame),
             },
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
                 propagation_source,

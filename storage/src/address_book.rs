@@ -223,6 +223,24 @@ impl AddressBook<'_> {
         Ok(out)
     }
 
+    /// Deletes records signed before `before_ms` (too old to be accepted
+    /// anywhere, so not worth keeping or offering); returns how many.
+    pub async fn expire(&self, before_ms: u64) -> Result<u64> {
+        self.store
+            .writer()
+            .run(Box::new(move |ctx| {
+                Box::pin(async move {
+                    let r = sqlx::query("DELETE FROM address_book WHERE timestamp_ms < ?")
+                        .bind(ms(before_ms))
+                        .execute(&mut ctx.conn)
+                        .await
+                        .map_err(|e| ctx.db_err("expire address records", e))?;
+                    Ok(r.rows_affected())
+                })
+            }))
+            .await
+    }
+
     /// Records stored.
     pub async fn count(&self) -> Result<u64> {
         self.store.count("SELECT COUNT(*) FROM address_book").await
