@@ -3,7 +3,7 @@
 //! Fields are polled in declaration order; each is documented.
 
 use crate::device;
-use crate::node::{Limits, PROTOCOL_VERSION};
+use crate::node::{Limits, identify_behaviour};
 use libp2p::{connection_limits, identify, identity::Keypair, ping, swarm::NetworkBehaviour};
 
 /// A device's behaviour.
@@ -24,16 +24,8 @@ impl Behaviour {
     /// The behaviour for `key`, speaking the device protocol in `device.role`.
     pub fn new(key: &Keypair, device: device::Config, limits: Limits) -> Self {
         Self {
-            limits: connection_limits::Behaviour::new(
-                connection_limits::ConnectionLimits::default()
-                    .with_max_established(Some(limits.max_connections))
-                    .with_max_pending_incoming(Some(limits.max_pending_incoming))
-                    .with_max_established_per_peer(Some(limits.max_per_peer)),
-            ),
-            identify: identify::Behaviour::new(identify::Config::new(
-                PROTOCOL_VERSION.into(),
-                key.public(),
-            )),
+            limits: limits.behaviour(),
+            identify: identify_behaviour(key),
             ping: ping::Behaviour::new(ping::Config::new()),
             device: device::Behaviour::new(device),
         }

@@ -103,6 +103,23 @@ pub struct Limits {
     pub max_per_peer: u32,
 }
 
+impl Limits {
+    /// The connection-limits behaviour enforcing these bounds.
+    pub fn behaviour(&self) -> connection_limits::Behaviour {
+        connection_limits::Behaviour::new(
+            connection_limits::ConnectionLimits::default()
+                .with_max_established(Some(self.max_connections))
+                .with_max_pending_incoming(Some(self.max_pending_incoming))
+                .with_max_established_per_peer(Some(self.max_per_peer)),
+        )
+    }
+}
+
+/// identify for `key`, announcing [`PROTOCOL_VERSION`] (relays and devices).
+pub fn identify_behaviour(key: &Keypair) -> identify::Behaviour {
+    identify::Behaviour::new(identify::Config::new(PROTOCOL_VERSION.into(), key.public()))
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -182,16 +199,8 @@ impl Behaviour {
             kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg);
         kad.set_mode(Some(kad::Mode::Server));
         Ok(Self {
-            limits: connection_limits::Behaviour::new(
-                connection_limits::ConnectionLimits::default()
-                    .with_max_established(Some(limits.max_connections))
-                    .with_max_pending_incoming(Some(limits.max_pending_incoming))
-                    .with_max_established_per_peer(Some(limits.max_per_peer)),
-            ),
-            identify: identify::Behaviour::new(identify::Config::new(
-                PROTOCOL_VERSION.into(),
-                key.public(),
-            )),
+            limits: limits.behaviour(),
+            identify: identify_behaviour(key),
             policy: policy::Behaviour::new(fed.policy),
             ping: ping::Behaviour::new(ping::Config::new()),
             gossipsub,

@@ -82,6 +82,96 @@ pub fn split_frame(
     Ok(Some((kind, body)))
 }
 
+/// The wire format of one framed protocol: what [`Codec`] needs besides
+/// the shared `u32 BE length ‖ type ‖ body` framing and size limit.
+pub trait Wire: Send + 'static {
+    /// What one frame decodes to.
+    type Frame: std::fmt::Debug + Send + 'static;
+    /// The protocol name negotiated for the stream.
+    const PROTOCOL: &'static str;
+    /// Encoded size of `frame` after the length prefix (type byte included).
+    fn body_len(frame: &Self::Frame) -> usize;
+    /// Refuses a frame that cannot be encoded (counts over their bounds).
+    fn check(frame: &Self::Frame) -> Result<(), FrameError>;
+    /// Writes the type byte and body (exactly [`Wire::body_len`] bytes).
+    fn write(frame: Self::Frame, dst: &mut bytes::BytesMut);
+    /// Decodes a body of type `kind`, strictly.
+    fn read(kind: u8, body: bytes::Bytes) -> Result<Self::Frame, FrameError>;
+}
+
+/// The length-prefixed codec of protocol `W`, refusing frames over a size
+/// limit in both directions.
+pub struct LengthCodec<W> {
+    max: usize,
+    wire: std::marker::PhantomData<fn() -> W>,
+}
+
+impl<W> std::fmt::Debug for LengthCodec<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LengthCodec")
+            .field("max", &self.max)
+            .finish()
+    }
+}
+
+impl<W> Clone for LengthCodec<W> {
+    fn clone(&self) -> Self {
+        Self::new(self.max)
+    }
+}
+
+impl<W> LengthCodec<W> {
+    /// A codec refusing frames over `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            wire: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<W: Wire> Encoder for LengthCodec<W> {
+    type Item<'a> = W::Frame;
+    type Error = FrameError;
+
+    fn encode(&mut self, f: W::Frame, dst: &mut bytes::BytesMut) -> Result<(), FrameError> {
+        use bytes::BufMut as _;
+        let len = W::body_len(&f);
+        if len > self.max {
+            return Err(FrameError::TooLarge {
+                got: len,
+                max: self.max,
+            });
+        }
+        W::check(&f)?;
+        dst.reserve(4 + len);
+        dst.put_u32(len as u32);
+        W::write(f, dst);
+        Ok(())
+    }
+}
+
+impl<W: Wire> Decoder for LengthCodec<W> {
+    type Item = W::Frame;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut bytes::BytesMut) -> Result<Option<W::Frame>, FrameError> {
+        match split_frame(src, self.max)? {
+            Some((kind, body)) => W::read(kind, body).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+impl<W: Wire> FrameCodec for LengthCodec<W> {
+    type Frame = W::Frame;
+    type Fault = FrameError;
+    const PROTOCOL: &'static str = W::PROTOCOL;
+    fn with_max(max: usize) -> Self {
+        Self::new(max)
+    }
+}
+
 /// A length-prefixed codec of one protocol.
 pub trait FrameCodec:
     for<'a> Encoder<Item<'a> = Self::Frame, Error = Self::Fault>

@@ -28,7 +28,6 @@
 //! pool (u32); to Claim, bundle length (u32) ‖ bundle ‖ one-time prekey
 //! (36 bytes, absent when the pool is empty); on any error, a UTF-8 reason.
 
-use asynchronous_codec::{Decoder, Encoder};
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 
 /// The protocol name.
@@ -183,27 +182,12 @@ pub enum Frame {
 /// A frame that could not be read or written.
 pub use crate::stream::FrameError as Error;
 
+/// The wire format of `/meshwhisper/device/1`.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceWire;
+
 /// Length-prefixed frame codec with a size limit.
-#[derive(Debug, Clone)]
-pub struct Codec {
-    max: usize,
-}
-
-impl Codec {
-    /// A codec refusing frames over `max` bytes.
-    pub fn new(max: usize) -> Self {
-        Self { max }
-    }
-}
-
-impl crate::stream::FrameCodec for Codec {
-    type Frame = Frame;
-    type Fault = Error;
-    const PROTOCOL: &'static str = PROTOCOL;
-    fn with_max(max: usize) -> Self {
-        Self::new(max)
-    }
-}
+pub type Codec = crate::stream::LengthCodec<DeviceWire>;
 
 fn body_len(f: &Frame) -> usize {
     1 + match f {
@@ -224,18 +208,15 @@ fn body_len(f: &Frame) -> usize {
     }
 }
 
-impl Encoder for Codec {
-    type Item<'a> = Frame;
-    type Error = Error;
+impl crate::stream::Wire for DeviceWire {
+    type Frame = Frame;
+    const PROTOCOL: &'static str = PROTOCOL;
 
-    fn encode(&mut self, f: Frame, dst: &mut BytesMut) -> Result<(), Error> {
-        let len = body_len(&f);
-        if len > self.max {
-            return Err(Error::TooLarge {
-                got: len,
-                max: self.max,
-            });
-        }
+    fn body_len(f: &Frame) -> usize {
+        body_len(f)
+    }
+
+    fn check(f: &Frame) -> Result<(), Error> {
         if let Frame::Register(h) = &f
             && h.len() > MAX_REGISTER
         {
@@ -254,8 +235,10 @@ impl Encoder for Codec {
             }
             _ => {}
         }
-        dst.reserve(4 + len);
-        dst.put_u32(len as u32);
+        Ok(())
+    }
+
+    fn write(f: Frame, dst: &mut BytesMut) {
         match f {
             Frame::Register(h) => {
                 dst.put_u8(0x01);
@@ -333,7 +316,10 @@ impl Encoder for Codec {
                 dst.put_slice(&body);
             }
         }
-        Ok(())
+    }
+
+    fn read(kind: u8, body: Bytes) -> Result<Frame, Error> {
+        decode_body(kind, body)
     }
 }
 
@@ -367,132 +353,125 @@ fn get_array<const N: usize>(body: &mut Bytes) -> Result<[u8; N], Error> {
     Ok(a)
 }
 
-impl Decoder for Codec {
-    type Item = Frame;
-    type Error = Error;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, Error> {
-        let Some((ty, mut body)) = crate::stream::split_frame(src, self.max)? else {
-            return Ok(None);
-        };
-        let need = |b: &Bytes, n: usize| {
-            if b.len() < n {
-                Err(Error::Malformed("frame body too short"))
-            } else {
-                Ok(())
+fn decode_body(ty: u8, mut body: Bytes) -> Result<Frame, Error> {
+    let need = |b: &Bytes, n: usize| {
+        if b.len() < n {
+            Err(Error::Malformed("frame body too short"))
+        } else {
+            Ok(())
+        }
+    };
+    let exact = |b: &Bytes, n: usize| {
+        if b.len() != n {
+            Err(Error::Malformed("frame body has the wrong length"))
+        } else {
+            Ok(())
+        }
+    };
+    let frame = match ty {
+        0x01 => {
+            need(&body, 2)?;
+            let n = body.get_u16() as usize;
+            exact(&body, 8 * n)?;
+            let mut hashes = Vec::with_capacity(n);
+            for _ in 0..n {
+                let mut h = [0u8; 8];
+                body.copy_to_slice(&mut h);
+                hashes.push(h);
             }
-        };
-        let exact = |b: &Bytes, n: usize| {
-            if b.len() != n {
-                Err(Error::Malformed("frame body has the wrong length"))
-            } else {
-                Ok(())
+            Frame::Register(hashes)
+        }
+        0x02 => {
+            need(&body, 8)?;
+            let seq = body.get_u64();
+            Frame::Packet { seq, packet: body }
+        }
+        0x08 => {
+            need(&body, 40)?;
+            let seq = body.get_u64();
+            let mut home = [0u8; 32];
+            body.copy_to_slice(&mut home);
+            Frame::PacketTo {
+                seq,
+                home,
+                packet: body,
             }
-        };
-        let frame = match ty {
-            0x01 => {
-                need(&body, 2)?;
-                let n = body.get_u16() as usize;
-                exact(&body, 8 * n)?;
-                let mut hashes = Vec::with_capacity(n);
-                for _ in 0..n {
-                    let mut h = [0u8; 8];
-                    body.copy_to_slice(&mut h);
-                    hashes.push(h);
-                }
-                Frame::Register(hashes)
+        }
+        0x03 => {
+            exact(&body, 8)?;
+            Frame::Ack(body.get_u64())
+        }
+        0x04 => {
+            exact(&body, 0)?;
+            Frame::Drain
+        }
+        0x81 => {
+            exact(&body, 8)?;
+            Frame::Stored(body.get_u64())
+        }
+        0x82 => {
+            need(&body, 8)?;
+            let id = body.get_u64();
+            Frame::Deliver { id, packet: body }
+        }
+        0x83 => {
+            need(&body, 9)?;
+            let seq = body.get_u64();
+            let code = RefusedCode::from_u8(body.get_u8())
+                .ok_or(Error::Malformed("unknown refusal code"))?;
+            let reason = String::from_utf8(body.to_vec())
+                .map_err(|_| Error::Malformed("reason is not UTF-8"))?;
+            Frame::Refused { seq, code, reason }
+        }
+        0x05 => {
+            let (req, namespace) = get_head(&mut body)?;
+            Frame::Publish {
+                req,
+                namespace,
+                bundle: body,
             }
-            0x02 => {
-                need(&body, 8)?;
-                let seq = body.get_u64();
-                Frame::Packet { seq, packet: body }
+        }
+        0x06 => {
+            let (req, namespace) = get_head(&mut body)?;
+            let identity = get_array(&mut body)?;
+            let signature = get_array(&mut body)?;
+            if !body.len().is_multiple_of(PREKEY_LEN) {
+                return Err(Error::Malformed("one-time prekeys are 36 bytes each"));
             }
-            0x08 => {
-                need(&body, 40)?;
-                let seq = body.get_u64();
-                let mut home = [0u8; 32];
-                body.copy_to_slice(&mut home);
-                Frame::PacketTo {
-                    seq,
-                    home,
-                    packet: body,
-                }
+            Frame::Prekeys {
+                req,
+                namespace,
+                identity,
+                signature,
+                keys: body,
             }
-            0x03 => {
-                exact(&body, 8)?;
-                Frame::Ack(body.get_u64())
+        }
+        0x07 => {
+            let (req, namespace) = get_head(&mut body)?;
+            let identity = get_array(&mut body)?;
+            exact(&body, 0)?;
+            Frame::Claim {
+                req,
+                namespace,
+                identity,
             }
-            0x04 => {
-                exact(&body, 0)?;
-                Frame::Drain
-            }
-            0x81 => {
-                exact(&body, 8)?;
-                Frame::Stored(body.get_u64())
-            }
-            0x82 => {
-                need(&body, 8)?;
-                let id = body.get_u64();
-                Frame::Deliver { id, packet: body }
-            }
-            0x83 => {
-                need(&body, 9)?;
-                let seq = body.get_u64();
-                let code = RefusedCode::from_u8(body.get_u8())
-                    .ok_or(Error::Malformed("unknown refusal code"))?;
-                let reason = String::from_utf8(body.to_vec())
-                    .map_err(|_| Error::Malformed("reason is not UTF-8"))?;
-                Frame::Refused { seq, code, reason }
-            }
-            0x05 => {
-                let (req, namespace) = get_head(&mut body)?;
-                Frame::Publish {
-                    req,
-                    namespace,
-                    bundle: body,
-                }
-            }
-            0x06 => {
-                let (req, namespace) = get_head(&mut body)?;
-                let identity = get_array(&mut body)?;
-                let signature = get_array(&mut body)?;
-                if !body.len().is_multiple_of(PREKEY_LEN) {
-                    return Err(Error::Malformed("one-time prekeys are 36 bytes each"));
-                }
-                Frame::Prekeys {
-                    req,
-                    namespace,
-                    identity,
-                    signature,
-                    keys: body,
-                }
-            }
-            0x07 => {
-                let (req, namespace) = get_head(&mut body)?;
-                let identity = get_array(&mut body)?;
-                exact(&body, 0)?;
-                Frame::Claim {
-                    req,
-                    namespace,
-                    identity,
-                }
-            }
-            0x84 => {
-                need(&body, 9)?;
-                let req = body.get_u64();
-                let status =
-                    Status::from_u8(body.get_u8()).ok_or(Error::Malformed("unknown status"))?;
-                Frame::Reply { req, status, body }
-            }
-            _ => return Err(Error::Malformed("unknown frame type")),
-        };
-        Ok(Some(frame))
-    }
+        }
+        0x84 => {
+            need(&body, 9)?;
+            let req = body.get_u64();
+            let status =
+                Status::from_u8(body.get_u8()).ok_or(Error::Malformed("unknown status"))?;
+            Frame::Reply { req, status, body }
+        }
+        _ => return Err(Error::Malformed("unknown frame type")),
+    };
+    Ok(frame)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use asynchronous_codec::{Decoder as _, Encoder as _};
     use proptest::prelude::*;
 
     fn round_trip(f: Frame) {

@@ -20,7 +20,6 @@
 //! over the bounds below and frames over the size limit are errors, and an
 //! error closes the stream.
 
-use asynchronous_codec::{Decoder, Encoder};
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 
 /// The protocol name.
@@ -154,27 +153,12 @@ pub enum Frame {
 /// A frame that could not be read or written.
 pub use crate::stream::FrameError as Error;
 
+/// The wire format of `/meshwhisper/federation/1`.
+#[derive(Debug, Clone, Copy)]
+pub struct FederationWire;
+
 /// Length-prefixed frame codec with a size limit.
-#[derive(Debug, Clone)]
-pub struct Codec {
-    max: usize,
-}
-
-impl Codec {
-    /// A codec refusing frames over `max` bytes.
-    pub fn new(max: usize) -> Self {
-        Self { max }
-    }
-}
-
-impl crate::stream::FrameCodec for Codec {
-    type Frame = Frame;
-    type Fault = Error;
-    const PROTOCOL: &'static str = PROTOCOL;
-    fn with_max(max: usize) -> Self {
-        Self::new(max)
-    }
-}
+pub type Codec = crate::stream::LengthCodec<FederationWire>;
 
 fn body_len(f: &Frame) -> usize {
     1 + match f {
@@ -190,18 +174,15 @@ fn body_len(f: &Frame) -> usize {
     }
 }
 
-impl Encoder for Codec {
-    type Item<'a> = Frame;
-    type Error = Error;
+impl crate::stream::Wire for FederationWire {
+    type Frame = Frame;
+    const PROTOCOL: &'static str = PROTOCOL;
 
-    fn encode(&mut self, f: Frame, dst: &mut BytesMut) -> Result<(), Error> {
-        let len = body_len(&f);
-        if len > self.max {
-            return Err(Error::TooLarge {
-                got: len,
-                max: self.max,
-            });
-        }
+    fn body_len(f: &Frame) -> usize {
+        body_len(f)
+    }
+
+    fn check(f: &Frame) -> Result<(), Error> {
         match &f {
             Frame::Digest { entries, .. } if entries.len() > MAX_DIGEST => {
                 return Err(Error::Malformed("too many digest entries"));
@@ -217,8 +198,10 @@ impl Encoder for Codec {
             }
             _ => {}
         }
-        dst.reserve(4 + len);
-        dst.put_u32(len as u32);
+        Ok(())
+    }
+
+    fn write(f: Frame, dst: &mut BytesMut) {
         match f {
             Frame::Forward { id, hops, packet } => {
                 dst.put_u8(0x01);
@@ -283,7 +266,10 @@ impl Encoder for Codec {
                 }
             }
         }
-        Ok(())
+    }
+
+    fn read(kind: u8, body: Bytes) -> Result<Frame, Error> {
+        decode_body(kind, body)
     }
 }
 
@@ -420,21 +406,10 @@ fn decode_body(kind: u8, mut body: Bytes) -> Result<Frame, Error> {
     Ok(f)
 }
 
-impl Decoder for Codec {
-    type Item = Frame;
-    type Error = Error;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, Error> {
-        match crate::stream::split_frame(src, self.max)? {
-            Some((kind, body)) => decode_body(kind, body).map(Some),
-            None => Ok(None),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use asynchronous_codec::{Decoder as _, Encoder as _};
     use proptest::prelude::*;
 
     fn round_trip(f: Frame) {
