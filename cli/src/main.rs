@@ -7,6 +7,7 @@ mod backup;
 mod bench;
 mod bench_client;
 mod bench_federation;
+mod control;
 mod keys;
 mod person;
 mod relay;
@@ -28,8 +29,11 @@ enum Command {
     /// Run a relay (defaults: data in ./meshwhisper-data, gateway on :8080,
     /// libp2p on TCP and QUIC port 4001).
     Relay(relay::RelayArgs),
-    /// Copy a relay's database consistently, even while the relay runs.
+    /// Back up a relay (node key, database, media, archives) into one
+    /// file, even while it runs.
     Backup(backup::BackupArgs),
+    /// Restore a relay from a backup into an empty data directory.
+    Restore(backup::RestoreArgs),
     /// Load generators.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -54,6 +58,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Keys(cmd) => keys::run(cmd),
         Command::Backup(args) => backup::run(args),
+        Command::Restore(args) => backup::restore(args),
         Command::Relay(args) => relay::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Id(cmd) => person::id(cmd),
@@ -66,8 +71,48 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its causes on one line, each cause once: many errors
+/// already include their cause in their own message (as `io::Error`
+/// wrappers and libp2p's do), so a cause whose text is already there is
+/// not repeated.
+pub(crate) fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        let text = text.trim();
+        if text.is_empty() || out.contains(text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn report_names_each_cause_once() {
+        let io = std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "Address already in use (os error 98)",
+        );
+        let inner = anyhow::Error::new(io)
+            .context("binding 0.0.0.0:4001: Address already in use (os error 98)");
+        let e = inner.context("starting the relay");
+        assert_eq!(
+            super::report(&e),
+            "starting the relay: binding 0.0.0.0:4001: Address already in use (os error 98)"
+        );
+        let plain = anyhow::anyhow!("one").context("two");
+        assert_eq!(super::report(&plain), "two: one");
     }
 }

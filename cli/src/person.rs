@@ -4,11 +4,15 @@
 //! Profiles live in the platform's data directory (on Linux
 //! `~/.local/share/meshwhisper/profile`) unless `--profile` or
 //! `MESHWHISPER_PROFILE` names another. One process uses a profile at a
-//! time: `listen` and `chat` hold it while they run.
+//! time: `listen` and `chat` hold it while they run. Beside them, read-only
+//! commands (`id show`, `invite`, `contact list`, `contact verify`) open
+//! the profile read-only, and `send`, `contact add` and `contact verify
+//! --confirm` are handed to the running process (see `control`).
 
+use crate::control;
 use anyhow::{Context as _, bail};
 use clap::{Args, Subcommand};
-use libp2p::Multiaddr;
+use libp2p::{Multiaddr, PeerId};
 use meshwhisper_client::{
     Client, Config, ConnectionState, Event, Invite, MessageId, Profile, ReceiptKind,
 };
@@ -16,7 +20,6 @@ use meshwhisper_crypto::safety_number;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
-use tokio::io::AsyncBufReadExt as _;
 
 #[derive(Debug, Args)]
 pub struct ProfileArg {
@@ -150,7 +153,7 @@ pub fn id(cmd: IdCommand) -> anyhow::Result<()> {
                 print_identity(&p);
             }
             IdCommand::Show { profile } => {
-                let p = Profile::open(&profile.dir()?).await?;
+                let p = Profile::open_read_only(&profile.dir()?).await?;
                 println!("profile={}", p.dir().display());
                 print_identity(&p);
             }
@@ -171,7 +174,7 @@ fn print_identity(p: &Profile) {
 
 pub fn invite(args: InviteArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        let p = Profile::open(&args.profile.dir()?).await?;
+        let p = Profile::open_read_only(&args.profile.dir()?).await?;
         let text = p.invite().to_text()?;
         println!("{text}");
         if args.qr {
@@ -179,6 +182,35 @@ pub fn invite(args: InviteArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// A profile opened to change it, or the process that has it open.
+enum Access {
+    Own(Box<Profile>),
+    Running { dir: PathBuf, pid: Option<u32> },
+}
+
+async fn open_for_change(dir: PathBuf) -> anyhow::Result<Access> {
+    match Profile::open(&dir).await {
+        Ok(p) => Ok(Access::Own(Box::new(p))),
+        Err(meshwhisper_client::Error::ProfileInUse { pid, .. }) => {
+            Ok(Access::Running { dir, pid })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn print_added(name: &str, existed: bool, asked: Option<&str>, fingerprint: &str) {
+    if existed {
+        println!(
+            "already a contact as {name} (fingerprint {fingerprint}); their home relay was updated from this invite"
+        );
+        if let Some(a) = asked.filter(|a| *a != name) {
+            eprintln!("--name {a} not applied: the contact keeps the name {name}");
+        }
+    } else {
+        println!("added {name} (fingerprint {fingerprint})");
+    }
 }
 
 pub fn contact(cmd: ContactCommand) -> anyhow::Result<()> {
@@ -189,17 +221,38 @@ pub fn contact(cmd: ContactCommand) -> anyhow::Result<()> {
                 invite,
                 name,
             } => {
-                let mut p = Profile::open(&profile.dir()?).await?;
+                // Checked here first, so a bad invite is refused the same way
+                // whether or not another process has the profile.
                 let inv = Invite::from_text(&invite)?;
-                let c = p.add_contact(&inv, name.as_deref()).await?;
-                println!(
-                    "added {} (fingerprint {})",
-                    c.name,
-                    safety_number::display(&safety_number::fingerprint(&c.identity))
-                );
+                match open_for_change(profile.dir()?).await? {
+                    Access::Own(mut p) => {
+                        let existed = p
+                            .contacts()
+                            .await?
+                            .iter()
+                            .any(|c| c.identity == inv.identity);
+                        let c = p.add_contact(&inv, name.as_deref()).await?;
+                        let fp = safety_number::display(&safety_number::fingerprint(&c.identity));
+                        print_added(&c.name, existed, name.as_deref(), &fp);
+                    }
+                    Access::Running { dir, pid } => {
+                        let v = control::request(
+                            &dir,
+                            pid,
+                            serde_json::json!({"op": "add-contact", "invite": invite, "name": name}),
+                        )
+                        .await?;
+                        print_added(
+                            v["name"].as_str().unwrap_or_default(),
+                            v["existed"] == true,
+                            name.as_deref(),
+                            v["fingerprint"].as_str().unwrap_or_default(),
+                        );
+                    }
+                }
             }
             ContactCommand::List { profile } => {
-                let mut p = Profile::open(&profile.dir()?).await?;
+                let mut p = Profile::open_read_only(&profile.dir()?).await?;
                 for c in p.contacts().await? {
                     println!(
                         "{}\t{}\t{}\t{}",
@@ -215,11 +268,23 @@ pub fn contact(cmd: ContactCommand) -> anyhow::Result<()> {
                 name,
                 confirm,
             } => {
-                let mut p = Profile::open(&profile.dir()?).await?;
+                let dir = profile.dir()?;
+                let mut p = Profile::open_read_only(&dir).await?;
                 let number = p.safety_number(&name).await?;
                 println!("{}", safety_number::display(&number));
+                drop(p);
                 if confirm {
-                    p.set_verified(&name, true).await?;
+                    match open_for_change(dir).await? {
+                        Access::Own(mut p) => p.set_verified(&name, true).await?,
+                        Access::Running { dir, pid } => {
+                            control::request(
+                                &dir,
+                                pid,
+                                serde_json::json!({"op": "verify", "contact": name}),
+                            )
+                            .await?;
+                        }
+                    }
                     eprintln!("{name} marked as verified");
                 } else {
                     eprintln!(
@@ -232,23 +297,59 @@ pub fn contact(cmd: ContactCommand) -> anyhow::Result<()> {
     })
 }
 
+/// "12D3Koo… at /ip4/…" for messages about a relay.
+fn relay_words(relay: &PeerId, addrs: &[Multiaddr]) -> String {
+    match addrs.first() {
+        Some(a) => format!("relay {relay} at {a}"),
+        None => format!("relay {relay}"),
+    }
+}
+
+fn unreachable_text(
+    relay: &PeerId,
+    addrs: &[Multiaddr],
+    home: bool,
+    reason: &str,
+    retry_in: Option<Duration>,
+) -> String {
+    let whose = if home { "your home " } else { "the contact's " };
+    let retry = retry_in
+        .map(|d| format!("; retrying in {}s", d.as_secs().max(1)))
+        .unwrap_or_default();
+    format!(
+        "{whose}{} is unreachable ({reason}){retry}; messages wait in the outbox and go when it is back",
+        relay_words(relay, addrs)
+    )
+}
+
 pub fn send(args: SendArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        let mut cfg = Config::new(args.profile.dir()?);
+        let dir = args.profile.dir()?;
+        let mut cfg = Config::new(&dir);
         // Leave deliveries to the profile's listener.
         cfg.receive = false;
-        let (client, mut events) = Client::start(cfg).await?;
+        let (client, mut events) = match Client::start(cfg).await {
+            Ok(c) => c,
+            Err(meshwhisper_client::Error::ProfileInUse { pid, .. }) => {
+                return send_through(&dir, pid, &args).await;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let id = client.send(&args.name, args.text.into_bytes()).await?;
         let deadline = Duration::from_secs(args.timeout);
+        let mut unreachable: Option<String> = None;
         let r = tokio::time::timeout(deadline, async {
             loop {
                 tokio::select! {
                     r = client.flush() => return r,
-                    Some(e) = events.recv() => {
-                        if let Event::Problem { message, .. } = e {
-                            eprintln!("{message}");
+                    Some(e) = events.recv() => match e {
+                        Event::Problem { message, .. } => eprintln!("{message}"),
+                        Event::Unreachable { relay, addrs, home, reason, retry_in } => {
+                            eprintln!("{}", unreachable_text(&relay, &addrs, home, &reason, retry_in));
+                            unreachable = Some(format!("{} is unreachable ({reason})", relay_words(&relay, &addrs)));
                         }
-                    }
+                        _ => {}
+                    },
                 }
             }
         })
@@ -261,11 +362,47 @@ pub fn send(args: SendArgs) -> anyhow::Result<()> {
             }
             Ok(Err(e)) => Err(e.into()),
             Err(_) => bail!(
-                "not stored by a relay within {}s; it stays queued and is sent the next time this profile runs",
-                args.timeout
+                "message {} not stored by a relay within {}s{}; it is kept in this profile's outbox \
+                 and goes out when the relay is reachable and this profile runs \
+                 (`meshwhisper listen`, `chat` or `send`)",
+                hex::encode(id),
+                args.timeout,
+                unreachable.map(|u| format!(": {u}")).unwrap_or_default()
             ),
         }
     })
+}
+
+/// `send` while `listen` or `chat` has the profile: that process sends it.
+async fn send_through(
+    dir: &std::path::Path,
+    pid: Option<u32>,
+    args: &SendArgs,
+) -> anyhow::Result<()> {
+    let v = control::request(
+        dir,
+        pid,
+        serde_json::json!({
+            "op": "send",
+            "contact": args.name,
+            "text": args.text,
+            "waitMs": args.timeout.saturating_mul(1000),
+        }),
+    )
+    .await?;
+    let id = v["id"].as_str().unwrap_or_default();
+    let who = pid.map(|p| format!(" (pid {p})")).unwrap_or_default();
+    if v["stored"] == true {
+        println!("sent {id}");
+        eprintln!("handed to the meshwhisper process using this profile{who}");
+        Ok(())
+    } else {
+        bail!(
+            "message {id} handed to the meshwhisper process using this profile{who}, \
+             but not stored by a relay within {}s; that process keeps it in the outbox and sends it when the relay is reachable",
+            args.timeout
+        )
+    }
 }
 
 fn line(e: &Event) -> Option<String> {
@@ -308,6 +445,16 @@ fn line(e: &Event) -> Option<String> {
         Event::Problem { contact, message } => {
             format!("problem {} {message}", contact.as_deref().unwrap_or("-"))
         }
+        Event::Unreachable {
+            relay,
+            addrs,
+            home,
+            reason,
+            retry_in,
+        } => format!(
+            "unreachable {}",
+            unreachable_text(relay, addrs, *home, reason, *retry_in)
+        ),
     })
 }
 
@@ -344,14 +491,29 @@ fn json(e: &Event) -> serde_json::Value {
         Event::Problem { contact, message } => {
             json!({"event": "problem", "contact": contact, "message": message})
         }
+        Event::Unreachable {
+            relay,
+            addrs,
+            home,
+            reason,
+            retry_in,
+        } => json!({
+            "event": "unreachable", "relay": relay.to_string(),
+            "addrs": addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "home": home, "reason": reason,
+            "retryInMs": retry_in.map(|d| d.as_millis() as u64),
+        }),
     }
 }
 
 pub fn listen(args: ListenArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        let (client, mut events) = Client::start(Config::new(args.profile.dir()?)).await?;
+        let dir = args.profile.dir()?;
         let stop = crate::relay::wait_for_signal();
         tokio::pin!(stop);
+        let (client, mut events) = Client::start(Config::new(&dir)).await?;
+        let control = tokio_util::sync::CancellationToken::new();
+        control::serve(&dir, client.clone(), control.clone());
         let mut out = std::io::stdout().lock();
         loop {
             tokio::select! {
@@ -369,50 +531,78 @@ pub fn listen(args: ListenArgs) -> anyhow::Result<()> {
             }
         }
         drop(out);
+        control.cancel();
         client.shutdown().await;
         Ok(())
     })
 }
 
+/// Lines typed on standard input, read on a thread of their own: a read
+/// blocked in the terminal must not keep the process alive after Ctrl-C
+/// (the runtime would wait for a blocking task; it does not wait for this
+/// thread). `None` at end of input (Ctrl-D) or on a read error.
+fn stdin_lines() -> tokio::sync::mpsc::Receiver<Option<String>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let got = match std::io::BufRead::read_line(&mut stdin.lock(), &mut line) {
+                Ok(0) | Err(_) => None,
+                Ok(_) => Some(line.trim_end_matches(['\n', '\r']).to_string()),
+            };
+            let end = got.is_none();
+            if tx.blocking_send(got).is_err() || end {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 pub fn chat(args: ChatArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
-        let (client, mut events) = Client::start(Config::new(args.profile.dir()?)).await?;
+        let dir = args.profile.dir()?;
         let name = args.name;
-        match client.history(&name, 20).await {
-            Ok(history) => {
-                for m in &history {
-                    let who = if m.outgoing { "me" } else { name.as_str() };
-                    println!("{who}> {}", String::from_utf8_lossy(&m.body));
-                }
+        // Refused before the network starts, like `send`.
+        let history = {
+            let mut p = Profile::open_read_only(&dir).await?;
+            match p.history(&name, 20).await {
+                Ok(h) => h,
+                Err(meshwhisper_client::Error::NoSuchContact(_)) => bail!(
+                    "no contact named {name:?} (`meshwhisper contact list` shows them; \
+                     `meshwhisper contact add <invite>` adds one)"
+                ),
+                Err(e) => return Err(e.into()),
             }
-            // They may be on their way: their first message adds them.
-            Err(meshwhisper_client::Error::NoSuchContact(_)) => eprintln!(
-                "  [{name} is not a contact yet: add their invite, or wait for their first message]"
-            ),
-            Err(e) => return Err(e.into()),
+        };
+        let (client, mut events) = Client::start(Config::new(&dir)).await?;
+        let control = tokio_util::sync::CancellationToken::new();
+        control::serve(&dir, client.clone(), control.clone());
+        for m in &history {
+            let who = if m.outgoing { "me" } else { name.as_str() };
+            println!("{who}> {}", String::from_utf8_lossy(&m.body));
         }
-        eprintln!("chatting with {name}: type a line and press Enter to send; Ctrl-D or Ctrl-C to leave");
-        let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
         let stop = crate::relay::wait_for_signal();
         tokio::pin!(stop);
+        eprintln!("chatting with {name}: type a line and press Enter to send; Ctrl-D or Ctrl-C to leave");
+        let mut stdin = stdin_lines();
+        let mut interrupted = false;
         loop {
             tokio::select! {
-                _ = &mut stop => break,
-                l = stdin.next_line() => match l {
-                    Ok(Some(l)) if l.trim().is_empty() => {}
-                    Ok(Some(l)) => {
+                _ = &mut stop => {
+                    interrupted = true;
+                    break;
+                }
+                l = stdin.recv() => match l.flatten() {
+                    Some(l) if l.trim().is_empty() => {}
+                    Some(l) => {
                         if let Err(e) = client.send(&name, l.into_bytes()).await {
                             eprintln!("! {e}");
                         }
                     }
-                    _ => {
-                        // Leave once what was typed is at the relay.
-                        let c = client.clone();
-                        if tokio::time::timeout(Duration::from_secs(30), c.flush()).await.is_err() {
-                            eprintln!("! some messages are still queued; they are sent next time");
-                        }
-                        break;
-                    }
+                    None => break,
                 },
                 e = events.recv() => {
                     let Some(e) = e else { break };
@@ -431,11 +621,24 @@ pub fn chat(args: ChatArgs) -> anyhow::Result<()> {
                         Event::ContactAdded(c) => eprintln!("  [new contact: {}]", c.name),
                         Event::Connection(ConnectionState::Connected) => eprintln!("  [connected]"),
                         Event::Connection(ConnectionState::Disconnected) => eprintln!("  [disconnected; reconnecting]"),
+                        Event::Unreachable { relay, addrs, home, reason, retry_in } => {
+                            eprintln!("  [{}]", unreachable_text(&relay, &addrs, home, &reason, retry_in));
+                        }
                         Event::Problem { message, .. } => eprintln!("  [{message}]"),
                         _ => {}
                     }
                 }
             }
+        }
+        control.cancel();
+        // At end of input, leave once what was typed is at the relay
+        // (bounded); Ctrl-C leaves at once (queued messages are kept).
+        if !interrupted
+            && tokio::time::timeout(Duration::from_secs(10), client.flush())
+                .await
+                .is_err()
+        {
+            eprintln!("! some messages are still queued; they are sent the next time this profile runs");
         }
         client.shutdown().await;
         Ok(())

@@ -1,7 +1,7 @@
 //! `meshwhisper relay`: run a relay.
 
 use anyhow::Context as _;
-use meshwhisper_node::config::{Config, Overrides};
+use meshwhisper_node::config::{Config, FederationMode, Overrides};
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
@@ -12,9 +12,14 @@ pub struct RelayArgs {
     /// Client gateway address (HTTP + WebSocket). Default 0.0.0.0:8080.
     #[arg(long, value_name = "HOST:PORT")]
     http: Option<String>,
-    /// libp2p listen address (repeatable). Default TCP and QUIC on port 4001.
+    /// libp2p listen address (repeatable). Default TCP and QUIC on port
+    /// 4001. The relay exits if one cannot be bound.
     #[arg(long, value_name = "MULTIADDR")]
     listen: Vec<String>,
+    /// A libp2p listen address to use if it can be bound, skipped with a
+    /// warning otherwise (repeatable).
+    #[arg(long, value_name = "MULTIADDR")]
+    listen_optional: Vec<String>,
     /// TOML configuration file (flags and environment override it).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -46,6 +51,7 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         http: args.http,
         listen: args.listen,
+        listen_optional: args.listen_optional,
         log: args.log,
         federation: args.federation,
         bootstrap: args.bootstrap,
@@ -77,19 +83,33 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
             addrs.wait_for(|a| !a.is_empty()),
         )
         .await;
-        println!("meshwhisper relay {}", env!("CARGO_PKG_VERSION"));
-        println!("peer_id={}", running.p2p.peer_id);
-        if let Some(k) = meshwhisper_node::federation::key_of(&running.p2p.peer_id) {
-            println!("relay_key={}", hex::encode(k));
-        }
-        println!("http=http://{}", running.http_addr);
-        for a in addrs.borrow().iter() {
-            println!("listen={a}/p2p/{}", running.p2p.peer_id);
-        }
-        println!("data_dir={}", cfg.data_dir.display());
+        let peer = running.p2p.peer_id;
+        let listen: Vec<String> = addrs
+            .borrow()
+            .iter()
+            .map(|a| format!("{a}/p2p/{peer}"))
+            .collect();
+        print!("{}", startup_text(&cfg, &peer, running.http_addr, &listen));
         let cancel = running.cancel_token();
+        if cfg.federation.mode != FederationMode::Off && !cfg.federation.bootstrap.is_empty() {
+            let mut fed = running.p2p.federation.clone();
+            let c = cancel.clone();
+            tokio::spawn(async move {
+                let waited = tokio::select! {
+                    _ = c.cancelled() => return,
+                    r = tokio::time::timeout(NO_PEERS_WARNING, fed.wait_for(|s| !s.connected.is_empty())) => r,
+                };
+                if waited.is_err() {
+                    tracing::warn!(
+                        "no federation peers after {}s: check the --bootstrap addresses and that their port is reachable",
+                        NO_PEERS_WARNING.as_secs()
+                    );
+                }
+            });
+        }
+        let signalled = wait_for_signal();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signalled.await;
             tracing::info!("shutting down");
             cancel.cancel();
         });
@@ -99,28 +119,109 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) async fn wait_for_signal() {
+/// A relay with bootstrap entries and no peer after this long says so.
+const NO_PEERS_WARNING: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A URL a person on this host can open for a bound address (0.0.0.0
+/// and :: are not addresses one can connect to).
+fn reachable(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    std::net::SocketAddr::new(ip, addr.port())
+}
+
+/// What the relay prints once it listens: `key=value` lines for tools
+/// (`peer_id=`, `relay_key=`, `http=`, `listen=`, `data_dir=`,
+/// `federation=`), then notes and the next command for people.
+fn startup_text(
+    cfg: &Config,
+    peer: &libp2p::PeerId,
+    http: std::net::SocketAddr,
+    listen: &[String],
+) -> String {
+    use std::fmt::Write as _;
+    let mut t = String::new();
+    let _ = writeln!(t, "meshwhisper relay {}", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(t, "peer_id={peer}");
+    if let Some(k) = meshwhisper_node::federation::key_of(peer) {
+        let _ = writeln!(t, "relay_key={}", hex::encode(k));
+    }
+    let _ = writeln!(t, "http=http://{}", reachable(http));
+    for a in listen {
+        let _ = writeln!(t, "listen={a}");
+    }
+    let _ = writeln!(t, "data_dir={}", cfg.data_dir.display());
+    let f = &cfg.federation;
+    let mode = match f.mode {
+        FederationMode::Open => "open",
+        FederationMode::Allowlist => "allowlist",
+        FederationMode::Off => "off",
+    };
+    let _ = writeln!(t, "federation={mode}");
+    if http.ip().is_unspecified() {
+        let _ = writeln!(
+            t,
+            "note: clients on other machines use this host's address on port {}",
+            http.port()
+        );
+    }
+    if f.mode == FederationMode::Open {
+        let _ = writeln!(
+            t,
+            "note: federation is open (our default; the reference relay's is off): relays that prove their key may join, up to {}; --federation off serves only this relay's clients",
+            f.max_peers
+        );
+        if f.bootstrap.is_empty() {
+            let _ = writeln!(
+                t,
+                "warning: federation is open with no peers and no --bootstrap: this relay meshes only with relays that dial it"
+            );
+        }
+    }
+    // The loopback TCP address, else the first: what a local client dials.
+    let relay = listen
+        .iter()
+        .find(|a| a.starts_with("/ip4/127.0.0.1/tcp/"))
+        .or_else(|| listen.first());
+    if let Some(r) = relay {
+        let _ = writeln!(t, "next: meshwhisper id new --relay {r} --name <your name>");
+    }
+    t
+}
+
+/// Resolves at SIGINT or SIGTERM. The handlers are installed when this
+/// is called, not when the future is first polled, so a signal that comes
+/// right after (a quick Ctrl-C) is caught rather than killing the process.
+pub(crate) fn wait_for_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (
+        let streams = (
             signal(SignalKind::interrupt()),
             signal(SignalKind::terminate()),
-        ) {
-            (Ok(mut i), Ok(mut t)) => {
-                tokio::select! {
-                    _ = i.recv() => {}
-                    _ = t.recv() => {}
+        );
+        async move {
+            match streams {
+                (Ok(mut i), Ok(mut t)) => {
+                    tokio::select! {
+                        _ = i.recv() => {}
+                        _ = t.recv() => {}
+                    }
                 }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
@@ -146,4 +247,47 @@ pub fn peer_id(data_dir: &std::path::Path) -> anyhow::Result<()> {
     let key = meshwhisper_node::p2p::load_or_create_key(data_dir)?;
     println!("{}", key.public().to_peer_id());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_text_is_usable_as_printed() {
+        let cfg = Config::default();
+        let peer = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let listen = vec![
+            format!("/ip4/10.1.2.3/tcp/4001/p2p/{peer}"),
+            format!("/ip4/127.0.0.1/tcp/4001/p2p/{peer}"),
+        ];
+        let t = startup_text(&cfg, &peer, "0.0.0.0:8080".parse().expect("addr"), &listen);
+        assert!(t.contains("http=http://127.0.0.1:8080\n"), "{t}");
+        assert!(!t.contains("0.0.0.0"), "{t}");
+        assert!(
+            t.contains(&format!(
+                "next: meshwhisper id new --relay /ip4/127.0.0.1/tcp/4001/p2p/{peer}"
+            )),
+            "{t}"
+        );
+        assert!(t.contains("federation=open\n"), "{t}");
+        assert!(
+            t.contains("warning: federation is open with no peers"),
+            "{t}"
+        );
+        let mut off = Config::default();
+        off.federation.mode = FederationMode::Off;
+        let t = startup_text(
+            &off,
+            &peer,
+            "127.0.0.1:9000".parse().expect("addr"),
+            &listen,
+        );
+        assert!(
+            t.contains("http=http://127.0.0.1:9000\n") && !t.contains("warning"),
+            "{t}"
+        );
+    }
 }

@@ -3,94 +3,10 @@
 //! receipts and a reply; the relay's files and logs never contain the
 //! plaintext or the people's keys.
 
-use std::io::{BufRead as _, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+mod people;
 
-const WAIT: Duration = Duration::from_secs(60);
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_meshwhisper"))
-}
-
-/// A child whose stdout lines arrive on a channel; killed on drop.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn spawn(cmd: &mut Command, stderr: Stdio) -> Self {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::sync_channel(4096);
-        std::thread::spawn(move || {
-            for l in BufReader::new(stdout).lines() {
-                let Ok(l) = l else { break };
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { child, lines }
-    }
-
-    fn until(&self, what: &str, f: impl Fn(&str) -> bool) -> String {
-        loop {
-            let l = self
-                .lines
-                .recv_timeout(WAIT)
-                .unwrap_or_else(|_| panic!("no {what} in time"));
-            if f(&l) {
-                return l;
-            }
-        }
-    }
-
-    /// SIGTERM, then the exit status.
-    fn stop(mut self) -> std::process::ExitStatus {
-        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
-        rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("kill");
-        self.child.wait().expect("wait")
-    }
-}
-
-fn run(args: &[&str]) -> String {
-    let out = bin().args(args).output().expect("run");
-    assert!(
-        out.status.success(),
-        "meshwhisper {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf8")
-}
-
-fn json(l: &str) -> serde_json::Value {
-    serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}"))
-}
-
-fn listen(profile: &Path) -> Proc {
-    Proc::spawn(
-        bin()
-            .args(["listen", "--json", "--profile"])
-            .arg(profile)
-            .env("RUST_LOG", "debug"),
-        Stdio::null(),
-    )
-}
+use people::{Proc, bin, json, listen, run};
+use std::process::Stdio;
 
 #[test]
 fn two_people_talk_through_a_relay_with_the_cli() {
@@ -98,7 +14,7 @@ fn two_people_talk_through_a_relay_with_the_cli() {
     let relay_dir = tmp.path().join("relay");
     let relay_log = tmp.path().join("relay.log");
     let log = std::fs::File::create(&relay_log).expect("log");
-    let mut relay = Proc::spawn(
+    let mut relay = Proc::spawn_with(
         bin()
             .args([
                 "relay",
@@ -231,13 +147,17 @@ fn two_people_talk_through_a_relay_with_the_cli() {
     let mut want = ids.clone();
     want.sort();
     assert_eq!(receipted, want);
-    // The profile is held while listening: a second process is refused.
-    let busy = bin()
-        .args(["send", "--profile", a_s, "bob", "x"])
+    // While Alice listens, a `send` in another process is handed to it.
+    let handed = bin()
+        .args(["send", "--profile", a_s, "bob", "handed-over"])
         .output()
         .expect("run");
-    assert!(!busy.status.success());
-    assert!(String::from_utf8_lossy(&busy.stderr).contains("in use"));
+    assert!(
+        handed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&handed.stderr)
+    );
+    assert!(String::from_utf8_lossy(&handed.stderr).contains("handed to the meshwhisper process"));
     assert!(alice.stop().success());
 
     // Safety numbers agree on both sides.

@@ -38,6 +38,24 @@ pub(crate) async fn open(path: &Path) -> Result<Conn, Error> {
     Ok(conn)
 }
 
+/// Opens the database to read only (beside a process that uses the
+/// profile): no migrations, no writes.
+pub(crate) async fn open_read_only(path: &Path) -> Result<Conn, Error> {
+    if !path.exists() {
+        return Err(Error::CorruptProfile(format!(
+            "{} is missing",
+            path.display()
+        )));
+    }
+    let opts = SqliteConnectOptions::new()
+        .filename(path)
+        .read_only(true)
+        .busy_timeout(std::time::Duration::from_secs(5));
+    SqliteConnection::connect_with(&opts)
+        .await
+        .map_err(db("open the profile database"))
+}
+
 // --- meta ---------------------------------------------------------------
 
 pub(crate) async fn meta_get(c: &mut Conn, key: &str) -> Result<Option<Vec<u8>>, Error> {

@@ -43,6 +43,8 @@ const PACKET_TTL: u8 = 8;
 const OPK_BATCH: usize = 20;
 /// Retry delay for a contact whose prekeys could not be claimed.
 const CLAIM_RETRY_MS: u64 = 10_000;
+/// A relay that stays unreachable is mentioned again after this long.
+const UNREACHABLE_REPEAT_MS: u64 = 30_000;
 /// Retry delay for packets to a relay that is not connected.
 const DIAL_RETRY_MS: u64 = 5_000;
 
@@ -60,6 +62,11 @@ pub(crate) enum Cmd {
     SafetyNumber {
         name: String,
         reply: oneshot::Sender<Result<String, Error>>,
+    },
+    SetVerified {
+        name: String,
+        verified: bool,
+        reply: oneshot::Sender<Result<(), Error>>,
     },
     Send {
         name: String,
@@ -163,6 +170,7 @@ pub(crate) async fn start(
         claim_after: HashMap::new(),
         dial_after: HashMap::new(),
         up: HashSet::new(),
+        unreachable_said: HashMap::new(),
         registered_hour: None,
         refilling: 0,
         receipts_due: HashSet::new(),
@@ -201,6 +209,8 @@ struct Engine {
     claim_after: HashMap<i64, u64>,
     dial_after: HashMap<PeerId, u64>,
     up: HashSet<PeerId>,
+    /// Relays we said were unreachable, and when (engine ms).
+    unreachable_said: HashMap<PeerId, u64>,
     registered_hour: Option<u64>,
     /// Prekey uploads awaiting their reply.
     refilling: usize,
@@ -548,6 +558,7 @@ impl Engine {
         match e {
             NetEvent::Up(peer) => {
                 self.up.insert(peer);
+                self.unreachable_said.remove(&peer);
                 self.dial_after.remove(&peer);
                 if peer == self.p.relay {
                     self.registered_hour = None;
@@ -572,7 +583,47 @@ impl Engine {
                 }
             }
             NetEvent::Deliver { relay, id, packet } => self.deliveries(relay, id, packet).await,
+            NetEvent::Unreachable {
+                peer,
+                reason,
+                retry_in,
+            } => {
+                let now = self.now();
+                if self
+                    .unreachable_said
+                    .get(&peer)
+                    .is_some_and(|t| now.saturating_sub(*t) < UNREACHABLE_REPEAT_MS)
+                {
+                    return;
+                }
+                self.unreachable_said.insert(peer, now);
+                let home = peer == self.p.relay;
+                let addrs = if home {
+                    self.p.relay_addrs.clone()
+                } else {
+                    self.contact_relay_addrs(peer).await
+                };
+                tracing::info!(%peer, %reason, "relay unreachable");
+                self.emit(Event::Unreachable {
+                    relay: peer,
+                    addrs,
+                    home,
+                    reason,
+                    retry_in,
+                })
+                .await;
+            }
         }
+    }
+
+    /// The addresses a contact's invite gives for their relay `peer`.
+    async fn contact_relay_addrs(&mut self, peer: PeerId) -> Vec<Multiaddr> {
+        let rows = db::contacts(self.conn()).await.unwrap_or_default();
+        rows.iter()
+            .filter_map(|r| Invite::from_bytes(&r.card).ok())
+            .find(|card| card.relay == peer)
+            .map(|card| card.addrs)
+            .unwrap_or_default()
     }
 
     async fn on_internal(&mut self, i: Internal) {
@@ -680,6 +731,13 @@ impl Engine {
             }
             Cmd::SafetyNumber { name, reply } => {
                 let _ = reply.send(self.p.safety_number(&name).await);
+            }
+            Cmd::SetVerified {
+                name,
+                verified,
+                reply,
+            } => {
+                let _ = reply.send(self.p.set_verified(&name, verified).await);
             }
             Cmd::History { name, limit, reply } => {
                 let _ = reply.send(self.p.history(&name, limit).await);

@@ -52,8 +52,13 @@ pub enum Error {
     #[error("a profile already exists in {0}")]
     ProfileExists(PathBuf),
     /// Another process has the profile open.
-    #[error("the profile in {0} is in use by another meshwhisper process")]
-    ProfileInUse(PathBuf),
+    #[error("the profile in {} is in use by another meshwhisper process{}", .dir.display(), .pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    ProfileInUse {
+        /// The profile.
+        dir: PathBuf,
+        /// That process, if known.
+        pid: Option<u32>,
+    },
     /// The profile's files are damaged.
     #[error("the profile is damaged: {0}")]
     CorruptProfile(String),
@@ -241,6 +246,21 @@ pub enum Event {
     ContactAdded(Box<Contact>),
     /// The home relay connection changed.
     Connection(ConnectionState),
+    /// A relay could not be reached (said once, then at most every 30 s
+    /// while it stays unreachable). Messages wait in the outbox and go
+    /// when it is back.
+    Unreachable {
+        /// The relay.
+        relay: PeerId,
+        /// Its addresses as dialled.
+        addrs: Vec<libp2p::Multiaddr>,
+        /// Whether it is our home relay (else a contact's).
+        home: bool,
+        /// Why (the operating system's reason).
+        reason: String,
+        /// When the next attempt is (for a kept relay).
+        retry_in: Option<Duration>,
+    },
     /// Something failed that no call could report (e.g. a contact's
     /// prekeys could not be fetched); the client keeps retrying.
     Problem {
@@ -414,6 +434,16 @@ impl Client {
     pub async fn safety_number(&self, contact: &str) -> Result<String, Error> {
         self.call(|reply| engine::Cmd::SafetyNumber {
             name: contact.to_string(),
+            reply,
+        })
+        .await
+    }
+
+    /// Marks a contact as verified (after comparing safety numbers), or not.
+    pub async fn set_verified(&self, contact: &str, verified: bool) -> Result<(), Error> {
+        self.call(|reply| engine::Cmd::SetVerified {
+            name: contact.to_string(),
+            verified,
             reply,
         })
         .await

@@ -72,6 +72,13 @@ pub(crate) enum NetEvent {
     Up(PeerId),
     /// The last stream to this relay closed.
     Down(PeerId),
+    /// A dial to a relay failed; it is tried again after `retry_in` when
+    /// it is kept connected.
+    Unreachable {
+        peer: PeerId,
+        reason: String,
+        retry_in: Option<Duration>,
+    },
     /// The relay delivered a packet; ack `id` once it is processed.
     Deliver {
         relay: PeerId,
@@ -139,6 +146,36 @@ impl Relay {
         for (_, w) in self.outstanding.drain() {
             w.fail(NetError::Unreachable(peer));
         }
+    }
+}
+
+/// Why a dial failed, in a few words: the operating system's reason for
+/// the first address tried (e.g. "Connection refused (os error 111)")
+/// rather than libp2p's nested description.
+pub(crate) fn dial_reason(e: &libp2p::swarm::DialError) -> String {
+    use libp2p::swarm::DialError;
+    fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+        let mut cur = e;
+        while let Some(next) = cur.source() {
+            cur = next;
+        }
+        let text = cur.to_string();
+        if text.trim().is_empty() {
+            e.to_string()
+        } else {
+            text
+        }
+    }
+    match e {
+        DialError::Transport(list) => list
+            .first()
+            .map(|(_, t)| innermost(t))
+            .unwrap_or_else(|| "no address to dial".into()),
+        DialError::NoAddresses => "no address known".into(),
+        DialError::WrongPeerId { obtained, .. } => {
+            format!("a different relay ({obtained}) answers at that address")
+        }
+        other => innermost(other),
     }
 }
 
@@ -244,20 +281,34 @@ impl Net {
         let opts = DialOpts::peer_id(peer).addresses(r.addrs.clone()).build();
         if let Err(e) = self.swarm.dial(opts) {
             tracing::debug!(%peer, error = %e, "dial failed at once");
-            self.dial_failed(peer);
+            let retry_in = self.dial_failed(peer);
+            self.unreachable(peer, dial_reason(&e), retry_in);
         }
     }
 
-    fn dial_failed(&mut self, peer: PeerId) {
+    /// Tells the engine (without waiting: it may be waiting for us).
+    fn unreachable(&self, peer: PeerId, reason: String, retry_in: Option<Duration>) {
+        let _ = self.events.try_send(NetEvent::Unreachable {
+            peer,
+            reason,
+            retry_in,
+        });
+    }
+
+    /// Fails what waits on `peer` and schedules a redial if it is kept;
+    /// returns the delay until that redial.
+    fn dial_failed(&mut self, peer: PeerId) -> Option<Duration> {
         let max = self.cfg.max_backoff;
-        if let Some(r) = self.relays.get_mut(&peer) {
-            r.dialing = false;
-            r.fail_all(peer);
-            if r.keep {
-                r.redial_at = Some(Instant::now() + r.backoff);
-                r.backoff = (r.backoff * 2).min(max);
-            }
+        let r = self.relays.get_mut(&peer)?;
+        r.dialing = false;
+        r.fail_all(peer);
+        if !r.keep {
+            return None;
         }
+        let wait = r.backoff;
+        r.redial_at = Some(Instant::now() + wait);
+        r.backoff = (r.backoff * 2).min(max);
+        Some(wait)
     }
 
     fn redial_due(&mut self) {
@@ -431,7 +482,8 @@ impl Net {
             } => {
                 tracing::debug!(%peer, %error, "could not reach relay");
                 if !self.relays.get(&peer).is_some_and(|r| r.up) {
-                    self.dial_failed(peer);
+                    let retry_in = self.dial_failed(peer);
+                    self.unreachable(peer, dial_reason(&error), retry_in);
                 }
             }
             SwarmEvent::ConnectionClosed {

@@ -4,8 +4,11 @@
 //! ```text
 //! <dir>/identity.key   32-byte Ed25519 seed, mode 0600
 //! <dir>/profile.db     contacts, sessions, prekey secrets, history, outbox
-//! <dir>/lock           held (flock) while a process has the profile open
+//! <dir>/lock           held (flock) while a process uses the profile; holds its pid
 //! ```
+//!
+//! The directory is 0700 and every file 0600; a profile found with looser
+//! modes is tightened (with a warning) when it is opened for use.
 //!
 //! Everything here works offline; [`crate::Client`] adds the network.
 
@@ -17,6 +20,7 @@ use libp2p::{Multiaddr, PeerId};
 use meshwhisper_crypto::destination::NamespaceId;
 use meshwhisper_crypto::identity::{IdentityKeyPair, IdentityPublic};
 use meshwhisper_crypto::safety_number;
+use meshwhisper_storage::lock::{DirLock, LockError};
 use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
@@ -87,7 +91,8 @@ pub struct Profile {
     pub(crate) relay_addrs: Vec<Multiaddr>,
     pub(crate) name: String,
     pub(crate) conn: Conn,
-    _lock: std::fs::File,
+    /// Held by a profile opened for use; `None` when opened read-only.
+    lock: Option<DirLock>,
 }
 
 impl std::fmt::Debug for Profile {
@@ -100,17 +105,100 @@ impl std::fmt::Debug for Profile {
     }
 }
 
-fn lock(dir: &Path) -> Result<std::fs::File, Error> {
-    let path = dir.join(LOCK_FILE);
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| Error::io(&path, e))?;
-    rustix::fs::flock(&f, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-        .map_err(|_| Error::ProfileInUse(dir.to_path_buf()))?;
-    Ok(f)
+fn lock(dir: &Path) -> Result<DirLock, Error> {
+    DirLock::acquire(dir, LOCK_FILE).map_err(|e| match e {
+        LockError::Held { pid, .. } => Error::ProfileInUse {
+            dir: dir.to_path_buf(),
+            pid,
+        },
+        LockError::Io { path, source } => Error::io(&path, source),
+    })
+}
+
+/// Creates the profile directory owner-only (0700).
+fn create_dir(dir: &Path) -> Result<(), Error> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::InvalidInput(format!(
+            "{} is a file, not a profile directory",
+            dir.display()
+        )));
+    }
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt as _;
+        b.mode(0o700);
+    }
+    b.create(dir).map_err(|e| Error::io(dir, e))?;
+    tighten(dir, 0o700)
+}
+
+/// Files of a profile that hold secrets or history.
+const PRIVATE_FILES: [&str; 5] = [
+    IDENTITY_FILE,
+    DB_FILE,
+    "profile.db-wal",
+    "profile.db-shm",
+    LOCK_FILE,
+];
+
+/// Makes `path` accessible to its owner only (`mode` 0700 for the
+/// directory, 0600 for files), saying so when it was looser. A profile
+/// that belongs to someone else is refused.
+fn tighten(path: &Path, mode: u32) -> Result<(), Error> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        let uid = rustix::process::geteuid().as_raw();
+        if meta.uid() != uid && uid != 0 {
+            return Err(Error::InvalidInput(format!(
+                "{} belongs to another user (uid {}); a profile must be yours alone",
+                path.display(),
+                meta.uid()
+            )));
+        }
+        let current = meta.permissions().mode() & 0o777;
+        if current & !mode != 0 {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| Error::io(path, e))?;
+            tracing::warn!(
+                path = %path.display(),
+                "permissions were {current:o}, readable by others; tightened to {mode:o}"
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, mode);
+    Ok(())
+}
+
+/// Tightens the profile directory and every private file in it.
+fn tighten_all(dir: &Path) -> Result<(), Error> {
+    tighten(dir, 0o700)?;
+    for f in PRIVATE_FILES {
+        tighten(&dir.join(f), 0o600)?;
+    }
+    Ok(())
+}
+
+/// Creates the (empty) database file owner-only before SQLite opens it:
+/// SQLite gives its -wal and -shm files the database file's mode.
+fn create_db_file(path: &Path) -> Result<(), Error> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        opts.mode(0o600);
+    }
+    opts.open(path).map_err(|e| Error::io(path, e))?;
+    tighten(path, 0o600)
 }
 
 impl Profile {
@@ -122,7 +210,7 @@ impl Profile {
         if !name.is_empty() {
             check_name(name)?;
         }
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        create_dir(dir)?;
         let key_path = dir.join(IDENTITY_FILE);
         if key_path.exists() {
             return Err(Error::ProfileExists(dir.to_path_buf()));
@@ -131,7 +219,9 @@ impl Profile {
         let identity = IdentityKeyPair::generate(&mut crate::os_rng());
         meshwhisper_storage::secret_file::create(&key_path, identity.seed().as_ref())
             .map_err(|e| Error::io(&key_path, e))?;
-        let mut conn = db::open(&dir.join(DB_FILE)).await?;
+        let db_path = dir.join(DB_FILE);
+        create_db_file(&db_path)?;
+        let mut conn = db::open(&db_path).await?;
         let relay_text = relay
             .iter()
             .map(ToString::to_string)
@@ -149,12 +239,44 @@ impl Profile {
             relay_addrs: addrs,
             name: name.to_string(),
             conn,
-            _lock: lock,
+            lock: Some(lock),
         })
     }
 
-    /// Opens the profile in `dir`.
+    /// Opens the profile in `dir` for use: only one process at a time
+    /// (another gets [`Error::ProfileInUse`]).
     pub async fn open(dir: &Path) -> Result<Self, Error> {
+        Self::open_with(dir, false).await
+    }
+
+    /// Opens the profile in `dir` to read it (contacts, invite, safety
+    /// numbers, history), also while another process uses it. Changes are
+    /// refused.
+    pub async fn open_read_only(dir: &Path) -> Result<Self, Error> {
+        Self::open_with(dir, true).await
+    }
+
+    /// Whether this handle may change the profile.
+    pub fn is_read_only(&self) -> bool {
+        self.lock.is_none()
+    }
+
+    fn writable(&self) -> Result<(), Error> {
+        if self.is_read_only() {
+            return Err(Error::InvalidInput(
+                "the profile was opened read-only".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn open_with(dir: &Path, read_only: bool) -> Result<Self, Error> {
+        if dir.exists() && !dir.is_dir() {
+            return Err(Error::InvalidInput(format!(
+                "{} is a file, not a profile directory",
+                dir.display()
+            )));
+        }
         let key_path = dir.join(IDENTITY_FILE);
         let seed = match std::fs::read(&key_path) {
             Ok(b) => Zeroizing::new(b),
@@ -167,8 +289,13 @@ impl Profile {
             Error::CorruptProfile(format!("{} is not a 32-byte seed", key_path.display()))
         })?;
         let identity = IdentityKeyPair::from_seed(seed);
-        let lock = lock(dir)?;
-        let mut conn = db::open(&dir.join(DB_FILE)).await?;
+        let lock = if read_only { None } else { Some(lock(dir)?) };
+        tighten_all(dir)?;
+        let mut conn = if read_only {
+            db::open_read_only(&dir.join(DB_FILE)).await?
+        } else {
+            db::open(&dir.join(DB_FILE)).await?
+        };
         let relay_text = db::meta_get(&mut conn, "relay")
             .await?
             .ok_or_else(|| Error::CorruptProfile("no home relay recorded".into()))?;
@@ -195,7 +322,7 @@ impl Profile {
             relay_addrs: addrs,
             name,
             conn,
-            _lock: lock,
+            lock,
         })
     }
 
@@ -238,6 +365,7 @@ impl Profile {
         invite: &Invite,
         name: Option<&str>,
     ) -> Result<Contact, Error> {
+        self.writable()?;
         if invite.identity == *self.identity.public() {
             return Err(Error::InvalidInput("that invite is your own".into()));
         }
@@ -300,6 +428,7 @@ impl Profile {
 
     /// Marks `name` as verified (after comparing safety numbers).
     pub async fn set_verified(&mut self, name: &str, verified: bool) -> Result<(), Error> {
+        self.writable()?;
         let c = self.contact(name).await?;
         db::set_verified(&mut self.conn, c.id, verified).await
     }

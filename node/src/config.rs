@@ -59,8 +59,12 @@ pub struct Config {
     pub http: String,
     /// Public base URL for media links; default `http://<Host header>`. Env `BASE_URL`.
     pub base_url: Option<String>,
-    /// libp2p listen multiaddrs. Default TCP and QUIC on port 4001.
+    /// libp2p listen multiaddrs. Default TCP and QUIC on port 4001. The
+    /// relay exits if one cannot be bound. Env `MESHWHISPER_LISTEN`.
     pub listen: Vec<String>,
+    /// libp2p listen multiaddrs tried but not required: one that cannot
+    /// be bound is skipped with a warning. Default none.
+    pub listen_optional: Vec<String>,
     /// Trust `X-Forwarded-For` for client IPs (behind a proxy). Env `TRUST_PROXY`.
     pub trust_proxy: bool,
     /// Push wake webhook (http://). Env `PUSH_WEBHOOK_URL`.
@@ -344,6 +348,7 @@ impl Default for Config {
                 "/ip4/0.0.0.0/tcp/4001".into(),
                 "/ip4/0.0.0.0/udp/4001/quic-v1".into(),
             ],
+            listen_optional: Vec::new(),
             trust_proxy: false,
             push_webhook_url: None,
             log: "info".into(),
@@ -403,6 +408,8 @@ pub struct Overrides {
     pub http: Option<String>,
     /// `--listen` (repeatable; replaces the list).
     pub listen: Vec<String>,
+    /// `--listen-optional` (repeatable; replaces the list).
+    pub listen_optional: Vec<String>,
     /// `--log`.
     pub log: Option<String>,
     /// `--federation`.
@@ -460,6 +467,9 @@ impl Config {
         }
         if !overrides.listen.is_empty() {
             cfg.listen = overrides.listen.clone();
+        }
+        if !overrides.listen_optional.is_empty() {
+            cfg.listen_optional = overrides.listen_optional.clone();
         }
         if let Some(l) = &overrides.log {
             cfg.log = l.clone();
@@ -576,6 +586,25 @@ impl Config {
         };
         if self.http.parse::<std::net::SocketAddr>().is_err() {
             return bad("http", "must be HOST:PORT with an IP address host");
+        }
+        if let Err(why) = check_log_filter(&self.log) {
+            return bad("log", &why);
+        }
+        for (key, list) in [
+            ("listen", &self.listen),
+            ("listen_optional", &self.listen_optional),
+        ] {
+            for a in list {
+                if a.parse::<libp2p::Multiaddr>().is_err() {
+                    return bad(
+                        key,
+                        &format!("{a:?} is not a multiaddr (e.g. /ip4/0.0.0.0/tcp/4001)"),
+                    );
+                }
+            }
+        }
+        if self.listen.is_empty() && self.listen_optional.is_empty() {
+            return bad("listen", "at least one libp2p listen address is needed");
         }
         if let Some(u) = &self.push_webhook_url
             && !u.starts_with("http://")
@@ -698,6 +727,40 @@ impl Config {
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
+}
+
+/// Checks a log filter: comma-separated directives, each a level (`info`)
+/// or `target=level` (`meshwhisper_node=debug`). tracing would take a bare
+/// word such as `verbose` as a target name and log nothing useful; here it
+/// is an error.
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let is_level = |l: &str| LEVELS.contains(&l.trim().to_ascii_lowercase().as_str());
+    let mut any = false;
+    for d in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        any = true;
+        let ok = match d.rsplit_once('=') {
+            Some((target, level)) => {
+                !target.trim().is_empty()
+                    && is_level(level)
+                    && target.chars().all(|c| {
+                        c.is_ascii_alphanumeric()
+                            || matches!(c, '_' | ':' | '-' | '[' | ']' | '{' | '}' | '.')
+                    })
+            }
+            None => is_level(d),
+        };
+        if !ok {
+            return Err(format!(
+                "{d:?} is not a level ({}) or target=level, e.g. meshwhisper_node=debug",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    if !any {
+        return Err("empty; use e.g. info".into());
+    }
+    Ok(())
 }
 
 fn split_host_port(s: &str) -> (String, String) {

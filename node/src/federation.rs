@@ -347,6 +347,14 @@ impl Fed {
         self.bootstrap.len()
     }
 
+    /// The configured bootstrap address of `peer`, if it is one.
+    pub(crate) fn bootstrap_addr(&self, peer: &PeerId) -> Option<&Multiaddr> {
+        self.bootstrap
+            .iter()
+            .find(|(p, _)| p == peer)
+            .map(|(_, a)| a)
+    }
+
     fn spawn_send(&self, fut: impl std::future::Future<Output = Vec<Internal>> + Send + 'static) {
         let tx = self.tx.clone();
         tokio::spawn(async move {

@@ -224,6 +224,17 @@ pub async fn gauges(s: &AppState) -> Gauges {
     }
 }
 
+/// One word on federation for `/health`: `off`, `no peers` (federating
+/// with no one: check the bootstrap addresses and the firewall) or
+/// `connected`.
+fn fed_state(s: &AppState, connected: u64) -> &'static str {
+    match (s.cfg.federation.mode, connected) {
+        (crate::config::FederationMode::Off, _) => "off",
+        (_, 0) => "no peers",
+        _ => "connected",
+    }
+}
+
 async fn health(State(s): State<AppState>) -> Response {
     let g = gauges(&s).await;
     let (_, devices) = s.core.connections();
@@ -252,6 +263,8 @@ async fn health(State(s): State<AppState>) -> Response {
                 "addressRecords": s.metrics.federation.records_known.load(Relaxed),
                 "homedHashes": s.core.homed_count(),
                 "pending": s.metrics.federation.pending.load(Relaxed),
+                "status": fed_state(&s, g.federation_peers_connected),
+                "bootstrapErrors": s.federation.borrow().bootstrap_errors.clone(),
             },
         }),
     )

@@ -38,7 +38,7 @@ pub enum Error {
     #[error(transparent)]
     P2p(#[from] p2p::Error),
     /// The gateway address could not be bound.
-    #[error("binding the client gateway to {addr}: {source}")]
+    #[error("cannot listen for clients (HTTP) on {addr}: {source}{}", p2p::listen_hint(source).replace("--listen", "--http"))]
     Bind {
         /// The address.
         addr: String,
@@ -110,6 +110,17 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     let cfg = Arc::new(cfg);
     let cancel = CancellationToken::new();
     let started = Instant::now();
+    // Ports first: a relay that cannot listen changes nothing on disk.
+    let listener = tokio::net::TcpListener::bind(&cfg.http)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: cfg.http.clone(),
+            source,
+        })?;
+    let http_addr = listener.local_addr().map_err(|source| Error::Bind {
+        addr: cfg.http.clone(),
+        source,
+    })?;
     let store = meshwhisper_storage::Store::open(cfg.storage_config()).await?;
     let metrics = Arc::new(metrics::Metrics::default());
     let push = match &cfg.push_webhook_url {
@@ -180,7 +191,10 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     let sessions = tokio_util::task::TaskTracker::new();
     let (p2p, swarm_task) = p2p::start(
         swarm,
-        &cfg.listen,
+        p2p::ListenAddrs {
+            required: &cfg.listen,
+            optional: &cfg.listen_optional,
+        },
         core.clone(),
         cfg.limits.drain_batch,
         cancel.clone(),
@@ -242,16 +256,6 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         sessions: sessions.clone(),
         federation: p2p.federation.clone(),
     };
-    let listener = tokio::net::TcpListener::bind(&cfg.http)
-        .await
-        .map_err(|source| Error::Bind {
-            addr: cfg.http.clone(),
-            source,
-        })?;
-    let http_addr = listener.local_addr().map_err(|source| Error::Bind {
-        addr: cfg.http.clone(),
-        source,
-    })?;
     // Packets are small and latency-sensitive: never let Nagle's algorithm
     // hold one back waiting for an ACK.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {

@@ -36,17 +36,75 @@ pub enum Error {
     /// The key file does not hold a key.
     #[error("node key {0} is not a 32-byte Ed25519 seed")]
     BadKey(std::path::PathBuf),
-    /// A listen address is not a multiaddr.
+    /// A listen address is not a multiaddr libp2p can listen on.
     #[error("invalid listen address {addr}: {why}")]
-    Listen {
+    BadListenAddr {
         /// The address.
         addr: String,
         /// Why.
         why: String,
     },
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}{}", listen_hint(source))]
+    Listen {
+        /// The address.
+        addr: String,
+        /// The operating system's reason.
+        source: std::io::Error,
+    },
     /// Building the transport failed.
     #[error("building the libp2p transport: {0}")]
     Transport(String),
+}
+
+/// What to do about a listen address that could not be bound.
+pub fn listen_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another program, or another relay, holds that port; choose another with --listen, or stop it)"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+        }
+        std::io::ErrorKind::AddrNotAvailable => " (no interface of this host has that address)",
+        _ => "",
+    }
+}
+
+/// Binds the address the way libp2p will, without `SO_REUSEPORT`, and
+/// lets go at once: libp2p's own sockets share their port with any other
+/// `SO_REUSEPORT` socket (another relay, say), so it would "listen" on a
+/// port someone else holds and split its connections. Port 0 and
+/// addresses that are not plain TCP or QUIC are left to libp2p.
+fn probe_bind(addr: &Multiaddr) -> Result<(), std::io::Error> {
+    use libp2p::multiaddr::Protocol;
+    let mut it = addr.iter();
+    let ip: std::net::IpAddr = match it.next() {
+        Some(Protocol::Ip4(a)) => a.into(),
+        Some(Protocol::Ip6(a)) => a.into(),
+        _ => return Ok(()),
+    };
+    match it.next() {
+        Some(Protocol::Tcp(port)) if port != 0 => std::net::TcpListener::bind((ip, port)).map(drop),
+        Some(Protocol::Udp(port)) if port != 0 => std::net::UdpSocket::bind((ip, port)).map(drop),
+        _ => Ok(()),
+    }
+}
+
+/// The innermost cause of an error, for one-line messages (libp2p's
+/// transport errors wrap the operating system's reason in layers whose
+/// own text is sometimes empty).
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    let mut best = e.to_string();
+    while let Some(next) = cur.source() {
+        cur = next;
+        let t = cur.to_string();
+        if !t.trim().is_empty() {
+            best = t;
+        }
+    }
+    best
 }
 
 /// Loads the node's Ed25519 key from `<data_dir>/node.key`, creating it
@@ -127,6 +185,73 @@ pub struct FedStatus {
     pub configured: usize,
     /// Relays with an open federation stream.
     pub connected: Vec<PeerId>,
+    /// Why each bootstrap relay not reached yet failed its last dial.
+    pub bootstrap_errors: Vec<String>,
+}
+
+/// How often a bootstrap relay that keeps failing is logged again.
+const BOOTSTRAP_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Failed dials to bootstrap relays: logged at the first failure, when
+/// the reason changes, and then once a minute (the relay redials with
+/// backoff, every 30 s at most).
+#[derive(Debug, Default)]
+struct BootstrapWatch {
+    /// Per bootstrap peer: the last reason and when it was logged.
+    failures: HashMap<PeerId, (String, std::time::Instant)>,
+}
+
+impl BootstrapWatch {
+    /// Records a failure; returns the line to log when one is due.
+    fn failed(&mut self, peer: PeerId, line: String, now: std::time::Instant) -> Option<String> {
+        let due = match self.failures.get(&peer) {
+            Some((last, at)) => *last != line || now.duration_since(*at) >= BOOTSTRAP_LOG_EVERY,
+            None => true,
+        };
+        if due {
+            self.failures.insert(peer, (line.clone(), now));
+            return Some(line);
+        }
+        None
+    }
+
+    fn reached(&mut self, peer: &PeerId) -> bool {
+        self.failures.remove(peer).is_some()
+    }
+
+    fn lines(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.failures.values().map(|(l, _)| l.clone()).collect();
+        v.sort();
+        v
+    }
+}
+
+/// One line on why a dial to bootstrap relay `peer` at `addr` failed.
+fn bootstrap_failure(peer: &PeerId, addr: &Multiaddr, e: &libp2p::swarm::DialError) -> String {
+    use libp2p::swarm::DialError;
+    let mut addr = addr.clone();
+    if matches!(
+        addr.iter().last(),
+        Some(libp2p::multiaddr::Protocol::P2p(_))
+    ) {
+        addr.pop();
+    }
+    match e {
+        DialError::WrongPeerId { obtained, .. } => format!(
+            "bootstrap {addr}: the relay there is {obtained}, not {peer} (is the PeerId in --bootstrap mistyped?)"
+        ),
+        DialError::Transport(list) => {
+            let why = list
+                .first()
+                .map(|(_, t)| root_cause(t))
+                .unwrap_or_else(|| e.to_string());
+            format!("bootstrap {addr}/p2p/{peer} unreachable: {why}")
+        }
+        other => format!(
+            "bootstrap {addr}/p2p/{peer} unreachable: {}",
+            root_cause(other)
+        ),
+    }
 }
 
 /// What the Swarm task needs for federation.
@@ -144,28 +269,67 @@ const SESSION_QUEUE: usize = 256;
 /// Frames queued from all sessions to the Swarm task.
 const COMMAND_QUEUE: usize = 4096;
 
+/// Listens on every address of `listen` (failing on the first that cannot
+/// be bound) and tries those of `optional` (a warning when one fails).
+fn listen_all(
+    swarm: &mut Swarm<Behaviour>,
+    listen: &[String],
+    optional: &[String],
+) -> Result<(), Error> {
+    let required = listen.iter().map(|a| (a, true));
+    for (a, needed) in required.chain(optional.iter().map(|a| (a, false))) {
+        let addr: Multiaddr =
+            a.parse()
+                .map_err(|e: libp2p::multiaddr::Error| Error::BadListenAddr {
+                    addr: a.clone(),
+                    why: e.to_string(),
+                })?;
+        let bound = probe_bind(&addr)
+            .map_err(|source| Error::Listen {
+                addr: a.clone(),
+                source,
+            })
+            .and_then(|()| {
+                swarm.listen_on(addr).map(drop).map_err(|e| match e {
+                    libp2p::TransportError::MultiaddrNotSupported(_) => Error::BadListenAddr {
+                        addr: a.clone(),
+                        why: "not a TCP or QUIC (udp/…/quic-v1) address".into(),
+                    },
+                    libp2p::TransportError::Other(e) => Error::Listen {
+                        addr: a.clone(),
+                        source: std::io::Error::other(root_cause(&e)),
+                    },
+                })
+            });
+        match bound {
+            Ok(()) => {}
+            Err(e) if !needed => tracing::warn!("optional listen address skipped: {e}"),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The libp2p addresses to listen on.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenAddrs<'a> {
+    /// Each must be bound, or the relay does not start.
+    pub required: &'a [String],
+    /// Each is tried; one that cannot be bound is skipped with a warning.
+    pub optional: &'a [String],
+}
+
 /// Starts listening and spawns the event loop.
 pub fn start(
     mut swarm: Swarm<Behaviour>,
-    listen: &[String],
+    listen: ListenAddrs<'_>,
     core: Arc<Core>,
     drain_batch: u32,
     cancel: CancellationToken,
     sessions: tokio_util::task::TaskTracker,
     fed: FedStart,
 ) -> Result<(P2p, tokio::task::JoinHandle<()>), Error> {
-    for a in listen {
-        let addr: Multiaddr = a
-            .parse()
-            .map_err(|e: libp2p::multiaddr::Error| Error::Listen {
-                addr: a.clone(),
-                why: e.to_string(),
-            })?;
-        swarm.listen_on(addr).map_err(|e| Error::Listen {
-            addr: a.clone(),
-            why: e.to_string(),
-        })?;
-    }
+    listen_all(&mut swarm, listen.required, listen.optional)?;
     let peer_id = *swarm.local_peer_id();
     let (tx, rx) = watch::channel(Vec::new());
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
@@ -187,7 +351,7 @@ pub fn start(
     }
     let (status_tx, status_rx) = watch::channel(FedStatus {
         configured: fed.bootstrap_count(),
-        connected: Vec::new(),
+        ..FedStatus::default()
     });
     let event_loop = EventLoop {
         fed,
@@ -205,6 +369,7 @@ pub fn start(
         cmd_rx,
         sessions: HashMap::new(),
         tracker: sessions,
+        bootstrap_watch: BootstrapWatch::default(),
     };
     let task = tokio::spawn(event_loop.run());
     Ok((
@@ -241,6 +406,7 @@ struct EventLoop {
     cmd_rx: mpsc::Receiver<Outgoing>,
     sessions: HashMap<(PeerId, ConnectionId), mpsc::Sender<Frame>>,
     tracker: tokio_util::task::TaskTracker,
+    bootstrap_watch: BootstrapWatch,
 }
 
 impl EventLoop {
@@ -280,11 +446,13 @@ impl EventLoop {
             .copied()
             .collect();
         connected.sort();
+        let errors = self.bootstrap_watch.lines();
         self.status.send_if_modified(|s| {
-            if s.connected == connected {
+            if s.connected == connected && s.bootstrap_errors == errors {
                 false
             } else {
                 s.connected = connected;
+                s.bootstrap_errors = errors;
                 true
             }
         });
@@ -345,6 +513,36 @@ impl EventLoop {
                     .federation
                     .handshake_rejections_blocked
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } => {
+                if let Some(addr) = self.fed.bootstrap_addr(&peer) {
+                    let line = bootstrap_failure(&peer, addr, &error);
+                    if let Some(l) =
+                        self.bootstrap_watch
+                            .failed(peer, line, std::time::Instant::now())
+                    {
+                        tracing::warn!("{l}; retrying with backoff");
+                    }
+                }
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                if self.bootstrap_watch.reached(&peer_id) {
+                    tracing::info!(peer = %peer_id, "bootstrap relay reached");
+                }
+            }
+            SwarmEvent::ListenerError { listener_id, error } => {
+                tracing::warn!(?listener_id, error = %root_cause(&error), "libp2p listener error");
+            }
+            SwarmEvent::ListenerClosed {
+                addresses,
+                reason: Err(error),
+                ..
+            } => {
+                tracing::error!(?addresses, error = %root_cause(&error), "libp2p listener closed");
             }
             other => tracing::trace!(?other, "swarm event"),
         }

@@ -116,6 +116,12 @@ pub enum Error {
     /// The store is shutting down.
     #[error("store is closed")]
     Closed,
+    /// Another process has the data directory open.
+    #[error("data directory: {0}")]
+    Locked(#[from] crate::lock::LockError),
+    /// A path that must be a directory is something else.
+    #[error("{0} is a file, not a directory")]
+    NotADirectory(PathBuf),
 }
 
 impl Error {
@@ -137,6 +143,8 @@ impl Error {
             Error::PolicyConflict { .. } => "policy_conflict",
             Error::BookFull { .. } => "book_full",
             Error::Closed => "closed",
+            Error::Locked(_) => "locked",
+            Error::NotADirectory(_) => "not_a_directory",
         }
     }
 

@@ -36,16 +36,19 @@ use std::time::Duration;
 
 pub mod address_book;
 pub mod archive;
+pub mod backup;
 pub mod directory;
 mod error;
 pub mod homed;
 mod hot;
+pub mod lock;
 pub mod mailbox;
 pub mod media;
 pub mod push;
 pub mod secret_file;
 mod writer;
 
+pub use backup::backup_database;
 pub use error::{Error, Result};
 
 /// The schema version this binary writes (`PRAGMA user_version`).
@@ -54,6 +57,8 @@ pub const SCHEMA_VERSION: i64 = 1;
 pub const APPLICATION_ID: i64 = 0x4D57_4E44;
 /// The database file name inside the data directory.
 pub const DB_FILE: &str = "meshwhisper.db";
+/// The lock file inside the data directory (holds the relay's pid).
+pub const LOCK_FILE: &str = "lock";
 
 const MS_PER_HOUR: u64 = 3_600_000;
 
@@ -167,6 +172,9 @@ struct Inner {
     checkpointer: std::sync::Mutex<Option<Checkpointer>>,
     stats: Arc<writer::WriterStats>,
     hot_rows: Option<Arc<std::sync::Mutex<hot::HotRows>>>,
+    /// Held until [`Store::close`] (or the last handle goes): one process
+    /// per data directory.
+    locks: std::sync::Mutex<Vec<lock::DirLock>>,
 }
 
 type Checkpointer = (
@@ -269,12 +277,27 @@ fn connect_options(cfg: &Config, path: &Path) -> SqliteConnectOptions {
 }
 
 fn mkdir(path: &Path) -> Result<()> {
+    if path.exists() && !path.is_dir() {
+        return Err(Error::NotADirectory(path.to_path_buf()));
+    }
     std::fs::create_dir_all(path).map_err(|e| Error::io("create directory", path, e))
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    let a = if a.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        a
+    };
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 /// Reads the first bytes of an existing database file to tell a foreign or
 /// corrupt file from an SQLite one before SQLite touches it.
-fn check_header(path: &Path) -> Result<()> {
+pub(crate) fn check_header(path: &Path) -> Result<()> {
     use std::io::Read as _;
     let mut f = match std::fs::File::open(path) {
         Ok(f) => f,
@@ -311,7 +334,7 @@ async fn pragma_i64(conn: &mut SqliteConnection, path: &Path, sql: &'static str)
 
 /// Refuses databases of other applications and of newer MeshWhisper
 /// versions, before any migration touches them.
-async fn check_identity(conn: &mut SqliteConnection, path: &Path) -> Result<()> {
+pub(crate) async fn check_identity(conn: &mut SqliteConnection, path: &Path) -> Result<()> {
     let app = pragma_i64(conn, path, "PRAGMA application_id").await?;
     let version = pragma_i64(conn, path, "PRAGMA user_version").await?;
     if app != 0 && app != APPLICATION_ID {
@@ -361,6 +384,9 @@ impl Store {
     /// the schema. Refuses corrupt, foreign and newer databases.
     pub async fn open(cfg: Config) -> Result<Self> {
         mkdir(&cfg.data_dir)?;
+        // Before anything in the directory is touched (tmp/ is emptied,
+        // the hot log replayed): one process per data directory.
+        let mut locks = vec![lock::DirLock::acquire(&cfg.data_dir, LOCK_FILE)?];
         mkdir(&cfg.data_dir.join("media"))?;
         mkdir(&cfg.data_dir.join("archive"))?;
         let tmp = cfg.data_dir.join("tmp");
@@ -369,6 +395,12 @@ impl Store {
         let db_path = cfg.db_path();
         if let Some(parent) = db_path.parent().filter(|p| !p.as_os_str().is_empty()) {
             mkdir(parent)?;
+        }
+        if let (Some(parent), Some(name)) = (db_path.parent(), db_path.file_name())
+            && !same_dir(parent, &cfg.data_dir)
+        {
+            let name = format!("{}.lock", name.to_string_lossy());
+            locks.push(lock::DirLock::acquire(parent, &name)?);
         }
         check_header(&db_path)?;
 
@@ -444,6 +476,7 @@ impl Store {
                 checkpointer: std::sync::Mutex::new(Some((checkpoint_stop, checkpoint_task))),
                 stats,
                 hot_rows,
+                locks: std::sync::Mutex::new(locks),
             }),
         };
         // Nothing is uploading yet, so files without rows are leftovers.
@@ -574,60 +607,13 @@ impl Store {
             let _ = task.await;
         }
         self.inner.readers.close().await;
+        // Closed: another store (a restart in this process) may open the
+        // directory now.
+        match self.inner.locks.lock() {
+            Ok(mut g) => g.clear(),
+            Err(p) => p.into_inner().clear(),
+        }
     }
-}
-
-/// `VACUUM INTO` from a separate read-only connection: usable on a live
-/// database (a relay writing to it) and from the `backup` command.
-pub async fn backup_database(db: &Path, out: &Path, busy_timeout: Duration) -> Result<()> {
-    if out.exists() {
-        return Err(Error::Invalid {
-            what: "backup destination",
-            why: "file already exists",
-        });
-    }
-    check_header(db)?;
-    if !db.exists() {
-        return Err(Error::io(
-            "open",
-            db,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no database here"),
-        ));
-    }
-    let opts = SqliteConnectOptions::new()
-        .filename(db)
-        .read_only(true)
-        .busy_timeout(busy_timeout);
-    let mut conn = SqliteConnection::connect_with(&opts)
-        .await
-        .map_err(|e| Error::db("open for backup", db, e))?;
-    check_identity(&mut conn, db).await?;
-    let target = out.to_str().ok_or(Error::Invalid {
-        what: "backup destination",
-        why: "path is not UTF-8",
-    })?;
-    sqlx::query("VACUUM INTO ?")
-        .bind(target)
-        .execute(&mut conn)
-        .await
-        .map_err(|e| Error::db("backup (VACUUM INTO)", db, e))?;
-    let _ = conn.close().await;
-    // Packets still in the hot log (the last fraction of a second) are
-    // acknowledged too: add them to the copy.
-    let log = hot::log_path(db);
-    let live = match std::fs::read(&log) {
-        Ok(bytes) => hot::replay(&bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(Error::io("read the hot log", &log, e)),
-    };
-    if !live.is_empty() {
-        let mut c = SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(out))
-            .await
-            .map_err(|e| Error::db("open the backup", out, e))?;
-        mailbox::insert_with_ids(&mut c, out, &live).await?;
-        let _ = c.close().await;
-    }
-    Ok(())
 }
 
 fn clear_dir(dir: &Path) -> Result<()> {
