@@ -85,3 +85,84 @@ fn sighup_reloads_the_blocklist_and_disconnects_at_once() {
         "{text}"
     );
 }
+
+/// Relays of this testnet still running (by their data directories).
+fn relays_alive(net: &Testnet) -> Vec<String> {
+    let pattern = format!("--data-dir {}/relay-", net.run.path().display());
+    let out = Command::new("pgrep")
+        .args(["-af", "--", &pattern])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.contains("pgrep"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_relay_that_fails_to_start_leaves_nothing_running() {
+    let mut net = Testnet::new(&[]);
+    // Relay 2 of 4 fails at start; relays 0 and 1 are up by then.
+    let wrapper = net.run.path().join("meshwhisper-wrapper");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \"$*\" in *relay-2/data*) echo simulated start failure >&2; exit 3;; esac\nexec {} \"$@\"\n",
+            env!("CARGO_BIN_EXE_meshwhisper")
+        ),
+    )
+    .expect("wrapper");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    net.bin = wrapper;
+    let out = net.script("up.sh", &["4"]);
+    assert!(!out.status.success(), "up.sh should fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("relay 2"), "{err}");
+    assert!(err.contains("simulated start failure"), "{err}");
+    assert_eq!(relays_alive(&net), Vec::<String>::new(), "orphaned relays");
+    // down.sh finds nothing left and a new up.sh works in the same place.
+    assert!(net.script("down.sh", &[]).status.success());
+    net.bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_meshwhisper"));
+    net.up(2);
+    assert_eq!(net.relays().len(), 2);
+}
+
+#[test]
+fn down_finds_the_relays_of_an_interrupted_up() {
+    let net = Testnet::new(&[]);
+    let script = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../testnet/up.sh");
+    let mut up = Command::new("bash")
+        .arg(script)
+        .arg("3")
+        .env("MW_BIN", &net.bin)
+        .env("MW_TESTNET_DIR", net.run.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("up.sh");
+    // Once a relay of it runs, up.sh dies without cleaning up.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while relays_alive(&net).is_empty() {
+        assert!(Instant::now() < deadline, "no relay started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = up.kill();
+    let _ = up.wait();
+    assert!(!relays_alive(&net).is_empty());
+    let down = net.script("down.sh", &[]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert_eq!(
+        relays_alive(&net),
+        Vec::<String>::new(),
+        "down.sh left relays"
+    );
+}

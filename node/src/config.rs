@@ -510,6 +510,12 @@ impl Config {
             } else {
                 format!("{host}:{port}")
             };
+            if self.http.parse::<std::net::SocketAddr>().is_err() {
+                return Err(Error::Invalid {
+                    key: "LISTEN_HOST".into(),
+                    why: format!("{host:?} is not an IP address"),
+                });
+            }
         }
         if let Some(v) = env("MESHWHISPER_HTTP") {
             self.http = v;

@@ -340,9 +340,15 @@ fn unpack(from: &Path, staging: &Path, secrets: &[&str]) -> Result<Report> {
     let mut archive = tar::Archive::new(std::io::BufReader::new(file));
     let mut seen: Vec<(String, u64, u32)> = Vec::new();
     let mut manifest: Option<String> = None;
-    let entries = archive.entries().map_err(|e| Error::io("read", from, e))?;
+    let damaged = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::NotFound => {
+            Error::io("read", from, e)
+        }
+        _ => bad("truncated or damaged (not a complete tar file)"),
+    };
+    let entries = archive.entries().map_err(damaged)?;
     for entry in entries {
-        let entry = entry.map_err(|e| Error::io("read", from, e))?;
+        let entry = entry.map_err(damaged)?;
         if manifest.is_some() {
             return Err(bad("entries after the manifest"));
         }
@@ -376,7 +382,13 @@ fn unpack(from: &Path, staging: &Path, secrets: &[&str]) -> Result<Report> {
             crc: crc32fast::Hasher::new(),
             len: 0,
         };
-        std::io::copy(&mut r, &mut out).map_err(|e| Error::io("write", &dest, e))?;
+        std::io::copy(&mut r, &mut out).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                bad("truncated or damaged (not a complete tar file)")
+            } else {
+                Error::io("write", &dest, e)
+            }
+        })?;
         out.sync_all().map_err(|e| Error::io("sync", &dest, e))?;
         seen.push((name, r.len, r.crc.finalize()));
     }

@@ -85,15 +85,6 @@ impl DirLock {
     }
 }
 
-/// The pid written in a lock file whose lock is held now, if any (for
-/// tools that want to tell the user whether a directory is in use).
-pub fn holder(dir: &Path, name: &str) -> Option<Option<u32>> {
-    match DirLock::acquire(dir, name) {
-        Err(LockError::Held { pid, .. }) => Some(pid),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,7 +102,6 @@ mod tests {
             e.to_string()
                 .contains(&format!("pid {}", std::process::id()))
         );
-        assert_eq!(holder(dir.path(), "lock"), Some(Some(std::process::id())));
         drop(first);
         let again = DirLock::acquire(dir.path(), "lock").expect("free again");
         assert_eq!(again.path(), dir.path().join("lock"));

@@ -9,6 +9,8 @@ use std::process::Command;
 pub struct Testnet {
     pub run: tempfile::TempDir,
     relay_args: String,
+    /// The relay binary the scripts start (`MW_BIN`).
+    pub bin: PathBuf,
 }
 
 impl Testnet {
@@ -17,6 +19,7 @@ impl Testnet {
         Self {
             run: tempfile::tempdir().expect("tmp"),
             relay_args: relay_args.join(" "),
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_meshwhisper")),
         }
     }
 
@@ -28,7 +31,7 @@ impl Testnet {
         Command::new("bash")
             .arg(script)
             .args(args)
-            .env("MW_BIN", env!("CARGO_BIN_EXE_meshwhisper"))
+            .env("MW_BIN", &self.bin)
             .env("MW_TESTNET_DIR", self.run.path())
             .env("MW_RELAY_ARGS", &self.relay_args)
             .output()
