@@ -11,8 +11,11 @@
 //! 31  payload
 //! ```
 //!
-//! A relay reads only the destination hash; it never needs the rest, and
-//! forwards the bytes unchanged.
+//! A relay routes by the destination hash and forwards the bytes unchanged.
+//! It also refuses what cannot be a packet: shorter than the header, over
+//! the size limit, a version other than 0x01, or a payload length field
+//! that disagrees with the frame's size (the reference relay stores and
+//! forwards such frames; a recipient can only discard them).
 
 use meshwhisper_crypto::destination::DestHash;
 
@@ -35,10 +38,36 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
+    /// A version this relay does not know.
+    #[error("packet version {0:#04x} is not 0x01")]
+    UnknownVersion(u8),
+    /// The payload length field is not the payload's size.
+    #[error("packet says its payload is {declared} bytes but carries {actual}")]
+    LengthMismatch {
+        /// The header's payload length.
+        declared: u32,
+        /// The bytes after the header.
+        actual: usize,
+    },
 }
 
-/// The destination hash of a packet, after checking its size is routable.
-/// Like the reference relay, nothing else in the header is validated.
+impl Error {
+    /// A short stable label, for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::TooShort(_) => "too_short",
+            Error::TooLarge { .. } => "too_large",
+            Error::UnknownVersion(_) => "version",
+            Error::LengthMismatch { .. } => "length",
+        }
+    }
+}
+
+/// The packet version this relay routes.
+pub const VERSION: u8 = 0x01;
+
+/// The destination hash of a packet, after checking that it is one: its
+/// size is routable, its version known and its length field true.
 pub fn destination(frame: &[u8], max: usize) -> Result<DestHash, Error> {
     if frame.len() > max {
         return Err(Error::TooLarge {
@@ -48,6 +77,14 @@ pub fn destination(frame: &[u8], max: usize) -> Result<DestHash, Error> {
     }
     if frame.len() < HEADER_LEN {
         return Err(Error::TooShort(frame.len()));
+    }
+    if frame[0] != VERSION {
+        return Err(Error::UnknownVersion(frame[0]));
+    }
+    let declared = u32::from_be_bytes([frame[27], frame[28], frame[29], frame[30]]);
+    let actual = frame.len() - HEADER_LEN;
+    if usize::try_from(declared).ok() != Some(actual) {
+        return Err(Error::LengthMismatch { declared, actual });
     }
     let mut d = [0u8; 8];
     d.copy_from_slice(&frame[2..10]);
@@ -81,6 +118,27 @@ mod tests {
             destination(&p, 32),
             Err(Error::TooLarge { got: 33, max: 32 })
         );
-        assert!(destination(&p[..31], 31).is_ok());
+        let empty = build(1, DestHash([1; 8]), [9; 16], 7, b"");
+        assert!(destination(&empty, 31).is_ok());
+    }
+
+    #[test]
+    fn refuses_unknown_versions_and_false_lengths() {
+        let mut p = build(1, DestHash([1; 8]), [9; 16], 7, b"hello");
+        assert_eq!(
+            destination(&p[..33], 100),
+            Err(Error::LengthMismatch {
+                declared: 5,
+                actual: 2
+            })
+        );
+        let mut longer = p.clone();
+        longer.push(0);
+        assert!(matches!(
+            destination(&longer, 100),
+            Err(Error::LengthMismatch { .. })
+        ));
+        p[0] = 2;
+        assert_eq!(destination(&p, 100), Err(Error::UnknownVersion(2)));
     }
 }

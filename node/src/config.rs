@@ -126,8 +126,27 @@ pub struct Limits {
     pub max_websockets: usize,
     /// Destination hashes one client may register. Default 4096 (the JS SDK registers 720).
     pub max_hashes_per_client: usize,
-    /// Packets queued to one client before it counts as slow. Default 1024.
+    /// Live deliveries queued to one connected client. Default 1024.
+    /// Beyond this (or `client_queue_bytes`, or `live_queue_bytes` across
+    /// all clients) packets stay stored and are drained to the client as
+    /// soon as its queue empties.
     pub client_queue: usize,
+    /// Bytes of live deliveries queued to one client. Default 1048576.
+    pub client_queue_bytes: usize,
+    /// Bytes of live deliveries queued across all clients. Default 268435456.
+    pub live_queue_bytes: usize,
+    /// Bytes of packets read from one client and being stored; the relay
+    /// reads no more from it until they are. Default 4194304.
+    pub client_inflight_bytes: usize,
+    /// Bytes of packets being stored across all clients. Default 268435456.
+    pub inflight_bytes: usize,
+    /// Deliveries sent to one client and not yet confirmed (a WebSocket
+    /// pong after them, a device's ack); beyond, delivery pauses. Default 4096.
+    pub unconfirmed_deliveries: usize,
+    /// Bytes of those deliveries. Default 8388608.
+    pub unconfirmed_bytes: usize,
+    /// Bytes of stored packets read per drain step. Default 1048576.
+    pub drain_bytes: usize,
     /// Largest WebSocket text (control) frame. Default 262144.
     pub max_control_frame: usize,
     /// Largest JSON request body. Default 1048576.
@@ -388,6 +407,13 @@ impl Default for Limits {
             max_websockets: 10_000,
             max_hashes_per_client: 4096,
             client_queue: 1024,
+            client_queue_bytes: 1024 * 1024,
+            live_queue_bytes: 256 * 1024 * 1024,
+            client_inflight_bytes: 4 * 1024 * 1024,
+            inflight_bytes: 256 * 1024 * 1024,
+            unconfirmed_deliveries: 4096,
+            unconfirmed_bytes: 8 * 1024 * 1024,
+            drain_bytes: 1024 * 1024,
             max_control_frame: 256 * 1024,
             max_json_body: 1024 * 1024,
             drain_batch: 1000,
@@ -704,6 +730,25 @@ impl Config {
         let l = &self.limits;
         if l.max_websockets == 0 || l.client_queue == 0 || l.max_hashes_per_client == 0 {
             return bad("limits", "bounds must be positive");
+        }
+        if l.unconfirmed_deliveries == 0 || l.drain_batch == 0 {
+            return bad("limits", "bounds must be positive");
+        }
+        let packet = s.max_blob_size;
+        for (key, v) in [
+            ("limits.client_queue_bytes", l.client_queue_bytes),
+            ("limits.live_queue_bytes", l.live_queue_bytes),
+            ("limits.client_inflight_bytes", l.client_inflight_bytes),
+            ("limits.inflight_bytes", l.inflight_bytes),
+            ("limits.unconfirmed_bytes", l.unconfirmed_bytes),
+            ("limits.drain_bytes", l.drain_bytes),
+        ] {
+            if v < packet {
+                return bad(
+                    key,
+                    &format!("must hold at least one packet (storage.max_blob_size = {packet})"),
+                );
+            }
         }
         Ok(())
     }

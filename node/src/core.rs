@@ -10,6 +10,7 @@
 //! recipient registered for one.
 
 use crate::events::EventCounts;
+use crate::live::{Budget, LiveQueue};
 use crate::metrics::Metrics;
 use crate::push::PushSender;
 use bytes::Bytes;
@@ -44,9 +45,26 @@ pub enum ConnKind {
 }
 
 struct Conn {
-    tx: mpsc::Sender<Outbound>,
+    queue: Arc<LiveQueue>,
     hashes: HashSet<DestHash>,
     kind: ConnKind,
+}
+
+/// The bounds [`Core`] applies to client connections.
+#[derive(Debug, Clone)]
+pub struct CoreLimits {
+    /// Largest packet.
+    pub max_packet: usize,
+    /// Live deliveries queued per connection.
+    pub client_queue: usize,
+    /// Bytes of live deliveries queued per connection.
+    pub client_queue_bytes: usize,
+    /// Bytes of live deliveries queued across all connections.
+    pub live_queue_bytes: usize,
+    /// Bytes of packets being stored across all connections.
+    pub inflight_bytes: usize,
+    /// Destination hashes one connection may register.
+    pub max_hashes: usize,
 }
 
 #[derive(Default)]
@@ -143,6 +161,10 @@ pub struct Core {
     federation: std::sync::OnceLock<mpsc::Sender<Federate>>,
     max_packet: usize,
     client_queue: usize,
+    client_queue_bytes: usize,
+    live_budget: Arc<Budget>,
+    inflight: Arc<tokio::sync::Semaphore>,
+    inflight_max: usize,
     max_hashes: usize,
 }
 
@@ -154,14 +176,7 @@ impl std::fmt::Debug for Core {
 
 impl Core {
     /// A core over `store`.
-    pub fn new(
-        store: Store,
-        metrics: Arc<Metrics>,
-        push: PushSender,
-        max_packet: usize,
-        client_queue: usize,
-        max_hashes: usize,
-    ) -> Self {
+    pub fn new(store: Store, metrics: Arc<Metrics>, push: PushSender, limits: CoreLimits) -> Self {
         Self {
             store,
             metrics,
@@ -174,9 +189,17 @@ impl Core {
                 max: 1_000_000,
             }),
             federation: std::sync::OnceLock::new(),
-            max_packet,
-            client_queue: client_queue.max(1),
-            max_hashes: max_hashes.max(1),
+            max_packet: limits.max_packet,
+            client_queue: limits.client_queue.max(1),
+            client_queue_bytes: limits.client_queue_bytes.max(1),
+            live_budget: Budget::new(limits.live_queue_bytes),
+            inflight: Arc::new(tokio::sync::Semaphore::new(
+                limits.inflight_bytes.min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
+            inflight_max: limits
+                .inflight_bytes
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+            max_hashes: limits.max_hashes.max(1),
         }
     }
 
@@ -316,27 +339,51 @@ impl Core {
         self.max_hashes
     }
 
-    /// Registers a new connection; its packets arrive on the receiver.
-    pub fn connect(&self, kind: ConnKind) -> (ConnId, mpsc::Receiver<Outbound>) {
-        let (tx, rx) = mpsc::channel(self.client_queue);
+    /// Registers a new connection; its live deliveries arrive on the
+    /// returned queue.
+    pub fn connect(&self, kind: ConnKind) -> (ConnId, Arc<LiveQueue>) {
+        let queue = Arc::new(LiveQueue::new(
+            self.client_queue,
+            self.client_queue_bytes,
+            self.live_budget.clone(),
+        ));
         let mut r = self.registry();
         r.next += 1;
         let id = r.next;
         r.conns.insert(
             id,
             Conn {
-                tx,
+                queue: queue.clone(),
                 hashes: HashSet::new(),
                 kind,
             },
         );
-        (id, rx)
+        (id, queue)
+    }
+
+    /// Bytes of live deliveries queued across all connections.
+    pub fn live_bytes(&self) -> usize {
+        self.live_budget.used()
+    }
+
+    /// Waits until `bytes` of packets read from a client may be stored
+    /// (the relay-wide `limits.inflight_bytes`); the permit returns them.
+    pub async fn inflight_permit(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let n = u32::try_from(bytes.clamp(1, self.inflight_max)).unwrap_or(u32::MAX);
+        self.inflight.clone().acquire_many_owned(n).await.ok()
+    }
+
+    /// Bytes of packets being stored now.
+    pub fn inflight_bytes(&self) -> usize {
+        self.inflight_max
+            .saturating_sub(self.inflight.available_permits())
     }
 
     /// Forgets a connection and the hashes it held.
     pub fn disconnect(&self, id: ConnId) {
         let mut r = self.registry();
         if let Some(conn) = r.conns.remove(&id) {
+            conn.queue.close();
             for h in conn.hashes {
                 if r.by_hash.get(&h) == Some(&id) {
                     r.by_hash.remove(&h);
@@ -503,20 +550,22 @@ impl Core {
                 .get(&accepted.dest)
                 .filter(|&&to| to != from)
                 .and_then(|to| r.conns.get(to))
-                .map(|c| c.tx.clone())
+                .map(|c| c.queue.clone())
         };
-        if let Some(tx) = target {
+        if let Some(queue) = target {
             let out = Outbound {
                 packet: accepted.frame,
                 mailbox_id: Some(accepted.id),
             };
-            if tx.try_send(out).is_ok() {
+            if queue.offer(out) {
                 self.metrics.packets_delivered_live.fetch_add(1, Relaxed);
                 self.events.forwarded.fetch_add(1, Relaxed);
                 return true;
             }
-            // The recipient's queue is full: it stays stored and is drained
-            // on its next pull.
+            // The recipient's queue is full: it stays stored, and the
+            // session drains it as soon as its queue is empty again.
+            self.metrics.live_queue_full.fetch_add(1, Relaxed);
+            return false;
         }
         self.metrics.packets_queued.fetch_add(1, Relaxed);
         self.events.queued.fetch_add(1, Relaxed);
@@ -541,24 +590,24 @@ impl Core {
     }
 
     /// Stored packets for `hashes`, oldest first, skipping ids already in
-    /// flight on this connection.
+    /// flight on this connection: at most `limit` of them and about
+    /// `max_bytes` (at least one).
     pub async fn pending(
         &self,
         hashes: &[DestHash],
         skip: &HashSet<MailboxId>,
         limit: u32,
+        max_bytes: usize,
     ) -> Result<Vec<StoredPacket>, meshwhisper_storage::Error> {
-        if hashes.is_empty() {
+        if hashes.is_empty() || limit == 0 {
             return Ok(Vec::new());
         }
-        let mut v = self
-            .store
+        self.store
             .mailbox()
-            .pending(hashes, now_ms(), limit.saturating_add(skip.len() as u32))
-            .await?;
-        v.retain(|p| !skip.contains(&p.id));
-        v.truncate(limit as usize);
-        Ok(v)
+            .pending_within(hashes, now_ms(), limit, max_bytes, &|id| {
+                skip.contains(&id)
+            })
+            .await
     }
 
     /// Deletes stored copies of packets that were sent.

@@ -12,7 +12,7 @@ use futures::stream::FuturesOrdered;
 use meshwhisper_behaviour::device::codec::{Frame, RefusedCode};
 use meshwhisper_crypto::destination::DestHash;
 use meshwhisper_storage::mailbox::MailboxId;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use tokio::sync::mpsc;
@@ -22,26 +22,82 @@ use tokio_util::sync::CancellationToken;
 const IN_FLIGHT: usize = 64;
 /// Acks collected before their stored copies are deleted in one go.
 const ACK_BATCH: usize = 256;
-/// Deliveries a device may leave unacknowledged; beyond, packets stay
-/// stored until it acks and drains (flow control for slow devices).
-const MAX_UNACKED: usize = 4096;
+/// Live deliveries taken from the queue at once.
+const DELIVER_BATCH: usize = 32;
+
+/// A device session's bounds (from `[limits]`).
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// Stored packets read per drain step.
+    pub drain_batch: u32,
+    /// Bytes read per drain step.
+    pub drain_bytes: usize,
+    /// Deliveries the device may leave unacknowledged; beyond, delivery
+    /// pauses (flow control for slow devices).
+    pub unacked: usize,
+    /// Bytes of those deliveries (they sit in the stream's queues).
+    pub unacked_bytes: usize,
+    /// Bytes of the device's packets being stored.
+    pub inflight_bytes: usize,
+}
+
+/// Sent and not yet acknowledged deliveries.
+#[derive(Default)]
+struct Unacked {
+    ids: HashMap<MailboxId, usize>,
+    bytes: usize,
+}
+
+impl Unacked {
+    fn room(&self, b: &Bounds) -> bool {
+        self.ids.len() < b.unacked && self.bytes < b.unacked_bytes
+    }
+
+    fn insert(&mut self, id: MailboxId, len: usize) -> bool {
+        if self.ids.insert(id, len).is_some() {
+            return false;
+        }
+        self.bytes += len;
+        true
+    }
+
+    fn remove(&mut self, id: &MailboxId) {
+        if let Some(len) = self.ids.remove(id) {
+            self.bytes = self.bytes.saturating_sub(len);
+        }
+    }
+}
 
 /// Runs until the stream closes (`inbound` ends) or the node stops.
+/// `queued` counts the bytes of packets the Swarm task has put into
+/// `inbound` and this session has not taken yet.
 pub async fn run(
     core: Arc<Core>,
     mut inbound: mpsc::Receiver<Frame>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
     to_device: mpsc::Sender<Frame>,
     cancel: CancellationToken,
-    drain_batch: u32,
+    bounds: Bounds,
 ) {
-    let (id, mut outbound) = core.connect(ConnKind::Device);
+    let (id, queue) = core.connect(ConnKind::Device);
     core.metrics.devices_connected.fetch_add(1, Relaxed);
     let mut hashes: Vec<DestHash> = Vec::new();
-    let mut in_flight: HashSet<MailboxId> = HashSet::new();
+    let mut in_flight = Unacked::default();
     let mut acked: Vec<MailboxId> = Vec::new();
     let mut storing = FuturesOrdered::new();
+    let mut storing_bytes = 0usize;
+    let mut draining = false;
     let mut deleting: tokio::task::JoinSet<Vec<MailboxId>> = tokio::task::JoinSet::new();
     loop {
+        if queue.take_behind() {
+            draining = true;
+        }
+        if draining && in_flight.room(&bounds) {
+            match drain(&core, &hashes, &mut in_flight, &to_device, &bounds).await {
+                Some(more) => draining = more,
+                None => break,
+            }
+        }
         if !acked.is_empty() && (inbound.is_empty() || acked.len() >= ACK_BATCH) {
             // Delete in the background; the ids stay in flight (not sent
             // again by a drain) until their stored copies are gone.
@@ -55,7 +111,9 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            Some((seq, hint, r)) = storing.next(), if !storing.is_empty() => {
+            Some((seq, hint, r, len, permit)) = storing.next(), if !storing.is_empty() => {
+                storing_bytes -= len;
+                drop(permit);
                 let reply = match r {
                     Ok(acc) => {
                         core.route_hinted(id, acc, hint);
@@ -73,17 +131,29 @@ pub async fn run(
                     in_flight.remove(&i);
                 }
             }
-            Some(out) = outbound.recv() => {
-                let Some(mid) = out.mailbox_id else { continue };
-                if in_flight.len() >= MAX_UNACKED || !in_flight.insert(mid) {
-                    continue;
+            batch = queue.next_batch(DELIVER_BATCH, bounds.drain_bytes), if in_flight.room(&bounds) && !draining => {
+                let mut gone = false;
+                for out in batch {
+                    let Some(mid) = out.mailbox_id else { continue };
+                    if !in_flight.insert(mid, out.packet.len()) {
+                        continue;
+                    }
+                    if to_device.send(Frame::Deliver { id: mid.0 as u64, packet: out.packet }).await.is_err() {
+                        gone = true;
+                        break;
+                    }
                 }
-                if to_device.send(Frame::Deliver { id: mid.0 as u64, packet: out.packet }).await.is_err() {
+                if gone {
                     break;
                 }
             }
-            frame = inbound.recv(), if storing.len() < IN_FLIGHT => {
+            // The next drain step before reading more.
+            _ = std::future::ready(()), if draining && in_flight.room(&bounds) => {}
+            frame = inbound.recv(), if storing.len() < IN_FLIGHT && storing_bytes < bounds.inflight_bytes => {
                 let Some(frame) = frame else { break };
+                if let Frame::Packet { packet, .. } | Frame::PacketTo { packet, .. } = &frame {
+                    let _ = queued.fetch_update(Relaxed, Relaxed, |q| Some(q.saturating_sub(packet.len())));
+                }
                 match frame {
                     Frame::Register(list) => {
                         if list.len() > core.max_hashes() {
@@ -94,9 +164,7 @@ pub async fn run(
                         hashes.sort_unstable();
                         hashes.dedup();
                         core.register(id, &hashes);
-                        if !drain(&core, &hashes, &mut in_flight, &to_device, drain_batch).await {
-                            break;
-                        }
+                        draining = true;
                     }
                     f @ (Frame::Packet { .. } | Frame::PacketTo { .. }) => {
                         let (seq, hint, packet) = match f {
@@ -105,22 +173,21 @@ pub async fn run(
                             _ => continue,
                         };
                         core.metrics.device_packets_in.fetch_add(1, Relaxed);
+                        let len = packet.len();
+                        let permit = core.inflight_permit(len).await;
+                        storing_bytes += len;
                         let c = core.clone();
-                        storing.push_back(async move { (seq, hint, c.accept(packet).await) });
+                        storing.push_back(async move { (seq, hint, c.accept(packet).await, len, permit) });
                     }
                     // Only what this session delivered: an ack left over
                     // from an earlier connection must not delete anything.
                     Frame::Ack(mid) => {
                         let mid = MailboxId(mid as i64);
-                        if in_flight.contains(&mid) && !acked.contains(&mid) {
+                        if in_flight.ids.contains_key(&mid) && !acked.contains(&mid) {
                             acked.push(mid);
                         }
                     }
-                    Frame::Drain => {
-                        if !drain(&core, &hashes, &mut in_flight, &to_device, drain_batch).await {
-                            break;
-                        }
-                    }
+                    Frame::Drain => draining = true,
                     f @ (Frame::Publish { .. } | Frame::Prekeys { .. } | Frame::Claim { .. }) => {
                         if let Some(r) = crate::device_directory::serve(&core, f).await
                             && to_device.send(r).await.is_err()
@@ -137,7 +204,7 @@ pub async fn run(
             }
         }
     }
-    while let Some((seq, hint, r)) = storing.next().await {
+    while let Some((seq, hint, r, _, _)) = storing.next().await {
         if let Ok(acc) = r {
             core.route_hinted(id, acc, hint);
             let _ = to_device.try_send(Frame::Stored(seq));
@@ -149,45 +216,46 @@ pub async fn run(
     core.metrics.devices_connected.fetch_sub(1, Relaxed);
 }
 
-/// Sends stored packets not yet in flight; they are deleted when acked.
+/// Sends one step of stored packets not yet in flight (deleted when
+/// acked). `Some(more)`: whether to go on; `None`: the device is gone.
 async fn drain(
     core: &Core,
     hashes: &[DestHash],
-    in_flight: &mut HashSet<MailboxId>,
+    in_flight: &mut Unacked,
     to_device: &mpsc::Sender<Frame>,
-    batch: u32,
-) -> bool {
-    loop {
-        let room = MAX_UNACKED.saturating_sub(in_flight.len()) as u32;
-        let batch = batch.min(room);
-        if batch == 0 {
-            return true;
+    b: &Bounds,
+) -> Option<bool> {
+    let room = b.unacked.saturating_sub(in_flight.ids.len());
+    let room_bytes = b.unacked_bytes.saturating_sub(in_flight.bytes).max(1);
+    let limit = (b.drain_batch as usize).min(room).max(1) as u32;
+    let skip: HashSet<MailboxId> = in_flight.ids.keys().copied().collect();
+    let pending = match core
+        .pending(hashes, &skip, limit, b.drain_bytes.min(room_bytes))
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list stored packets");
+            return Some(false);
         }
-        let pending = match core.pending(hashes, in_flight, batch).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not list stored packets");
-                return true;
-            }
-        };
-        let n = pending.len();
-        for p in pending {
-            in_flight.insert(p.id);
-            core.metrics.packets_drained.fetch_add(1, Relaxed);
-            core.events.drain.fetch_add(1, Relaxed);
-            if to_device
-                .send(Frame::Deliver {
-                    id: p.id.0 as u64,
-                    packet: p.packet.into(),
-                })
-                .await
-                .is_err()
-            {
-                return false;
-            }
-        }
-        if n < batch as usize {
-            return true;
+    };
+    if pending.is_empty() {
+        return Some(false);
+    }
+    for p in pending {
+        in_flight.insert(p.id, p.packet.len());
+        core.metrics.packets_drained.fetch_add(1, Relaxed);
+        core.events.drain.fetch_add(1, Relaxed);
+        if to_device
+            .send(Frame::Deliver {
+                id: p.id.0 as u64,
+                packet: p.packet.into(),
+            })
+            .await
+            .is_err()
+        {
+            return None;
         }
     }
+    Some(true)
 }

@@ -13,6 +13,7 @@ pub mod device_session;
 pub mod events;
 pub mod federation;
 pub mod gateway;
+pub mod live;
 pub mod metrics;
 pub mod p2p;
 pub mod push;
@@ -136,9 +137,14 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         store.clone(),
         metrics.clone(),
         push,
-        cfg.storage.max_blob_size,
-        cfg.limits.client_queue,
-        cfg.limits.max_hashes_per_client,
+        core::CoreLimits {
+            max_packet: cfg.storage.max_blob_size,
+            client_queue: cfg.limits.client_queue,
+            client_queue_bytes: cfg.limits.client_queue_bytes,
+            live_queue_bytes: cfg.limits.live_queue_bytes,
+            inflight_bytes: cfg.limits.inflight_bytes,
+            max_hashes: cfg.limits.max_hashes_per_client,
+        },
     ));
 
     let key = p2p::load_or_create_key(&cfg.data_dir)?;
@@ -196,7 +202,13 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
             optional: &cfg.listen_optional,
         },
         core.clone(),
-        cfg.limits.drain_batch,
+        device_session::Bounds {
+            drain_batch: cfg.limits.drain_batch,
+            drain_bytes: cfg.limits.drain_bytes,
+            unacked: cfg.limits.unconfirmed_deliveries,
+            unacked_bytes: cfg.limits.unconfirmed_bytes,
+            inflight_bytes: cfg.limits.client_inflight_bytes,
+        },
         cancel.clone(),
         sessions.clone(),
         p2p::FedStart {

@@ -33,6 +33,11 @@ pub struct Metrics {
     pub packets_rejected: AtomicU64,
     /// Packets refused because storing them failed.
     pub packets_store_failed: AtomicU64,
+    /// Live deliveries that found their connection's queue (or the
+    /// relay-wide budget) full and stayed stored for a drain.
+    pub live_queue_full: AtomicU64,
+    /// WebSocket text frames that were not JSON (ignored).
+    pub bad_control_frames: AtomicU64,
     /// Push wake webhooks sent.
     pub push_sent: AtomicU64,
     /// Push wake webhooks that failed or were dropped (queue full).
@@ -412,6 +417,16 @@ impl Metrics {
             "meshwhisper_packets_store_failed_total",
             "Packets refused because storing them failed",
             self.packets_store_failed.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_live_queue_full_total",
+            "Live deliveries that found a full queue and stayed stored for a drain",
+            self.live_queue_full.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_bad_control_frames_total",
+            "WebSocket text frames that were not JSON (ignored)",
+            self.bad_control_frames.load(Relaxed),
         );
         counter(
             "meshwhisper_push_sent_total",

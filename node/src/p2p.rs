@@ -14,6 +14,7 @@ use meshwhisper_behaviour::node::{Behaviour, BehaviourEvent};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -324,7 +325,7 @@ pub fn start(
     mut swarm: Swarm<Behaviour>,
     listen: ListenAddrs<'_>,
     core: Arc<Core>,
-    drain_batch: u32,
+    device_bounds: crate::device_session::Bounds,
     cancel: CancellationToken,
     sessions: tokio_util::task::TaskTracker,
     fed: FedStart,
@@ -362,7 +363,7 @@ pub fn start(
         tick,
         swarm,
         core,
-        drain_batch,
+        device_bounds,
         cancel,
         addrs: tx,
         cmd_tx,
@@ -399,12 +400,14 @@ struct EventLoop {
     tick: Duration,
     swarm: Swarm<Behaviour>,
     core: Arc<Core>,
-    drain_batch: u32,
+    device_bounds: crate::device_session::Bounds,
     cancel: CancellationToken,
     addrs: watch::Sender<Vec<Multiaddr>>,
     cmd_tx: mpsc::Sender<Outgoing>,
     cmd_rx: mpsc::Receiver<Outgoing>,
-    sessions: HashMap<(PeerId, ConnectionId), mpsc::Sender<Frame>>,
+    /// Each device session's inbound frames, and the bytes of packets
+    /// among them.
+    sessions: HashMap<(PeerId, ConnectionId), (mpsc::Sender<Frame>, Arc<AtomicUsize>)>,
     tracker: tokio_util::task::TaskTracker,
     bootstrap_watch: BootstrapWatch,
 }
@@ -553,7 +556,9 @@ impl EventLoop {
             device::Event::Opened { peer, connection } => {
                 let (in_tx, in_rx) = mpsc::channel(SESSION_QUEUE);
                 let (out_tx, mut out_rx) = mpsc::channel::<Frame>(SESSION_QUEUE);
-                self.sessions.insert((peer, connection), in_tx);
+                let queued = Arc::new(AtomicUsize::new(0));
+                self.sessions
+                    .insert((peer, connection), (in_tx, queued.clone()));
                 // Forward the session's frames into the shared command queue.
                 let cmd = self.cmd_tx.clone();
                 tokio::spawn(async move {
@@ -574,9 +579,10 @@ impl EventLoop {
                 self.tracker.spawn(crate::device_session::run(
                     self.core.clone(),
                     in_rx,
+                    queued,
                     out_tx,
                     self.cancel.clone(),
-                    self.drain_batch,
+                    self.device_bounds,
                 ));
                 tracing::debug!(%peer, "device stream opened");
             }
@@ -585,13 +591,29 @@ impl EventLoop {
                 connection,
                 frame,
             } => {
-                let Some(tx) = self.sessions.get(&(peer, connection)) else {
+                let Some((tx, queued)) = self.sessions.get(&(peer, connection)) else {
                     return;
                 };
-                // The session is behind: refuse packets and requests (the
-                // device retries them), drop anything else (an unacked
-                // delivery is sent again on the next drain).
-                let refusal = match tx.try_send(frame) {
+                // The session is behind (its queue is full in frames, or in
+                // bytes of packets): refuse packets and requests (the device
+                // retries them), drop anything else (an unacked delivery is
+                // sent again on the next drain).
+                let packet_len = match &frame {
+                    Frame::Packet { packet, .. } | Frame::PacketTo { packet, .. } => packet.len(),
+                    _ => 0,
+                };
+                let over = packet_len > 0
+                    && queued.load(Relaxed).saturating_add(packet_len)
+                        > self.device_bounds.inflight_bytes;
+                let sent = if over {
+                    Err(mpsc::error::TrySendError::Full(frame))
+                } else {
+                    tx.try_send(frame)
+                };
+                if sent.is_ok() {
+                    queued.fetch_add(packet_len, Relaxed);
+                }
+                let refusal = match sent {
                     Err(mpsc::error::TrySendError::Full(
                         Frame::Packet { seq, .. } | Frame::PacketTo { seq, .. },
                     )) => Some(Frame::Refused {

@@ -4,7 +4,7 @@
 
 mod common;
 use common::*;
-use futures::{SinkExt as _, StreamExt as _};
+use futures::StreamExt as _;
 use libp2p::Multiaddr;
 use libp2p::swarm::SwarmEvent;
 use meshwhisper_behaviour::client::BehaviourEvent;

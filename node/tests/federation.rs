@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use futures::{SinkExt as _, StreamExt as _};
+use futures::StreamExt as _;
 use meshwhisper_node::config::Config;
 use meshwhisper_node::federation::key_of;
 use std::sync::atomic::Ordering::Relaxed;

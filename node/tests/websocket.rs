@@ -3,7 +3,6 @@
 
 mod common;
 use common::*;
-use futures::{SinkExt as _, StreamExt as _};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -102,17 +101,33 @@ async fn malformed_frames_get_clear_close_codes() {
     })
     .await;
     let base = relay.base.clone();
+    // Text that is not JSON is ignored (as the reference does) and
+    // counted; the packets behind it are stored and delivered.
+    let mut bob = ws(&relay.ws).await;
+    hello(&mut bob, &[B]).await;
+    wait_health(&base, |h| h["clients"] == 1).await;
     let mut s = ws(&relay.ws).await;
     s.send(Message::Text("{not json".into()))
         .await
         .expect("send");
-    assert_eq!(next_close(&mut s).await.0, 1007);
-
-    let mut s = ws(&relay.ws).await;
-    s.send(Message::Binary(vec![1u8; 30].into()))
+    s.send(Message::Binary(packet(B, b"after bad json").into()))
         .await
         .expect("send");
-    assert_eq!(next_close(&mut s).await.0, 1007);
+    assert_eq!(&next_packet(&mut bob).await[31..], b"after bad json");
+
+    // A packet shorter than its header, of an unknown version, or whose
+    // length field is not its size: 1007, nothing stored.
+    let mut short = packet(B, b"x");
+    short.truncate(30);
+    let mut version = packet(B, b"x");
+    version[0] = 2;
+    let mut length = packet(B, b"xyz");
+    length.pop();
+    for bad in [short, version, length] {
+        let mut s = ws(&relay.ws).await;
+        s.send(Message::Binary(bad.into())).await.expect("send");
+        assert_eq!(next_close(&mut s).await.0, 1007);
+    }
 
     let mut s = ws(&relay.ws).await;
     s.send(Message::Binary(packet(B, &[0u8; 1000]).into()))
@@ -134,10 +149,12 @@ async fn malformed_frames_get_clear_close_codes() {
     assert_eq!(next_close(&mut s).await.0, 1008);
 
     // Nothing malformed was stored; the relay still works.
-    let h = get(&format!("{base}/health")).await.json();
-    assert_eq!(h["storedBlobs"], 0);
+    let h = wait_health(&base, |h| h["storedBlobs"] == 0).await;
+    assert_eq!(h["status"], "ok");
     let m = String::from_utf8(get(&format!("{base}/metrics")).await.body).expect("utf8");
-    assert!(m.contains("meshwhisper_protocol_closes_total 4"), "{m}");
+    assert!(m.contains("meshwhisper_protocol_closes_total 5"), "{m}");
+    assert!(m.contains("meshwhisper_bad_control_frames_total 1"), "{m}");
+    assert!(m.contains("meshwhisper_packets_rejected_total 4"), "{m}");
     relay.stop().await;
 }
 

@@ -85,28 +85,40 @@ impl HotRows {
         self.by_id.len() as u64
     }
 
-    /// Up to `limit` unexpired packets for `dests`, oldest first.
-    pub(crate) fn pending(
+    /// Ids and sizes of up to `limit` unexpired packets for `dests` that
+    /// `skip` does not exclude, oldest first.
+    pub(crate) fn pending_ids(
         &self,
         dests: &[DestHash],
         now_ms: u64,
         limit: usize,
-    ) -> Vec<StoredPacket> {
-        if dests.iter().all(|d| !self.per_dest.contains_key(&d.0)) {
+        skip: &dyn Fn(i64) -> bool,
+    ) -> Vec<(i64, usize)> {
+        let wanted: std::collections::HashSet<[u8; 8]> = dests
+            .iter()
+            .map(|d| d.0)
+            .filter(|d| self.per_dest.contains_key(d))
+            .collect();
+        if wanted.is_empty() {
             return Vec::new();
         }
         self.by_id
             .iter()
-            .filter(|(_, r)| r.expires_ms > now_ms && dests.iter().any(|d| d.0 == r.dest))
+            .filter(|(id, r)| r.expires_ms > now_ms && wanted.contains(&r.dest) && !skip(**id))
             .take(limit)
-            .map(|(id, r)| StoredPacket {
-                id: MailboxId(*id),
-                dest: DestHash(r.dest),
-                packet: r.packet.clone(),
-                received_ms: r.received_ms,
-                expires_ms: r.expires_ms,
-            })
+            .map(|(id, r)| (*id, r.packet.len()))
             .collect()
+    }
+
+    /// One hot packet, if it is still here.
+    pub(crate) fn get(&self, id: i64) -> Option<StoredPacket> {
+        self.by_id.get(&id).map(|r| StoredPacket {
+            id: MailboxId(id),
+            dest: DestHash(r.dest),
+            packet: r.packet.clone(),
+            received_ms: r.received_ms,
+            expires_ms: r.expires_ms,
+        })
     }
 
     fn oldest_of(&self, dest: &[u8; 8]) -> Option<i64> {

@@ -453,32 +453,58 @@ impl Mailbox<'_> {
         })
     }
 
-    /// Up to `limit` unexpired packets for any of `dests`, oldest first.
+    /// Up to `limit` unexpired packets for `dests`, oldest first.
     pub async fn pending(
         &self,
         dests: &[DestHash],
         now_ms: u64,
         limit: u32,
     ) -> Result<Vec<StoredPacket>> {
-        let mut out = Vec::new();
-        // Bounded IN lists: query in chunks, then merge by id.
+        self.pending_within(dests, now_ms, limit, usize::MAX, &|_| false)
+            .await
+    }
+
+    /// Up to `limit` unexpired packets for `dests`, oldest first, that
+    /// `skip` does not exclude (ids already in flight to the client), and
+    /// no more than `max_bytes` of them (always at least one packet if
+    /// there is one). Sizes are read first and only the chosen packets'
+    /// bytes are loaded, so a drain's memory is bounded whatever is stored.
+    pub async fn pending_within(
+        &self,
+        dests: &[DestHash],
+        now_ms: u64,
+        limit: u32,
+        max_bytes: usize,
+        skip: &(dyn Fn(MailboxId) -> bool + Sync),
+    ) -> Result<Vec<StoredPacket>> {
+        // Ids and sizes: SQLite in bounded IN lists, then the hot tier.
+        let mut meta: Vec<(i64, usize)> = Vec::new();
         for chunk in dests.chunks(500) {
             let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "SELECT id, dest, packet, received_ms, expires_ms FROM mailbox WHERE expires_ms > ",
+                "SELECT id, length(packet) AS len FROM mailbox WHERE expires_ms > ",
             );
             qb.push_bind(ms(now_ms)).push(" AND dest IN (");
             let mut sep = qb.separated(", ");
             for d in chunk {
                 sep.push_bind(d.0.to_vec());
             }
-            qb.push(") ORDER BY id LIMIT ").push_bind(i64::from(limit));
-            let rows = qb
-                .build()
-                .fetch_all(self.store.readers())
+            qb.push(") ORDER BY id");
+            let mut rows = qb.build().fetch(self.store.readers());
+            let mut taken = 0i64;
+            while let Some(r) = futures::TryStreamExt::try_next(&mut rows)
                 .await
-                .map_err(|e| self.store.db_err("list pending", e))?;
-            for r in &rows {
-                out.push(row_to_packet(r).map_err(|e| self.store.db_err("read pending", e))?);
+                .map_err(|e| self.store.db_err("list pending", e))?
+            {
+                let id: i64 = r.try_get("id").map_err(|e| self.store.db_err("read pending", e))?;
+                if skip(MailboxId(id)) {
+                    continue;
+                }
+                let len: i64 = r.try_get("len").map_err(|e| self.store.db_err("read pending", e))?;
+                meta.push((id, len.max(0) as usize));
+                taken += 1;
+                if taken >= i64::from(limit) {
+                    break;
+                }
             }
         }
         if let Some(hot) = self.store.hot_rows() {
@@ -486,15 +512,61 @@ impl Mailbox<'_> {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
             };
-            for p in rows.pending(dests, now_ms, limit as usize) {
-                // A spill in progress may show a packet in both tiers.
-                if !out.iter().any(|q| q.id == p.id) {
-                    out.push(p);
+            meta.extend(rows.pending_ids(dests, now_ms, limit as usize, &|id| {
+                skip(MailboxId(id))
+            }));
+        }
+        meta.sort_unstable_by_key(|(id, _)| *id);
+        meta.dedup_by_key(|(id, _)| *id);
+        let mut chosen = Vec::new();
+        let mut bytes = 0usize;
+        for (id, len) in meta {
+            if chosen.len() >= limit as usize
+                || (!chosen.is_empty() && bytes.saturating_add(len) > max_bytes)
+            {
+                break;
+            }
+            bytes = bytes.saturating_add(len);
+            chosen.push(id);
+        }
+        // Bodies: from the hot tier where still there, else from SQLite (a
+        // spill may have moved them); deleted ones are gone.
+        let mut out = Vec::with_capacity(chosen.len());
+        let mut cold = Vec::new();
+        match self.store.hot_rows() {
+            Some(hot) => {
+                let rows = match hot.lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                for id in &chosen {
+                    match rows.get(*id) {
+                        Some(p) => out.push(p),
+                        None => cold.push(*id),
+                    }
                 }
+            }
+            None => cold = chosen,
+        }
+        for ids in cold.chunks(500) {
+            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+                "SELECT id, dest, packet, received_ms, expires_ms FROM mailbox WHERE id IN (",
+            );
+            let mut sep = qb.separated(", ");
+            for id in ids {
+                sep.push_bind(*id);
+            }
+            qb.push(")");
+            let rows = qb
+                .build()
+                .fetch_all(self.store.readers())
+                .await
+                .map_err(|e| self.store.db_err("read pending", e))?;
+            for r in &rows {
+                out.push(row_to_packet(r).map_err(|e| self.store.db_err("read pending", e))?);
             }
         }
         out.sort_by_key(|p| p.id);
-        out.truncate(limit as usize);
         Ok(out)
     }
 

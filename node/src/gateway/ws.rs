@@ -3,14 +3,29 @@
 //! Binary frames are packets; text frames are JSON control messages
 //! (`hello`, `pull`, `route`). Packets from the socket are stored in order
 //! with several commits in flight (the store groups them), then routed.
-//! Packets for this client arrive on the core's queue and are sent; their
-//! stored copies are deleted once the send succeeded. `hello` and `pull`
-//! drain what is stored for the client's hashes.
+//! Packets for this client arrive on its [`LiveQueue`] and are sent; `hello`
+//! and `pull` drain what is stored for the client's hashes, and so does a
+//! queue that had to turn packets away once it is empty again.
 //!
-//! Close codes: 1001 at shutdown (as the reference), 1009 for a packet or
-//! control frame over the limit, 1007 for an undersized packet or a control
-//! frame that is not JSON, 1008 for too many destination hashes, 1013 when
-//! the relay cannot store packets (try again later).
+//! Every bound is per connection and relay-wide (docs/operations.md):
+//! packets read and being stored (`limits.client_inflight_bytes`,
+//! `limits.inflight_bytes`; the socket is not read while they are full),
+//! live deliveries queued (`limits.client_queue*`, `limits.live_queue_bytes`),
+//! and deliveries sent but not yet confirmed (`limits.unconfirmed_*`).
+//!
+//! A delivery's stored copy is deleted only once the client is known to
+//! have it: after each burst the relay sends a ping, and the client's pong
+//! (which RFC 6455 requires, and which the client's TCP stream can only
+//! carry after every frame before the ping was read) confirms the burst.
+//! A client that goes away before answering gets those packets again on
+//! its next `hello`.
+//!
+//! Close codes: 1001 at shutdown (as the reference), 1002 for a WebSocket
+//! protocol violation, 1007 for a malformed packet (short, unknown version,
+//! wrong length field) or a text frame that is not UTF-8, 1008 for too many
+//! destination hashes, 1009 for a frame over the limit, 1013 when the relay
+//! cannot store packets (try again later). A text frame that is not JSON is
+//! ignored and counted, as the reference ignores it.
 
 use super::AppState;
 use crate::core::{Accepted, ConnId, ConnKind, Outbound, PacketError};
@@ -24,7 +39,7 @@ use serde_json::Value;
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
-use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite;
 
 /// Batches of packets being stored at once per connection.
 const IN_FLIGHT: usize = 8;
@@ -32,8 +47,9 @@ const IN_FLIGHT: usize = 8;
 const BATCH: usize = 64;
 /// Sent packets whose stored copies are deleted in one go (at the latest).
 const DELETE_BATCH: usize = 256;
-/// Deliveries written per flush.
+/// Deliveries written per flush, in count and bytes.
 const DELIVER_BATCH: usize = 32;
+const DELIVER_BYTES: usize = 256 * 1024;
 /// Home-relay hints (`route` frames) one socket keeps; beyond this the
 /// oldest are forgotten.
 const MAX_HINTS: usize = 1024;
@@ -53,17 +69,17 @@ pub fn upgrade(s: AppState, ws: WebSocketUpgrade, ip: IpAddr) -> Response {
             .into_response();
     }
     // Small socket buffers (tungstenite defaults to 128 KiB each way):
-    // they grow for large frames, and most packets are a few KiB.
+    // they grow for large frames, and most packets are a few KiB. Writes
+    // are bounded by the delivery bursts; the cap is a second guard.
     ws.read_buffer_size(16 * 1024)
         .write_buffer_size(16 * 1024)
+        .max_write_buffer_size(DELIVER_BYTES + 2 * max_frame + 64 * 1024)
         .max_message_size(max_frame.saturating_mul(2))
         .max_frame_size(max_frame.saturating_mul(2))
         .on_upgrade(move |socket| async move {
             s.websockets.fetch_add(1, Relaxed);
             s.metrics.websocket_connections.fetch_add(1, Relaxed);
-            let span = tracing::debug_span!("ws", %ip);
-            let _enter = span.enter();
-            drop(_enter);
+            tracing::debug!(%ip, "websocket session");
             let tracker = s.sessions.clone();
             tracker.track_future(session(s.clone(), socket)).await;
             s.websockets.fetch_sub(1, Relaxed);
@@ -77,16 +93,48 @@ fn close(code: u16, reason: &'static str) -> Message {
     }))
 }
 
+/// Why reading the socket failed, as a close code and reason.
+fn read_error(e: &axum::Error) -> (u16, &'static str) {
+    let inner = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<tungstenite::Error>());
+    match inner {
+        Some(tungstenite::Error::Capacity(_)) => (1009, "frame too large"),
+        Some(tungstenite::Error::Utf8(_)) => (1007, "text frame is not UTF-8"),
+        Some(tungstenite::Error::Protocol(_)) => (1002, "protocol error"),
+        _ => (1002, "protocol error"),
+    }
+}
+
+/// A stored batch and the budget it held while being stored.
+type Stored = (
+    Vec<Result<Accepted, PacketError>>,
+    usize,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+);
+
 struct Session {
     s: AppState,
     id: ConnId,
     hashes: Vec<DestHash>,
+    /// Sent and not yet deleted: a drain must not send these again.
     in_flight: HashSet<MailboxId>,
+    /// Sent since the last ping (id, bytes).
+    unconfirmed: Vec<(MailboxId, usize)>,
+    /// The ping in flight: its sequence number and what it confirms.
+    ping: Option<(u64, Vec<(MailboxId, usize)>)>,
+    next_ping: u64,
+    /// Unconfirmed deliveries in total (both lists), count and bytes.
+    waiting: (usize, usize),
+    /// Confirmed; their stored copies are deleted in one go.
     sent: Vec<MailboxId>,
-    /// Deletions of sent packets' stored copies, running in the background
-    /// so sending never waits for a commit. Their ids stay in `in_flight`
-    /// (so a drain does not send them again) until they complete.
+    /// Deletions of confirmed packets' stored copies, running in the
+    /// background so sending never waits for a commit. Their ids stay in
+    /// `in_flight` (so a drain does not send them again) until they complete.
     deleting: tokio::task::JoinSet<Vec<MailboxId>>,
+    /// Stored packets still to send (hello, pull, or a queue that was full).
+    draining: bool,
+    /// Bytes read from the socket and being stored.
+    storing_bytes: usize,
     /// Home relays named by `route` frames, by destination hash.
     hints: std::collections::HashMap<DestHash, [u8; 32]>,
     hint_order: std::collections::VecDeque<DestHash>,
@@ -99,14 +147,20 @@ enum Step {
 }
 
 async fn session(s: AppState, mut socket: WebSocket) {
-    let (id, mut outbound) = s.core.connect(ConnKind::WebSocket);
+    let (id, queue) = s.core.connect(ConnKind::WebSocket);
     let mut sess = Session {
         s: s.clone(),
         id,
         hashes: Vec::new(),
         in_flight: HashSet::new(),
+        unconfirmed: Vec::new(),
+        ping: None,
+        next_ping: 1,
+        waiting: (0, 0),
         sent: Vec::new(),
         deleting: tokio::task::JoinSet::new(),
+        draining: false,
+        storing_bytes: 0,
         hints: std::collections::HashMap::new(),
         hint_order: std::collections::VecDeque::new(),
     };
@@ -114,10 +168,31 @@ async fn session(s: AppState, mut socket: WebSocket) {
     // A message read while collecting a batch, handled next.
     let mut stashed: Option<Option<Result<Message, axum::Error>>> = None;
     let end = loop {
-        // Deliveries whose sends completed are deleted in one go.
-        if !sess.sent.is_empty() && (outbound.is_empty() || sess.sent.len() >= DELETE_BATCH) {
+        // Confirmed deliveries are deleted in one go.
+        if !sess.sent.is_empty() && (queue.is_empty() || sess.sent.len() >= DELETE_BATCH) {
             sess.flush_sent();
         }
+        // Deliveries sent while the last ping was out get a ping of their own.
+        if sess.ping.is_none() && !sess.unconfirmed.is_empty() {
+            match sess.ask_confirmation(&mut socket).await {
+                Step::Continue => {}
+                Step::Close(code, reason) => break Some((code, reason)),
+                Step::Closed => break None,
+            }
+        }
+        // A queue that turned packets away catches up from the store.
+        if queue.take_behind() {
+            sess.draining = true;
+        }
+        if sess.draining && sess.room() {
+            match sess.drain_page(&mut socket).await {
+                Step::Continue => {}
+                Step::Close(code, reason) => break Some((code, reason)),
+                Step::Closed => break None,
+            }
+        }
+        let limits = &s.cfg.limits;
+        let can_read = storing.len() < IN_FLIGHT && sess.storing_bytes < limits.client_inflight_bytes;
         let step = if let Some(msg) = stashed.take() {
             sess.incoming(&mut socket, msg).await
         } else {
@@ -127,22 +202,31 @@ async fn session(s: AppState, mut socket: WebSocket) {
                 _ = s.cancel.cancelled() => Step::Close(1001, "Node shutting down"),
                 // Then finish storing what we read, in order, and route it.
                 Some(r) = storing.next(), if !storing.is_empty() => sess.stored(r),
-                // Then deliver to this client.
-                Some(out) = outbound.recv() => sess.deliver(&mut socket, out, &mut outbound).await,
                 // Forget ids whose stored copies are gone.
                 Some(Ok(ids)) = sess.deleting.join_next(), if !sess.deleting.is_empty() => {
                     sess.deleted(ids);
                     Step::Continue
                 }
-                // Then read, unless too much is being stored.
-                msg = socket.recv(), if storing.len() < IN_FLIGHT => match msg {
+                // Then deliver to this client, while it confirms what it got.
+                batch = queue.next_batch(DELIVER_BATCH, DELIVER_BYTES), if sess.room() && !sess.draining => {
+                    sess.deliver(&mut socket, batch).await
+                }
+                // The next page of a drain, before reading more (pongs are
+                // read once the unconfirmed room is used up).
+                _ = std::future::ready(()), if sess.draining && sess.room() => Step::Continue,
+                // Then read, unless too much of this client's is being stored.
+                msg = socket.recv(), if can_read => match msg {
                     Some(Ok(Message::Binary(frame))) => {
                         // Take every packet already waiting into one batch:
                         // one commit and one reply for all of them.
+                        let mut bytes = frame.len();
                         let mut batch = vec![frame];
-                        while batch.len() < BATCH {
+                        while batch.len() < BATCH && bytes < limits.client_inflight_bytes {
                             match socket.recv().now_or_never() {
-                                Some(Some(Ok(Message::Binary(f)))) => batch.push(f),
+                                Some(Some(Ok(Message::Binary(f)))) => {
+                                    bytes += f.len();
+                                    batch.push(f);
+                                }
                                 Some(other) => {
                                     stashed = Some(other);
                                     break;
@@ -150,8 +234,12 @@ async fn session(s: AppState, mut socket: WebSocket) {
                                 None => break,
                             }
                         }
+                        // The relay-wide budget: wait for room (this client
+                        // is not read meanwhile).
+                        let permit = s.core.inflight_permit(bytes).await;
+                        sess.storing_bytes += bytes;
                         let core = s.core.clone();
-                        storing.push_back(async move { core.accept_many(batch).await });
+                        storing.push_back(async move { (core.accept_many(batch).await, bytes, permit) });
                         Step::Continue
                     }
                     other => sess.incoming(&mut socket, other).await,
@@ -179,27 +267,40 @@ async fn session(s: AppState, mut socket: WebSocket) {
 }
 
 impl Session {
-    /// Routes a stored batch in order; the first refused packet closes the
-    /// connection (the packets before it were stored and are routed).
-    fn stored(&mut self, batch: Vec<Result<Accepted, PacketError>>) -> Step {
+    /// Whether more may be sent before the client confirms what it has.
+    fn room(&self) -> bool {
+        let l = &self.s.cfg.limits;
+        self.waiting.0 < l.unconfirmed_deliveries && self.waiting.1 < l.unconfirmed_bytes
+    }
+
+    /// Routes a stored batch in order. Every packet that was stored is
+    /// routed; the first refusal then closes the connection.
+    fn stored(&mut self, (batch, bytes, permit): Stored) -> Step {
+        self.storing_bytes = self.storing_bytes.saturating_sub(bytes);
+        drop(permit);
+        let mut refusal = None;
         for r in batch {
             match r {
                 Ok(acc) => {
                     let hint = self.hints.get(&acc.dest()).copied();
                     self.s.core.route_hinted(self.id, acc, hint)
                 }
-                Err(PacketError::Malformed(meshwhisper_behaviour::packet::Error::TooLarge {
-                    ..
-                })) => return Step::Close(1009, "packet too large"),
-                Err(PacketError::Malformed(_)) => {
-                    return Step::Close(1007, "packet shorter than its header");
+                Err(e) if refusal.is_none() => {
+                    refusal = Some(match e {
+                        PacketError::Malformed(meshwhisper_behaviour::packet::Error::TooLarge {
+                            ..
+                        }) => (1009, "packet too large"),
+                        PacketError::Malformed(_) => (1007, "malformed packet"),
+                        PacketError::Store(_) => (1013, "relay storage unavailable"),
+                    });
                 }
-                Err(PacketError::Store(_)) => {
-                    return Step::Close(1013, "relay storage unavailable");
-                }
+                Err(_) => {}
             }
         }
-        Step::Continue
+        match refusal {
+            Some((code, reason)) => Step::Close(code, reason),
+            None => Step::Continue,
+        }
     }
 
     /// A non-packet message (or the end of the socket).
@@ -212,63 +313,97 @@ impl Session {
             Some(Ok(Message::Binary(frame))) => {
                 // Only reached for a stashed packet: store it alone.
                 let r = self.s.core.accept(frame).await;
-                self.stored(vec![r])
+                self.stored((vec![r], 0, None))
             }
-            Some(Ok(Message::Text(text))) => self.control(socket, text.as_str()).await,
+            Some(Ok(Message::Text(text))) => self.control(text.as_str()).await,
+            Some(Ok(Message::Pong(payload))) => {
+                self.pong(&payload);
+                Step::Continue
+            }
             Some(Ok(Message::Close(_))) | None => Step::Closed,
-            Some(Ok(_)) => Step::Continue,
+            Some(Ok(Message::Ping(_))) => {
+                // tungstenite queued the pong; send it now.
+                if socket.flush().await.is_err() {
+                    return Step::Closed;
+                }
+                Step::Continue
+            }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "websocket read failed");
-                // Usually a frame over the size limit.
-                Step::Close(1009, "frame too large")
+                let (code, reason) = read_error(&e);
+                Step::Close(code, reason)
             }
         }
     }
 
-    /// Sends `out` and every delivery already queued behind it (up to
-    /// [`DELIVER_BATCH`]) with one flush: one write for the burst. Their
-    /// stored copies are deleted only once the flush succeeded.
-    async fn deliver(
-        &mut self,
-        socket: &mut WebSocket,
-        out: Outbound,
-        outbound: &mut mpsc::Receiver<Outbound>,
-    ) -> Step {
-        let mut ids = Vec::new();
-        let mut next = Some(out);
-        let mut n = 0;
-        while let Some(out) = next.take() {
-            let fresh = match out.mailbox_id {
-                Some(id) => self.in_flight.insert(id).then_some(Some(id)),
-                None => Some(None),
+    /// Sends a burst of live deliveries with one flush, then a ping that
+    /// will confirm them.
+    async fn deliver(&mut self, socket: &mut WebSocket, batch: Vec<Outbound>) -> Step {
+        let mut any = false;
+        for out in batch {
+            let id = match out.mailbox_id {
+                // Already sent by a drain.
+                Some(id) if !self.in_flight.insert(id) => continue,
+                other => other,
             };
-            // `None`: already sent by a drain.
-            if let Some(id) = fresh {
-                if socket.feed(Message::Binary(out.packet)).await.is_err() {
-                    return self.failed(ids, id);
-                }
-                ids.extend(id);
-                n += 1;
+            let len = out.packet.len();
+            if socket.feed(Message::Binary(out.packet)).await.is_err() {
+                return Step::Closed;
             }
-            if n < DELIVER_BATCH {
-                next = outbound.try_recv().ok();
+            if let Some(id) = id {
+                self.unconfirmed.push((id, len));
+                self.waiting.0 += 1;
+                self.waiting.1 += len;
             }
+            any = true;
         }
-        if n > 0 && socket.flush().await.is_err() {
-            return self.failed(ids, None);
+        if any {
+            self.ask_confirmation(socket).await
+        } else {
+            Step::Continue
         }
-        self.sent.extend(ids);
+    }
+
+    /// Feeds a ping after what was sent (unless one is out already) and
+    /// flushes.
+    async fn ask_confirmation(&mut self, socket: &mut WebSocket) -> Step {
+        if self.ping.is_none() && !self.unconfirmed.is_empty() {
+            let seq = self.next_ping;
+            self.next_ping += 1;
+            let covered = std::mem::take(&mut self.unconfirmed);
+            if socket
+                .feed(Message::Ping(seq.to_be_bytes().to_vec().into()))
+                .await
+                .is_err()
+            {
+                return Step::Closed;
+            }
+            self.ping = Some((seq, covered));
+        }
+        if socket.flush().await.is_err() {
+            return Step::Closed;
+        }
         Step::Continue
     }
 
-    fn failed(&mut self, ids: Vec<MailboxId>, also: Option<MailboxId>) -> Step {
-        for id in ids.into_iter().chain(also) {
-            self.in_flight.remove(&id);
+    /// A pong: what its ping covered reached the client.
+    fn pong(&mut self, payload: &[u8]) {
+        let Ok(seq) = <[u8; 8]>::try_from(payload).map(u64::from_be_bytes) else {
+            return;
+        };
+        if !self.ping.as_ref().is_some_and(|(s, _)| *s == seq) {
+            return;
         }
-        Step::Closed
+        if let Some((_, covered)) = self.ping.take() {
+            for (id, len) in covered {
+                self.waiting.0 = self.waiting.0.saturating_sub(1);
+                self.waiting.1 = self.waiting.1.saturating_sub(len);
+                self.sent.push(id);
+            }
+        }
     }
 
-    /// Starts deleting the stored copies of what was sent.
+    /// Starts deleting the stored copies of what was confirmed.
     fn flush_sent(&mut self) {
         if self.sent.is_empty() {
             return;
@@ -287,7 +422,8 @@ impl Session {
         }
     }
 
-    /// Waits for every deletion (at the end of the session).
+    /// Waits for every deletion (at the end of the session). Deliveries
+    /// not confirmed stay stored for the next session.
     async fn finish_deletes(&mut self) {
         self.flush_sent();
         while let Some(r) = self.deleting.join_next().await {
@@ -297,16 +433,21 @@ impl Session {
         }
     }
 
-    async fn control(&mut self, socket: &mut WebSocket, text: &str) -> Step {
+    async fn control(&mut self, text: &str) -> Step {
         if text.len() > self.s.cfg.limits.max_control_frame {
             return Step::Close(1009, "control frame too large");
         }
         let Ok(v) = serde_json::from_str::<Value>(text) else {
-            return Step::Close(1007, "control frame is not JSON");
+            // The reference ignores what it cannot parse.
+            self.s.metrics.bad_control_frames.fetch_add(1, Relaxed);
+            return Step::Continue;
         };
         match v.get("type").and_then(Value::as_str) {
-            Some("hello") => self.hello(socket, &v).await,
-            Some("pull") => self.drain(socket).await,
+            Some("hello") => self.hello(&v).await,
+            Some("pull") => {
+                self.draining = true;
+                Step::Continue
+            }
             // Which relay homes a destination: federation sends packets
             // for it straight there. A malformed hint is ignored.
             Some("route") => {
@@ -341,7 +482,7 @@ impl Session {
         }
     }
 
-    async fn hello(&mut self, socket: &mut WebSocket, v: &Value) -> Step {
+    async fn hello(&mut self, v: &Value) -> Step {
         let list = v.get("destHashes").and_then(Value::as_array);
         let mut hashes = Vec::new();
         for item in list.into_iter().flatten() {
@@ -364,37 +505,7 @@ impl Session {
         }
         self.s.core.register(self.id, &hashes);
         self.hashes = hashes;
-        let platform = v.get("pushPlatform").and_then(Value::as_str);
-        let token = v
-            .get("pushToken")
-            .and_then(Value::as_str)
-            .filter(|t| !t.is_empty());
-        let topic = v
-            .get("pushTopic")
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let sub = v
-            .get("pushSubscription")
-            .and_then(Value::as_str)
-            .map(str::to_string);
-        let reg = match (platform, token, &sub) {
-            (Some("webpush"), _, Some(sub)) => Some(meshwhisper_storage::push::Registration {
-                platform: "webpush".into(),
-                token: sub.clone(),
-                topic: None,
-                subscription: Some(sub.clone()),
-            }),
-            (Some(p @ ("apns" | "fcm")), Some(t), _) => {
-                Some(meshwhisper_storage::push::Registration {
-                    platform: p.into(),
-                    token: t.into(),
-                    topic,
-                    subscription: None,
-                })
-            }
-            _ => None,
-        };
-        if let Some(reg) = reg
+        if let Some(reg) = push_registration(v)
             && !self.hashes.is_empty()
             && let Err(e) = self
                 .s
@@ -406,42 +517,84 @@ impl Session {
         {
             tracing::warn!(error = %e, "could not record a push registration");
         }
-        self.drain(socket).await
+        self.draining = true;
+        Step::Continue
     }
 
-    /// Sends what is stored for this client's hashes, batch by batch.
-    async fn drain(&mut self, socket: &mut WebSocket) -> Step {
-        let batch = self.s.cfg.limits.drain_batch.max(1);
-        loop {
-            let pending = match self
-                .s
-                .core
-                .pending(&self.hashes, &self.in_flight, batch)
-                .await
-            {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not list stored packets");
-                    return Step::Continue;
-                }
-            };
-            let n = pending.len();
-            for p in pending {
-                self.in_flight.insert(p.id);
-                if socket.send(Message::Binary(p.packet.into())).await.is_err() {
-                    self.in_flight.remove(&p.id);
-                    return Step::Closed;
-                }
-                self.sent.push(p.id);
-                self.s.metrics.packets_drained.fetch_add(1, Relaxed);
-                self.s.core.events.drain.fetch_add(1, Relaxed);
-            }
-            // Sent packets must be deleted before the next page is read, or
-            // the page would contain them again.
-            self.finish_deletes().await;
-            if n < batch as usize {
+    /// Sends one page of what is stored for this client's hashes (bounded
+    /// by `limits.drain_batch`, `limits.drain_bytes` and the unconfirmed
+    /// room), then asks for confirmation; an empty page ends the drain.
+    async fn drain_page(&mut self, socket: &mut WebSocket) -> Step {
+        let l = &self.s.cfg.limits;
+        let room_count = l.unconfirmed_deliveries.saturating_sub(self.waiting.0);
+        let room_bytes = l.unconfirmed_bytes.saturating_sub(self.waiting.1);
+        let limit = (l.drain_batch as usize).min(room_count).max(1) as u32;
+        let pending = match self
+            .s
+            .core
+            .pending(
+                &self.hashes,
+                &self.in_flight,
+                limit,
+                l.drain_bytes.min(room_bytes.max(1)),
+            )
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list stored packets");
+                self.draining = false;
                 return Step::Continue;
             }
+        };
+        if pending.is_empty() {
+            self.draining = false;
+            return Step::Continue;
         }
+        for p in pending {
+            self.in_flight.insert(p.id);
+            let len = p.packet.len();
+            if socket.feed(Message::Binary(p.packet.into())).await.is_err() {
+                return Step::Closed;
+            }
+            self.unconfirmed.push((p.id, len));
+            self.waiting.0 += 1;
+            self.waiting.1 += len;
+            self.s.metrics.packets_drained.fetch_add(1, Relaxed);
+            self.s.core.events.drain.fetch_add(1, Relaxed);
+        }
+        self.ask_confirmation(socket).await
+    }
+}
+
+/// A push registration in a `hello`, if it carries one.
+fn push_registration(v: &Value) -> Option<meshwhisper_storage::push::Registration> {
+    let platform = v.get("pushPlatform").and_then(Value::as_str);
+    let token = v
+        .get("pushToken")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty());
+    let topic = v
+        .get("pushTopic")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    let sub = v
+        .get("pushSubscription")
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    match (platform, token, sub) {
+        (Some("webpush"), _, Some(sub)) => Some(meshwhisper_storage::push::Registration {
+            platform: "webpush".into(),
+            token: sub.clone(),
+            topic: None,
+            subscription: Some(sub),
+        }),
+        (Some(p @ ("apns" | "fcm")), Some(t), _) => Some(meshwhisper_storage::push::Registration {
+            platform: p.into(),
+            token: t.into(),
+            topic,
+            subscription: None,
+        }),
+        _ => None,
     }
 }

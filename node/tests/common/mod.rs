@@ -109,8 +109,39 @@ pub async fn post_json(url: &str, v: serde_json::Value) -> Resp {
     .await
 }
 
-pub type Ws =
+type WsStream =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket client that keeps reading in the background, as real
+/// clients do: pings are answered at once (the relay deletes a live
+/// delivery only after the pong that follows it), and what arrives waits
+/// on a channel for [`Ws::next`].
+pub struct Ws {
+    sink: futures::stream::SplitSink<WsStream, Message>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Ws {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Ws {
+    pub async fn send(&mut self, m: Message) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+        self.sink.send(m).await
+    }
+
+    /// The next message other than a ping or pong.
+    pub async fn next(&mut self) -> Option<Result<Message, tokio_tungstenite::tungstenite::Error>> {
+        self.rx.recv().await
+    }
+
+    pub async fn close(&mut self) {
+        let _ = self.sink.close().await;
+    }
+}
 
 pub async fn ws(url: &str) -> Ws {
     let (s, _) = tokio::time::timeout(
@@ -120,7 +151,20 @@ pub async fn ws(url: &str) -> Ws {
     .await
     .expect("ws connect timeout")
     .expect("ws connect");
-    s
+    let (sink, mut stream) = s.split();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        while let Some(m) = stream.next().await {
+            let end = m.is_err();
+            if matches!(m, Ok(Message::Ping(_) | Message::Pong(_))) {
+                continue;
+            }
+            if tx.send(m).is_err() || end {
+                break;
+            }
+        }
+    });
+    Ws { sink, rx, reader }
 }
 
 pub async fn hello(ws: &mut Ws, hashes: &[&str]) {
