@@ -123,24 +123,35 @@ async fn queued_packets_survive_sigkill_and_arrive_once() {
     let mut bob = ws(&relay.http).await;
     let hello = serde_json::json!({"type": "hello", "destHashes": [B]}).to_string();
     bob.send(Message::Text(hello.into())).await.expect("hello");
+    // Bob reads as a client does, all the time (answering the relay's
+    // pings, which confirm deliveries).
+    let (mut bob_tx, mut bob_rx) = bob.split();
+    let (tx, mut packets) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = bob_rx.next().await {
+            if let Message::Binary(b) = m
+                && tx.send(b).is_err()
+            {
+                break;
+            }
+        }
+    });
     let mut got = Vec::new();
     while got.len() < 50 {
-        let m = tokio::time::timeout(Duration::from_secs(10), bob.next())
+        let b = tokio::time::timeout(Duration::from_secs(10), packets.recv())
             .await
             .expect("frame")
-            .expect("open")
-            .expect("ok");
-        if let Message::Binary(b) = m {
-            got.push(u32::from_be_bytes(b[31..35].try_into().expect("4 bytes")));
-        }
+            .expect("open");
+        got.push(u32::from_be_bytes(b[31..35].try_into().expect("4 bytes")));
     }
     assert_eq!(got, (0..50).collect::<Vec<_>>());
-    bob.send(Message::Text(r#"{"type":"pull"}"#.into()))
+    wait_stored(&relay.http, 0).await;
+    bob_tx
+        .send(Message::Text(r#"{"type":"pull"}"#.into()))
         .await
         .expect("pull");
-    let extra = tokio::time::timeout(Duration::from_millis(300), bob.next()).await;
+    let extra = tokio::time::timeout(Duration::from_millis(300), packets.recv()).await;
     assert!(extra.is_err(), "duplicate delivery: {extra:?}");
-    wait_stored(&relay.http, 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

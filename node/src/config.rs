@@ -124,6 +124,34 @@ pub struct Limits {
     pub rate_limit_max_clients: usize,
     /// Concurrent WebSocket clients. Default 10000.
     pub max_websockets: usize,
+    /// Concurrent WebSocket clients from one address (IPv6: one /64; the
+    /// forwarded address behind a trusted proxy). Default 256.
+    pub max_websockets_per_ip: usize,
+    /// Client gateway connections (HTTP and WebSocket) in total; 0 = as
+    /// many as the file-descriptor limit allows after `fd_reserve`.
+    /// Default 0.
+    pub max_connections: usize,
+    /// Gateway connections from one address (IPv6: one /64). Not applied
+    /// with `trust_proxy` (every connection comes from the proxy then).
+    /// Default 256.
+    pub max_connections_per_ip: usize,
+    /// File descriptors kept for everything but client connections (the
+    /// store, libp2p, logs; loopback health checks get 32 of them).
+    /// Default 1024.
+    pub fd_reserve: usize,
+    /// Request headers must arrive within this many seconds; also how long
+    /// an idle keep-alive connection stays open. Default 10.
+    pub header_timeout_secs: u64,
+    /// Longest pause inside a request body, seconds. Default 30.
+    pub body_idle_timeout_secs: u64,
+    /// Longest a whole request body may take, seconds. Default 600.
+    pub body_timeout_secs: u64,
+    /// A connection whose writes make no progress this long (the client
+    /// stopped reading) is closed, seconds. Default 60.
+    pub write_stall_secs: u64,
+    /// A WebSocket that leaves a ping unanswered this long is closed,
+    /// seconds; idle sockets are pinged at a third of it. Default 90.
+    pub ws_pong_timeout_secs: u64,
     /// Destination hashes one client may register. Default 4096 (the JS SDK registers 720).
     pub max_hashes_per_client: usize,
     /// Live deliveries queued to one connected client. Default 1024.
@@ -405,6 +433,15 @@ impl Default for Limits {
             rate_limit_archive: 30,
             rate_limit_max_clients: 100_000,
             max_websockets: 10_000,
+            max_websockets_per_ip: 256,
+            max_connections: 0,
+            max_connections_per_ip: 256,
+            fd_reserve: 1024,
+            header_timeout_secs: 10,
+            body_idle_timeout_secs: 30,
+            body_timeout_secs: 600,
+            write_stall_secs: 60,
+            ws_pong_timeout_secs: 90,
             max_hashes_per_client: 4096,
             client_queue: 1024,
             client_queue_bytes: 1024 * 1024,
@@ -731,8 +768,19 @@ impl Config {
         if l.max_websockets == 0 || l.client_queue == 0 || l.max_hashes_per_client == 0 {
             return bad("limits", "bounds must be positive");
         }
-        if l.unconfirmed_deliveries == 0 || l.drain_batch == 0 {
+        if l.unconfirmed_deliveries == 0 || l.drain_batch == 0 || l.max_websockets_per_ip == 0 {
             return bad("limits", "bounds must be positive");
+        }
+        if l.header_timeout_secs == 0
+            || l.body_idle_timeout_secs == 0
+            || l.body_timeout_secs == 0
+            || l.write_stall_secs == 0
+            || l.ws_pong_timeout_secs < 3
+        {
+            return bad(
+                "limits.*_secs",
+                "timeouts must be positive (ws_pong_timeout_secs at least 3)",
+            );
         }
         let packet = s.max_blob_size;
         for (key, v) in [

@@ -194,7 +194,9 @@ impl Core {
             client_queue_bytes: limits.client_queue_bytes.max(1),
             live_budget: Budget::new(limits.live_queue_bytes),
             inflight: Arc::new(tokio::sync::Semaphore::new(
-                limits.inflight_bytes.min(tokio::sync::Semaphore::MAX_PERMITS),
+                limits
+                    .inflight_bytes
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
             )),
             inflight_max: limits
                 .inflight_bytes
@@ -604,9 +606,7 @@ impl Core {
         }
         self.store
             .mailbox()
-            .pending_within(hashes, now_ms(), limit, max_bytes, &|id| {
-                skip.contains(&id)
-            })
+            .pending_within(hashes, now_ms(), limit, max_bytes, &|id| skip.contains(&id))
             .await
     }
 

@@ -29,6 +29,7 @@ use std::time::Instant;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+pub mod serve;
 pub mod ws;
 
 /// Standard base64 (padding optional on input).
@@ -66,6 +67,10 @@ pub struct AppState {
     pub sessions: tokio_util::task::TaskTracker,
     /// Federation status from the Swarm task.
     pub federation: tokio::sync::watch::Receiver<crate::p2p::FedStatus>,
+    /// Gateway connections, their caps and refusals.
+    pub conns: Arc<serve::ConnLimiter>,
+    /// Open WebSockets per client address (see `limits.max_websockets_per_ip`).
+    pub ws_per_ip: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
 }
 
 fn cors(mut resp: Response) -> Response {
@@ -221,6 +226,13 @@ pub async fn gauges(s: &AppState) -> Gauges {
         federation_peers_connected: s.federation.borrow().connected.len() as u64,
         store_commits: store.commit_stats().0,
         store_writes: store.commit_stats().1,
+        gateway_connections: s.conns.open() as u64,
+        connections_refused_per_ip: s.conns.stats.refused_per_ip.load(Relaxed),
+        connections_refused_total: s.conns.stats.refused_total.load(Relaxed),
+        connection_timeouts: s.conns.stats.timed_out.load(Relaxed),
+        accept_errors: s.conns.stats.accept_errors.load(Relaxed),
+        live_queue_bytes: s.core.live_bytes() as u64,
+        inflight_bytes: s.core.inflight_bytes() as u64,
     }
 }
 

@@ -245,6 +245,34 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         )));
     }
 
+    let l = &cfg.limits;
+    let fd_room = gateway::serve::raise_fd_limit().map(|soft| {
+        usize::try_from(soft)
+            .unwrap_or(usize::MAX)
+            .saturating_sub(l.fd_reserve)
+            .max(64)
+    });
+    let total = match (l.max_connections, fd_room) {
+        (0, Some(room)) => room,
+        (0, None) => 65_536,
+        (n, Some(room)) => n.min(room),
+        (n, None) => n,
+    };
+    let conns = gateway::serve::ConnLimiter::new(gateway::serve::HttpLimits {
+        header_read: Duration::from_secs(l.header_timeout_secs),
+        body_idle: Duration::from_secs(l.body_idle_timeout_secs),
+        body_total: Duration::from_secs(l.body_timeout_secs),
+        write_stall: Duration::from_secs(l.write_stall_secs),
+        per_ip: if cfg.trust_proxy {
+            0
+        } else {
+            l.max_connections_per_ip
+        },
+        total,
+        loopback_reserve: 32,
+        drain: SHUTDOWN_GRACE,
+    });
+    tracing::debug!(connections = total, "client gateway connection cap");
     let (events_tx, _) = tokio::sync::broadcast::channel(64);
     let state = gateway::AppState {
         core: core.clone(),
@@ -267,25 +295,11 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         peer_id: p2p.peer_id.to_string().into(),
         sessions: sessions.clone(),
         federation: p2p.federation.clone(),
+        conns: conns.clone(),
+        ws_per_ip: Default::default(),
     };
-    // Packets are small and latency-sensitive: never let Nagle's algorithm
-    // hold one back waiting for an ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
-    let app = gateway::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let c = cancel.clone();
-    let server = tokio::spawn(async move {
-        let shutdown = c.clone();
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
-        {
-            tracing::error!(error = %e, "client gateway failed");
-        }
-    });
+    let app = gateway::router(state);
+    let server = tokio::spawn(gateway::serve::serve(listener, app, conns, cancel.clone()));
 
     // `/events`: one ticker takes the counts every 250 ms.
     let ev = core.events.clone();

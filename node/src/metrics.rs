@@ -38,6 +38,10 @@ pub struct Metrics {
     pub live_queue_full: AtomicU64,
     /// WebSocket text frames that were not JSON (ignored).
     pub bad_control_frames: AtomicU64,
+    /// WebSocket upgrades refused: the address had `max_websockets_per_ip`.
+    pub websockets_refused_per_ip: AtomicU64,
+    /// WebSockets closed for leaving a ping unanswered.
+    pub websocket_timeouts: AtomicU64,
     /// Push wake webhooks sent.
     pub push_sent: AtomicU64,
     /// Push wake webhooks that failed or were dropped (queue full).
@@ -87,6 +91,20 @@ pub struct Gauges {
     pub store_commits: u64,
     /// Writes in those transactions.
     pub store_writes: u64,
+    /// Open gateway connections (HTTP and WebSocket).
+    pub gateway_connections: u64,
+    /// Gateway connections refused: the address had its share.
+    pub connections_refused_per_ip: u64,
+    /// Gateway connections refused: no room left (file descriptors).
+    pub connections_refused_total: u64,
+    /// Gateway connections closed for slow headers, bodies or reads.
+    pub connection_timeouts: u64,
+    /// Accepts that failed (e.g. out of file descriptors).
+    pub accept_errors: u64,
+    /// Bytes of live deliveries queued.
+    pub live_queue_bytes: u64,
+    /// Bytes of client packets being stored.
+    pub inflight_bytes: u64,
 }
 
 /// Federation counters and gauges. The first ten keep the reference
@@ -307,6 +325,21 @@ impl Metrics {
             g.uptime_seconds,
         );
         gauge(
+            "meshwhisper_gateway_connections",
+            "Open gateway connections (HTTP and WebSocket)",
+            g.gateway_connections,
+        );
+        gauge(
+            "meshwhisper_live_queue_bytes",
+            "Bytes of live deliveries queued to clients",
+            g.live_queue_bytes,
+        );
+        gauge(
+            "meshwhisper_inflight_bytes",
+            "Bytes of client packets being stored",
+            g.inflight_bytes,
+        );
+        gauge(
             "meshwhisper_clients_connected",
             "Destination hashes registered by connected clients",
             g.clients_connected,
@@ -369,6 +402,26 @@ impl Metrics {
             );
         };
         counter(
+            "meshwhisper_connections_refused_per_ip_total",
+            "Gateway connections refused: the address had its share",
+            g.connections_refused_per_ip,
+        );
+        counter(
+            "meshwhisper_connections_refused_total",
+            "Gateway connections refused: no room (file descriptors)",
+            g.connections_refused_total,
+        );
+        counter(
+            "meshwhisper_connection_timeouts_total",
+            "Gateway connections closed for slow headers, bodies or reads",
+            g.connection_timeouts,
+        );
+        counter(
+            "meshwhisper_accept_errors_total",
+            "Accepts that failed (e.g. out of file descriptors)",
+            g.accept_errors,
+        );
+        counter(
             "meshwhisper_store_commits_total",
             "Store transactions committed (each groups many writes)",
             g.store_commits,
@@ -422,6 +475,16 @@ impl Metrics {
             "meshwhisper_live_queue_full_total",
             "Live deliveries that found a full queue and stayed stored for a drain",
             self.live_queue_full.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_websockets_refused_per_ip_total",
+            "WebSocket upgrades refused: the address had its share",
+            self.websockets_refused_per_ip.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_websocket_timeouts_total",
+            "WebSockets closed for leaving a ping unanswered",
+            self.websocket_timeouts.load(Relaxed),
         );
         counter(
             "meshwhisper_bad_control_frames_total",

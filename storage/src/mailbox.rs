@@ -495,11 +495,15 @@ impl Mailbox<'_> {
                 .await
                 .map_err(|e| self.store.db_err("list pending", e))?
             {
-                let id: i64 = r.try_get("id").map_err(|e| self.store.db_err("read pending", e))?;
+                let id: i64 = r
+                    .try_get("id")
+                    .map_err(|e| self.store.db_err("read pending", e))?;
                 if skip(MailboxId(id)) {
                     continue;
                 }
-                let len: i64 = r.try_get("len").map_err(|e| self.store.db_err("read pending", e))?;
+                let len: i64 = r
+                    .try_get("len")
+                    .map_err(|e| self.store.db_err("read pending", e))?;
                 meta.push((id, len.max(0) as usize));
                 taken += 1;
                 if taken >= i64::from(limit) {
@@ -512,9 +516,7 @@ impl Mailbox<'_> {
                 Ok(g) => g,
                 Err(p) => p.into_inner(),
             };
-            meta.extend(rows.pending_ids(dests, now_ms, limit as usize, &|id| {
-                skip(MailboxId(id))
-            }));
+            meta.extend(rows.pending_ids(dests, now_ms, limit as usize, &|id| skip(MailboxId(id))));
         }
         meta.sort_unstable_by_key(|(id, _)| *id);
         meta.dedup_by_key(|(id, _)| *id);

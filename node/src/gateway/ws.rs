@@ -68,6 +68,14 @@ pub fn upgrade(s: AppState, ws: WebSocketUpgrade, ip: IpAddr) -> Response {
         )
             .into_response();
     }
+    let Some(slot) = WsSlot::take(&s, ip) else {
+        s.metrics.websockets_refused_per_ip.fetch_add(1, Relaxed);
+        return (
+            axum::http::StatusCode::TOO_MANY_REQUESTS,
+            "too many connections from your address",
+        )
+            .into_response();
+    };
     // Small socket buffers (tungstenite defaults to 128 KiB each way):
     // they grow for large frames, and most packets are a few KiB. Writes
     // are bounded by the delivery bursts; the cap is a second guard.
@@ -77,6 +85,7 @@ pub fn upgrade(s: AppState, ws: WebSocketUpgrade, ip: IpAddr) -> Response {
         .max_message_size(max_frame.saturating_mul(2))
         .max_frame_size(max_frame.saturating_mul(2))
         .on_upgrade(move |socket| async move {
+            let _slot = slot;
             s.websockets.fetch_add(1, Relaxed);
             s.metrics.websocket_connections.fetch_add(1, Relaxed);
             tracing::debug!(%ip, "websocket session");
@@ -84,6 +93,46 @@ pub fn upgrade(s: AppState, ws: WebSocketUpgrade, ip: IpAddr) -> Response {
             tracker.track_future(session(s.clone(), socket)).await;
             s.websockets.fetch_sub(1, Relaxed);
         })
+}
+
+/// One open WebSocket counted against its client address.
+struct WsSlot {
+    map: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>>,
+    key: IpAddr,
+}
+
+impl WsSlot {
+    fn take(s: &AppState, ip: IpAddr) -> Option<Self> {
+        let key = crate::ratelimit::client_key(ip.to_canonical());
+        let mut m = match s.ws_per_ip.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let n = m.entry(key).or_insert(0);
+        if *n >= s.cfg.limits.max_websockets_per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            map: s.ws_per_ip.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for WsSlot {
+    fn drop(&mut self) {
+        let mut m = match self.map.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(n) = m.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
 }
 
 fn close(code: u16, reason: &'static str) -> Message {
@@ -95,8 +144,7 @@ fn close(code: u16, reason: &'static str) -> Message {
 
 /// Why reading the socket failed, as a close code and reason.
 fn read_error(e: &axum::Error) -> (u16, &'static str) {
-    let inner = std::error::Error::source(e)
-        .and_then(|s| s.downcast_ref::<tungstenite::Error>());
+    let inner = std::error::Error::source(e).and_then(|s| s.downcast_ref::<tungstenite::Error>());
     match inner {
         Some(tungstenite::Error::Capacity(_)) => (1009, "frame too large"),
         Some(tungstenite::Error::Utf8(_)) => (1007, "text frame is not UTF-8"),
@@ -122,6 +170,8 @@ struct Session {
     unconfirmed: Vec<(MailboxId, usize)>,
     /// The ping in flight: its sequence number and what it confirms.
     ping: Option<(u64, Vec<(MailboxId, usize)>)>,
+    /// When that ping was sent.
+    ping_sent: tokio::time::Instant,
     next_ping: u64,
     /// Unconfirmed deliveries in total (both lists), count and bytes.
     waiting: (usize, usize),
@@ -155,6 +205,7 @@ async fn session(s: AppState, mut socket: WebSocket) {
         in_flight: HashSet::new(),
         unconfirmed: Vec::new(),
         ping: None,
+        ping_sent: tokio::time::Instant::now(),
         next_ping: 1,
         waiting: (0, 0),
         sent: Vec::new(),
@@ -165,6 +216,12 @@ async fn session(s: AppState, mut socket: WebSocket) {
         hint_order: std::collections::VecDeque::new(),
     };
     let mut storing: FuturesOrdered<_> = FuturesOrdered::new();
+    // Liveness: idle sockets are pinged, and one that leaves a ping
+    // unanswered for `limits.ws_pong_timeout_secs` is closed.
+    let pong_timeout = std::time::Duration::from_secs(s.cfg.limits.ws_pong_timeout_secs);
+    let mut keepalive = tokio::time::interval(pong_timeout / 3);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    keepalive.reset();
     // A message read while collecting a batch, handled next.
     let mut stashed: Option<Option<Result<Message, axum::Error>>> = None;
     let end = loop {
@@ -192,7 +249,8 @@ async fn session(s: AppState, mut socket: WebSocket) {
             }
         }
         let limits = &s.cfg.limits;
-        let can_read = storing.len() < IN_FLIGHT && sess.storing_bytes < limits.client_inflight_bytes;
+        let can_read =
+            storing.len() < IN_FLIGHT && sess.storing_bytes < limits.client_inflight_bytes;
         let step = if let Some(msg) = stashed.take() {
             sess.incoming(&mut socket, msg).await
         } else {
@@ -211,6 +269,7 @@ async fn session(s: AppState, mut socket: WebSocket) {
                 batch = queue.next_batch(DELIVER_BATCH, DELIVER_BYTES), if sess.room() && !sess.draining => {
                     sess.deliver(&mut socket, batch).await
                 }
+                _ = keepalive.tick() => sess.keepalive(&mut socket, pong_timeout).await,
                 // The next page of a drain, before reading more (pongs are
                 // read once the unconfirmed room is used up).
                 _ = std::future::ready(()), if sess.draining && sess.room() => Step::Continue,
@@ -287,9 +346,9 @@ impl Session {
                 }
                 Err(e) if refusal.is_none() => {
                     refusal = Some(match e {
-                        PacketError::Malformed(meshwhisper_behaviour::packet::Error::TooLarge {
-                            ..
-                        }) => (1009, "packet too large"),
+                        PacketError::Malformed(
+                            meshwhisper_behaviour::packet::Error::TooLarge { .. },
+                        ) => (1009, "packet too large"),
                         PacketError::Malformed(_) => (1007, "malformed packet"),
                         PacketError::Store(_) => (1013, "relay storage unavailable"),
                     });
@@ -364,6 +423,29 @@ impl Session {
         }
     }
 
+    /// Pings an idle socket; closes one whose ping went unanswered.
+    async fn keepalive(&mut self, socket: &mut WebSocket, timeout: std::time::Duration) -> Step {
+        if self.ping.is_some() {
+            if self.ping_sent.elapsed() >= timeout {
+                self.s.metrics.websocket_timeouts.fetch_add(1, Relaxed);
+                return Step::Closed;
+            }
+            return Step::Continue;
+        }
+        let seq = self.next_ping;
+        self.next_ping += 1;
+        self.ping = Some((seq, Vec::new()));
+        self.ping_sent = tokio::time::Instant::now();
+        if socket
+            .send(Message::Ping(seq.to_be_bytes().to_vec().into()))
+            .await
+            .is_err()
+        {
+            return Step::Closed;
+        }
+        Step::Continue
+    }
+
     /// Feeds a ping after what was sent (unless one is out already) and
     /// flushes.
     async fn ask_confirmation(&mut self, socket: &mut WebSocket) -> Step {
@@ -379,6 +461,7 @@ impl Session {
                 return Step::Closed;
             }
             self.ping = Some((seq, covered));
+            self.ping_sent = tokio::time::Instant::now();
         }
         if socket.flush().await.is_err() {
             return Step::Closed;

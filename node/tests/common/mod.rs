@@ -118,7 +118,9 @@ type WsStream =
 /// on a channel for [`Ws::next`].
 pub struct Ws {
     sink: futures::stream::SplitSink<WsStream, Message>,
-    rx: tokio::sync::mpsc::UnboundedReceiver<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<
+        Result<Message, tokio_tungstenite::tungstenite::Error>,
+    >,
     reader: tokio::task::JoinHandle<()>,
 }
 
