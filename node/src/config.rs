@@ -101,6 +101,13 @@ pub struct StorageConfig {
     pub max_bundle_size: usize,
     /// Database size cap in bytes (0 = none). Default 0.
     pub max_db_bytes: u64,
+    /// Writes that add data (packets, media, archives) are refused (507,
+    /// or WebSocket close 1013) while the data directory's filesystem has
+    /// less than this free. 0 = no check. Default 1073741824 (1 GiB).
+    pub min_free_bytes: u64,
+    /// Archives neither written nor read for this many days are removed.
+    /// Default 180.
+    pub archive_ttl_days: u64,
     /// Expired rows removed per sweep. Default 5000.
     pub sweep_batch: u32,
     /// Seconds between sweeps. Default 300 (the reference prunes every 5 minutes).
@@ -122,6 +129,10 @@ pub struct Limits {
     pub rate_limit_archive: u32,
     /// Client IPs tracked by the rate limiter. Default 100000.
     pub rate_limit_max_clients: usize,
+    /// Bytes one address (IPv6: one /64) may upload per UTC day as media
+    /// and archives; beyond, uploads answer 507. 0 = no quota. Default
+    /// 1073741824 (1 GiB).
+    pub upload_bytes_per_ip_per_day: u64,
     /// Concurrent WebSocket clients. Default 10000.
     pub max_websockets: usize,
     /// Concurrent WebSocket clients from one address (IPv6: one /64; the
@@ -418,6 +429,8 @@ impl Default for StorageConfig {
             max_archive_size: 12 * 1024 * 1024,
             max_bundle_size: 16 * 1024,
             max_db_bytes: 0,
+            min_free_bytes: 1024 * 1024 * 1024,
+            archive_ttl_days: 180,
             sweep_batch: 5000,
             sweep_interval_secs: 300,
         }
@@ -432,6 +445,7 @@ impl Default for Limits {
             rate_limit_read: 300,
             rate_limit_archive: 30,
             rate_limit_max_clients: 100_000,
+            upload_bytes_per_ip_per_day: 1024 * 1024 * 1024,
             max_websockets: 10_000,
             max_websockets_per_ip: 256,
             max_connections: 0,
@@ -690,6 +704,9 @@ impl Config {
         if s.max_blobs_per_hash == 0 || s.blob_ttl_hours == 0 || s.media_ttl_hours == 0 {
             return bad("storage", "counts and TTLs must be positive");
         }
+        if s.archive_ttl_days == 0 {
+            return bad("storage.archive_ttl_days", "must be positive");
+        }
         if s.sweep_batch == 0 || s.sweep_interval_secs == 0 {
             return bad("storage.sweep_*", "must be positive");
         }
@@ -818,6 +835,8 @@ impl Config {
         c.archive_max_bytes = s.max_archive_size;
         c.bundle_max_bytes = s.max_bundle_size;
         c.max_db_bytes = (s.max_db_bytes > 0).then_some(s.max_db_bytes);
+        c.min_free_bytes = s.min_free_bytes;
+        c.archive_ttl_ms = s.archive_ttl_days.saturating_mul(24 * 3_600_000);
         c.address_book_max = self.federation.address_book_max;
         c
     }

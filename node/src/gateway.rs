@@ -71,6 +71,8 @@ pub struct AppState {
     pub conns: Arc<serve::ConnLimiter>,
     /// Open WebSockets per client address (see `limits.max_websockets_per_ip`).
     pub ws_per_ip: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    /// Upload bytes per client address per day.
+    pub uploads: Arc<crate::quota::UploadQuota>,
 }
 
 fn cors(mut resp: Response) -> Response {
@@ -156,8 +158,37 @@ pub fn router(state: AppState) -> Router {
         .route("/media/{id}", get(media_get))
         .route("/archive/{id}", get(archive_get).put(archive_put))
         .fallback(not_found)
+        // JSON bodies: refused beyond `limits.max_json_body` before they are
+        // buffered (uploads stream and check their own limits).
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.cfg.limits.max_json_body,
+        ))
         .layer(axum::middleware::from_fn_with_state(state.clone(), front))
         .with_state(state)
+}
+
+/// Every error answers in the reference's shape (`{"error": "..."}`, CORS,
+/// counted): axum's own rejections (a body over the limit, a body that
+/// timed out) come as plain text and are rewritten here.
+async fn json_errors(s: &AppState, r: Response) -> Response {
+    let status = r.status();
+    let is_json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return r;
+    }
+    let text = match axum::body::to_bytes(r.into_body(), 4096).await {
+        Ok(b) if !b.is_empty() => String::from_utf8_lossy(&b).trim().to_string(),
+        _ => status.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let text = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "Request body too large".to_string(),
+        _ => text,
+    };
+    error(s, status, &text)
 }
 
 /// Before routing: WebSocket upgrades on any path become client sessions
@@ -186,7 +217,7 @@ async fn front(State(s): State<AppState>, req: Request, next: Next) -> Response 
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
     if !is_upgrade {
-        return next.run(req).await;
+        return json_errors(&s, next.run(req).await).await;
     }
     let peer = req
         .extensions()
@@ -512,13 +543,26 @@ async fn directory_post(
 }
 
 fn internal(s: &AppState, e: meshwhisper_storage::Error) -> Response {
-    tracing::error!(error = %e, kind = e.kind(), "storage error serving a request");
     match e {
         meshwhisper_storage::Error::DiskFull { .. } => {
+            tracing::debug!(error = %e, "write refused: storage full");
             error(s, StatusCode::INSUFFICIENT_STORAGE, "Storage full")
         }
-        _ => error(s, StatusCode::INTERNAL_SERVER_ERROR, "Internal error"),
+        _ => {
+            tracing::error!(error = %e, kind = e.kind(), "storage error serving a request");
+            error(s, StatusCode::INTERNAL_SERVER_ERROR, "Internal error")
+        }
     }
+}
+
+/// 507: this address uploaded its day's share (`limits.upload_bytes_per_ip_per_day`).
+fn over_quota(s: &AppState) -> Response {
+    s.metrics.uploads_over_quota.fetch_add(1, Relaxed);
+    error(
+        s,
+        StatusCode::INSUFFICIENT_STORAGE,
+        "Upload quota for today used up",
+    )
 }
 
 async fn directory_get(
@@ -797,6 +841,9 @@ async fn media_post(
         let Ok(chunk) = chunk else {
             return error(&s, StatusCode::BAD_REQUEST, "Upload interrupted");
         };
+        if !s.uploads.take(ip, chunk.len() as u64, now_ms()) {
+            return over_quota(&s);
+        }
         match upload.write(&chunk).await {
             Ok(()) => {}
             Err(meshwhisper_storage::Error::TooLarge { .. }) => return too_large(&s),
@@ -900,23 +947,34 @@ async fn archive_put(
     if content_length(&headers).is_some_and(|n| n > max) {
         return too_large(&s);
     }
-    let bytes = match axum::body::to_bytes(body, max as usize).await {
-        Ok(b) => b,
-        Err(_) => return too_large(&s),
-    };
-    match s
-        .core
-        .store
-        .archive()
-        .put(owner, &token, &bytes, now_ms())
-        .await
-    {
-        Ok(size) => json_resp(&s, StatusCode::OK, json!({ "ok": true, "size": size })),
-        Err(meshwhisper_storage::Error::Unauthorized { .. }) => {
-            error(&s, StatusCode::FORBIDDEN, "Invalid archive token")
+    let refused = |s: &AppState, e: meshwhisper_storage::Error| match e {
+        meshwhisper_storage::Error::Unauthorized { .. } => {
+            error(s, StatusCode::FORBIDDEN, "Invalid archive token")
         }
-        Err(meshwhisper_storage::Error::TooLarge { .. }) => too_large(&s),
-        Err(e) => internal(&s, e),
+        meshwhisper_storage::Error::TooLarge { .. } => too_large(s),
+        e => internal(s, e),
+    };
+    // The token first: a client without it is refused before its body is
+    // read. Then the body streams to a file.
+    let mut upload = match s.core.store.archive().begin(owner, &token).await {
+        Ok(u) => u,
+        Err(e) => return refused(&s, e),
+    };
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else {
+            return error(&s, StatusCode::BAD_REQUEST, "Upload interrupted");
+        };
+        if !s.uploads.take(ip, chunk.len() as u64, now_ms()) {
+            return over_quota(&s);
+        }
+        if let Err(e) = upload.write(&chunk).await {
+            return refused(&s, e);
+        }
+    }
+    match upload.finish(now_ms()).await {
+        Ok(size) => json_resp(&s, StatusCode::OK, json!({ "ok": true, "size": size })),
+        Err(e) => refused(&s, e),
     }
 }
 
@@ -931,7 +989,7 @@ async fn archive_get(
     if let Some(r) = limited(&s, Bucket::Read, ip) {
         return r;
     }
-    match s.core.store.archive().get(owner).await {
+    match s.core.store.archive().get(owner, now_ms()).await {
         Ok(Some(bytes)) => {
             let mut r = Response::new(Body::from(bytes));
             let h = r.headers_mut();

@@ -17,6 +17,7 @@ pub mod live;
 pub mod metrics;
 pub mod p2p;
 pub mod push;
+pub mod quota;
 pub mod ratelimit;
 
 use crate::config::Config;
@@ -297,6 +298,10 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         federation: p2p.federation.clone(),
         conns: conns.clone(),
         ws_per_ip: Default::default(),
+        uploads: Arc::new(quota::UploadQuota::new(
+            cfg.limits.upload_bytes_per_ip_per_day,
+            cfg.limits.rate_limit_max_clients,
+        )),
     };
     let app = gateway::router(state);
     let server = tokio::spawn(gateway::serve::serve(listener, app, conns, cancel.clone()));

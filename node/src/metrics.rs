@@ -42,6 +42,8 @@ pub struct Metrics {
     pub websockets_refused_per_ip: AtomicU64,
     /// WebSockets closed for leaving a ping unanswered.
     pub websocket_timeouts: AtomicU64,
+    /// Uploads refused: the address used up its daily quota.
+    pub uploads_over_quota: AtomicU64,
     /// Push wake webhooks sent.
     pub push_sent: AtomicU64,
     /// Push wake webhooks that failed or were dropped (queue full).
@@ -485,6 +487,11 @@ impl Metrics {
             "meshwhisper_websocket_timeouts_total",
             "WebSockets closed for leaving a ping unanswered",
             self.websocket_timeouts.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_uploads_over_quota_total",
+            "Uploads refused: the address used up its daily quota",
+            self.uploads_over_quota.load(Relaxed),
         );
         counter(
             "meshwhisper_bad_control_frames_total",

@@ -46,6 +46,7 @@ pub mod mailbox;
 pub mod media;
 pub mod push;
 pub mod secret_file;
+mod space;
 mod writer;
 
 pub use backup::backup_database;
@@ -125,6 +126,14 @@ pub struct Config {
     /// How often the hot log's undelivered packets move into SQLite.
     /// Default 500 ms.
     pub hot_spill: Duration,
+    /// Writes that add data (packets, media, archives) are refused with
+    /// [`Error::DiskFull`] while the filesystem of the data directory has
+    /// less than this free, so the disk never fills up. Default 1 GiB;
+    /// 0 turns the check off.
+    pub min_free_bytes: u64,
+    /// Archives neither written nor read for this long are removed by the
+    /// sweeper. Default 180 days.
+    pub archive_ttl_ms: u64,
 }
 
 impl Config {
@@ -152,6 +161,8 @@ impl Config {
             busy_timeout: Duration::from_secs(5),
             hot_log: true,
             hot_spill: Duration::from_millis(500),
+            min_free_bytes: 1024 * 1024 * 1024,
+            archive_ttl_ms: 180 * 24 * MS_PER_HOUR,
         }
     }
 
@@ -175,6 +186,9 @@ struct Inner {
     /// Held until [`Store::close`] (or the last handle goes): one process
     /// per data directory.
     locks: std::sync::Mutex<Vec<lock::DirLock>>,
+    /// Free space of the data directory's filesystem, read at most once a
+    /// second.
+    space: space::Space,
 }
 
 type Checkpointer = (
@@ -375,6 +389,8 @@ pub struct SweepReport {
     pub mailbox: u64,
     /// Expired media blobs deleted (rows and files).
     pub media: u64,
+    /// Archives removed after long inactivity.
+    pub archives: u64,
     /// Whether there may be more to do (a limit was reached).
     pub more: bool,
 }
@@ -477,6 +493,7 @@ impl Store {
                 stats,
                 hot_rows,
                 locks: std::sync::Mutex::new(locks),
+                space: space::Space::new(),
             }),
         };
         // Nothing is uploading yet, so files without rows are leftovers.
@@ -532,6 +549,26 @@ impl Store {
         address_book::AddressBook { store: self }
     }
 
+    /// Refuses a write that adds data when the disk is nearly full
+    /// ([`Config::min_free_bytes`]).
+    pub fn check_space(&self) -> Result<()> {
+        let cfg = &self.inner.cfg;
+        if cfg.min_free_bytes == 0 {
+            return Ok(());
+        }
+        match self.inner.space.free(&cfg.data_dir) {
+            Some(free) if free < cfg.min_free_bytes => Err(Error::DiskFull {
+                path: cfg.data_dir.clone(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Free bytes on the data directory's filesystem (cached for a second).
+    pub fn free_bytes(&self) -> Option<u64> {
+        self.inner.space.free(&self.inner.cfg.data_dir)
+    }
+
     pub(crate) fn readers(&self) -> &SqlitePool {
         &self.inner.readers
     }
@@ -576,10 +613,17 @@ impl Store {
     pub async fn sweep(&self, now_ms: u64, budget: u32) -> Result<SweepReport> {
         let mailbox = self.mailbox().expire(now_ms, budget).await?;
         let media = self.media().expire(now_ms, budget).await?;
+        let archives = self
+            .archive()
+            .expire(now_ms.saturating_sub(self.inner.cfg.archive_ttl_ms), budget)
+            .await?;
         Ok(SweepReport {
             mailbox,
             media,
-            more: mailbox >= u64::from(budget) || media >= u64::from(budget),
+            archives,
+            more: mailbox >= u64::from(budget)
+                || media >= u64::from(budget)
+                || archives >= u64::from(budget),
         })
     }
 

@@ -398,6 +398,7 @@ impl Mailbox<'_> {
     /// Queues `packet` for `dest`. When this returns `Ok`, the packet is
     /// committed (see the crate's durability contract).
     pub async fn enqueue(&self, dest: DestHash, packet: Vec<u8>, now_ms: u64) -> Result<Enqueued> {
+        self.store.check_space()?;
         let row = self.row(dest, packet, now_ms)?;
         let (reply, rx) = oneshot::channel();
         self.store
@@ -421,6 +422,7 @@ impl Mailbox<'_> {
         if packets.is_empty() {
             return Ok(Vec::new());
         }
+        self.store.check_space()?;
         let rows = packets
             .into_iter()
             .map(|(d, p)| self.row(d, p, now_ms))

@@ -76,6 +76,10 @@ impl Upload {
                 max: self.max,
             });
         }
+        if let Err(e) = self.store.check_space() {
+            self.abandon();
+            return Err(e);
+        }
         let Some(file) = self.file.as_mut() else {
             return Err(Error::Closed);
         };
@@ -187,6 +191,7 @@ pub struct Media<'a> {
 impl Media<'_> {
     /// Starts an upload with a fresh id.
     pub async fn begin(&self) -> Result<Upload> {
+        self.store.check_space()?;
         let id = MediaId(hex::encode(crate::random_bytes::<16>()?));
         let tmp = self
             .store

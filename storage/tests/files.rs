@@ -93,7 +93,7 @@ async fn archives_pin_their_token() {
     let store = open_with(&dir, |c| c.archive_max_bytes = 1000).await;
     let a = store.archive();
     let owner = [7u8; 32];
-    assert!(a.get(owner).await.expect("get").is_none());
+    assert!(a.get(owner, NOW).await.expect("get").is_none());
     assert_eq!(a.put(owner, "tok", b"v1", NOW).await.expect("put"), 2);
     assert!(matches!(
         a.put(owner, "other", b"evil", NOW).await,
@@ -108,15 +108,40 @@ async fn archives_pin_their_token() {
         Err(Error::TooLarge { .. })
     ));
     assert_eq!(
-        a.get(owner).await.expect("get").as_deref(),
+        a.get(owner, NOW).await.expect("get").as_deref(),
         Some(&b"v1"[..])
     );
     a.put(owner, "tok", b"v2", NOW).await.expect("put");
     assert_eq!(
-        a.get(owner).await.expect("get").as_deref(),
+        a.get(owner, NOW).await.expect("get").as_deref(),
         Some(&b"v2"[..])
     );
     // Old versions and failed writes leave no files behind.
+    assert_eq!(files_in(&dir, "archive").len(), 1);
+    // The wrong token is refused before any byte is written.
+    assert!(matches!(
+        a.begin(owner, "other").await,
+        Err(Error::Unauthorized { .. })
+    ));
+    assert!(files_in(&dir, "tmp").is_empty());
+    // Archives expire after long inactivity; a read counts as activity.
+    let day = 24 * 3_600_000;
+    a.put([8u8; 32], "t8", b"other", NOW).await.expect("put");
+    assert!(
+        a.get([8u8; 32], NOW + 2 * day)
+            .await
+            .expect("get")
+            .is_some()
+    );
+    assert_eq!(a.expire(NOW + day, 100).await.expect("expire"), 1);
+    assert!(
+        a.get(owner, NOW).await.expect("get").is_none(),
+        "idle since NOW"
+    );
+    assert!(
+        a.get([8u8; 32], NOW).await.expect("get").is_some(),
+        "read later"
+    );
     assert_eq!(files_in(&dir, "archive").len(), 1);
     assert!(files_in(&dir, "tmp").is_empty());
     assert_eq!(a.count().await.expect("count"), 1);
@@ -237,4 +262,35 @@ async fn address_book_last_writer_wins_pages_and_cap() {
             .collect::<Vec<_>>(),
         seen.iter().map(|(k, _)| *k).collect::<Vec<_>>()
     );
+}
+
+#[tokio::test]
+async fn writes_that_add_data_are_refused_before_the_disk_is_full() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // A reserve larger than any disk: everything that adds data is refused.
+    let store = open_with(&dir, |c| c.min_free_bytes = u64::MAX).await;
+    assert!(matches!(
+        store.media().put(b"blob", NOW).await,
+        Err(Error::DiskFull { .. })
+    ));
+    assert!(matches!(
+        store
+            .mailbox()
+            .enqueue(
+                meshwhisper_crypto::destination::DestHash([1; 8]),
+                vec![0; 40],
+                NOW
+            )
+            .await,
+        Err(Error::DiskFull { .. })
+    ));
+    assert!(matches!(
+        store.archive().put([1; 32], "t", b"x", NOW).await,
+        Err(Error::DiskFull { .. })
+    ));
+    assert!(store.free_bytes().is_some_and(|b| b > 0));
+    store.close().await;
+    let store = open_with(&dir, |c| c.min_free_bytes = 0).await;
+    store.media().put(b"blob", NOW).await.expect("no reserve");
+    store.close().await;
 }
