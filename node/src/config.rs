@@ -292,8 +292,14 @@ pub struct Federation {
     pub anti_entropy_page: u16,
     /// Relay records kept in the address book. Default 4096.
     pub address_book_max: u32,
-    /// Destination hashes remembered as homed here. Default 1000000.
+    /// Destination hashes remembered as homed here (about 100 bytes of
+    /// memory each). Beyond, the least recently registered are forgotten.
+    /// Default 1000000.
     pub homed_max: usize,
+    /// Homed hashes kept for one client address (IPv6: one /64); beyond,
+    /// that address's least recently registered are forgotten. The JS SDK
+    /// registers 720 per client. Default 65536.
+    pub homed_per_ip: usize,
     /// How long a registered hash stays homed here after its last
     /// registration, hours. Default 720 (the mailbox TTL).
     pub homed_hours: u64,
@@ -336,6 +342,7 @@ impl Default for Federation {
             anti_entropy_page: 256,
             address_book_max: 4096,
             homed_max: 1_000_000,
+            homed_per_ip: 65_536,
             homed_hours: 720,
             gossip_mesh_n: 2,
             gossip_mesh_n_low: 1,

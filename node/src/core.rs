@@ -10,6 +10,7 @@
 //! recipient registered for one.
 
 use crate::events::EventCounts;
+use crate::homed::HomedSet;
 use crate::live::{Budget, LiveQueue};
 use crate::metrics::Metrics;
 use crate::push::PushSender;
@@ -48,6 +49,7 @@ struct Conn {
     queue: Arc<LiveQueue>,
     hashes: HashSet<DestHash>,
     kind: ConnKind,
+    owner: crate::homed::Owner,
 }
 
 /// The bounds [`Core`] applies to client connections.
@@ -65,6 +67,12 @@ pub struct CoreLimits {
     pub inflight_bytes: usize,
     /// Destination hashes one connection may register.
     pub max_hashes: usize,
+    /// How long a registered hash stays homed here.
+    pub homed_ttl_ms: u64,
+    /// Homed hashes kept in all.
+    pub homed_max: usize,
+    /// Homed hashes kept per client address.
+    pub homed_per_ip: usize,
 }
 
 #[derive(Default)]
@@ -132,13 +140,6 @@ pub struct Federate {
     pub at_ms: u64,
 }
 
-/// Hashes registered here, remembered until they expire, bounded.
-struct HomedSet {
-    map: HashMap<DestHash, u64>,
-    ttl_ms: u64,
-    max: usize,
-}
-
 /// Clock in unix milliseconds.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -158,6 +159,8 @@ pub struct Core {
     push: PushSender,
     registry: Mutex<Registry>,
     homed: Mutex<HomedSet>,
+    /// Homed hashes to write (`Some(expiry)`) or delete (`None`).
+    homed_dirty: Mutex<HashMap<DestHash, Option<u64>>>,
     federation: std::sync::OnceLock<mpsc::Sender<Federate>>,
     max_packet: usize,
     client_queue: usize,
@@ -183,11 +186,12 @@ impl Core {
             events: Arc::new(EventCounts::default()),
             push,
             registry: Mutex::new(Registry::default()),
-            homed: Mutex::new(HomedSet {
-                map: HashMap::new(),
-                ttl_ms: 720 * 3_600_000,
-                max: 1_000_000,
-            }),
+            homed: Mutex::new(HomedSet::new(
+                limits.homed_ttl_ms,
+                limits.homed_max,
+                limits.homed_per_ip,
+            )),
+            homed_dirty: Mutex::new(HashMap::new()),
             federation: std::sync::OnceLock::new(),
             max_packet: limits.max_packet,
             client_queue: limits.client_queue.max(1),
@@ -219,25 +223,20 @@ impl Core {
         }
     }
 
-    /// Sets how long registered hashes stay homed here and how many are
-    /// remembered, then loads the remembered ones from the store.
-    pub async fn load_homed(
-        &self,
-        ttl_ms: u64,
-        max: usize,
-    ) -> Result<usize, meshwhisper_storage::Error> {
+    /// Loads the homed hashes remembered in the store (streamed; the
+    /// table keeps at most its bound, latest expiry first).
+    pub async fn load_homed(&self) -> Result<usize, meshwhisper_storage::Error> {
+        let max = self.homed_set().max();
         let rows = self
             .store
             .homed()
             .load(now_ms(), u32::try_from(max).unwrap_or(u32::MAX))
             .await?;
         let mut h = self.homed_set();
-        h.ttl_ms = ttl_ms;
-        h.max = max.max(1);
         for (hash, exp) in rows {
-            h.map.insert(hash, exp);
+            h.load(hash, exp);
         }
-        Ok(h.map.len())
+        Ok(h.len())
     }
 
     /// Hands packets for relays elsewhere to the federation from now on.
@@ -251,8 +250,7 @@ impl Core {
         if self.registry().by_hash.contains_key(dest) {
             return true;
         }
-        let now = now_ms();
-        self.homed_set().map.get(dest).is_some_and(|&exp| exp > now)
+        self.homed_set().contains(dest, now_ms())
     }
 
     /// After a restart: hands every stored packet whose recipient is not
@@ -297,43 +295,75 @@ impl Core {
 
     /// Destination hashes remembered as homed here.
     pub fn homed_count(&self) -> usize {
-        self.homed_set().map.len()
+        self.homed_set().len()
     }
 
-    /// Remembers `hashes` as homed here; persists the ones that are new or
-    /// whose expiry moved by more than an hour.
-    fn remember_homed(&self, hashes: &[DestHash]) {
+    /// Forgets homed hashes that expired (the sweeper calls this).
+    pub fn expire_homed(&self, now: u64) -> usize {
+        self.homed_set().expire(now)
+    }
+
+    /// Remembers `hashes` as homed here for `owner`; persists what is new
+    /// or moved forward by more than an hour, and forgets what was evicted.
+    fn remember_homed(&self, hashes: &[DestHash], owner: crate::homed::Owner) {
         let now = now_ms();
-        let (changed, exp) = {
+        let (changes, exp) = {
             let mut h = self.homed_set();
-            let exp = now.saturating_add(h.ttl_ms);
-            let mut changed = Vec::new();
-            // Full: drop what expired, once per registration.
-            if h.map.len() + hashes.len() > h.max {
-                h.map.retain(|_, e| *e > now);
-            }
-            for d in hashes {
-                let fresh = h.map.get(d).is_none_or(|&e| e + 3_600_000 < exp);
-                if !fresh {
-                    continue;
-                }
-                if h.map.len() >= h.max && !h.map.contains_key(d) {
-                    continue;
-                }
-                h.map.insert(*d, exp);
-                changed.push(*d);
-            }
-            (changed, exp)
+            (
+                h.register(hashes, owner, now),
+                now.saturating_add(h.ttl_ms()),
+            )
         };
-        if changed.is_empty() {
+        if changes.remembered.is_empty() && changes.evicted.is_empty() {
             return;
         }
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            if let Err(e) = store.homed().remember(changed, exp).await {
+        if !changes.evicted.is_empty() {
+            self.metrics
+                .homed_evicted
+                .fetch_add(changes.evicted.len() as u64, Relaxed);
+        }
+        // Persisted in the background, coalesced (see `flush_homed`).
+        let mut dirty = self.homed_dirty();
+        for d in changes.evicted {
+            dirty.insert(d, None);
+        }
+        for d in changes.remembered {
+            dirty.insert(d, Some(exp));
+        }
+    }
+
+    fn homed_dirty(&self) -> std::sync::MutexGuard<'_, HashMap<DestHash, Option<u64>>> {
+        match self.homed_dirty.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Writes the homed hashes registered or evicted since the last call
+    /// (one task calls this every second): a flood of registrations costs
+    /// one batch of writes, never a task each.
+    pub async fn flush_homed(&self) {
+        let dirty = std::mem::take(&mut *self.homed_dirty());
+        if dirty.is_empty() {
+            return;
+        }
+        let mut forget = Vec::new();
+        let mut remember: HashMap<u64, Vec<DestHash>> = HashMap::new();
+        for (d, exp) in dirty {
+            match exp {
+                Some(e) => remember.entry(e).or_default().push(d),
+                None => forget.push(d),
+            }
+        }
+        let homed = self.store.homed();
+        if let Err(e) = homed.forget(forget).await {
+            tracing::warn!(error = %e, "could not forget evicted homed hashes");
+        }
+        for (exp, hashes) in remember {
+            if let Err(e) = homed.remember(hashes, exp).await {
                 tracing::warn!(error = %e, "could not remember homed hashes");
             }
-        });
+        }
     }
 
     /// The most hashes one client may register.
@@ -343,7 +373,7 @@ impl Core {
 
     /// Registers a new connection; its live deliveries arrive on the
     /// returned queue.
-    pub fn connect(&self, kind: ConnKind) -> (ConnId, Arc<LiveQueue>) {
+    pub fn connect(&self, kind: ConnKind, owner: crate::homed::Owner) -> (ConnId, Arc<LiveQueue>) {
         let queue = Arc::new(LiveQueue::new(
             self.client_queue,
             self.client_queue_bytes,
@@ -358,6 +388,7 @@ impl Core {
                 queue: queue.clone(),
                 hashes: HashSet::new(),
                 kind,
+                owner: owner.map(|ip| crate::ratelimit::client_key(ip.to_canonical())),
             },
         );
         (id, queue)
@@ -417,11 +448,13 @@ impl Core {
             }
             mine.insert(*h);
         }
+        let mut owner = None;
         if let Some(c) = r.conns.get_mut(&id) {
             c.hashes = mine;
+            owner = c.owner;
         }
         drop(r);
-        self.remember_homed(hashes);
+        self.remember_homed(hashes, owner);
     }
 
     /// Destination hashes registered by connected clients.

@@ -79,7 +79,7 @@ pub async fn run(
     cancel: CancellationToken,
     bounds: Bounds,
 ) {
-    let (id, queue) = core.connect(ConnKind::Device);
+    let (id, queue) = core.connect(ConnKind::Device, None);
     core.metrics.devices_connected.fetch_add(1, Relaxed);
     let mut hashes: Vec<DestHash> = Vec::new();
     let mut in_flight = Unacked::default();

@@ -13,6 +13,7 @@ pub mod device_session;
 pub mod events;
 pub mod federation;
 pub mod gateway;
+pub mod homed;
 pub mod live;
 pub mod metrics;
 pub mod p2p;
@@ -145,6 +146,9 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
             live_queue_bytes: cfg.limits.live_queue_bytes,
             inflight_bytes: cfg.limits.inflight_bytes,
             max_hashes: cfg.limits.max_hashes_per_client,
+            homed_ttl_ms: cfg.federation.homed_hours.saturating_mul(3_600_000),
+            homed_max: cfg.federation.homed_max,
+            homed_per_ip: cfg.federation.homed_per_ip,
         },
     ));
 
@@ -190,9 +194,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
             ..Default::default()
         },
     };
-    let loaded = core
-        .load_homed(f.homed_hours.saturating_mul(3_600_000), f.homed_max)
-        .await?;
+    let loaded = core.load_homed().await?;
     tracing::debug!(hashes = loaded, "homed hashes loaded");
     let swarm = p2p::build_swarm(key.clone(), device_cfg, limits, fed_settings)?;
     let sessions = tokio_util::task::TaskTracker::new();
@@ -237,6 +239,21 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
         if n > 0 {
             tracing::info!(packets = n, "stored packets handed back to the federation");
         }
+    }));
+    // Homed hashes registered since the last second go to the store.
+    let homed_core = core.clone();
+    let homed_cancel = cancel.clone();
+    tasks_extra.push(tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = homed_cancel.cancelled() => break,
+                _ = every.tick() => homed_core.flush_homed().await,
+            }
+        }
+        homed_core.flush_homed().await;
     }));
     if let Some(path) = cfg.federation.blocklist_file.clone() {
         tasks_extra.push(tokio::spawn(watch_blocklist(
@@ -327,6 +344,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     // Expiry sweeper: bounded work per call, repeated while there is more.
     let c = cancel.clone();
     let sweep_store = store.clone();
+    let sweep_core = core.clone();
     let (batch, every) = (cfg.storage.sweep_batch, cfg.storage.sweep_interval_secs);
     let sweeper = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(every));
@@ -342,6 +360,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
                     if let Err(e) = sweep_store.address_book().expire(stale).await {
                         tracing::warn!(error = %e, "expiring address records");
                     }
+                    sweep_core.expire_homed(now);
                     if let Err(e) = sweep_store.homed().expire(now).await {
                         tracing::warn!(error = %e, "expiring homed hashes");
                     }

@@ -44,6 +44,8 @@ pub struct Metrics {
     pub websocket_timeouts: AtomicU64,
     /// Uploads refused: the address used up its daily quota.
     pub uploads_over_quota: AtomicU64,
+    /// Homed hashes forgotten to make room (a full table or address share).
+    pub homed_evicted: AtomicU64,
     /// Push wake webhooks sent.
     pub push_sent: AtomicU64,
     /// Push wake webhooks that failed or were dropped (queue full).
@@ -492,6 +494,11 @@ impl Metrics {
             "meshwhisper_uploads_over_quota_total",
             "Uploads refused: the address used up its daily quota",
             self.uploads_over_quota.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_homed_evicted_total",
+            "Homed hashes forgotten to make room",
+            self.homed_evicted.load(Relaxed),
         );
         counter(
             "meshwhisper_bad_control_frames_total",

@@ -42,19 +42,21 @@ impl Homed<'_> {
             .await
     }
 
-    /// Up to `limit` unexpired hashes with their expiry, latest expiry first.
+    /// Up to `limit` unexpired hashes with their expiry, latest expiry
+    /// first (streamed: 16 bytes each in memory, not a row each).
     pub async fn load(&self, now_ms: u64, limit: u32) -> Result<Vec<(DestHash, u64)>> {
-        let rows = sqlx::query(
+        let mut rows = sqlx::query(
             "SELECT hash, expires_ms FROM homed WHERE expires_ms > ? \
              ORDER BY expires_ms DESC LIMIT ?",
         )
         .bind(ms(now_ms))
         .bind(i64::from(limit))
-        .fetch_all(self.store.readers())
-        .await
-        .map_err(|e| self.store.db_err("load homed hashes", e))?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
+        .fetch(self.store.readers());
+        let mut out = Vec::new();
+        while let Some(r) = futures::TryStreamExt::try_next(&mut rows)
+            .await
+            .map_err(|e| self.store.db_err("load homed hashes", e))?
+        {
             let h: Vec<u8> = r.try_get(0).map_err(|e| self.store.db_err("homed", e))?;
             let t: i64 = r.try_get(1).map_err(|e| self.store.db_err("homed", e))?;
             if let Ok(h) = <[u8; 8]>::try_from(h.as_slice()) {
@@ -62,6 +64,28 @@ impl Homed<'_> {
             }
         }
         Ok(out)
+    }
+
+    /// Forgets `hashes` (evicted to make room).
+    pub async fn forget(&self, hashes: Vec<DestHash>) -> Result<()> {
+        if hashes.is_empty() {
+            return Ok(());
+        }
+        self.store
+            .writer()
+            .run(Box::new(move |ctx| {
+                Box::pin(async move {
+                    for h in &hashes {
+                        sqlx::query("DELETE FROM homed WHERE hash = ?")
+                            .bind(h.as_bytes().as_slice())
+                            .execute(&mut ctx.conn)
+                            .await
+                            .map_err(|e| ctx.db_err("forget homed hash", e))?;
+                    }
+                    Ok(())
+                })
+            }))
+            .await
     }
 
     /// Forgets hashes that expired before `now_ms`; returns how many.

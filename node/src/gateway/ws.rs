@@ -90,7 +90,7 @@ pub fn upgrade(s: AppState, ws: WebSocketUpgrade, ip: IpAddr) -> Response {
             s.metrics.websocket_connections.fetch_add(1, Relaxed);
             tracing::debug!(%ip, "websocket session");
             let tracker = s.sessions.clone();
-            tracker.track_future(session(s.clone(), socket)).await;
+            tracker.track_future(session(s.clone(), socket, ip)).await;
             s.websockets.fetch_sub(1, Relaxed);
         })
 }
@@ -196,8 +196,8 @@ enum Step {
     Closed,
 }
 
-async fn session(s: AppState, mut socket: WebSocket) {
-    let (id, queue) = s.core.connect(ConnKind::WebSocket);
+async fn session(s: AppState, mut socket: WebSocket, ip: IpAddr) {
+    let (id, queue) = s.core.connect(ConnKind::WebSocket, Some(ip));
     let mut sess = Session {
         s: s.clone(),
         id,
