@@ -56,6 +56,15 @@ async fn left(core: &Core, req: u64, namespace: &str, key: &str) -> Frame {
     }
 }
 
+/// Whether `new` (a bundle of our format) names an older signed prekey
+/// than the stored `old`: publishing it would roll prekeys back.
+pub fn is_stale(old: &[u8], new: &[u8]) -> bool {
+    match (PrekeyBundle::decode(old), PrekeyBundle::decode(new)) {
+        (Ok(old), Ok(new)) => old.signed_prekey().0 > new.signed_prekey().0,
+        _ => false,
+    }
+}
+
 /// Answers one directory frame; `None` for frames that are not requests.
 pub async fn serve(core: &Core, frame: Frame) -> Option<Frame> {
     core.metrics.device_directory_requests.fetch_add(1, Relaxed);
@@ -73,9 +82,7 @@ pub async fn serve(core: &Core, frame: Frame) -> Option<Frame> {
             let dir = core.store.directory();
             match dir.by_key(&namespace, &key).await {
                 Ok(Some(old)) => {
-                    if let Ok(old) = PrekeyBundle::decode(&old.bundle)
-                        && old.signed_prekey().0 > parsed.signed_prekey().0
-                    {
+                    if is_stale(&old.bundle, &bundle) {
                         return Some(reply(
                             req,
                             Status::Stale,

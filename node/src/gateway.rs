@@ -29,6 +29,7 @@ use std::time::Instant;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+pub mod opk_binding;
 pub mod serve;
 pub mod ws;
 
@@ -73,6 +74,8 @@ pub struct AppState {
     pub ws_per_ip: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
     /// Upload bytes per client address per day.
     pub uploads: Arc<crate::quota::UploadQuota>,
+    /// Who may add unsigned one-time prekeys to which pool.
+    pub opks: Arc<std::sync::Mutex<opk_binding::OpkBinding>>,
 }
 
 fn cors(mut resp: Response) -> Response {
@@ -402,43 +405,60 @@ fn parse_json(s: &AppState, body: &[u8]) -> Result<Value, Box<Response>> {
         .ok_or_else(|| Box::new(error(s, StatusCode::BAD_REQUEST, "Invalid JSON body")))
 }
 
-/// Checks the signed-prekey signature of bundles in the JavaScript SDK's
-/// formats (0x01, 0x02: `version ‖ flags ‖ IK ‖ SPK ‖ sig(SPK) …`) and of
-/// ours (0x81, fully verified). Other versions are stored as opaque bytes.
-pub(crate) enum BundleCheck {
-    Valid,
-    Unknown,
-    Invalid(&'static str),
+/// The identity key a directory entry is registered under: `publicKey`
+/// as 64 hex digits (the Ed25519 identity key, as the JavaScript SDK and
+/// our client send it).
+pub(crate) fn identity_key(pk: &str) -> Option<[u8; 32]> {
+    if pk.len() != 64 {
+        return None;
+    }
+    hex::decode(pk).ok()?.try_into().ok()
 }
 
-pub(crate) fn check_bundle(b: &[u8]) -> BundleCheck {
+/// Checks a prekey bundle against the key it is registered under, so
+/// nobody can publish a bundle for someone else's identity. The
+/// JavaScript SDK's formats (`version ‖ flags ‖ IK ‖ SPK ‖ sig(SPK)`, then
+/// for 0x02 the ML-KEM-768 key) must carry `pk` as IK, a valid signature,
+/// no embedded one-time prekey and their exact length; ours (0x81) must
+/// decode, verify and name `pk`. Anything else is refused.
+pub(crate) fn check_bundle(b: &[u8], pk: &[u8; 32]) -> Result<(), &'static str> {
     use meshwhisper_crypto::primitives::Ed25519Public;
     match b.first() {
-        Some(0x01) | Some(0x02) => {
-            if b.len() < 130 {
-                return BundleCheck::Invalid("prekey bundle is truncated");
+        Some(v @ (0x01 | 0x02)) => {
+            let want = if *v == 0x01 { 130 } else { 1314 };
+            if b.len() != want {
+                return Err("prekey bundle has the wrong length for its version");
             }
-            let Ok(ik) = <[u8; 32]>::try_from(&b[2..34]) else {
-                return BundleCheck::Invalid("prekey bundle is truncated");
+            if b[1] != 0 {
+                return Err("prekey bundle must not embed a one-time prekey");
+            }
+            let (Ok(ik), Ok(sig)) = (
+                <[u8; 32]>::try_from(&b[2..34]),
+                <[u8; 64]>::try_from(&b[66..130]),
+            ) else {
+                return Err("prekey bundle is truncated");
             };
-            let Ok(sig) = <[u8; 64]>::try_from(&b[66..130]) else {
-                return BundleCheck::Invalid("prekey bundle is truncated");
-            };
+            if ik != *pk {
+                return Err(
+                    "prekey bundle identity key is not the publicKey it is registered under",
+                );
+            }
             let Ok(key) = Ed25519Public::from_bytes(&ik) else {
-                return BundleCheck::Invalid("prekey bundle identity key is invalid");
+                return Err("prekey bundle identity key is invalid");
             };
-            match key.verify_lenient(&b[34..66], &sig) {
-                Ok(()) => BundleCheck::Valid,
-                Err(_) => BundleCheck::Invalid("prekey bundle signature is invalid"),
-            }
+            key.verify_lenient(&b[34..66], &sig)
+                .map_err(|_| "prekey bundle signature is invalid")
         }
         Some(&meshwhisper_crypto::pqxdh::BUNDLE_VERSION) => {
             match meshwhisper_crypto::pqxdh::PrekeyBundle::decode(b) {
-                Ok(_) => BundleCheck::Valid,
-                Err(_) => BundleCheck::Invalid("prekey bundle signature or encoding is invalid"),
+                Ok(bundle) if bundle.identity().to_bytes() == *pk => Ok(()),
+                Ok(_) => {
+                    Err("prekey bundle identity key is not the publicKey it is registered under")
+                }
+                Err(_) => Err("prekey bundle signature or encoding is invalid"),
             }
         }
-        _ => BundleCheck::Unknown,
+        _ => Err("prekey bundle version is not one this relay knows"),
     }
 }
 
@@ -462,16 +482,32 @@ async fn directory_post(
             "Missing required fields: namespace, publicKey, bundle",
         );
     };
+    let Some(key) = identity_key(pk) else {
+        return error(
+            &s,
+            StatusCode::BAD_REQUEST,
+            "Invalid publicKey: 64 hex digits (the Ed25519 identity key)",
+        );
+    };
     let Ok(bundle) = B64.decode(bundle) else {
         return error(&s, StatusCode::BAD_REQUEST, "Invalid bundle: not base64");
     };
-    match check_bundle(&bundle) {
-        BundleCheck::Valid => {}
-        BundleCheck::Unknown => {
-            s.metrics.unknown_bundles.fetch_add(1, Relaxed);
-        }
-        BundleCheck::Invalid(why) => return error(&s, StatusCode::BAD_REQUEST, why),
+    if let Err(why) = check_bundle(&bundle, &key) {
+        s.metrics.bundles_refused.fetch_add(1, Relaxed);
+        return error(&s, StatusCode::BAD_REQUEST, why);
     }
+    // Our own format names its signed prekey: never roll back to an older one.
+    if bundle.first() == Some(&meshwhisper_crypto::pqxdh::BUNDLE_VERSION)
+        && let Ok(Some(old)) = s.core.store.directory().by_key(ns, pk).await
+        && crate::device_directory::is_stale(&old.bundle, &bundle)
+    {
+        return error(
+            &s,
+            StatusCode::CONFLICT,
+            "prekey bundle is older than the one published",
+        );
+    }
+    let js_format = matches!(bundle.first(), Some(0x01 | 0x02));
     let username = match v.get("username") {
         None | Some(Value::Null) => None,
         Some(Value::String(u)) => {
@@ -523,7 +559,27 @@ async fn directory_post(
         .register(reg, s.verifier.clone(), now_ms())
         .await
     {
-        Ok(()) => json_resp(&s, StatusCode::OK, json!({ "ok": true })),
+        Ok(()) => {
+            // The publisher may add unsigned one-time prekeys now, and the
+            // ones it uploaded just before are promoted.
+            if js_format {
+                let parked = s.opks.lock().map_or_else(
+                    |p| p.into_inner().published(ns, pk, ip, now_ms()),
+                    |mut b| b.published(ns, pk, ip, now_ms()),
+                );
+                if !parked.is_empty()
+                    && let Err(e) = s
+                        .core
+                        .store
+                        .directory()
+                        .add_one_time_prekeys(ns, pk, parked)
+                        .await
+                {
+                    tracing::debug!(error = %e, "parked one-time prekeys not stored");
+                }
+            }
+            json_resp(&s, StatusCode::OK, json!({ "ok": true }))
+        }
         Err(E::UsernameTaken) => error(
             &s,
             StatusCode::CONFLICT,
@@ -702,8 +758,15 @@ async fn opks_post(
             "Missing required fields: namespace, publicKey, opks[]",
         );
     };
+    if identity_key(pk).is_none() {
+        return error(
+            &s,
+            StatusCode::BAD_REQUEST,
+            "Invalid publicKey: 64 hex digits (the Ed25519 identity key)",
+        );
+    }
     // As the reference: the first `opk_max_per_upload` entries, minus empty
-    // and non-string ones.
+    // and non-string ones; each an X25519 public key.
     let max = s.core.store.config().opk_max_per_upload;
     let mut keys = Vec::new();
     for item in list.iter().take(max) {
@@ -711,8 +774,49 @@ async fn opks_post(
             continue;
         };
         match B64.decode(text) {
-            Ok(k) if !k.is_empty() => keys.push(k),
-            _ => return error(&s, StatusCode::BAD_REQUEST, "Invalid opk: not base64"),
+            Ok(k) if k.len() == 32 => keys.push(k),
+            Ok(_) => {
+                return error(
+                    &s,
+                    StatusCode::BAD_REQUEST,
+                    "Invalid opk: not a 32-byte X25519 public key",
+                );
+            }
+            Err(_) => return error(&s, StatusCode::BAD_REQUEST, "Invalid opk: not base64"),
+        }
+    }
+    if keys.is_empty() {
+        return error(&s, StatusCode::BAD_REQUEST, "Invalid opks: none given");
+    }
+    // Bound to the identity's publisher (see `opk_binding`); identities of
+    // our own format upload signed batches over the device protocol.
+    let published = match s.core.store.directory().by_key(ns, pk).await {
+        Ok(e) => e.map(|e| e.bundle.first().copied()),
+        Err(e) => return internal(&s, e),
+    };
+    if published == Some(Some(meshwhisper_crypto::pqxdh::BUNDLE_VERSION)) {
+        return error(
+            &s,
+            StatusCode::FORBIDDEN,
+            "this identity uploads signed one-time prekey batches",
+        );
+    }
+    let n = keys.len();
+    let decision = {
+        let mut b = match s.opks.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        b.upload(ns, pk, ip, now_ms(), published.is_some(), keys.clone())
+    };
+    match decision {
+        opk_binding::Decision::Accept => {}
+        opk_binding::Decision::Parked => {
+            return json_resp(&s, StatusCode::OK, json!({ "ok": true, "stored": n }));
+        }
+        opk_binding::Decision::Refuse(why) => {
+            s.metrics.opk_uploads_refused.fetch_add(1, Relaxed);
+            return error(&s, StatusCode::FORBIDDEN, why);
         }
     }
     match s

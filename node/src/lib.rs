@@ -319,6 +319,12 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
             cfg.limits.upload_bytes_per_ip_per_day,
             cfg.limits.rate_limit_max_clients,
         )),
+        opks: Arc::new(std::sync::Mutex::new(
+            gateway::opk_binding::OpkBinding::new(
+                cfg.limits.rate_limit_max_clients,
+                cfg.storage_config().opk_max_per_identity as usize,
+            ),
+        )),
     };
     let app = gateway::router(state);
     let server = tokio::spawn(gateway::serve::serve(listener, app, conns, cancel.clone()));

@@ -60,8 +60,12 @@ pub struct Metrics {
     pub device_directory_requests: AtomicU64,
     /// Device directory requests that failed on storage.
     pub device_directory_failed: AtomicU64,
-    /// Prekey bundles stored in a format the relay cannot verify.
-    pub unknown_bundles: AtomicU64,
+    /// Prekey bundles refused: unknown format, bad signature, or an
+    /// identity key other than the one they are registered under.
+    pub bundles_refused: AtomicU64,
+    /// Unsigned one-time prekey uploads refused: not from the identity's
+    /// bundle publisher.
+    pub opk_uploads_refused: AtomicU64,
     /// Federation.
     pub federation: FederationMetrics,
 }
@@ -499,6 +503,16 @@ impl Metrics {
             "meshwhisper_homed_evicted_total",
             "Homed hashes forgotten to make room",
             self.homed_evicted.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_bundles_refused_total",
+            "Prekey bundles refused (format, signature, or not the registered identity)",
+            self.bundles_refused.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_opk_uploads_refused_total",
+            "Unsigned one-time prekey uploads refused (not from the bundle's publisher)",
+            self.opk_uploads_refused.load(Relaxed),
         );
         counter(
             "meshwhisper_bad_control_frames_total",

@@ -155,13 +155,34 @@ async fn directory_usernames_transfers_and_bundle_signatures() {
         get(&format!("{url}?namespace=ns")).await.json()["error"],
         "Missing query param: publicKey or username"
     );
-    // Unknown bundle formats are stored as opaque bytes.
-    let r = post_json(
-        &url,
-        json!({"namespace": "ns", "publicKey": "opaque", "bundle": b64(b"\x09whatever")}),
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    // Nobody can publish a bundle for someone else's key: a bundle whose
+    // identity is not the registered publicKey is refused and Alice's entry
+    // stays (the attack replaced it, and a username lookup then returned
+    // the attacker's key). So are unknown formats, embedded one-time
+    // prekeys, wrong lengths and keys that are not 64 hex digits.
+    let mallory = IdentityKeyPair::from_seed(&[9u8; 32]);
+    let mut embedded = sdk_bundle(&alice, false);
+    embedded[1] = 1;
+    embedded.extend_from_slice(&[7u8; 32]);
+    let mut short = sdk_bundle(&alice, false);
+    short.pop();
+    for (pk, bundle) in [
+        (ka.clone(), sdk_bundle(&mallory, false)),
+        (ka.clone(), b"\x09whatever".to_vec()),
+        (ka.clone(), embedded),
+        (ka.clone(), short),
+        ("opaque".to_string(), sdk_bundle(&alice, false)),
+    ] {
+        let r = post_json(
+            &url,
+            json!({"namespace": "ns", "publicKey": pk, "bundle": b64(&bundle), "username": "alice"}),
+        )
+        .await;
+        assert_eq!(r.status, 400, "{}", r.json());
+    }
+    let r = get(&format!("{url}?namespace=ns&username=alice")).await;
+    assert_eq!(r.json()["publicKey"], ka.as_str());
+    assert_eq!(r.json()["bundle"], bundle_a.as_str());
 
     // Bob cannot take "alice" without a transfer; a forged one is 403; a real one works.
     let bundle_b = b64(&sdk_bundle(&bob, false));
@@ -244,28 +265,77 @@ async fn directory_usernames_transfers_and_bundle_signatures() {
 async fn one_time_prekeys() {
     let relay = start(|_| {}).await;
     let url = format!("{}/opks", relay.base);
-    let claim = format!("{url}/claim?namespace=ns&publicKey=aa");
+    let owner = IdentityKeyPair::from_seed(&[3u8; 32]);
+    let pk = hex::encode(owner.public().to_bytes());
+    let claim = format!("{url}/claim?namespace=ns&publicKey={pk}");
+    let squatter: std::net::IpAddr = [127, 0, 0, 2].into();
+    let upload =
+        |keys: Vec<serde_json::Value>| json!({"namespace": "ns", "publicKey": pk, "opks": keys});
     assert_eq!(
         post_json(&url, json!({"namespace": "ns"})).await.json()["error"],
         "Missing required fields: namespace, publicKey, opks[]"
     );
+    let r = post_json(
+        &url,
+        json!({"namespace": "ns", "publicKey": "aa", "opks": [b64(&[1; 32])]}),
+    )
+    .await;
+    assert_eq!(r.status, 400, "keys are 64 hex digits");
+    let r = post_json(&url, upload(vec![json!(b64(&[1; 16]))])).await;
+    assert_eq!(r.status, 400, "one-time prekeys are 32-byte X25519 keys");
+
+    // Before its bundle (the JS SDK's order at first start), an upload is
+    // parked: not claimable. A squatter's parked upload from another
+    // address is replaced by the owner's and never promoted.
+    let junk = upload(vec![json!(b64(&[0xee; 32]))]).to_string();
+    let r = http_from(
+        Some(squatter),
+        "POST",
+        &url,
+        &[("content-type", "application/json")],
+        junk.clone(),
+    )
+    .await;
+    assert_eq!(r.status, 200);
     // Only the first 20 count; empty and non-string entries are skipped.
     let mut list: Vec<serde_json::Value> = (0..25u8).map(|i| json!(b64(&[i; 32]))).collect();
     list.insert(0, json!(""));
     list.insert(1, json!(5));
+    let r = post_json(&url, upload(list)).await;
+    assert_eq!(r.json(), json!({"ok": true, "stored": 18}));
+    assert_eq!(
+        get(&claim).await.status,
+        404,
+        "parked keys are not claimable"
+    );
+    // The owner publishes its bundle: its parked keys become the pool.
     let r = post_json(
-        &url,
-        json!({"namespace": "ns", "publicKey": "aa", "opks": list}),
+        &format!("{}/directory", relay.base),
+        json!({"namespace": "ns", "publicKey": pk, "bundle": b64(&sdk_bundle(&owner, false))}),
     )
     .await;
-    assert_eq!(r.json(), json!({"ok": true, "stored": 18}));
+    assert_eq!(r.status, 200, "{}", r.json());
     let first = get(&claim).await.json()["opk"]
         .as_str()
         .expect("opk")
         .to_string();
     assert_eq!(first, b64(&[0u8; 32]));
+    // Once the bundle is there, only its publisher's address adds keys.
+    let r = http_from(
+        Some(squatter),
+        "POST",
+        &url,
+        &[("content-type", "application/json")],
+        junk,
+    )
+    .await;
+    assert_eq!(r.status, 403, "squatting refused");
     for _ in 0..17 {
-        assert_eq!(get(&claim).await.status, 200);
+        let k = get(&claim).await.json()["opk"]
+            .as_str()
+            .expect("opk")
+            .to_string();
+        assert_ne!(k, b64(&[0xee; 32]), "a squatter's key was handed out");
     }
     let r = get(&claim).await;
     assert_eq!(
@@ -277,12 +347,9 @@ async fn one_time_prekeys() {
         "Missing query params: namespace, publicKey"
     );
     // Purge: bearer required, pinned on first use.
-    post_json(
-        &url,
-        json!({"namespace": "ns", "publicKey": "aa", "opks": [b64(&[9; 32])]}),
-    )
-    .await;
-    let body = json!({"namespace": "ns", "publicKey": "aa"}).to_string();
+    let r = post_json(&url, upload(vec![json!(b64(&[9; 32]))])).await;
+    assert_eq!(r.json(), json!({"ok": true, "stored": 1}));
+    let body = json!({"namespace": "ns", "publicKey": pk}).to_string();
     let r = http("DELETE", &url, &[], body.clone()).await;
     assert_eq!(
         (r.status, r.json()["error"].as_str()),

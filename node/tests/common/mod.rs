@@ -69,7 +69,21 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> Resp {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    http_from(None, method, url, headers, body).await
+}
+
+/// [`http`] from a chosen local address (e.g. 127.0.0.2: another client
+/// address on loopback).
+pub async fn http_from(
+    local: Option<std::net::IpAddr>,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Resp {
+    let mut conn = hyper_util::client::legacy::connect::HttpConnector::new();
+    conn.set_local_address(local);
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(conn);
     let mut req = hyper::Request::builder().method(method).uri(url);
     for (k, v) in headers {
         req = req.header(*k, *v);
