@@ -474,7 +474,7 @@ impl Session {
         let Ok(seq) = <[u8; 8]>::try_from(payload).map(u64::from_be_bytes) else {
             return;
         };
-        if !self.ping.as_ref().is_some_and(|(s, _)| *s == seq) {
+        if self.ping.as_ref().is_none_or(|(s, _)| *s != seq) {
             return;
         }
         if let Some((_, covered)) = self.ping.take() {
