@@ -126,11 +126,11 @@ async fn queued_packets_survive_sigkill_and_arrive_once() {
     // Bob reads as a client does, all the time (answering the relay's
     // pings, which confirm deliveries).
     let (mut bob_tx, mut bob_rx) = bob.split();
-    let (tx, mut packets) = tokio::sync::mpsc::unbounded_channel();
+    let (tx, mut packets) = tokio::sync::mpsc::channel(1024);
     tokio::spawn(async move {
         while let Some(Ok(m)) = bob_rx.next().await {
             if let Message::Binary(b) = m
-                && tx.send(b).is_err()
+                && tx.send(b).await.is_err()
             {
                 break;
             }

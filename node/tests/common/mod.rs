@@ -168,14 +168,15 @@ pub async fn ws(url: &str) -> Ws {
     .expect("ws connect timeout")
     .expect("ws connect");
     let (sink, mut stream) = s.split();
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    // Far more than any test leaves unread.
+    let (tx, rx) = tokio::sync::mpsc::channel(65_536);
     let reader = tokio::spawn(async move {
         while let Some(m) = stream.next().await {
             let end = m.is_err();
             if matches!(m, Ok(Message::Ping(_) | Message::Pong(_))) {
                 continue;
             }
-            if tx.send(m).is_err() || end {
+            if tx.send(m).await.is_err() || end {
                 break;
             }
         }
