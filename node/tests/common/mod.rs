@@ -132,9 +132,7 @@ type WsStream =
 /// on a channel for [`Ws::next`].
 pub struct Ws {
     sink: futures::stream::SplitSink<WsStream, Message>,
-    rx: tokio::sync::mpsc::UnboundedReceiver<
-        Result<Message, tokio_tungstenite::tungstenite::Error>,
-    >,
+    rx: tokio::sync::mpsc::Receiver<Result<Message, tokio_tungstenite::tungstenite::Error>>,
     reader: tokio::task::JoinHandle<()>,
 }
 
