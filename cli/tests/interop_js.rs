@@ -96,3 +96,64 @@ fn js_sdk_clients_on_two_federated_relays() {
     );
     assert!(stdout.contains("RESULT: PASS"), "{stdout}");
 }
+
+/// A real JS SDK client that falls behind (a burst overflows its live queue
+/// on a relay configured with `limits.client_queue = 2`) still receives
+/// every message at once, without reconnecting: the JS SDK never sends
+/// `pull`, so the relay must drain what it kept as soon as the queue
+/// empties (`tests/interop/behind.mjs`).
+#[test]
+fn a_js_client_that_falls_behind_gets_everything_without_asking() {
+    let dir = interop_dir();
+    npm_ci(&dir);
+    let tmp = tempfile::tempdir().expect("tmp");
+    let cfg = tmp.path().join("relay.toml");
+    std::fs::write(&cfg, "[limits]\nclient_queue = 2\n").expect("config");
+    let mut relay = Command::new(env!("CARGO_BIN_EXE_meshwhisper"))
+        .args([
+            "relay",
+            "--http",
+            "127.0.0.1:0",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--federation",
+            "off",
+            "--config",
+        ])
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(tmp.path().join("data"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("relay");
+    let stdout = relay.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::sync_channel(16);
+    std::thread::spawn(move || {
+        for l in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            if let Some(h) = l.strip_prefix("http=") {
+                let _ = tx.send(h.to_string());
+            }
+        }
+    });
+    let http = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("relay address");
+    let out = run(
+        Command::new("node")
+            .arg("behind.mjs")
+            .arg(&http)
+            .current_dir(&dir),
+        "node behind.mjs",
+    );
+    let _ = relay.kill();
+    let _ = relay.wait();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "behind scenario failed with {:?}:\n{stdout}\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("RESULT: PASS"), "{stdout}");
+}
