@@ -77,7 +77,7 @@ pub enum Event {
         /// The connection.
         connection: ConnectionId,
         /// Why.
-        reason: String,
+        reason: crate::stream::CloseReason,
     },
 }
 
@@ -177,7 +177,7 @@ impl NetworkBehaviour for Behaviour {
                 .push_back(ToSwarm::GenerateEvent(Event::Closed {
                     peer: c.peer_id,
                     connection: c.connection_id,
-                    reason: "connection closed".into(),
+                    reason: crate::stream::CloseReason::ConnectionClosed,
                 }));
         }
     }

@@ -1,4 +1,4 @@
-//! `/meshwhisper/federation/1`: relays forwarding packets to each other and
+//! `/meshwhisper/federation/2`: relays forwarding packets to each other and
 //! reconciling their address books.
 //!
 //! One long-lived stream per connection between two admitted relays carries
@@ -59,7 +59,7 @@ pub enum Event {
         /// The peer.
         peer: PeerId,
         /// Why.
-        reason: String,
+        reason: stream::CloseReason,
         /// Whether it was the last one.
         last: bool,
     },
@@ -136,7 +136,7 @@ impl Behaviour {
         self.open.keys()
     }
 
-    fn stream_gone(&mut self, peer: PeerId, connection: ConnectionId, reason: String) {
+    fn stream_gone(&mut self, peer: PeerId, connection: ConnectionId, reason: stream::CloseReason) {
         if let Some(s) = self.open.get_mut(&peer)
             && s.remove(&connection)
         {
@@ -190,7 +190,11 @@ impl NetworkBehaviour for Behaviour {
                     self.dialed.remove(&c.peer_id);
                 }
             }
-            self.stream_gone(c.peer_id, c.connection_id, "connection closed".into());
+            self.stream_gone(
+                c.peer_id,
+                c.connection_id,
+                stream::CloseReason::ConnectionClosed,
+            );
         }
     }
 

@@ -10,4 +10,6 @@ pub mod federation;
 pub mod node;
 pub mod packet;
 pub mod policy;
+pub mod relay_key;
 pub mod stream;
+pub mod transport;

@@ -3,8 +3,10 @@
 
 use crate::{device, federation, policy};
 use libp2p::{
-    StreamProtocol, connection_limits, gossipsub, identify, identity::Keypair, kad, ping,
-    swarm::NetworkBehaviour,
+    StreamProtocol, connection_limits, gossipsub, identify,
+    identity::Keypair,
+    kad, ping,
+    swarm::{NetworkBehaviour, behaviour::toggle::Toggle},
 };
 use std::time::Duration;
 
@@ -145,13 +147,15 @@ pub struct Behaviour {
     /// Keeps connections measured and detects dead ones.
     pub ping: ping::Behaviour,
     /// Spreads signed address records (topic [`RECORDS_TOPIC`]); messages
-    /// are validated by the Swarm owner before they are forwarded.
-    pub gossipsub: gossipsub::Behaviour,
+    /// are validated by the Swarm owner before they are forwarded. Not
+    /// built when federation is off.
+    pub gossipsub: Toggle<gossipsub::Behaviour>,
     /// Finds relays not yet in the address book (server mode always: a
-    /// LAN-only mesh never confirms an external address).
-    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    /// LAN-only mesh never confirms an external address). Not built when
+    /// federation is off.
+    pub kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
     /// Relay-to-relay packet forwarding and anti-entropy
-    /// (`/meshwhisper/federation/1`).
+    /// (`/meshwhisper/federation/2`).
     pub federation: federation::Behaviour,
     /// Native devices' long-lived streams (`/meshwhisper/device/1`).
     pub device: device::Behaviour,
@@ -165,10 +169,40 @@ impl Behaviour {
         limits: Limits,
         fed: FederationSettings,
     ) -> Result<Self, BuildError> {
-        fed.gossip
-            .validate()
-            .map_err(|e| BuildError::Gossip(e.into()))?;
-        let g = fed.gossip;
+        let federating = fed.policy.mode != policy::Mode::Off;
+        let (gossipsub, kad) = if federating {
+            let (g, k) = federation_protocols(key, &fed.gossip)?;
+            (Some(g), Some(k))
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            limits: limits.behaviour(),
+            identify: identify_behaviour(key),
+            policy: policy::Behaviour::new(fed.policy),
+            ping: ping::Behaviour::new(ping::Config::new()),
+            gossipsub: gossipsub.into(),
+            kad: kad.into(),
+            federation: federation::Behaviour::new(fed.stream),
+            device: device::Behaviour::new(device),
+        })
+    }
+}
+
+/// Gossipsub (subscribed to [`RECORDS_TOPIC`]) and Kademlia for a
+/// federating relay.
+fn federation_protocols(
+    key: &Keypair,
+    g: &GossipParams,
+) -> Result<
+    (
+        gossipsub::Behaviour,
+        kad::Behaviour<kad::store::MemoryStore>,
+    ),
+    BuildError,
+> {
+    {
+        g.validate().map_err(|e| BuildError::Gossip(e.into()))?;
         let gossip_cfg = gossipsub::ConfigBuilder::default()
             .mesh_n(g.mesh_n)
             .mesh_n_low(g.mesh_n_low)
@@ -198,15 +232,6 @@ impl Behaviour {
         let mut kad =
             kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg);
         kad.set_mode(Some(kad::Mode::Server));
-        Ok(Self {
-            limits: limits.behaviour(),
-            identify: identify_behaviour(key),
-            policy: policy::Behaviour::new(fed.policy),
-            ping: ping::Behaviour::new(ping::Config::new()),
-            gossipsub,
-            kad,
-            federation: federation::Behaviour::new(fed.stream),
-            device: device::Behaviour::new(device),
-        })
+        Ok((gossipsub, kad))
     }
 }

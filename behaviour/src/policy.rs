@@ -24,15 +24,45 @@ use libp2p::swarm::{
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::task::{Context, Poll};
 
-/// Federation admission mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Federation admission mode (the relay's `federation.mode` setting).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Mode {
-    /// Any relay up to the peer cap.
+    /// Any relay that proves its key, up to the peer cap.
+    #[default]
     Open,
     /// Only listed relays.
     Allowlist,
-    /// No federation.
+    /// No federation: the relay serves its own clients only.
     Off,
+}
+
+impl Mode {
+    /// The setting's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Allowlist => "allowlist",
+            Self::Off => "off",
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "open" => Ok(Self::Open),
+            "allowlist" => Ok(Self::Allowlist),
+            "off" => Ok(Self::Off),
+            other => Err(format!("{other:?} is not open, allowlist or off")),
+        }
+    }
 }
 
 /// Policy settings.

@@ -180,7 +180,7 @@ pub trait FrameCodec:
     + 'static
 {
     /// Why a frame could not be read or written.
-    type Fault: std::fmt::Display + From<std::io::Error>;
+    type Fault: std::fmt::Display + From<std::io::Error> + AsCloseReason;
     /// What one frame decodes to.
     type Frame: std::fmt::Debug + Send + 'static;
     /// The protocol name negotiated for the stream.
@@ -198,6 +198,57 @@ pub enum In<F> {
     Send(F),
 }
 
+/// Why a stream ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Its connection closed.
+    ConnectionClosed,
+    /// The peer closed the stream.
+    ClosedByPeer,
+    /// It could not be opened (the peer does not speak the protocol, or
+    /// negotiation failed).
+    OpenFailed(String),
+    /// Reading or writing failed.
+    Io(String),
+    /// The peer sent a frame that does not decode.
+    Malformed(String),
+    /// The peer did not read: the send queue filled up.
+    Stuck,
+}
+
+impl CloseReason {
+    /// Whether the stream ended in a failure (rather than an orderly close
+    /// of the stream or its connection).
+    pub fn is_failure(&self) -> bool {
+        !matches!(self, Self::ConnectionClosed | Self::ClosedByPeer)
+    }
+
+    /// A short stable label, for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::ConnectionClosed => "connection_closed",
+            Self::ClosedByPeer => "closed_by_peer",
+            Self::OpenFailed(_) => "open_failed",
+            Self::Io(_) => "io",
+            Self::Malformed(_) => "malformed",
+            Self::Stuck => "stuck",
+        }
+    }
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ConnectionClosed => f.write_str("connection closed"),
+            Self::ClosedByPeer => f.write_str("stream closed by peer"),
+            Self::OpenFailed(e) => write!(f, "could not open stream: {e}"),
+            Self::Io(e) => write!(f, "stream I/O: {e}"),
+            Self::Malformed(e) => write!(f, "malformed frame: {e}"),
+            Self::Stuck => f.write_str("peer is not reading: send queue full"),
+        }
+    }
+}
+
 /// Events to the behaviour.
 #[derive(Debug)]
 pub enum Out<F> {
@@ -206,10 +257,36 @@ pub enum Out<F> {
     /// A frame arrived.
     Frame(F),
     /// The stream ended (or failed, or never opened).
-    Closed(String),
+    Closed(CloseReason),
     /// A frame was not queued (no stream, or the queue is full) in a
     /// handler that sheds instead of closing: the behaviour decides.
     Unsent(F),
+}
+
+/// A codec fault that names why its stream closed.
+pub trait AsCloseReason {
+    /// The reason a stream closes on this fault.
+    fn close_reason(&self) -> CloseReason;
+}
+
+impl AsCloseReason for FrameError {
+    fn close_reason(&self) -> CloseReason {
+        reason_of(self)
+    }
+}
+
+impl CloseReason {
+    fn from_fault<F: AsCloseReason>(f: &F) -> Self {
+        f.close_reason()
+    }
+}
+
+fn reason_of(e: &FrameError) -> CloseReason {
+    match e {
+        FrameError::Io(e) => CloseReason::Io(e.to_string()),
+        FrameError::Malformed(m) => CloseReason::Malformed((*m).to_string()),
+        too_large @ FrameError::TooLarge { .. } => CloseReason::Malformed(too_large.to_string()),
+    }
 }
 
 /// The handler.
@@ -261,7 +338,7 @@ impl<C: FrameCodec> Handler<C> {
         self.events.push_back(Out::Opened);
     }
 
-    fn close(&mut self, why: String) {
+    fn close(&mut self, why: CloseReason) {
         if self.stream.take().is_some() || self.opening {
             self.events.push_back(Out::Closed(why));
         }
@@ -303,7 +380,7 @@ impl<C: FrameCodec> ConnectionHandler for Handler<C> {
                     return;
                 }
                 if full {
-                    self.close("peer is not reading: send queue full".into());
+                    self.close(CloseReason::Stuck);
                     return;
                 }
                 self.queue.push_back(frame);
@@ -328,7 +405,10 @@ impl<C: FrameCodec> ConnectionHandler for Handler<C> {
             ConnectionEvent::DialUpgradeError(e) => {
                 self.opening = false;
                 self.events
-                    .push_back(Out::Closed(format!("could not open stream: {:?}", e.error)));
+                    .push_back(Out::Closed(CloseReason::OpenFailed(format!(
+                        "{:?}",
+                        e.error
+                    ))));
             }
             _ => {}
         }
@@ -362,12 +442,12 @@ impl<C: FrameCodec> ConnectionHandler for Handler<C> {
                     if let Some(f) = self.queue.pop_front()
                         && let Err(e) = stream.start_send_unpin(f)
                     {
-                        failed = Some(e.to_string());
+                        failed = Some(CloseReason::from_fault(&e));
                         break;
                     }
                 }
                 Poll::Ready(Err(e)) => {
-                    failed = Some(e.to_string());
+                    failed = Some(CloseReason::from_fault(&e));
                     break;
                 }
                 Poll::Pending => break,
@@ -376,7 +456,7 @@ impl<C: FrameCodec> ConnectionHandler for Handler<C> {
         if failed.is_none()
             && let Poll::Ready(Err(e)) = stream.poll_flush_unpin(cx)
         {
-            failed = Some(e.to_string());
+            failed = Some(CloseReason::from_fault(&e));
         }
         if let Some(why) = failed {
             self.close(why);
@@ -388,11 +468,11 @@ impl<C: FrameCodec> ConnectionHandler for Handler<C> {
                 Poll::Ready(ConnectionHandlerEvent::NotifyBehaviour(Out::Frame(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
-                self.close(e.to_string());
+                self.close(CloseReason::from_fault(&e));
                 self.poll(cx)
             }
             Poll::Ready(None) => {
-                self.close("stream closed by peer".into());
+                self.close(CloseReason::ClosedByPeer);
                 self.poll(cx)
             }
             Poll::Pending => Poll::Pending,

@@ -155,11 +155,7 @@ fn startup_text(
     }
     let _ = writeln!(t, "data_dir={}", cfg.data_dir.display());
     let f = &cfg.federation;
-    let mode = match f.mode {
-        FederationMode::Open => "open",
-        FederationMode::Allowlist => "allowlist",
-        FederationMode::Off => "off",
-    };
+    let mode = f.mode.as_str();
     let _ = writeln!(t, "federation={mode}");
     if http.ip().is_unspecified() {
         let _ = writeln!(

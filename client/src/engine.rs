@@ -45,8 +45,6 @@ const OPK_BATCH: usize = 20;
 const CLAIM_RETRY_MS: u64 = 10_000;
 /// A relay that stays unreachable is mentioned again after this long.
 const UNREACHABLE_REPEAT_MS: u64 = 30_000;
-/// Retry delay for packets to a relay that is not connected.
-const DIAL_RETRY_MS: u64 = 5_000;
 
 /// Commands from [`crate::Client`].
 #[derive(Debug)]
@@ -109,7 +107,7 @@ enum Pumped {
     /// No session yet: claim their prekeys.
     Claim(i64, Box<Invite>),
     /// Outbox rows (id, packet) for the contact's home relay.
-    Packets(PeerId, Vec<Multiaddr>, Vec<(i64, Vec<u8>)>),
+    Packets(PeerId, Vec<(i64, Vec<u8>)>),
 }
 
 /// What a batch of deliveries changes once it is committed.
@@ -168,7 +166,6 @@ pub(crate) async fn start(
         in_flight: HashSet::new(),
         claiming: HashSet::new(),
         claim_after: HashMap::new(),
-        dial_after: HashMap::new(),
         up: HashSet::new(),
         unreachable_said: HashMap::new(),
         registered_hour: None,
@@ -207,7 +204,6 @@ struct Engine {
     in_flight: HashSet<i64>,
     claiming: HashSet<i64>,
     claim_after: HashMap<i64, u64>,
-    dial_after: HashMap<PeerId, u64>,
     up: HashSet<PeerId>,
     /// Relays we said were unreachable, and when (engine ms).
     unreachable_said: HashMap<PeerId, u64>,
@@ -559,7 +555,6 @@ impl Engine {
             NetEvent::Up(peer) => {
                 self.up.insert(peer);
                 self.unreachable_said.remove(&peer);
-                self.dial_after.remove(&peer);
                 if peer == self.p.relay {
                     self.registered_hour = None;
                     if let Err(e) = self.register().await {
@@ -933,19 +928,32 @@ impl Engine {
             Pumped::Claim(contact, card) => {
                 if !self.claiming.contains(&contact) && !self.claim_after.contains_key(&contact) {
                     self.claiming.insert(contact);
-                    let frame = Frame::Claim {
-                        req: 0,
-                        namespace: hex::encode(card.namespace.as_bytes()),
-                        identity: card.identity.to_bytes(),
+                    let namespace = hex::encode(card.namespace.as_bytes());
+                    let identity = card.identity.to_bytes();
+                    // Asked of our own relay, which asks theirs: we never
+                    // talk to the contact's relay.
+                    let frame = match self.home_of(card.relay) {
+                        Some(home) => Frame::ClaimAt {
+                            req: 0,
+                            home,
+                            namespace,
+                            identity,
+                        },
+                        None => Frame::Claim {
+                            req: 0,
+                            namespace,
+                            identity,
+                        },
                     };
-                    self.request(card.relay, card.addrs.clone(), frame, move |result| {
+                    self.request(self.p.relay, Vec::new(), frame, move |result| {
                         Internal::Claimed { contact, result }
                     });
                 }
             }
-            Pumped::Packets(peer, addrs, packets) => {
+            Pumped::Packets(peer, packets) => {
+                let home = self.home_of(peer);
                 for (id, p) in packets {
-                    self.transmit(id, peer, addrs.clone(), p.into());
+                    self.transmit(id, home, p.into());
                 }
             }
             Pumped::Nothing => {}
@@ -969,7 +977,7 @@ impl Engine {
         loop {
             let unsent = db::unsent(self.conn(), contact).await?;
             if unsent.is_empty() {
-                return Ok(Pumped::Packets(card.relay, card.addrs, rows));
+                return Ok(Pumped::Packets(card.relay, rows));
             }
             let mut session = Session::from_bytes(&s.state).map_err(|e| Error::Session {
                 contact: row.name.clone(),
@@ -1023,14 +1031,27 @@ impl Engine {
         }
     }
 
-    fn transmit(&mut self, outbox_id: i64, peer: PeerId, addrs: Vec<Multiaddr>, packet: Bytes) {
+    /// The relay key to name in a `PacketTo`/`ClaimAt` for a contact homed
+    /// at `relay`: `None` when that is our own relay.
+    fn home_of(&self, relay: PeerId) -> Option<[u8; 32]> {
+        if relay == self.p.relay {
+            return None;
+        }
+        meshwhisper_behaviour::relay_key::RelayKey::from_peer(&relay).map(|k| k.0)
+    }
+
+    /// Sends a packet through our home relay (naming the recipient's home
+    /// relay when it is another one).
+    fn transmit(&mut self, outbox_id: i64, home: Option<[u8; 32]>, packet: Bytes) {
         if !self.in_flight.insert(outbox_id) {
             return;
         }
+        let peer = self.p.relay;
         let (reply, rx) = oneshot::channel();
         if !self.net_cmd(Command::Packet {
             peer,
-            addrs,
+            addrs: Vec::new(),
+            home,
             packet,
             reply,
         }) {
@@ -1049,30 +1070,22 @@ impl Engine {
         });
     }
 
-    /// Sends queued packets that are not on their way, to relays that are
-    /// connected (or, every few seconds, to dial those that are not).
+    /// Sends queued packets that are not on their way, once our home
+    /// relay is connected (the network task redials it).
     async fn retry_outbox(&mut self) -> Result<(), Error> {
-        let now = self.now();
+        if !self.up.contains(&self.p.relay) {
+            return Ok(());
+        }
         let rows = db::outbox(self.conn(), 4096).await?;
         for r in rows {
             if self.in_flight.contains(&r.id) {
                 continue;
             }
-            let Some((peer, addrs)) = parse_relay(&r.relay) else {
+            let Some((peer, _)) = parse_relay(&r.relay) else {
                 continue;
             };
-            if !self.up.contains(&peer) && peer != self.p.relay {
-                match self.dial_after.get(&peer) {
-                    Some(t) if *t > now => continue,
-                    _ => {
-                        self.dial_after.insert(peer, now + DIAL_RETRY_MS);
-                    }
-                }
-            }
-            if !self.up.contains(&peer) && peer == self.p.relay {
-                continue; // the home relay is redialled by the network task
-            }
-            self.transmit(r.id, peer, addrs, r.packet.into());
+            let home = self.home_of(peer);
+            self.transmit(r.id, home, r.packet.into());
         }
         Ok(())
     }

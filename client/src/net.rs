@@ -11,7 +11,7 @@ use bytes::Bytes;
 use libp2p::futures::StreamExt as _;
 use libp2p::swarm::SwarmEvent;
 use libp2p::swarm::dial_opts::DialOpts;
-use libp2p::{Multiaddr, PeerId, Swarm, noise, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, Swarm};
 use meshwhisper_behaviour::client::{Behaviour, BehaviourEvent};
 use meshwhisper_behaviour::device::{
     self,
@@ -48,10 +48,13 @@ pub(crate) enum Command {
     Keep { peer: PeerId, addrs: Vec<Multiaddr> },
     /// Send a frame needing no answer (Register, Ack, Drain).
     Frame { peer: PeerId, frame: Frame },
-    /// Send a packet; answered once the relay stored or refused it.
+    /// Send a packet through `peer` (our home relay); answered once the
+    /// relay stored or refused it. `home`: the recipient's home relay
+    /// (Ed25519 key), when it is not `peer` — the relay forwards it there.
     Packet {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
+        home: Option<[u8; 32]>,
         packet: Bytes,
         reply: oneshot::Sender<Result<(), NetError>>,
     },
@@ -179,30 +182,18 @@ pub(crate) fn dial_reason(e: &libp2p::swarm::DialError) -> String {
     }
 }
 
-/// Builds the client's Swarm: TCP and QUIC, Noise, yamux, a fresh key
+/// Builds the client's Swarm over the shared transports, with a fresh key
 /// (relays need not recognise a device across runs).
 pub(crate) fn build_swarm() -> Result<Swarm<Behaviour>, String> {
     let key = libp2p::identity::Keypair::generate_ed25519();
-    let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| e.to_string())?
-        .with_quic()
-        .with_behaviour(|key| {
-            Ok(Behaviour::new(
-                key,
-                device::Config::new(device::Role::Device),
-                Default::default(),
-            ))
-        })
-        .map_err(|e| e.to_string())?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
-        .build();
-    Ok(swarm)
+    meshwhisper_behaviour::transport::build_swarm(key, Duration::from_secs(30), |key| {
+        Ok(Behaviour::new(
+            key,
+            device::Config::new(device::Role::Device),
+            Default::default(),
+        ))
+    })
+    .map_err(|e| e.to_string())
 }
 
 pub(crate) struct Net {
@@ -367,17 +358,18 @@ impl Net {
             Command::Packet {
                 peer,
                 addrs,
+                home,
                 packet,
                 reply,
             } => {
                 let seq = self.next_id;
                 self.next_id += 1;
                 self.relay(peer, addrs);
-                self.send(
-                    peer,
-                    Frame::Packet { seq, packet },
-                    Some((seq, Waiter::Packet(reply))),
-                );
+                let frame = match home {
+                    Some(home) => Frame::PacketTo { seq, home, packet },
+                    None => Frame::Packet { seq, packet },
+                };
+                self.send(peer, frame, Some((seq, Waiter::Packet(reply))));
             }
             Command::Request {
                 peer,
@@ -390,7 +382,8 @@ impl Net {
                 match &mut frame {
                     Frame::Publish { req, .. }
                     | Frame::Prekeys { req, .. }
-                    | Frame::Claim { req, .. } => *req = id,
+                    | Frame::Claim { req, .. }
+                    | Frame::ClaimAt { req, .. } => *req = id,
                     _ => {
                         let _ = reply.send(Err(NetError::Refused("not a request".into())));
                         return;

@@ -202,28 +202,22 @@ pub struct Limits {
     pub max_p2p_per_peer: u32,
 }
 
-/// Federation admission mode (`--federation`, env `FEDERATION_MODE`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum FederationMode {
-    /// Any relay that proves its key, up to `max_peers`.
-    #[default]
-    Open,
-    /// Only the relays in `allowlist`.
-    Allowlist,
-    /// No federation: the relay serves its own clients only.
-    Off,
-}
+/// Federation admission mode (`--federation`, env `FEDERATION_MODE`): the
+/// policy behaviour's own type.
+pub use meshwhisper_behaviour::policy::Mode as FederationMode;
 
-impl std::str::FromStr for FederationMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "open" => Ok(Self::Open),
-            "allowlist" => Ok(Self::Allowlist),
-            "off" => Ok(Self::Off),
-            other => Err(format!("{other:?} is not open, allowlist or off")),
-        }
+/// The mode as TOML spells it (`"open"`, `"allowlist"`, `"off"`).
+mod mode_serde {
+    use super::FederationMode;
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &FederationMode, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(m.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<FederationMode, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -233,6 +227,7 @@ impl std::str::FromStr for FederationMode {
 #[serde(default, deny_unknown_fields)]
 pub struct Federation {
     /// Admission mode. Default `open`.
+    #[serde(with = "mode_serde")]
     pub mode: FederationMode,
     /// Relays to join through: multiaddrs ending in `/p2p/<PeerId>`. Env
     /// `FEDERATION_BOOTSTRAP` (comma-separated).
@@ -256,7 +251,10 @@ pub struct Federation {
     pub frames_per_minute: u32,
     /// Most relays a flooded packet passes. Default 3.
     pub max_hops: u8,
-    /// Packet ids remembered for dedup. Default 65536.
+    /// Floods remembered to drop repeats and send acks back along their
+    /// path. Default 65536. (The home relay remembers the ids it stored
+    /// until their senders have the acks, in the store: a resent packet is
+    /// never stored twice.)
     pub dedup_entries: usize,
     /// How long a packet id is remembered, seconds: longer than a resend
     /// after a lost ack (60 s) plus a reconnect. Default 300 (at least 120).
@@ -292,6 +290,12 @@ pub struct Federation {
     pub anti_entropy_page: u16,
     /// Relay records kept in the address book. Default 4096.
     pub address_book_max: u32,
+    /// Destinations whose home relay is remembered from `Stored` acks (so
+    /// later packets to them are routed, not flooded). Default 100000.
+    pub learned_routes: usize,
+    /// Workers doing federation's store work (storing packets from other
+    /// relays, the address book). Default 2.
+    pub store_workers: usize,
     /// Destination hashes remembered as homed here (about 100 bytes of
     /// memory each). Beyond, the least recently registered are forgotten.
     /// Default 1000000.
@@ -341,6 +345,8 @@ impl Default for Federation {
             anti_entropy_ms: 10_000,
             anti_entropy_page: 256,
             address_book_max: 4096,
+            learned_routes: 100_000,
+            store_workers: 2,
             homed_max: 1_000_000,
             homed_per_ip: 65_536,
             homed_hours: 720,
@@ -766,6 +772,12 @@ impl Config {
             return bad(
                 "federation.dedup_secs",
                 "must be at least 120 (a resend after a lost ack comes after 60 s)",
+            );
+        }
+        if f.store_workers == 0 || f.store_workers > 64 || f.learned_routes == 0 {
+            return bad(
+                "federation",
+                "store_workers must be 1..=64 and learned_routes positive",
             );
         }
         if f.send_window == 0 || f.send_window > 4096 {

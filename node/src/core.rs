@@ -65,6 +65,8 @@ pub struct CoreLimits {
     pub live_queue_bytes: usize,
     /// Bytes of packets being stored across all connections.
     pub inflight_bytes: usize,
+    /// How long a stored packet lives.
+    pub mailbox_ttl_ms: u64,
     /// Destination hashes one connection may register.
     pub max_hashes: usize,
     /// How long a registered hash stays homed here.
@@ -136,9 +138,26 @@ pub struct Federate {
     pub packet: Bytes,
     /// The home relay's Ed25519 key, when the sender named it.
     pub hint: Option<[u8; 32]>,
-    /// When it was accepted, unix ms.
-    pub at_ms: u64,
+    /// When its stored copy expires, unix ms (forwarding stops then).
+    pub deadline_ms: u64,
 }
+
+/// A claim a local client asked for at another relay (`ClaimAt`): the
+/// federation asks `home` and answers on `reply`.
+#[derive(Debug)]
+pub struct RemoteClaim {
+    /// The relay whose directory holds the bundle.
+    pub home: [u8; 32],
+    /// The directory namespace.
+    pub namespace: String,
+    /// The identity whose bundle is claimed.
+    pub identity: [u8; 32],
+    /// Where the answer goes: a status and the bundle with one prekey.
+    pub reply: tokio::sync::oneshot::Sender<(meshwhisper_behaviour::device::codec::Status, Bytes)>,
+}
+
+/// How long a claim at another relay may take.
+pub const REMOTE_CLAIM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Clock in unix milliseconds.
 pub fn now_ms() -> u64 {
@@ -162,12 +181,14 @@ pub struct Core {
     /// Homed hashes to write (`Some(expiry)`) or delete (`None`).
     homed_dirty: Mutex<HashMap<DestHash, Option<u64>>>,
     federation: std::sync::OnceLock<mpsc::Sender<Federate>>,
+    claims: std::sync::OnceLock<mpsc::Sender<RemoteClaim>>,
     max_packet: usize,
     client_queue: usize,
     client_queue_bytes: usize,
     live_budget: Arc<Budget>,
     inflight: Arc<tokio::sync::Semaphore>,
     inflight_max: usize,
+    mailbox_ttl_ms: u64,
     max_hashes: usize,
 }
 
@@ -193,6 +214,7 @@ impl Core {
             )),
             homed_dirty: Mutex::new(HashMap::new()),
             federation: std::sync::OnceLock::new(),
+            claims: std::sync::OnceLock::new(),
             max_packet: limits.max_packet,
             client_queue: limits.client_queue.max(1),
             client_queue_bytes: limits.client_queue_bytes.max(1),
@@ -205,6 +227,7 @@ impl Core {
             inflight_max: limits
                 .inflight_bytes
                 .min(tokio::sync::Semaphore::MAX_PERMITS),
+            mailbox_ttl_ms: limits.mailbox_ttl_ms,
             max_hashes: limits.max_hashes.max(1),
         }
     }
@@ -239,9 +262,35 @@ impl Core {
         Ok(h.len())
     }
 
-    /// Hands packets for relays elsewhere to the federation from now on.
-    pub fn set_federation(&self, tx: mpsc::Sender<Federate>) {
+    /// Hands packets for relays elsewhere to the federation from now on,
+    /// and claims at other relays.
+    pub fn set_federation(&self, tx: mpsc::Sender<Federate>, claims: mpsc::Sender<RemoteClaim>) {
         let _ = self.federation.set(tx);
+        let _ = self.claims.set(claims);
+    }
+
+    /// Asks `home` (over federation) for an identity's bundle and one of
+    /// its one-time prekeys; `None` when it cannot be asked or does not
+    /// answer within [`REMOTE_CLAIM_TIMEOUT`].
+    pub async fn claim_remote(
+        &self,
+        home: [u8; 32],
+        namespace: String,
+        identity: [u8; 32],
+    ) -> Option<(meshwhisper_behaviour::device::codec::Status, Bytes)> {
+        let tx = self.claims.get()?;
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        tx.try_send(RemoteClaim {
+            home,
+            namespace,
+            identity,
+            reply,
+        })
+        .ok()?;
+        tokio::time::timeout(REMOTE_CLAIM_TIMEOUT, rx)
+            .await
+            .ok()?
+            .ok()
     }
 
     /// Whether `dest` belongs to a client of this relay: connected now, or
@@ -253,10 +302,12 @@ impl Core {
         self.homed_set().contains(dest, now_ms())
     }
 
-    /// After a restart: hands every stored packet whose recipient is not
-    /// homed here back to the federation (flooded: hints are not kept), so
-    /// a packet accepted before a crash still reaches its home relay.
-    /// Bounded by `max`; returns how many were handed over.
+    /// Hands every stored packet whose recipient is not homed here back to
+    /// the federation (routed where its sender named a home relay, else
+    /// flooded): after a restart, or once the forwarding queue has room
+    /// again after it overflowed. Packets already on their way are skipped
+    /// by the federation. Bounded by `max`; returns how many were handed
+    /// over.
     pub async fn refederate_stored(&self, max: usize) -> usize {
         let Some(fed) = self.federation.get().cloned() else {
             return 0;
@@ -281,8 +332,9 @@ impl Core {
                     mailbox_id: p.id,
                     dest: p.dest,
                     packet: Bytes::from(p.packet),
-                    hint: None,
-                    at_ms: p.received_ms,
+                    // The route its sender named, kept with the packet.
+                    hint: p.route,
+                    deadline_ms: p.expires_ms,
                 };
                 if fed.send(f).await.is_err() {
                     return n;
@@ -485,13 +537,57 @@ impl Core {
     /// Validates and stores several packets in one commit (one reply for
     /// the batch); results are in the order of `frames`.
     pub async fn accept_many(&self, frames: Vec<Bytes>) -> Vec<Result<Accepted, PacketError>> {
-        let mut results: Vec<Option<Result<Accepted, PacketError>>> =
+        self.accept_many_routed(frames.into_iter().map(|f| (f, None)).collect())
+            .await
+    }
+
+    /// [`Core::accept_many`], each packet with the home relay its sender
+    /// named (kept with the stored copy).
+    pub async fn accept_many_routed(
+        &self,
+        frames: Vec<(Bytes, Option<[u8; 32]>)>,
+    ) -> Vec<Result<Accepted, PacketError>> {
+        self.accept_inner(frames, None)
+            .await
+            .into_iter()
+            .map(|r| {
+                r.and_then(|a| {
+                    a.ok_or_else(|| {
+                        PacketError::Store(Arc::new(meshwhisper_storage::Error::Closed))
+                    })
+                })
+            })
+            .collect()
+    }
+
+    /// Stores packets other relays forwarded, each once under its
+    /// federated id (remembered until `remember_until_ms`): `Ok(None)` for
+    /// one stored before.
+    pub async fn accept_federated(
+        &self,
+        items: Vec<(meshwhisper_storage::fed_seen::FedId, Bytes)>,
+        remember_until_ms: u64,
+    ) -> Vec<Result<Option<Accepted>, PacketError>> {
+        let (ids, frames): (Vec<_>, Vec<_>) = items.into_iter().unzip();
+        self.accept_inner(
+            frames.into_iter().map(|f| (f, None)).collect(),
+            Some((ids, remember_until_ms)),
+        )
+        .await
+    }
+
+    async fn accept_inner(
+        &self,
+        frames: Vec<(Bytes, Option<[u8; 32]>)>,
+        fed: Option<(Vec<meshwhisper_storage::fed_seen::FedId>, u64)>,
+    ) -> Vec<Result<Option<Accepted>, PacketError>> {
+        let mut results: Vec<Option<Result<Option<Accepted>, PacketError>>> =
             Vec::with_capacity(frames.len());
         let mut valid = Vec::with_capacity(frames.len());
-        for (i, frame) in frames.into_iter().enumerate() {
+        for (i, (frame, route)) in frames.into_iter().enumerate() {
             match packet::destination(&frame, self.max_packet) {
                 Ok(dest) => {
-                    valid.push((i, dest, frame));
+                    valid.push((i, dest, frame, route));
                     results.push(None);
                 }
                 Err(e) => {
@@ -504,22 +600,43 @@ impl Core {
             let n = valid.len() as u64;
             self.metrics.packets_in.fetch_add(n, Relaxed);
             self.events.inbound.fetch_add(n, Relaxed);
-            let packets = valid.iter().map(|(_, d, f)| (*d, f.to_vec())).collect();
-            match self.store.mailbox().enqueue_many(packets, now_ms()).await {
+            let mailbox = self.store.mailbox();
+            let stored = match &fed {
+                Some((ids, until)) => {
+                    let items = valid
+                        .iter()
+                        .map(|(i, d, f, _)| meshwhisper_storage::mailbox::Federated {
+                            dest: *d,
+                            packet: f.to_vec(),
+                            id: ids.get(*i).copied().unwrap_or([0; 16]),
+                            remember_until_ms: *until,
+                        })
+                        .collect();
+                    mailbox.enqueue_federated(items, now_ms()).await
+                }
+                None => {
+                    let packets = valid
+                        .iter()
+                        .map(|(_, d, f, r)| (*d, f.to_vec(), *r))
+                        .collect();
+                    mailbox.enqueue_routed(packets, now_ms()).await
+                }
+            };
+            match stored {
                 Ok(enqueued) => {
-                    for ((i, dest, frame), e) in valid.into_iter().zip(enqueued) {
-                        results[i] = Some(Ok(Accepted {
+                    for ((i, dest, frame, _), e) in valid.into_iter().zip(enqueued) {
+                        results[i] = Some(Ok((!e.duplicate).then_some(Accepted {
                             dest,
                             frame,
                             id: e.id,
-                        }));
+                        })));
                     }
                 }
                 Err(e) => {
                     self.metrics.packets_store_failed.fetch_add(n, Relaxed);
                     tracing::warn!(error = %e, "could not store packets");
                     let e = Arc::new(e);
-                    for (i, _, _) in valid {
+                    for (i, _, _, _) in valid {
                         results[i] = Some(Err(PacketError::Store(e.clone())));
                     }
                 }
@@ -559,7 +676,7 @@ impl Core {
                 dest: accepted.dest,
                 packet: accepted.frame,
                 hint,
-                at_ms: now_ms(),
+                deadline_ms: now_ms().saturating_add(self.mailbox_ttl_ms),
             };
             if let Err(e) = fed.try_send(f) {
                 // The stored copy stays here for the recipient to fetch.

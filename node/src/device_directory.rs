@@ -147,25 +147,58 @@ pub async fn serve(core: &Core, frame: Frame) -> Option<Frame> {
             namespace,
             identity,
         } => {
-            let key = hex::encode(identity);
-            let dir = core.store.directory();
-            let entry = match dir.by_key(&namespace, &key).await {
-                Ok(Some(e)) => e,
-                Ok(None) => return Some(reply(req, Status::NotFound, "no such identity")),
-                Err(e) => return Some(failed(core, req, e)),
+            let (status, body) = claim(core, &namespace, identity).await;
+            reply(req, status, body)
+        }
+        Frame::ClaimAt {
+            req,
+            home,
+            namespace,
+            identity,
+        } => {
+            // The identity's home relay answers, asked by us over
+            // federation: the device talks only to its own relay.
+            let (status, body) = match core.claim_remote(home, namespace, identity).await {
+                Some(answer) => answer,
+                None => (
+                    Status::Unavailable,
+                    Bytes::from_static(b"the contact's relay could not be reached; retry later"),
+                ),
             };
-            let opk = match dir.claim_one_time_prekey(&namespace, &key).await {
-                Ok(o) => o,
-                Err(e) => return Some(failed(core, req, e)),
-            };
-            let mut body = BytesMut::with_capacity(4 + entry.bundle.len() + PREKEY_LEN);
-            body.put_u32(entry.bundle.len() as u32);
-            body.put_slice(&entry.bundle);
-            if let Some(o) = opk {
-                body.put_slice(&o);
-            }
-            reply(req, Status::Ok, body.freeze())
+            reply(req, status, body)
         }
         _ => return None,
     })
+}
+
+/// Claims `identity`'s bundle and one of its one-time prekeys here: the
+/// answer to a device's `Claim` and to another relay's federated `Claim`.
+pub async fn claim(core: &Core, namespace: &str, identity: [u8; 32]) -> (Status, Bytes) {
+    let key = hex::encode(identity);
+    let dir = core.store.directory();
+    let entry = match dir.by_key(namespace, &key).await {
+        Ok(Some(e)) => e,
+        Ok(None) => return (Status::NotFound, Bytes::from_static(b"no such identity")),
+        Err(e) => return unavailable(core, e),
+    };
+    let opk = match dir.claim_one_time_prekey(namespace, &key).await {
+        Ok(o) => o,
+        Err(e) => return unavailable(core, e),
+    };
+    let mut body = BytesMut::with_capacity(4 + entry.bundle.len() + PREKEY_LEN);
+    body.put_u32(entry.bundle.len() as u32);
+    body.put_slice(&entry.bundle);
+    if let Some(o) = opk {
+        body.put_slice(&o);
+    }
+    (Status::Ok, body.freeze())
+}
+
+fn unavailable(core: &Core, e: meshwhisper_storage::Error) -> (Status, Bytes) {
+    core.metrics.device_directory_failed.fetch_add(1, Relaxed);
+    tracing::error!(error = %e, kind = e.kind(), "storage error serving a claim");
+    (
+        Status::Unavailable,
+        Bytes::from_static(b"relay storage unavailable"),
+    )
 }

@@ -24,6 +24,8 @@ const IN_FLIGHT: usize = 64;
 const ACK_BATCH: usize = 256;
 /// Live deliveries taken from the queue at once.
 const DELIVER_BATCH: usize = 32;
+/// Claims at other relays one device may have in progress at once.
+const REMOTE_CLAIMS: usize = 4;
 
 /// A device session's bounds (from `[limits]`).
 #[derive(Debug, Clone, Copy)]
@@ -88,6 +90,9 @@ pub async fn run(
     let mut storing_bytes = 0usize;
     let mut draining = false;
     let mut deleting: tokio::task::JoinSet<Vec<MailboxId>> = tokio::task::JoinSet::new();
+    // Claims at other relays take a federation round trip: answered in
+    // the background, a few at a time.
+    let mut claiming: tokio::task::JoinSet<Option<Frame>> = tokio::task::JoinSet::new();
     loop {
         if queue.take_behind() {
             draining = true;
@@ -123,6 +128,13 @@ pub async fn run(
                     Err(PacketError::Store(_)) => Frame::Refused { seq, code: RefusedCode::Unavailable, reason: "relay storage unavailable".into() },
                 };
                 if to_device.send(reply).await.is_err() {
+                    break;
+                }
+            }
+            Some(Ok(answer)) = claiming.join_next(), if !claiming.is_empty() => {
+                if let Some(r) = answer
+                    && to_device.send(r).await.is_err()
+                {
                     break;
                 }
             }
@@ -177,7 +189,11 @@ pub async fn run(
                         let permit = core.inflight_permit(len).await;
                         storing_bytes += len;
                         let c = core.clone();
-                        storing.push_back(async move { (seq, hint, c.accept(packet).await, len, permit) });
+                        storing.push_back(async move {
+                            let r = c.accept_many_routed(vec![(packet, hint)]).await.pop()
+                                .unwrap_or_else(|| Err(crate::core::PacketError::Store(Arc::new(meshwhisper_storage::Error::Closed))));
+                            (seq, hint, r, len, permit)
+                        });
                     }
                     // Only what this session delivered: an ack left over
                     // from an earlier connection must not delete anything.
@@ -195,6 +211,20 @@ pub async fn run(
                             break;
                         }
                     }
+                    Frame::ClaimAt { req, .. } if claiming.len() >= REMOTE_CLAIMS => {
+                        let busy = Frame::Reply {
+                            req,
+                            status: meshwhisper_behaviour::device::codec::Status::Unavailable,
+                            body: bytes::Bytes::from_static(b"too many claims in progress; retry later"),
+                        };
+                        if to_device.send(busy).await.is_err() {
+                            break;
+                        }
+                    }
+                    f @ Frame::ClaimAt { .. } => {
+                        let c = core.clone();
+                        claiming.spawn(async move { crate::device_directory::serve(&c, f).await });
+                    }
                     // Relay-to-device frames from a device are a protocol violation.
                     Frame::Stored(_) | Frame::Deliver { .. } | Frame::Refused { .. } | Frame::Reply { .. } => {
                         core.metrics.protocol_closes.fetch_add(1, Relaxed);
@@ -210,6 +240,7 @@ pub async fn run(
             let _ = to_device.try_send(Frame::Stored(seq));
         }
     }
+    claiming.abort_all();
     core.delivered(acked).await;
     while deleting.join_next().await.is_some() {}
     core.disconnect(id);

@@ -302,7 +302,7 @@ async fn health(State(s): State<AppState>) -> Response {
             "devices": devices,
             "peerId": &*s.peer_id,
             "federation": {
-                "mode": s.cfg.federation.mode,
+                "mode": s.cfg.federation.mode.as_str(),
                 "relayKey": s.peer_id.parse::<libp2p::PeerId>().ok()
                     .and_then(|p| crate::federation::key_of(&p)).map(hex::encode),
                 "peers": s.federation.borrow().connected.iter().map(|p| p.to_string()).collect::<Vec<_>>(),

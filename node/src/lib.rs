@@ -145,6 +145,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
             client_queue_bytes: cfg.limits.client_queue_bytes,
             live_queue_bytes: cfg.limits.live_queue_bytes,
             inflight_bytes: cfg.limits.inflight_bytes,
+            mailbox_ttl_ms: cfg.storage.blob_ttl_hours.saturating_mul(3_600_000),
             max_hashes: cfg.limits.max_hashes_per_client,
             homed_ttl_ms: cfg.federation.homed_hours.saturating_mul(3_600_000),
             homed_max: cfg.federation.homed_max,
@@ -177,11 +178,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     };
     let fed_settings = meshwhisper_behaviour::node::FederationSettings {
         policy: meshwhisper_behaviour::policy::Config {
-            mode: match f.mode {
-                config::FederationMode::Open => meshwhisper_behaviour::policy::Mode::Open,
-                config::FederationMode::Allowlist => meshwhisper_behaviour::policy::Mode::Allowlist,
-                config::FederationMode::Off => meshwhisper_behaviour::policy::Mode::Off,
-            },
+            mode: f.mode,
             max_peers: f.max_peers,
             allowlist,
             blocklist,

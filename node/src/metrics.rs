@@ -66,8 +66,8 @@ pub struct Metrics {
     /// Unsigned one-time prekey uploads refused: not from the identity's
     /// bundle publisher.
     pub opk_uploads_refused: AtomicU64,
-    /// Federation.
-    pub federation: FederationMetrics,
+    /// Federation (shared with its state machines).
+    pub federation: std::sync::Arc<FederationMetrics>,
 }
 
 /// Values read from the store and registry at scrape time.
@@ -169,6 +169,11 @@ pub struct FederationMetrics {
     pub peers_connected: AtomicU64,
     /// Relays in the address book (gauge, refreshed every anti-entropy tick).
     pub records_known: AtomicU64,
+    /// Routed packets whose named relay did not home the recipient (then
+    /// flooded).
+    pub stale_hints: AtomicU64,
+    /// Store jobs refused because the workers' queues were full.
+    pub jobs_refused: AtomicU64,
     /// Packets waiting for a federation acknowledgement (gauge).
     pub pending: AtomicU64,
 }
@@ -191,8 +196,18 @@ impl FederationMetrics {
         }
     }
 
-    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 21] {
+    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 23] {
         [
+            (
+                "stale_hints_total",
+                "Routed packets whose named relay did not home the recipient (flooded instead)",
+                &self.stale_hints,
+            ),
+            (
+                "jobs_refused_total",
+                "Federation store jobs refused: the workers' queues were full",
+                &self.jobs_refused,
+            ),
             (
                 "forwards_sent_total",
                 "Packets forwarded to federation peers",

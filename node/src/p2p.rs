@@ -4,8 +4,7 @@
 use crate::core::Core;
 use libp2p::swarm::ConnectionId;
 use libp2p::{
-    Multiaddr, PeerId, Swarm, futures::StreamExt as _, identity::Keypair, noise, swarm::SwarmEvent,
-    tcp, yamux,
+    Multiaddr, PeerId, Swarm, futures::StreamExt as _, identity::Keypair, swarm::SwarmEvent,
 };
 use libp2p::{gossipsub, kad};
 use meshwhisper_behaviour::device::{self, codec::Frame};
@@ -149,20 +148,10 @@ pub fn build_swarm_with<B: libp2p::swarm::NetworkBehaviour>(
     key: Keypair,
     make: impl FnOnce(&Keypair) -> Result<B, Error>,
 ) -> Result<Swarm<B>, Error> {
-    let swarm = libp2p::SwarmBuilder::with_existing_identity(key)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| Error::Transport(e.to_string()))?
-        .with_quic()
-        .with_behaviour(|key| make(key).map_err(Box::from))
-        .map_err(|e| Error::Transport(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-        .build();
-    Ok(swarm)
+    meshwhisper_behaviour::transport::build_swarm(key, Duration::from_secs(60), |k| {
+        make(k).map_err(Box::from)
+    })
+    .map_err(|e| Error::Transport(e.to_string()))
 }
 
 /// The running Swarm task's handle.
@@ -334,29 +323,49 @@ pub fn start(
     let peer_id = *swarm.local_peer_id();
     let (tx, rx) = watch::channel(Vec::new());
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
-    let (internal_tx, internal_rx) = mpsc::channel(crate::federation::INTERNAL_QUEUE);
     let (out_tx, out_rx) = mpsc::channel(crate::federation::OUTBOUND_QUEUE);
+    let (claim_tx, claim_rx) = mpsc::channel(crate::federation::CLAIM_QUEUE);
     let (block_tx, block_rx) = mpsc::channel(4);
     let enabled = fed.cfg.mode != crate::config::FederationMode::Off;
     let tick = std::time::Duration::from_millis(fed.cfg.retry_ms.clamp(50, 1000));
-    let fed = crate::federation::Fed::new(
-        fed.cfg,
-        core.clone(),
-        &fed.key,
-        internal_tx,
+    let ed = fed
+        .key
+        .clone()
+        .try_into_ed25519()
+        .map_err(|_| Error::Transport("the node key is not an Ed25519 key".into()))?;
+    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+    seed.copy_from_slice(ed.secret().as_ref());
+    let identity = meshwhisper_crypto::identity::IdentityKeyPair::from_seed(&seed);
+    let mut rng_seed = [0u8; 32];
+    getrandom::fill(&mut rng_seed)
+        .map_err(|e| Error::Transport(format!("no randomness for packet ids: {e}")))?;
+    let state = crate::federation::Federation::new(
+        &fed.cfg,
+        identity,
         fed.mailbox_ttl_ms,
-    )
-    .ok_or_else(|| Error::Transport("the node key is not an Ed25519 key".into()))?;
+        core.metrics.federation.clone(),
+        rng_seed,
+    );
+    let (pool, done_rx) = crate::federation::jobs::Pool::start(
+        core.clone(),
+        fed.cfg.store_workers,
+        ed.public().to_bytes(),
+        fed.mailbox_ttl_ms,
+        cancel.clone(),
+    );
+    let fed_driver =
+        crate::federation::driver::Driver::new(state, core.clone(), pool, fed.cfg.max_pending);
     if enabled {
-        core.set_federation(out_tx);
+        core.set_federation(out_tx, claim_tx);
     }
     let (status_tx, status_rx) = watch::channel(FedStatus {
-        configured: fed.bootstrap_count(),
+        configured: fed_driver.bootstrap_count(),
         ..FedStatus::default()
     });
     let event_loop = EventLoop {
-        fed,
-        internal_rx,
+        fed: fed_driver,
+        done_rx,
+        claim_rx,
         out_rx,
         block_rx,
         status: status_tx,
@@ -392,8 +401,9 @@ struct Outgoing {
 }
 
 struct EventLoop {
-    fed: crate::federation::Fed,
-    internal_rx: mpsc::Receiver<crate::federation::Internal>,
+    fed: crate::federation::driver::Driver,
+    done_rx: crate::federation::driver::Done,
+    claim_rx: mpsc::Receiver<crate::core::RemoteClaim>,
     out_rx: mpsc::Receiver<crate::core::Federate>,
     block_rx: mpsc::Receiver<std::collections::HashSet<PeerId>>,
     status: watch::Sender<FedStatus>,
@@ -426,12 +436,10 @@ impl EventLoop {
                     self.swarm.behaviour_mut().device.send(out.peer, out.connection, out.frame);
                 }
                 // Results of federation work, then packets to federate.
-                Some(m) = self.internal_rx.recv() => self.fed.on_internal(&mut self.swarm, m),
+                Some(d) = self.done_rx.recv() => self.fed.on_job_done(&mut self.swarm, d),
                 Some(f) = self.out_rx.recv() => self.fed.on_outbound(&mut self.swarm, f),
-                Some(b) = self.block_rx.recv() => self.fed.on_internal(
-                    &mut self.swarm,
-                    crate::federation::Internal::Blocklist(b),
-                ),
+                Some(c) = self.claim_rx.recv() => self.fed.on_remote_claim(&mut self.swarm, c),
+                Some(b) = self.block_rx.recv() => self.fed.on_blocklist(&mut self.swarm, b),
                 // Then the network.
                 ev = self.swarm.select_next_some() => self.on_event(ev),
                 _ = tick.tick() => self.fed.tick(&mut self.swarm),

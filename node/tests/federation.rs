@@ -505,6 +505,8 @@ async fn forged_records_and_bad_frames_are_rejected_and_counted() {
                 swarm
                     .behaviour_mut()
                     .gossipsub
+                    .as_mut()
+                    .expect("gossipsub on")
                     .publish(libp2p::gossipsub::IdentTopic::new(RECORDS_TOPIC), f.clone())
                     .expect("publish");
             }
@@ -524,6 +526,7 @@ async fn forged_records_and_bad_frames_are_rejected_and_counted() {
                 Frame::Forward {
                     id: [1; 16],
                     hops: 1,
+                    attempt: 0,
                     packet: bytes::Bytes::from_static(b"short"),
                 },
             );
@@ -532,6 +535,7 @@ async fn forged_records_and_bad_frames_are_rejected_and_counted() {
                 Frame::Routed {
                     id: [2; 16],
                     hops: 1,
+                    flags: 0,
                     target: [5; 32],
                     packet: bytes::Bytes::from(packet(H, b"x")),
                 },
@@ -558,7 +562,7 @@ async fn forged_records_and_bad_frames_are_rejected_and_counted() {
                     opened = true;
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Federation(fedb::Event::Frame {
-                    frame: Frame::Ack { id, status },
+                    frame: Frame::Ack { id, status, .. },
                     ..
                 })) => {
                     acks.insert(id, status);

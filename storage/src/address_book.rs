@@ -2,6 +2,13 @@
 //! timestamp, as [`AddressRecord::supersedes`] decides), capped at
 //! `address_book_max`, listed in key order for anti-entropy.
 //!
+//! When the book is full, a new relay may only displace an **unproven**
+//! one: a relay is proven once we were connected to it within
+//! [`PROVEN_CONNECTED_MS`], or its record has been in the book for
+//! [`PROVEN_PRESENT_MS`]. Anyone can mint valid records for fresh keys, but
+//! a flood of them only displaces other fresh records, never the relays
+//! the mesh runs on.
+//!
 //! Only verified records exist as [`AddressRecord`] values, so only
 //! verified records are stored; freshness against the clock is the
 //! caller's check ([`AddressRecord::check_fresh`]).
@@ -10,6 +17,11 @@ use crate::error::{Error, Result};
 use crate::{Store, ms};
 use meshwhisper_crypto::address_record::AddressRecord;
 use sqlx::Row as _;
+
+/// A relay connected to within this long is proven.
+pub const PROVEN_CONNECTED_MS: u64 = 7 * 24 * 3_600_000;
+/// A relay whose record has been here this long is proven.
+pub const PROVEN_PRESENT_MS: u64 = 24 * 3_600_000;
 
 /// What an upsert did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,9 +46,9 @@ fn decode_row(bytes: &[u8]) -> Option<AddressRecord> {
 
 impl AddressBook<'_> {
     /// Stores `record` if it is newer than what is stored for its relay.
-    /// When the book is full, a new relay's record displaces the record
-    /// with the oldest timestamp if it is newer than that one, and is
-    /// refused with [`Error::BookFull`] otherwise.
+    /// When the book is full, a new relay's record displaces the unproven
+    /// record with the oldest timestamp if it is newer than that one, and
+    /// is refused with [`Error::BookFull`] otherwise.
     pub async fn upsert(&self, record: &AddressRecord, now_ms: u64) -> Result<Upsert> {
         let key = record.relay_key().to_bytes();
         let bytes = record.encode();
@@ -70,8 +82,11 @@ impl AddressBook<'_> {
                             if count >= max {
                                 let oldest = sqlx::query(
                                     "SELECT relay_key, timestamp_ms FROM address_book \
+                                     WHERE connected_ms < ? AND first_seen_ms > ? \
                                      ORDER BY timestamp_ms LIMIT 1",
                                 )
+                                .bind(ms(now_ms.saturating_sub(PROVEN_CONNECTED_MS)))
+                                .bind(ms(now_ms.saturating_sub(PROVEN_PRESENT_MS)))
                                 .fetch_optional(&mut ctx.conn)
                                 .await
                                 .map_err(|e| ctx.db_err("find oldest record", e))?;
@@ -93,8 +108,8 @@ impl AddressBook<'_> {
                         }
                     };
                     sqlx::query(
-                        "INSERT INTO address_book (relay_key, timestamp_ms, record, received_ms) \
-                         VALUES (?, ?, ?, ?) ON CONFLICT (relay_key) DO UPDATE SET \
+                        "INSERT INTO address_book (relay_key, timestamp_ms, record, received_ms, first_seen_ms) \
+                         VALUES (?, ?, ?, ?, ?) ON CONFLICT (relay_key) DO UPDATE SET \
                          timestamp_ms = excluded.timestamp_ms, record = excluded.record, \
                          received_ms = excluded.received_ms",
                     )
@@ -102,10 +117,30 @@ impl AddressBook<'_> {
                     .bind(ms(ts))
                     .bind(&bytes)
                     .bind(ms(now_ms))
+                    .bind(ms(now_ms))
                     .execute(&mut ctx.conn)
                     .await
                     .map_err(|e| ctx.db_err("store address record", e))?;
                     Ok(outcome)
+                })
+            }))
+            .await
+    }
+
+    /// Notes that we are connected to `relay_key` (its record is proven).
+    pub async fn mark_connected(&self, relay_key: &[u8; 32], now_ms: u64) -> Result<()> {
+        let key = *relay_key;
+        self.store
+            .writer()
+            .run(Box::new(move |ctx| {
+                Box::pin(async move {
+                    sqlx::query("UPDATE address_book SET connected_ms = ? WHERE relay_key = ?")
+                        .bind(ms(now_ms))
+                        .bind(key.as_slice())
+                        .execute(&mut ctx.conn)
+                        .await
+                        .map_err(|e| ctx.db_err("mark a relay connected", e))?;
+                    Ok(())
                 })
             }))
             .await

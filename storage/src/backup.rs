@@ -95,16 +95,17 @@ pub async fn backup_database(db: &Path, out: &Path, busy_timeout: Duration) -> R
     // Packets still in the hot log (the last fraction of a second) are
     // acknowledged too: add them to the copy.
     let log = hot::log_path(db);
-    let live = match std::fs::read(&log) {
-        Ok(bytes) => hot::replay(&bytes),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+    let rec = match std::fs::read(&log) {
+        Ok(bytes) => hot::replay_all(&bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => hot::replay_all(&[]),
         Err(e) => return Err(Error::io("read the hot log", &log, e)),
     };
-    if !live.is_empty() {
+    if !rec.live.is_empty() || !rec.fed_ids.is_empty() {
         let mut c = SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(out))
             .await
             .map_err(|e| Error::db("open the backup", out, e))?;
-        mailbox::insert_with_ids(&mut c, out, &live).await?;
+        mailbox::insert_with_ids(&mut c, out, &rec.live).await?;
+        crate::fed_seen::recover(&mut c, out, &rec.fed_ids).await?;
         let _ = c.close().await;
     }
     Ok(())

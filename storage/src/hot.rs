@@ -21,7 +21,13 @@
 //!              not tampering — the log is as trusted as the database)
 //! kind 1   packet: dest (8) ‖ received ms (u64) ‖ expires ms (u64) ‖ packet
 //! kind 2   tombstone (empty body)
+//! kind 3   packet with extras: flags (u8) ‖ [federated id (16) ‖ remembered
+//!          until ms (u64), if flags & 1] ‖ [route: home relay key (32), if
+//!          flags & 2] ‖ then as kind 1
 //! ```
+//! A federated id in a kind-3 record counts even when its packet was
+//! deleted since: the id must be remembered (see `fed_seen`) until the
+//! spill that moves it into SQLite.
 //! Replay stops at the first short or damaged record (a torn tail).
 
 use crate::mailbox::{MailboxId, StoredPacket};
@@ -36,6 +42,7 @@ pub(crate) const LOG_SUFFIX: &str = "-hot.log";
 
 const PACKET: u8 = 1;
 const TOMBSTONE: u8 = 2;
+const PACKET_EXTRA: u8 = 3;
 
 /// A packet held in the hot tier.
 #[derive(Debug, Clone)]
@@ -44,8 +51,54 @@ pub(crate) struct HotRow {
     pub(crate) packet: Vec<u8>,
     pub(crate) received_ms: u64,
     pub(crate) expires_ms: u64,
+    /// The home relay the sender named (kept across restarts).
+    pub(crate) route: Option<[u8; 32]>,
     /// When it entered the tier (not logged: a recovered row is old).
     pub(crate) at: Option<std::time::Instant>,
+}
+
+/// Writes a packet record: kind 1, or kind 3 with a route or federated id.
+fn encode_packet(
+    buf: &mut Vec<u8>,
+    id: i64,
+    row: &HotRow,
+    fed: Option<(crate::fed_seen::FedId, u64)>,
+) {
+    let received = row.received_ms.to_be_bytes();
+    let expires = row.expires_ms.to_be_bytes();
+    if row.route.is_none() && fed.is_none() {
+        encode(
+            buf,
+            PACKET,
+            id,
+            &[&row.dest, &received, &expires, &row.packet],
+        );
+        return;
+    }
+    let flags = [u8::from(fed.is_some()) | (u8::from(row.route.is_some()) << 1)];
+    let (fid, fexp) = fed.map_or(([0u8; 16], [0u8; 8]), |(i, e)| (i, e.to_be_bytes()));
+    let empty: &[u8] = &[];
+    let route = row.route.as_ref().map_or(empty, |r| r.as_slice());
+    let (fid, fexp): (&[u8], &[u8]) = if fed.is_some() {
+        (&fid, &fexp)
+    } else {
+        (empty, empty)
+    };
+    encode(
+        buf,
+        PACKET_EXTRA,
+        id,
+        &[
+            &flags,
+            fid,
+            fexp,
+            route,
+            &row.dest,
+            &received,
+            &expires,
+            &row.packet,
+        ],
+    );
 }
 
 /// The hot packets, shared with readers (who merge them into `pending`).
@@ -118,6 +171,7 @@ impl HotRows {
             packet: r.packet.clone(),
             received_ms: r.received_ms,
             expires_ms: r.expires_ms,
+            route: r.route,
         })
     }
 
@@ -135,6 +189,8 @@ pub(crate) struct Recovered {
     pub(crate) live: Vec<(i64, HotRow)>,
     /// The highest id any record names.
     pub(crate) max_id: i64,
+    /// Federated ids of the packets it stored (delivered ones too).
+    pub(crate) fed_ids: Vec<(crate::fed_seen::FedId, u64)>,
 }
 
 /// The writer's side of the hot tier.
@@ -184,14 +240,38 @@ fn encode(buf: &mut Vec<u8>, kind: u8, id: i64, body: &[&[u8]]) {
 }
 
 /// Live packets of a log, in id order. Stops at the first damaged record.
-pub(crate) fn replay(bytes: &[u8]) -> Vec<(i64, HotRow)> {
-    replay_with_max(bytes).0
+#[cfg(test)]
+fn replay(bytes: &[u8]) -> Vec<(i64, HotRow)> {
+    replay_all(bytes).live
 }
 
-/// [`replay`], plus the highest id any record names (deleted ones too), so
-/// ids are never handed out twice across a restart.
-pub(crate) fn replay_with_max(bytes: &[u8]) -> (Vec<(i64, HotRow)>, i64) {
+/// Splits a packet body (kind 1 layout) into a row.
+fn packet_body(body: &[u8], route: Option<[u8; 32]>) -> Option<HotRow> {
+    if body.len() < 24 {
+        return None;
+    }
+    let mut dest = [0u8; 8];
+    dest.copy_from_slice(&body[..8]);
+    let mut t = [0u8; 8];
+    t.copy_from_slice(&body[8..16]);
+    let received_ms = u64::from_be_bytes(t);
+    t.copy_from_slice(&body[16..24]);
+    Some(HotRow {
+        dest,
+        packet: body[24..].to_vec(),
+        received_ms,
+        expires_ms: u64::from_be_bytes(t),
+        route,
+        at: None,
+    })
+}
+
+/// Everything a log holds: live packets, the highest id any record names
+/// (deleted ones too, so ids are never handed out twice across a
+/// restart), and the federated ids of every packet it stored.
+pub(crate) fn replay_all(bytes: &[u8]) -> Recovered {
     let mut max_id = 0i64;
+    let mut fed_ids = Vec::new();
     let mut live: BTreeMap<i64, HotRow> = BTreeMap::new();
     let mut rest = bytes;
     while rest.len() >= 4 {
@@ -211,23 +291,42 @@ pub(crate) fn replay_with_max(bytes: &[u8]) -> (Vec<(i64, HotRow)>, i64) {
         }
         max_id = max_id.max(id);
         match kind {
-            PACKET if body.len() >= 24 => {
-                let mut dest = [0u8; 8];
-                dest.copy_from_slice(&body[..8]);
-                let mut t = [0u8; 8];
-                t.copy_from_slice(&body[8..16]);
-                let received_ms = u64::from_be_bytes(t);
-                t.copy_from_slice(&body[16..24]);
-                live.insert(
-                    id,
-                    HotRow {
-                        dest,
-                        packet: body[24..].to_vec(),
-                        received_ms,
-                        expires_ms: u64::from_be_bytes(t),
-                        at: None,
-                    },
-                );
+            PACKET => match packet_body(body, None) {
+                Some(row) => {
+                    live.insert(id, row);
+                }
+                None => break,
+            },
+            PACKET_EXTRA if !body.is_empty() => {
+                let flags = body[0];
+                let mut rest = &body[1..];
+                if flags & 1 != 0 {
+                    if rest.len() < 24 {
+                        break;
+                    }
+                    let mut fid = [0u8; 16];
+                    fid.copy_from_slice(&rest[..16]);
+                    let mut t = [0u8; 8];
+                    t.copy_from_slice(&rest[16..24]);
+                    fed_ids.push((fid, u64::from_be_bytes(t)));
+                    rest = &rest[24..];
+                }
+                let mut route = None;
+                if flags & 2 != 0 {
+                    if rest.len() < 32 {
+                        break;
+                    }
+                    let mut r = [0u8; 32];
+                    r.copy_from_slice(&rest[..32]);
+                    route = Some(r);
+                    rest = &rest[32..];
+                }
+                match packet_body(rest, route) {
+                    Some(row) => {
+                        live.insert(id, row);
+                    }
+                    None => break,
+                }
             }
             TOMBSTONE => {
                 live.remove(&id);
@@ -235,7 +334,11 @@ pub(crate) fn replay_with_max(bytes: &[u8]) -> (Vec<(i64, HotRow)>, i64) {
             _ => break,
         }
     }
-    (live.into_iter().collect(), max_id)
+    Recovered {
+        live: live.into_iter().collect(),
+        max_id,
+        fed_ids,
+    }
 }
 
 /// The log path for a database file.
@@ -259,7 +362,7 @@ impl HotLog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e),
         };
-        let (live, max_id) = replay_with_max(&old);
+        let recovered = replay_all(&old);
         // A rewrite interrupted before its rename: the old log is complete.
         let mut next = path.clone().into_os_string();
         next.push(".next");
@@ -284,7 +387,7 @@ impl HotLog {
                 force: false,
                 spill_ran: false,
             },
-            Recovered { live, max_id },
+            recovered,
         ))
     }
 
@@ -299,21 +402,12 @@ impl HotLog {
         }
     }
 
-    /// Adds a packet (logged at the group's flush).
-    pub(crate) fn add(&mut self, row: HotRow) -> i64 {
+    /// Adds a packet (logged at the group's flush), with the federated id
+    /// it was stored under, if any.
+    pub(crate) fn add(&mut self, row: HotRow, fed: Option<(crate::fed_seen::FedId, u64)>) -> i64 {
         let id = self.next_id;
         self.next_id += 1;
-        encode(
-            &mut self.buf,
-            PACKET,
-            id,
-            &[
-                &row.dest,
-                &row.received_ms.to_be_bytes(),
-                &row.expires_ms.to_be_bytes(),
-                &row.packet,
-            ],
-        );
+        encode_packet(&mut self.buf, id, &row, fed);
         self.rows().insert(id, row);
         self.added.push(id);
         id
@@ -411,17 +505,7 @@ impl HotLog {
             }
             let mut fresh = Vec::new();
             for (id, r) in rows.by_id.iter() {
-                encode(
-                    &mut fresh,
-                    PACKET,
-                    *id,
-                    &[
-                        &r.dest,
-                        &r.received_ms.to_be_bytes(),
-                        &r.expires_ms.to_be_bytes(),
-                        &r.packet,
-                    ],
-                );
+                encode_packet(&mut fresh, *id, r, None);
             }
             drop(rows);
             self.last_spill = std::time::Instant::now();
@@ -487,17 +571,7 @@ impl HotLog {
                 encode(&mut self.buf, TOMBSTONE, *id, &[]);
             }
             for (id, row) in &removed {
-                encode(
-                    &mut self.buf,
-                    PACKET,
-                    *id,
-                    &[
-                        &row.dest,
-                        &row.received_ms.to_be_bytes(),
-                        &row.expires_ms.to_be_bytes(),
-                        &row.packet,
-                    ],
-                );
+                encode_packet(&mut self.buf, *id, row, None);
             }
             if let Err(e) = self.flush() {
                 tracing::warn!(error = %e, "could not record a failed group in the hot log");

@@ -39,6 +39,7 @@ pub mod archive;
 pub mod backup;
 pub mod directory;
 mod error;
+pub mod fed_seen;
 pub mod homed;
 mod hot;
 pub mod lock;
@@ -230,6 +231,7 @@ async fn open_hot(
         hot::Recovered {
             live,
             max_id: log_max,
+            fed_ids,
         },
     ) = hot::HotLog::open(
         path.clone(),
@@ -237,12 +239,13 @@ async fn open_hot(
         cfg.hot_spill,
     )
     .map_err(|e| Error::io("open the hot log", &path, e))?;
-    if !live.is_empty() {
+    if !live.is_empty() || !fed_ids.is_empty() {
         let mut tx = conn
             .begin()
             .await
             .map_err(|e| Error::db("recover the hot log", db_path, e))?;
         mailbox::insert_with_ids(&mut tx, db_path, &live).await?;
+        fed_seen::recover(&mut tx, db_path, &fed_ids).await?;
         tx.commit()
             .await
             .map_err(|e| Error::db("recover the hot log", db_path, e))?;
@@ -466,12 +469,15 @@ impl Store {
             None
         };
         let hot_rows = hot.as_ref().map(|h| h.rows.clone());
+        let seen = fed_seen::FedSeen::load(&mut conn, &db_path).await?;
         let ctx = writer::WriterCtx {
             conn,
             path: db_path.clone(),
             counts: mailbox::MailboxCounts::default(),
             mailbox_max_per_dest: cfg.mailbox_max_per_dest.max(1),
             hot,
+            seen,
+            seen_spilled: false,
         };
         let stats = Arc::new(writer::WriterStats::default());
         let (writer, task) =

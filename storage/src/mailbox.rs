@@ -27,13 +27,13 @@ fn insert_sql(n: usize) -> sqlx::AssertSqlSafe<&'static str> {
             .iter()
             .map(|&c| {
                 let mut s = String::from(
-                    "INSERT INTO mailbox (dest, packet, received_ms, expires_ms) VALUES ",
+                    "INSERT INTO mailbox (dest, packet, received_ms, expires_ms, route) VALUES ",
                 );
                 for i in 0..c {
                     if i > 0 {
                         s.push_str(", ");
                     }
-                    s.push_str("(?, ?, ?, ?)");
+                    s.push_str("(?, ?, ?, ?, ?)");
                 }
                 (c, s)
             })
@@ -44,7 +44,7 @@ fn insert_sql(n: usize) -> sqlx::AssertSqlSafe<&'static str> {
         .find(|(c, _)| *c == n)
         .map(|(_, s)| s.as_str())
         .unwrap_or(
-            "INSERT INTO mailbox (dest, packet, received_ms, expires_ms) VALUES (?, ?, ?, ?)",
+            "INSERT INTO mailbox (dest, packet, received_ms, expires_ms, route) VALUES (?, ?, ?, ?, ?)",
         );
     sqlx::AssertSqlSafe(sql)
 }
@@ -62,6 +62,22 @@ pub struct Enqueued {
     pub id: MailboxId,
     /// Older packets for the same hash dropped to stay within the cap.
     pub evicted: u32,
+    /// A federated packet already stored here under its id: nothing was
+    /// stored now (and `id` is 0).
+    pub duplicate: bool,
+}
+
+/// A packet another relay forwards, to store once under its federated id.
+#[derive(Debug, Clone)]
+pub struct Federated {
+    /// Its destination.
+    pub dest: DestHash,
+    /// The packet.
+    pub packet: Vec<u8>,
+    /// The id the sending relay gave it.
+    pub id: crate::fed_seen::FedId,
+    /// Until when the id is remembered (the sender may resend until then).
+    pub remember_until_ms: u64,
 }
 
 /// A queued packet.
@@ -77,6 +93,8 @@ pub struct StoredPacket {
     pub received_ms: u64,
     /// When it expires, unix ms.
     pub expires_ms: u64,
+    /// The home relay its sender named, if any.
+    pub route: Option<[u8; 32]>,
 }
 
 /// Per-hash packet counts, kept by the writer (the only one who changes
@@ -125,7 +143,65 @@ async fn ensure_counts(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<()> {
     Ok(())
 }
 
-pub(crate) async fn insert_group(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Vec<Enqueued>> {
+/// Which federated rows of `ops` were stored here already (or repeat an
+/// earlier row of the same group).
+async fn duplicates(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Vec<bool>> {
+    let mut out = Vec::with_capacity(ops.len());
+    let mut in_group = std::collections::HashSet::new();
+    for op in ops {
+        let dup = match &op.fed {
+            Some((id, _)) => {
+                !in_group.insert(*id) || ctx.seen.contains(&mut ctx.conn, &ctx.path, id).await?
+            }
+            None => false,
+        };
+        out.push(dup);
+    }
+    Ok(out)
+}
+
+/// Runs `insert` on the rows of `ops` that are not duplicates and puts
+/// duplicate markers back in place.
+fn merge_duplicates(dups: &[bool], stored: Vec<Enqueued>) -> Vec<Enqueued> {
+    let mut stored = stored.into_iter();
+    dups.iter()
+        .map(|d| {
+            if *d {
+                Enqueued {
+                    id: MailboxId(0),
+                    evicted: 0,
+                    duplicate: true,
+                }
+            } else {
+                stored.next().unwrap_or(Enqueued {
+                    id: MailboxId(0),
+                    evicted: 0,
+                    duplicate: true,
+                })
+            }
+        })
+        .collect()
+}
+
+pub(crate) async fn insert_group(ctx: &mut WriterCtx, all: &[&Row]) -> Result<Vec<Enqueued>> {
+    let dups = duplicates(ctx, all).await?;
+    let ops: Vec<&Row> = all
+        .iter()
+        .zip(&dups)
+        .filter(|(_, d)| !**d)
+        .map(|(r, _)| *r)
+        .collect();
+    let ops = ops.as_slice();
+    for op in ops {
+        if let Some((id, until)) = op.fed {
+            ctx.seen.insert(&mut ctx.conn, &ctx.path, id, until).await?;
+        }
+    }
+    let stored = insert_plain(ctx, ops).await?;
+    Ok(merge_duplicates(&dups, stored))
+}
+
+async fn insert_plain(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Vec<Enqueued>> {
     ensure_counts(ctx, ops).await?;
     // Insert in chunks of fixed sizes so each statement shape is prepared
     // once and then served from the statement cache.
@@ -145,7 +221,8 @@ pub(crate) async fn insert_group(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Ve
                 .bind(op.dest.as_slice())
                 .bind(op.packet.as_slice())
                 .bind(ms(op.received_ms))
-                .bind(ms(op.expires_ms));
+                .bind(ms(op.expires_ms))
+                .bind(op.route.map(|r| r.to_vec()));
         }
         let done = q
             .execute(&mut ctx.conn)
@@ -168,6 +245,7 @@ pub(crate) async fn insert_group(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Ve
         .map(|&id| Enqueued {
             id: MailboxId(id),
             evicted: 0,
+            duplicate: false,
         })
         .collect();
     // Count per hash and evict the oldest beyond the cap; the eviction is
@@ -207,7 +285,19 @@ pub(crate) async fn insert_group(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Ve
 /// Like [`insert_group`], into the hot tier (see [`crate::hot`]): ids from
 /// the tier's counter, the per-hash cap over both tiers (the oldest go
 /// first, and SQLite's rows are always older than hot ones).
-pub(crate) async fn hot_insert_group(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Vec<Enqueued>> {
+pub(crate) async fn hot_insert_group(ctx: &mut WriterCtx, all: &[&Row]) -> Result<Vec<Enqueued>> {
+    let dups = duplicates(ctx, all).await?;
+    let ops: Vec<&Row> = all
+        .iter()
+        .zip(&dups)
+        .filter(|(_, d)| !**d)
+        .map(|(r, _)| *r)
+        .collect();
+    let stored = hot_insert_plain(ctx, &ops).await?;
+    Ok(merge_duplicates(&dups, stored))
+}
+
+async fn hot_insert_plain(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Vec<Enqueued>> {
     ensure_counts(ctx, ops).await?;
     let mut results = Vec::with_capacity(ops.len());
     let cap = ctx.mailbox_max_per_dest;
@@ -215,13 +305,23 @@ pub(crate) async fn hot_insert_group(ctx: &mut WriterCtx, ops: &[&Row]) -> Resul
         let Some(hot) = ctx.hot.as_mut() else {
             return Err(Error::Closed);
         };
-        let id = hot.add(crate::hot::HotRow {
-            dest: op.dest,
-            packet: op.packet.clone(),
-            received_ms: op.received_ms,
-            expires_ms: op.expires_ms,
-            at: Some(std::time::Instant::now()),
-        });
+        let id = hot.add(
+            crate::hot::HotRow {
+                dest: op.dest,
+                packet: op.packet.clone(),
+                received_ms: op.received_ms,
+                expires_ms: op.expires_ms,
+                route: op.route,
+                at: Some(std::time::Instant::now()),
+            },
+            op.fed,
+        );
+        if let Some((fid, until)) = op.fed {
+            ctx.seen.record(fid, until);
+        }
+        let Some(hot) = ctx.hot.as_mut() else {
+            return Err(Error::Closed);
+        };
         let count = ctx.counts.counts.entry(op.dest).or_insert(0);
         *count = count.saturating_add(1);
         let mut evicted = 0u32;
@@ -262,6 +362,7 @@ pub(crate) async fn hot_insert_group(ctx: &mut WriterCtx, ops: &[&Row]) -> Resul
         results.push(Enqueued {
             id: MailboxId(id),
             evicted,
+            duplicate: false,
         });
     }
     Ok(results)
@@ -298,6 +399,10 @@ pub(crate) async fn spill(ctx: &mut WriterCtx) -> Result<()> {
     let rows = hot.take_for_spill();
     let high = hot.next_id.saturating_sub(1);
     insert_with_ids(&mut ctx.conn, &ctx.path, &rows).await?;
+    // Federated ids recorded since the last spill go into their table
+    // with it (the rewritten log no longer holds them).
+    ctx.seen.spill(&mut ctx.conn, &ctx.path).await?;
+    ctx.seen_spilled = true;
     // Ids handed out to packets delivered while hot never reach the table;
     // record the high-water mark so a restart never hands them out again
     // (a stale acknowledgement must not delete a newer packet).
@@ -325,14 +430,15 @@ pub(crate) async fn insert_with_ids(
 ) -> Result<()> {
     for chunk in rows.chunks(128) {
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-            "INSERT OR IGNORE INTO mailbox (id, dest, packet, received_ms, expires_ms) ",
+            "INSERT OR IGNORE INTO mailbox (id, dest, packet, received_ms, expires_ms, route) ",
         );
         qb.push_values(chunk, |mut b, (id, r)| {
             b.push_bind(*id)
                 .push_bind(r.dest.to_vec())
                 .push_bind(r.packet.as_slice())
                 .push_bind(ms(r.received_ms))
-                .push_bind(ms(r.expires_ms));
+                .push_bind(ms(r.expires_ms))
+                .push_bind(r.route.map(|x| x.to_vec()));
         });
         qb.build()
             .execute(&mut *conn)
@@ -385,6 +491,11 @@ fn row_to_packet(r: &sqlx::sqlite::SqliteRow) -> Result<StoredPacket, sqlx::Erro
         packet: r.try_get("packet")?,
         received_ms: r.try_get::<i64, _>("received_ms")?.max(0) as u64,
         expires_ms: r.try_get::<i64, _>("expires_ms")?.max(0) as u64,
+        route: r
+            .try_get::<Option<Vec<u8>>, _>("route")
+            .ok()
+            .flatten()
+            .and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok()),
     })
 }
 
@@ -438,6 +549,93 @@ impl Mailbox<'_> {
         rx.await.map_err(|_| Error::Closed)?
     }
 
+    /// Queues packets with the home relay each one's sender named (kept
+    /// with the packet, so a restart still routes it there).
+    pub async fn enqueue_routed(
+        &self,
+        packets: Vec<(DestHash, Vec<u8>, Option<[u8; 32]>)>,
+        now_ms: u64,
+    ) -> Result<Vec<Enqueued>> {
+        self.enqueue_rows(
+            packets
+                .into_iter()
+                .map(|(d, p, route)| {
+                    let mut r = self.row(d, p, now_ms)?;
+                    r.route = route;
+                    Ok(r)
+                })
+                .collect::<Result<Vec<_>>>()?,
+        )
+        .await
+    }
+
+    /// Stores packets forwarded by other relays, each once under its
+    /// federated id: a packet whose id was stored before (and not
+    /// forgotten) is not stored again and comes back `duplicate`.
+    pub async fn enqueue_federated(
+        &self,
+        packets: Vec<Federated>,
+        now_ms: u64,
+    ) -> Result<Vec<Enqueued>> {
+        self.enqueue_rows(
+            packets
+                .into_iter()
+                .map(|f| {
+                    let mut r = self.row(f.dest, f.packet, now_ms)?;
+                    r.fed = Some((f.id, f.remember_until_ms));
+                    Ok(r)
+                })
+                .collect::<Result<Vec<_>>>()?,
+        )
+        .await
+    }
+
+    async fn enqueue_rows(&self, rows: Vec<Row>) -> Result<Vec<Enqueued>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.store.check_space()?;
+        let (reply, rx) = oneshot::channel();
+        self.store
+            .writer()
+            .enqueue(EnqueueOp {
+                rows,
+                reply: Reply::Many(reply),
+            })
+            .await?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Forgets federated ids whose senders have the acknowledgement.
+    pub async fn forget_federated(&self, ids: Vec<crate::fed_seen::FedId>) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        self.store
+            .writer()
+            .run(Box::new(move |ctx| {
+                Box::pin(async move {
+                    let WriterCtx {
+                        seen, conn, path, ..
+                    } = ctx;
+                    seen.forget(conn, path, &ids).await
+                })
+            }))
+            .await
+    }
+
+    /// Drops federated ids remembered past their time (at most `max`).
+    pub async fn expire_federated(&self, now_ms: u64, max: u32) -> Result<u64> {
+        self.store
+            .writer()
+            .run(Box::new(move |ctx| {
+                Box::pin(async move {
+                    crate::fed_seen::expire(&mut ctx.conn, &ctx.path, now_ms, max).await
+                })
+            }))
+            .await
+    }
+
     fn row(&self, dest: DestHash, packet: Vec<u8>, now_ms: u64) -> Result<Row> {
         let cfg = self.store.config();
         if packet.len() > cfg.max_packet_bytes {
@@ -452,6 +650,8 @@ impl Mailbox<'_> {
             packet,
             received_ms: now_ms,
             expires_ms: now_ms.saturating_add(cfg.mailbox_ttl_ms),
+            route: None,
+            fed: None,
         })
     }
 
@@ -554,7 +754,7 @@ impl Mailbox<'_> {
         }
         for ids in cold.chunks(500) {
             let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "SELECT id, dest, packet, received_ms, expires_ms FROM mailbox WHERE id IN (",
+                "SELECT id, dest, packet, received_ms, expires_ms, route FROM mailbox WHERE id IN (",
             );
             let mut sep = qb.separated(", ");
             for id in ids {
@@ -584,7 +784,7 @@ impl Mailbox<'_> {
         limit: u32,
     ) -> Result<Vec<StoredPacket>> {
         let rows = sqlx::query(
-            "SELECT id, dest, packet, received_ms, expires_ms FROM mailbox \
+            "SELECT id, dest, packet, received_ms, expires_ms, route FROM mailbox \
              WHERE id > ? AND expires_ms > ? ORDER BY id LIMIT ?",
         )
         .bind(after.0)

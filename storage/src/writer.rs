@@ -32,6 +32,10 @@ pub(crate) struct WriterCtx {
     pub(crate) mailbox_max_per_dest: u32,
     /// The mailbox's hot tier, when enabled.
     pub(crate) hot: Option<crate::hot::HotLog>,
+    /// Federated packet ids stored here.
+    pub(crate) seen: crate::fed_seen::FedSeen,
+    /// The group's spill moved `seen`'s recent ids into the table.
+    pub(crate) seen_spilled: bool,
 }
 
 impl WriterCtx {
@@ -120,6 +124,11 @@ pub(crate) struct Row {
     pub(crate) packet: Vec<u8>,
     pub(crate) received_ms: u64,
     pub(crate) expires_ms: u64,
+    /// The home relay the sender named.
+    pub(crate) route: Option<[u8; 32]>,
+    /// Stored for another relay under this federated id (remembered until
+    /// the given time): not stored again if already seen.
+    pub(crate) fed: Option<(crate::fed_seen::FedId, u64)>,
 }
 
 /// Where an enqueue's result goes: one packet or a batch.
@@ -448,6 +457,7 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
             let _ = ctx.exec("rollback", "ROLLBACK").await;
         }
         ctx.counts.clear();
+        ctx.seen_spilled = false;
         if let Some(hot) = ctx.hot.as_mut() {
             hot.rolled_back();
         }
@@ -465,6 +475,9 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
             if let Some(hot) = ctx.hot.as_mut() {
                 hot.committed();
             }
+            if std::mem::take(&mut ctx.seen_spilled) {
+                ctx.seen.spilled();
+            }
             stats.evicted.fetch_add(evicted_total, Ordering::Relaxed);
             for d in done {
                 match d {
@@ -479,6 +492,7 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
         Err(e) => {
             let _ = ctx.exec("rollback", "ROLLBACK").await;
             ctx.counts.clear();
+            ctx.seen_spilled = false;
             if let Some(hot) = ctx.hot.as_mut() {
                 hot.rolled_back();
             }

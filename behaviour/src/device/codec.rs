@@ -16,7 +16,11 @@
 //!   0x08 PacketTo  seq (u64) ‖ home relay key (32) ‖ client packet
 //!                                                                a Packet whose recipient is homed
 //!                                                                at that relay (federation hint)
-//!                                                                their bundle + one one-time prekey
+//!   0x09 ClaimAt   req (u64) ‖ home relay key (32) ‖ ns len (u8) ‖ namespace ‖ identity (32)
+//!                                                                a Claim answered by the identity's
+//!                                                                home relay, asked by ours over
+//!                                                                federation (the device talks only
+//!                                                                to its own relay)
 //! relay → device
 //!   0x81 Stored    seq (u64)                                     the packet is durable
 //!   0x82 Deliver   delivery id (u64) ‖ client packet
@@ -77,7 +81,8 @@ pub enum Status {
 }
 
 impl Status {
-    fn from_u8(v: u8) -> Option<Self> {
+    /// The status of a wire byte.
+    pub fn from_u8(v: u8) -> Option<Self> {
         match v {
             0 => Some(Self::Ok),
             1 => Some(Self::NotFound),
@@ -159,6 +164,18 @@ pub enum Frame {
         /// Whose bundle.
         identity: [u8; 32],
     },
+    /// Device asks its relay to claim from another relay (the identity's
+    /// home) over federation.
+    ClaimAt {
+        /// Request id.
+        req: u64,
+        /// The identity's home relay (Ed25519 key).
+        home: [u8; 32],
+        /// Directory namespace.
+        namespace: String,
+        /// Whose bundle.
+        identity: [u8; 32],
+    },
     /// Relay answers a directory request.
     Reply {
         /// The request's id.
@@ -204,6 +221,7 @@ fn body_len(f: &Frame) -> usize {
             namespace, keys, ..
         } => 9 + namespace.len() + 96 + keys.len(),
         Frame::Claim { namespace, .. } => 9 + namespace.len() + 32,
+        Frame::ClaimAt { namespace, .. } => 9 + 32 + namespace.len() + 32,
         Frame::Reply { body, .. } => 9 + body.len(),
     }
 }
@@ -226,6 +244,7 @@ impl crate::stream::Wire for DeviceWire {
             Frame::Publish { namespace, .. }
             | Frame::Prekeys { namespace, .. }
             | Frame::Claim { namespace, .. }
+            | Frame::ClaimAt { namespace, .. }
                 if namespace.len() > MAX_NAMESPACE =>
             {
                 return Err(Error::Malformed("namespace longer than 255 bytes"));
@@ -309,6 +328,19 @@ impl crate::stream::Wire for DeviceWire {
                 put_head(dst, req, &namespace);
                 dst.put_slice(&identity);
             }
+            Frame::ClaimAt {
+                req,
+                home,
+                namespace,
+                identity,
+            } => {
+                dst.put_u8(0x09);
+                dst.put_u64(req);
+                dst.put_slice(&home);
+                dst.put_u8(namespace.len() as u8);
+                dst.put_slice(namespace.as_bytes());
+                dst.put_slice(&identity);
+            }
             Frame::Reply { req, status, body } => {
                 dst.put_u8(0x84);
                 dst.put_u64(req);
@@ -335,13 +367,19 @@ fn get_head(body: &mut Bytes) -> Result<(u64, String), Error> {
         return Err(Error::Malformed("frame body too short"));
     }
     let req = body.get_u64();
+    Ok((req, get_namespace(body)?))
+}
+
+fn get_namespace(body: &mut Bytes) -> Result<String, Error> {
+    if body.is_empty() {
+        return Err(Error::Malformed("frame body too short"));
+    }
     let n = body.get_u8() as usize;
     if body.len() < n {
         return Err(Error::Malformed("namespace runs past the frame"));
     }
-    let ns = String::from_utf8(body.split_to(n).to_vec())
-        .map_err(|_| Error::Malformed("namespace is not UTF-8"))?;
-    Ok((req, ns))
+    String::from_utf8(body.split_to(n).to_vec())
+        .map_err(|_| Error::Malformed("namespace is not UTF-8"))
 }
 
 fn get_array<const N: usize>(body: &mut Bytes) -> Result<[u8; N], Error> {
@@ -456,6 +494,20 @@ fn decode_body(ty: u8, mut body: Bytes) -> Result<Frame, Error> {
                 identity,
             }
         }
+        0x09 => {
+            need(&body, 8 + 32)?;
+            let req = body.get_u64();
+            let home = get_array(&mut body)?;
+            let namespace = get_namespace(&mut body)?;
+            let identity = get_array(&mut body)?;
+            exact(&body, 0)?;
+            Frame::ClaimAt {
+                req,
+                home,
+                namespace,
+                identity,
+            }
+        }
         0x84 => {
             need(&body, 9)?;
             let req = body.get_u64();
@@ -520,6 +572,12 @@ mod tests {
             identity: [3; 32],
             signature: [4; 64],
             keys: Bytes::from(vec![5; 72]),
+        });
+        round_trip(Frame::ClaimAt {
+            req: 4,
+            home: [6; 32],
+            namespace: "ns".into(),
+            identity: [7; 32],
         });
         round_trip(Frame::Claim {
             req: 3,

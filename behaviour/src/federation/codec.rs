@@ -1,14 +1,28 @@
-//! Frames of `/meshwhisper/federation/1`: one long-lived stream per pair of
+//! Frames of `/meshwhisper/federation/2`: one long-lived stream per pair of
 //! relays, length-prefixed frames in both directions.
 //!
 //! ```text
 //! frame = length (u32 BE, of what follows) ‖ type (u8) ‖ body
 //!
 //! packets
-//!   0x01 Forward   id (16) ‖ hops (u8) ‖ client packet           flooded: stored only where homed
-//!   0x02 Routed    id (16) ‖ hops (u8) ‖ target key (32) ‖ client packet
-//!                                                                for the relay with that Ed25519 key
-//!   0x03 Ack       id (16) ‖ status (u8)                         answers 0x01 and 0x02
+//!   0x01 Forward   id (16) ‖ attempt (u8) ‖ hops (u8) ‖ client packet
+//!                                         flooded: stored only where homed; a re-flood keeps
+//!                                         its id and counts up `attempt` (relays drop repeats
+//!                                         of one attempt; the home relay stores an id once)
+//!   0x02 Routed    id (16) ‖ flags (u8) ‖ hops (u8) ‖ target key (32) ‖ client packet
+//!                                         for the relay with that Ed25519 key; flags bit 0:
+//!                                         store it even if that relay does not home the recipient
+//!   0x03 Ack       id (16) ‖ status (u8) [‖ home key (32), with Stored]
+//!                                         answers 0x01 and 0x02; a Stored ack names the relay
+//!                                         that stored the packet
+//!   0x04 Forget    n (u16) ‖ n × id (16)  the sender has these Stored acks: the home relay may
+//!                                         forget the ids (it remembers them until then, so a
+//!                                         packet resent after a lost ack is never stored twice)
+//! directory
+//!   0x20 Claim      req (u64) ‖ ns len (u8) ‖ namespace ‖ identity (32)
+//!                                         a client of the sender wants this identity's bundle
+//!                                         and a one-time prekey (it talks only to its own relay)
+//!   0x21 ClaimReply req (u64) ‖ status (u8) ‖ body   as the device protocol's Reply to a Claim
 //! address-book anti-entropy
 //!   0x10 DigestRequest  req (u64) ‖ after flag (u8) [‖ key (32)] ‖ limit (u16)
 //!   0x11 Digest         req (u64) ‖ more (u8) ‖ n (u16) ‖ n × (key (32) ‖ timestamp ms (u64))
@@ -23,7 +37,12 @@
 use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 
 /// The protocol name.
-pub const PROTOCOL: &str = "/meshwhisper/federation/1";
+pub const PROTOCOL: &str = "/meshwhisper/federation/2";
+/// Most ids in one Forget.
+pub const MAX_FORGET: usize = 1024;
+/// Routed flag: store the packet even if the target does not home its
+/// recipient (the sender tried flooding and no relay claimed it).
+pub const ROUTED_STORE_ANYWAY: u8 = 1;
 /// Default largest frame: a 256 KiB packet plus framing, or a page of records.
 pub const DEFAULT_MAX_FRAME: usize = 512 * 1024;
 /// Most entries in one Digest (and the largest `limit` a request may ask).
@@ -91,8 +110,10 @@ impl AckStatus {
 pub enum Frame {
     /// A flooded packet.
     Forward {
-        /// Packet id.
+        /// Packet id (the same for every attempt).
         id: PacketId,
+        /// Which flood of this packet (0 first).
+        attempt: u8,
         /// Relays it has passed (1 when first sent).
         hops: u8,
         /// The client packet.
@@ -102,6 +123,8 @@ pub enum Frame {
     Routed {
         /// Packet id.
         id: PacketId,
+        /// [`ROUTED_STORE_ANYWAY`] or 0.
+        flags: u8,
         /// Relays it has passed.
         hops: u8,
         /// The home relay's Ed25519 key.
@@ -115,6 +138,31 @@ pub enum Frame {
         id: PacketId,
         /// What happened.
         status: AckStatus,
+        /// With `Stored`: the relay that stored it (the recipient's home).
+        home: Option<[u8; 32]>,
+    },
+    /// The home relay may forget these ids: their senders have the acks.
+    Forget {
+        /// Packet ids (at most [`MAX_FORGET`]).
+        ids: Vec<PacketId>,
+    },
+    /// A directory claim on behalf of a client of the sender.
+    Claim {
+        /// Request id.
+        req: u64,
+        /// Directory namespace (≤ 255 bytes).
+        namespace: String,
+        /// Whose bundle.
+        identity: [u8; 32],
+    },
+    /// The answer to a Claim.
+    ClaimReply {
+        /// The request's id.
+        req: u64,
+        /// Outcome.
+        status: crate::device::codec::Status,
+        /// Bundle and one-time prekey, or a reason.
+        body: Bytes,
     },
     /// Asks for a page of the peer's address-book digest.
     DigestRequest {
@@ -162,9 +210,12 @@ pub type Codec = crate::stream::LengthCodec<FederationWire>;
 
 fn body_len(f: &Frame) -> usize {
     1 + match f {
-        Frame::Forward { packet, .. } => 17 + packet.len(),
-        Frame::Routed { packet, .. } => 17 + 32 + packet.len(),
-        Frame::Ack { .. } => 17,
+        Frame::Forward { packet, .. } => 18 + packet.len(),
+        Frame::Routed { packet, .. } => 18 + 32 + packet.len(),
+        Frame::Ack { home, .. } => 17 + home.map_or(0, |_| 32),
+        Frame::Forget { ids } => 2 + 16 * ids.len(),
+        Frame::Claim { namespace, .. } => 8 + 1 + namespace.len() + 32,
+        Frame::ClaimReply { body, .. } => 8 + 1 + body.len(),
         Frame::DigestRequest { after, .. } => 8 + 1 + after.map_or(0, |_| 32) + 2,
         Frame::Digest { entries, .. } => 8 + 1 + 2 + 40 * entries.len(),
         Frame::Pull { keys, .. } => 8 + 2 + 32 * keys.len(),
@@ -187,6 +238,19 @@ impl crate::stream::Wire for FederationWire {
             Frame::Digest { entries, .. } if entries.len() > MAX_DIGEST => {
                 return Err(Error::Malformed("too many digest entries"));
             }
+            Frame::Claim { namespace, .. } if namespace.len() > 255 => {
+                return Err(Error::Malformed("namespace longer than 255 bytes"));
+            }
+            Frame::Forget { ids } if ids.len() > MAX_FORGET => {
+                return Err(Error::Malformed("too many ids in a forget"));
+            }
+            Frame::Ack {
+                status,
+                home: Some(_),
+                ..
+            } if *status != AckStatus::Stored => {
+                return Err(Error::Malformed("only a Stored ack names a home relay"));
+            }
             Frame::Pull { keys, .. } if keys.len() > MAX_PULL => {
                 return Err(Error::Malformed("too many keys in a pull"));
             }
@@ -203,28 +267,63 @@ impl crate::stream::Wire for FederationWire {
 
     fn write(f: Frame, dst: &mut BytesMut) {
         match f {
-            Frame::Forward { id, hops, packet } => {
+            Frame::Forward {
+                id,
+                attempt,
+                hops,
+                packet,
+            } => {
                 dst.put_u8(0x01);
                 dst.put_slice(&id);
+                dst.put_u8(attempt);
                 dst.put_u8(hops);
                 dst.put_slice(&packet);
             }
             Frame::Routed {
                 id,
+                flags,
                 hops,
                 target,
                 packet,
             } => {
                 dst.put_u8(0x02);
                 dst.put_slice(&id);
+                dst.put_u8(flags);
                 dst.put_u8(hops);
                 dst.put_slice(&target);
                 dst.put_slice(&packet);
             }
-            Frame::Ack { id, status } => {
+            Frame::Ack { id, status, home } => {
                 dst.put_u8(0x03);
                 dst.put_slice(&id);
                 dst.put_u8(status as u8);
+                if let Some(h) = home {
+                    dst.put_slice(&h);
+                }
+            }
+            Frame::Forget { ids } => {
+                dst.put_u8(0x04);
+                dst.put_u16(ids.len() as u16);
+                for id in ids {
+                    dst.put_slice(&id);
+                }
+            }
+            Frame::Claim {
+                req,
+                namespace,
+                identity,
+            } => {
+                dst.put_u8(0x20);
+                dst.put_u64(req);
+                dst.put_u8(namespace.len() as u8);
+                dst.put_slice(namespace.as_bytes());
+                dst.put_slice(&identity);
+            }
+            Frame::ClaimReply { req, status, body } => {
+                dst.put_u8(0x21);
+                dst.put_u64(req);
+                dst.put_u8(status as u8);
+                dst.put_slice(&body);
             }
             Frame::DigestRequest { req, after, limit } => {
                 dst.put_u8(0x10);
@@ -315,6 +414,7 @@ fn decode_body(kind: u8, mut body: Bytes) -> Result<Frame, Error> {
     let f = match kind {
         0x01 | 0x02 => {
             let id = array::<16>(&mut body)?;
+            let second = u8_(&mut body)?;
             let hops = u8_(&mut body)?;
             let target = if kind == 0x02 {
                 Some(array::<32>(&mut body)?)
@@ -326,20 +426,72 @@ fn decode_body(kind: u8, mut body: Bytes) -> Result<Frame, Error> {
             }
             let packet = body.split_off(0);
             match target {
-                Some(target) => Frame::Routed {
+                Some(target) => {
+                    if second & !ROUTED_STORE_ANYWAY != 0 {
+                        return Err(Error::Malformed("unknown routed flags"));
+                    }
+                    Frame::Routed {
+                        id,
+                        flags: second,
+                        hops,
+                        target,
+                        packet,
+                    }
+                }
+                None => Frame::Forward {
                     id,
+                    attempt: second,
                     hops,
-                    target,
                     packet,
                 },
-                None => Frame::Forward { id, hops, packet },
             }
         }
         0x03 => {
             let id = array::<16>(&mut body)?;
             let status = AckStatus::from_u8(u8_(&mut body)?)
                 .ok_or(Error::Malformed("unknown ack status"))?;
-            Frame::Ack { id, status }
+            let home = if body.has_remaining() && status == AckStatus::Stored {
+                Some(array::<32>(&mut body)?)
+            } else {
+                None
+            };
+            Frame::Ack { id, status, home }
+        }
+        0x04 => {
+            let n = u16_(&mut body)? as usize;
+            if n > MAX_FORGET {
+                return Err(Error::Malformed("too many ids in a forget"));
+            }
+            need(&body, n * 16)?;
+            let mut ids = Vec::with_capacity(n);
+            for _ in 0..n {
+                ids.push(array::<16>(&mut body)?);
+            }
+            Frame::Forget { ids }
+        }
+        0x20 => {
+            let req = u64_(&mut body)?;
+            let n = u8_(&mut body)? as usize;
+            need(&body, n)?;
+            let namespace = String::from_utf8(body.split_to(n).to_vec())
+                .map_err(|_| Error::Malformed("namespace is not UTF-8"))?;
+            let identity = array::<32>(&mut body)?;
+            Frame::Claim {
+                req,
+                namespace,
+                identity,
+            }
+        }
+        0x21 => {
+            let req = u64_(&mut body)?;
+            let status = crate::device::codec::Status::from_u8(u8_(&mut body)?)
+                .ok_or(Error::Malformed("unknown claim status"))?;
+            let rest = body.split_off(0);
+            Frame::ClaimReply {
+                req,
+                status,
+                body: rest,
+            }
         }
         0x10 => {
             let req = u64_(&mut body)?;
@@ -426,11 +578,13 @@ mod tests {
         let p = Bytes::from_static(&[1u8; 40]);
         round_trip(Frame::Forward {
             id: [7; 16],
+            attempt: 3,
             hops: 2,
             packet: p.clone(),
         });
         round_trip(Frame::Routed {
             id: [8; 16],
+            flags: ROUTED_STORE_ANYWAY,
             hops: 1,
             target: [9; 32],
             packet: p,
@@ -440,8 +594,27 @@ mod tests {
             round_trip(Frame::Ack {
                 id: [1; 16],
                 status,
+                home: None,
             });
         }
+        round_trip(Frame::Ack {
+            id: [1; 16],
+            status: AckStatus::Stored,
+            home: Some([5; 32]),
+        });
+        round_trip(Frame::Forget {
+            ids: vec![[2; 16]; 3],
+        });
+        round_trip(Frame::Claim {
+            req: 3,
+            namespace: "ns".into(),
+            identity: [4; 32],
+        });
+        round_trip(Frame::ClaimReply {
+            req: 3,
+            status: crate::device::codec::Status::NotFound,
+            body: Bytes::from_static(b"none"),
+        });
         round_trip(Frame::DigestRequest {
             req: 5,
             after: None,
@@ -482,7 +655,19 @@ mod tests {
         assert!(decode_raw(0x03, &[0; 10]).is_err());
         assert!(decode_raw(0x03, &[[0u8; 16].as_slice(), &[9]].concat()).is_err());
         assert!(decode_raw(0x03, &[0u8; 18]).is_err());
-        assert!(decode_raw(0x01, &[0u8; 17]).is_err());
+        assert!(decode_raw(0x01, &[0u8; 18]).is_err());
+        // A home key on an ack that is not Stored; unknown routed flags.
+        assert!(decode_raw(0x03, &[[0u8; 16].as_slice(), &[1], &[0; 32]].concat()).is_err());
+        assert!(
+            decode_raw(
+                0x02,
+                &[[0u8; 16].as_slice(), &[2, 1], &[0; 32], &[1]].concat()
+            )
+            .is_err()
+        );
+        // A forget over the bound, or shorter than its count.
+        assert!(decode_raw(0x04, &[0x04, 0x01]).is_err());
+        assert!(decode_raw(0x04, &[[0u8, 2].as_slice(), &[0; 16]].concat()).is_err());
         // Counts over the bounds, and counts the body cannot hold.
         let mut d = 1u64.to_be_bytes().to_vec();
         d.extend_from_slice(&[0, 0xff, 0xff]);
@@ -506,6 +691,7 @@ mod tests {
         let mut buf = BytesMut::new();
         let big = Frame::Forward {
             id: [0; 16],
+            attempt: 0,
             hops: 1,
             packet: Bytes::from(vec![0u8; 200]),
         };

@@ -297,8 +297,17 @@ async fn session(s: AppState, mut socket: WebSocket, ip: IpAddr) {
                         // is not read meanwhile).
                         let permit = s.core.inflight_permit(bytes).await;
                         sess.storing_bytes += bytes;
+                        // Each with the home relay a `route` frame named for
+                        // its destination, kept with the stored copy.
+                        let batch = batch.into_iter().map(|f| {
+                            let route = f
+                                .get(2..10)
+                                .and_then(|d| <[u8; 8]>::try_from(d).ok())
+                                .and_then(|d| sess.hints.get(&DestHash(d)).copied());
+                            (f, route)
+                        }).collect();
                         let core = s.core.clone();
-                        storing.push_back(async move { (core.accept_many(batch).await, bytes, permit) });
+                        storing.push_back(async move { (core.accept_many_routed(batch).await, bytes, permit) });
                         Step::Continue
                     }
                     other => sess.incoming(&mut socket, other).await,

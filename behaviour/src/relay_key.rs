@@ -1,0 +1,68 @@
+//! A relay's identity: its Ed25519 public key. Address records, route
+//! hints and federation frames name relays by it; libp2p names them by the
+//! PeerId derived from it. This is the one place the two are converted.
+
+use libp2p::{PeerId, identity};
+
+/// A relay's Ed25519 public key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RelayKey(pub [u8; 32]);
+
+impl RelayKey {
+    /// The key inside an Ed25519 PeerId (`None` for other key types).
+    pub fn from_peer(peer: &PeerId) -> Option<Self> {
+        let mh: &libp2p::multihash::Multihash<64> = peer.as_ref();
+        // Ed25519 PeerIds embed the key (identity multihash).
+        if mh.code() != 0 {
+            return None;
+        }
+        let pk = identity::PublicKey::try_decode_protobuf(mh.digest()).ok()?;
+        Some(Self(pk.try_into_ed25519().ok()?.to_bytes()))
+    }
+
+    /// The PeerId of this key (`None` if the bytes are not an Ed25519 key).
+    pub fn to_peer(&self) -> Option<PeerId> {
+        let k = identity::ed25519::PublicKey::try_from_bytes(&self.0).ok()?;
+        Some(identity::PublicKey::from(k).to_peer_id())
+    }
+
+    /// The key's bytes.
+    pub fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl From<[u8; 32]> for RelayKey {
+    fn from(b: [u8; 32]) -> Self {
+        Self(b)
+    }
+}
+
+impl std::fmt::Debug for RelayKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RelayKey({})", hex::encode(&self.0[..8]))
+    }
+}
+
+impl std::fmt::Display for RelayKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_ids_and_keys_convert_both_ways() {
+        let kp = identity::Keypair::generate_ed25519();
+        let peer = kp.public().to_peer_id();
+        let key = RelayKey::from_peer(&peer).expect("ed25519 peer");
+        assert_eq!(key.to_peer(), Some(peer));
+        assert_eq!(
+            key.0,
+            kp.public().try_into_ed25519().expect("ed").to_bytes()
+        );
+    }
+}

@@ -1,0 +1,241 @@
+//! Anti-entropy: gossip can be lost, so every `anti_entropy_ms` a relay
+//! walks one peer's address book (the next peer in turn, and every peer
+//! whose stream just opened): it asks for a page of (key, timestamp), pulls
+//! the records that are newer there, and asks for the next page while there
+//! is more. One walk per peer at a time (a stuck one is given up after
+//! `walk_timeout`); requests from a peer are served at most
+//! [`SERVING_PER_PEER`] at a time.
+
+use super::action::{Action, Job};
+use crate::metrics::FederationMetrics;
+use libp2p::PeerId;
+use meshwhisper_behaviour::federation::codec::{Frame, MAX_PULL};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Anti-entropy requests served for one peer at a time.
+pub const SERVING_PER_PEER: usize = 4;
+
+/// The anti-entropy state.
+#[derive(Debug)]
+pub struct AntiEntropy {
+    every_ms: u64,
+    page: u16,
+    walk_timeout_ms: u64,
+    next_ms: u64,
+    turn: usize,
+    next_req: u64,
+    /// Walks in progress, per peer, since when.
+    walks: HashMap<PeerId, u64>,
+    /// Requests being served, per peer.
+    serving: HashMap<PeerId, usize>,
+}
+
+impl AntiEntropy {
+    /// Rounds every `every_ms`, pages of `page` entries.
+    pub fn new(every_ms: u64, page: u16, walk_timeout_ms: u64) -> Self {
+        Self {
+            every_ms,
+            page,
+            walk_timeout_ms,
+            next_ms: 0,
+            turn: 0,
+            next_req: 1,
+            walks: HashMap::new(),
+            serving: HashMap::new(),
+        }
+    }
+
+    fn req(&mut self) -> u64 {
+        self.next_req += 1;
+        self.next_req
+    }
+
+    /// Starts a walk through `peer`'s book unless one is under way.
+    pub fn start(&mut self, now: u64, peer: PeerId, m: &FederationMetrics, out: &mut Vec<Action>) {
+        if self
+            .walks
+            .get(&peer)
+            .is_some_and(|&t| t.saturating_add(self.walk_timeout_ms) > now)
+        {
+            return;
+        }
+        self.walks.insert(peer, now);
+        let req = self.req();
+        m.anti_entropy_rounds.fetch_add(1, Relaxed);
+        out.push(Action::Send {
+            peer,
+            frame: Frame::DigestRequest {
+                req,
+                after: None,
+                limit: self.page,
+            },
+        });
+    }
+
+    /// A round with the next peer in turn when due; whether one was due
+    /// (the caller also refreshes discovery then).
+    pub fn tick(
+        &mut self,
+        now: u64,
+        peers: &[PeerId],
+        m: &FederationMetrics,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        if now < self.next_ms {
+            return false;
+        }
+        self.next_ms = now + self.every_ms;
+        if !peers.is_empty() {
+            self.turn = (self.turn + 1) % peers.len();
+            self.start(now, peers[self.turn], m, out);
+        }
+        true
+    }
+
+    /// A digest page from `peer`: compare it with our book.
+    pub fn digest(
+        &mut self,
+        peer: PeerId,
+        more: bool,
+        entries: Vec<([u8; 32], u64)>,
+        out: &mut Vec<Action>,
+    ) {
+        if !more {
+            self.walks.remove(&peer);
+        }
+        out.push(Action::Job(Job::CompareDigest {
+            peer,
+            more,
+            entries,
+        }));
+    }
+
+    /// A compared page: pull what is newer there, and ask for the next page.
+    pub fn compared(
+        &mut self,
+        peer: PeerId,
+        want: Vec<[u8; 32]>,
+        next_after: Option<[u8; 32]>,
+        out: &mut Vec<Action>,
+    ) {
+        for keys in want.chunks(MAX_PULL) {
+            let req = self.req();
+            out.push(Action::Send {
+                peer,
+                frame: Frame::Pull {
+                    req,
+                    keys: keys.to_vec(),
+                },
+            });
+        }
+        if let Some(after) = next_after {
+            let req = self.req();
+            out.push(Action::Send {
+                peer,
+                frame: Frame::DigestRequest {
+                    req,
+                    after: Some(after),
+                    limit: self.page,
+                },
+            });
+        }
+    }
+
+    /// Whether another request of `peer` may be served now (then it
+    /// counts until [`AntiEntropy::served`]).
+    pub fn may_serve(&mut self, peer: PeerId, m: &FederationMetrics) -> bool {
+        let n = self.serving.entry(peer).or_default();
+        if *n >= SERVING_PER_PEER {
+            m.drops_rate_limited.fetch_add(1, Relaxed);
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// A request of `peer` was answered.
+    pub fn served(&mut self, peer: PeerId) {
+        if let Some(n) = self.serving.get_mut(&peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.serving.remove(&peer);
+            }
+        }
+    }
+
+    /// `peer`'s last stream closed.
+    pub fn closed(&mut self, peer: &PeerId) {
+        self.walks.remove(peer);
+        self.serving.remove(peer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_walk_per_peer_and_bounded_serving() {
+        let mut ae = AntiEntropy::new(1000, 256, 60_000);
+        let m = FederationMetrics::default();
+        let p = PeerId::random();
+        let mut out = Vec::new();
+        ae.start(0, p, &m, &mut out);
+        ae.start(1, p, &m, &mut out);
+        assert_eq!(out.len(), 1, "one walk at a time");
+        ae.start(60_001, p, &m, &mut out);
+        assert_eq!(out.len(), 2, "a stuck walk is given up");
+        for _ in 0..SERVING_PER_PEER {
+            assert!(ae.may_serve(p, &m));
+        }
+        assert!(!ae.may_serve(p, &m));
+        ae.served(p);
+        assert!(ae.may_serve(p, &m));
+    }
+
+    #[test]
+    fn pages_pull_what_is_newer_and_continue_while_there_is_more() {
+        let mut ae = AntiEntropy::new(1000, 2, 60_000);
+        let p = PeerId::random();
+        let mut out = Vec::new();
+        let want: Vec<[u8; 32]> = (0..300u16).map(|i| [(i % 250) as u8; 32]).collect();
+        ae.compared(p, want, Some([9; 32]), &mut out);
+        let pulls = out
+            .iter()
+            .filter(|a| {
+                matches!(
+                    a,
+                    Action::Send {
+                        frame: Frame::Pull { .. },
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(pulls, 2, "300 keys in pulls of 256");
+        assert!(matches!(
+            out.last(),
+            Some(Action::Send { frame: Frame::DigestRequest { after: Some(k), limit: 2, .. }, .. }) if *k == [9; 32]
+        ));
+    }
+
+    #[test]
+    fn rounds_take_peers_in_turn() {
+        let mut ae = AntiEntropy::new(1000, 2, 60_000);
+        let m = FederationMetrics::default();
+        let peers = [PeerId::random(), PeerId::random()];
+        let mut out = Vec::new();
+        assert!(ae.tick(0, &peers, &m, &mut out));
+        assert!(!ae.tick(500, &peers, &m, &mut out));
+        assert!(ae.tick(1000, &peers, &m, &mut out));
+        let who: Vec<PeerId> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send { peer, .. } => Some(*peer),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(who, vec![peers[1], peers[0]]);
+    }
+}

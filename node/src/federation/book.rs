@@ -1,0 +1,137 @@
+//! Gossiped address records: checked here (signature, age, clock skew,
+//! size) before anything reaches the store, and ignored without a store
+//! round trip when a record as new or newer is known. What passes is
+//! handed to a store worker, which keeps it under the book's eviction rule
+//! (see `storage::address_book`).
+
+use super::action::{Action, Job};
+use crate::metrics::FederationMetrics;
+use bytes::Bytes;
+use libp2p::PeerId;
+use libp2p::gossipsub::{MessageAcceptance, MessageId};
+use meshwhisper_crypto::address_record::AddressRecord;
+
+/// What a gossiped record is worth.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Forged, expired, from the future or oversized: penalise the source.
+    Reject,
+    /// Known already (as new or newer): do not pass it on.
+    Ignore,
+    /// Worth storing: a worker stores it and reports.
+    Learn,
+}
+
+/// Newest record timestamp seen per relay, bounded.
+#[derive(Debug)]
+pub struct Book {
+    me: [u8; 32],
+    known: hashlink::LruCache<[u8; 32], u64>,
+}
+
+impl Book {
+    /// The book of relay `me`, remembering at most `max` relays' timestamps.
+    pub fn new(me: [u8; 32], max: usize) -> Self {
+        Self {
+            me,
+            known: hashlink::LruCache::new(max.max(1)),
+        }
+    }
+
+    /// Checks a record; on [`Verdict::Reject`] the reason is counted.
+    pub fn check(&mut self, now: u64, data: &[u8], m: &FederationMetrics) -> Verdict {
+        match AddressRecord::accept(data, now) {
+            Err(e) => {
+                m.reject_record(e.kind());
+                Verdict::Reject
+            }
+            Ok(r) => {
+                let key = r.relay_key().to_bytes();
+                if key == self.me
+                    || self
+                        .known
+                        .get(&key)
+                        .is_some_and(|&ts| ts >= r.timestamp_ms())
+                {
+                    Verdict::Ignore
+                } else {
+                    Verdict::Learn
+                }
+            }
+        }
+    }
+
+    /// A gossiped record: reject or ignore at once, or store then report.
+    pub fn gossip(
+        &mut self,
+        now: u64,
+        source: PeerId,
+        message_id: MessageId,
+        data: Vec<u8>,
+        m: &FederationMetrics,
+        out: &mut Vec<Action>,
+    ) {
+        let report = |acceptance| Action::ReportGossip {
+            message_id: message_id.clone(),
+            source,
+            acceptance,
+        };
+        match self.check(now, &data, m) {
+            Verdict::Reject => out.push(report(MessageAcceptance::Reject)),
+            Verdict::Ignore => out.push(report(MessageAcceptance::Ignore)),
+            Verdict::Learn => out.push(Action::Job(Job::Learn {
+                records: vec![Bytes::from(data)],
+                gossip: Some((message_id, source)),
+            })),
+        }
+    }
+
+    /// A record was stored (or found older) with this timestamp.
+    pub fn note(&mut self, key: [u8; 32], ts: u64) {
+        let newest = self.known.get(&key).map_or(ts, |&t| t.max(ts));
+        self.known.insert(key, newest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshwhisper_crypto::address_record::Contents;
+    use meshwhisper_crypto::identity::IdentityKeyPair;
+
+    fn record(seed: u8, ts: u64) -> Vec<u8> {
+        let id = IdentityKeyPair::from_seed(&[seed; 32]);
+        AddressRecord::sign(
+            &id,
+            Contents {
+                timestamp_ms: ts,
+                onion_key: id.public().x25519(),
+                addrs: vec![b"/ip4/1.2.3.4".to_vec()],
+                anchors: Vec::new(),
+            },
+        )
+        .expect("sign")
+        .encode()
+    }
+
+    #[test]
+    fn forged_rejected_known_ignored_new_learned() {
+        let now = 1_800_000_000_000;
+        let mut b = Book::new([0; 32], 10);
+        let m = FederationMetrics::default();
+        let r = record(1, now);
+        assert_eq!(b.check(now, &r, &m), Verdict::Learn);
+        let mut forged = r.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        assert_eq!(b.check(now, &forged, &m), Verdict::Reject);
+        assert_eq!(
+            b.check(now, &record(1, now - 8 * 86_400_000), &m),
+            Verdict::Reject
+        );
+        let key = IdentityKeyPair::from_seed(&[1; 32]).public().to_bytes();
+        b.note(key, now);
+        assert_eq!(b.check(now, &r, &m), Verdict::Ignore);
+        assert_eq!(b.check(now + 1, &record(1, now + 1), &m), Verdict::Learn);
+    }
+}

@@ -1,0 +1,469 @@
+//! Carries the federation state machines' actions out against the Swarm,
+//! and feeds them what the Swarm and the store workers report. The only
+//! federation code that touches libp2p or the store.
+
+use super::action::{Action, Job, JobDone};
+use super::jobs::Pool;
+use super::{Federation, View};
+use crate::core::{Core, Federate, now_ms};
+use libp2p::gossipsub::{self, IdentTopic};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::{Multiaddr, PeerId, Swarm};
+use meshwhisper_behaviour::federation::codec::{AckStatus, Frame};
+use meshwhisper_behaviour::node::{Behaviour, RECORDS_TOPIC};
+use meshwhisper_behaviour::policy;
+use meshwhisper_behaviour::stream::CloseReason;
+use meshwhisper_crypto::destination::DestHash;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use tokio::sync::mpsc;
+
+/// The network and the core, as the state machines see them.
+struct SwarmView<'a> {
+    swarm: &'a Swarm<Behaviour>,
+    core: &'a Core,
+}
+
+impl View for SwarmView<'_> {
+    fn is_admitted(&self, p: &PeerId) -> bool {
+        self.swarm.behaviour().policy.is_admitted(p)
+    }
+    fn stream_open(&self, p: &PeerId) -> bool {
+        self.swarm.behaviour().federation.is_open(p)
+    }
+    fn is_connected(&self, p: &PeerId) -> bool {
+        self.swarm.is_connected(p)
+    }
+    fn admitted_count(&self) -> usize {
+        self.swarm.behaviour().policy.admitted_count()
+    }
+    fn has_room(&self) -> bool {
+        self.swarm.behaviour().policy.has_room()
+    }
+    fn peers(&self) -> Vec<PeerId> {
+        let b = self.swarm.behaviour();
+        b.federation
+            .peers()
+            .filter(|p| b.policy.is_admitted(p))
+            .copied()
+            .collect()
+    }
+    fn is_homed(&self, d: &DestHash) -> bool {
+        self.core.is_homed(d)
+    }
+}
+
+/// Federation as the Swarm task drives it.
+pub struct Driver {
+    fed: Federation,
+    core: Arc<Core>,
+    pool: Pool,
+    topic: IdentTopic,
+    /// Devices waiting for claims at other relays, by request id.
+    claim_replies: std::collections::HashMap<
+        u64,
+        tokio::sync::oneshot::Sender<(meshwhisper_behaviour::device::codec::Status, bytes::Bytes)>,
+    >,
+    /// A hand-back of stored packets (after the queue overflowed) is running.
+    handing_back: Arc<std::sync::atomic::AtomicBool>,
+    max_pending: usize,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver").field("fed", &self.fed).finish()
+    }
+}
+
+impl Driver {
+    /// A driver for `fed`, with store workers over `core`.
+    pub fn new(fed: Federation, core: Arc<Core>, pool: Pool, max_pending: usize) -> Self {
+        Self {
+            fed,
+            core,
+            pool,
+            topic: IdentTopic::new(RECORDS_TOPIC),
+            claim_replies: std::collections::HashMap::new(),
+            handing_back: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            max_pending,
+        }
+    }
+
+    /// Bootstrap relays configured.
+    pub fn bootstrap_count(&self) -> usize {
+        self.fed.dials.bootstrap_count()
+    }
+
+    /// The configured address of bootstrap relay `peer`.
+    pub fn bootstrap_addr(&self, peer: &PeerId) -> Option<&Multiaddr> {
+        self.fed.dials.bootstrap_addr(peer)
+    }
+
+    fn metrics(&self) -> &crate::metrics::FederationMetrics {
+        &self.core.metrics.federation
+    }
+
+    /// Runs `f` against the state machines with a view of `swarm`, then
+    /// carries out what they decided.
+    fn with(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        f: impl FnOnce(&mut Federation, &dyn View, &mut Vec<Action>),
+    ) {
+        let mut out = Vec::new();
+        {
+            let view = SwarmView {
+                swarm: &*swarm,
+                core: &self.core,
+            };
+            f(&mut self.fed, &view, &mut out);
+        }
+        self.apply(swarm, out);
+        for (req, answer) in self.fed.claims.take_finished() {
+            if let Some(reply) = self.claim_replies.remove(&req)
+                && let Some(a) = answer
+            {
+                let _ = reply.send(a);
+            }
+        }
+        self.update_gauges(swarm);
+    }
+
+    fn apply(&mut self, swarm: &mut Swarm<Behaviour>, actions: Vec<Action>) {
+        let mut unsent = Vec::new();
+        for a in actions {
+            match a {
+                Action::Send { peer, frame } => {
+                    if !swarm.behaviour().federation.is_open(&peer) {
+                        unsent.push((peer, frame));
+                    } else {
+                        swarm.behaviour_mut().federation.send(peer, frame);
+                    }
+                }
+                Action::OpenStream(peer) => swarm.behaviour_mut().federation.open(peer),
+                Action::Dial { peer, addrs } => self.dial(swarm, peer, addrs),
+                Action::KadAddAddress { peer, addr } => {
+                    if let Some(kad) = swarm.behaviour_mut().kad.as_mut() {
+                        kad.add_address(&peer, addr);
+                    }
+                }
+                Action::KadFindPeer(peer) => {
+                    if let Some(kad) = swarm.behaviour_mut().kad.as_mut() {
+                        kad.get_closest_peers(peer);
+                    }
+                }
+                Action::KadBootstrap => {
+                    if let Some(kad) = swarm.behaviour_mut().kad.as_mut() {
+                        let _ = kad.bootstrap();
+                    }
+                }
+                Action::Publish(data) => {
+                    let Some(gossip) = swarm.behaviour_mut().gossipsub.as_mut() else {
+                        continue;
+                    };
+                    match gossip.publish(self.topic.clone(), data) {
+                        Ok(_) | Err(gossipsub::PublishError::Duplicate) => self.fed.own.published(),
+                        // No subscriber seen yet: offered again next tick.
+                        Err(e) => tracing::trace!(error = %e, "record not published yet"),
+                    }
+                }
+                Action::ReportGossip {
+                    message_id,
+                    source,
+                    acceptance,
+                } => {
+                    if let Some(gossip) = swarm.behaviour_mut().gossipsub.as_mut() {
+                        let _ = gossip.report_message_validation_result(
+                            &message_id,
+                            &source,
+                            acceptance,
+                        );
+                    }
+                }
+                // Turned into dial work by the composition already.
+                Action::Reach(_) => {}
+                Action::Job(job) => {
+                    if let Err(job) = self.pool.submit(job) {
+                        self.metrics().jobs_refused.fetch_add(1, Relaxed);
+                        if let Job::Store { peer, id, .. } = *job {
+                            // The sender resends it.
+                            swarm.behaviour_mut().federation.send(
+                                peer,
+                                Frame::Ack {
+                                    id,
+                                    status: AckStatus::Refused,
+                                    home: None,
+                                },
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        let now = now_ms();
+        for (peer, frame) in unsent {
+            self.fed.unsent(now, peer, &frame);
+        }
+    }
+
+    fn dial(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if swarm.is_connected(&peer) || swarm.behaviour().policy.is_blocked(&peer) {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        match swarm.dial(opts) {
+            Ok(()) => {
+                self.metrics().discovered_dials.fetch_add(1, Relaxed);
+            }
+            Err(e) => tracing::debug!(%peer, error = %e, "dial failed"),
+        }
+    }
+
+    fn update_gauges(&self, swarm: &Swarm<Behaviour>) {
+        let open = swarm.behaviour().federation.peers().count() as u64;
+        self.metrics().peers_connected.store(open, Relaxed);
+        self.metrics()
+            .pending
+            .store(self.fed.forward.pending_len() as u64, Relaxed);
+    }
+
+    // ---- admission ---------------------------------------------------------
+
+    /// Admits `peer` as a relay if the policy allows (and opens our side
+    /// of the federation stream); whether it is admitted. A peer that opens
+    /// a federation stream or sends federation frames has shown it is a
+    /// relay as surely as identify would, so this is also asked then.
+    fn ensure_admitted(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) -> bool {
+        let b = swarm.behaviour_mut();
+        if b.policy.is_admitted(&peer) {
+            return true;
+        }
+        match b.policy.admit(peer, now_ms()) {
+            Ok(()) => {
+                b.federation.open(peer);
+                tracing::info!(%peer, "relay admitted");
+                true
+            }
+            Err(r) => {
+                if r != policy::Refusal::Blocked {
+                    self.metrics().admissions_refused.fetch_add(1, Relaxed);
+                }
+                tracing::info!(%peer, reason = r.label(), "relay refused");
+                false
+            }
+        }
+    }
+
+    /// identify told us what `peer` speaks.
+    pub fn on_identified(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        info: &libp2p::identify::Info,
+    ) {
+        let fed = libp2p::StreamProtocol::new(meshwhisper_behaviour::federation::codec::PROTOCOL);
+        if !info.protocols.contains(&fed) {
+            return;
+        }
+        if let Some(kad) = swarm.behaviour_mut().kad.as_mut() {
+            for a in &info.listen_addrs {
+                kad.add_address(&peer, a.clone());
+            }
+        }
+        // Also for an admitted relay: a new connection we dialed gets its
+        // stream.
+        if self.ensure_admitted(swarm, peer) {
+            swarm.behaviour_mut().federation.open(peer);
+        }
+    }
+
+    /// The policy is closing a peer's connections.
+    pub fn on_policy(&mut self, ev: policy::Event) {
+        let policy::Event::Disconnecting { peer, reason } = ev;
+        if reason == policy::Refusal::Blocked {
+            self.metrics()
+                .handshake_rejections_blocked
+                .fetch_add(1, Relaxed);
+        }
+        tracing::info!(%peer, reason = reason.label(), "disconnecting relay");
+    }
+
+    // ---- streams -------------------------------------------------------------
+
+    /// The first federation stream to `peer` opened.
+    pub fn on_opened(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
+        if !self.ensure_admitted(swarm, peer) {
+            return;
+        }
+        let now = now_ms();
+        self.with(swarm, |fed, view, out| {
+            fed.stream_opened(now, peer, view, out)
+        });
+    }
+
+    /// A stream to `peer` closed (`last`: no other is open).
+    pub fn on_closed(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        reason: &CloseReason,
+        last: bool,
+    ) {
+        self.fed.stream_closed(now_ms(), peer, last);
+        if reason.is_failure() {
+            self.metrics().handshake_failures.fetch_add(1, Relaxed);
+            // The connection may still be up: open a new stream on the
+            // connections we dialed (the peer does the same on its own).
+            if swarm.behaviour().policy.is_admitted(&peer) {
+                swarm.behaviour_mut().federation.open(peer);
+            }
+        }
+        tracing::debug!(%peer, %reason, last, "federation stream closed");
+        self.update_gauges(swarm);
+    }
+
+    /// A frame could not be queued for `peer`.
+    pub fn on_unsent(&mut self, peer: PeerId, frame: Frame) {
+        self.fed.unsent(now_ms(), peer, &frame);
+    }
+
+    /// A frame from `peer`.
+    pub fn on_frame(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, frame: Frame) {
+        let now = now_ms();
+        if !swarm.behaviour().policy.is_admitted(&peer) {
+            self.ensure_admitted(swarm, peer);
+        }
+        let b = swarm.behaviour_mut();
+        // Not admitted, or over its rate: packets are refused (the sender
+        // retries), anything else dropped. Acks and forgets answer our own
+        // sends (bounded by them) and are never rate-limited, or a busy
+        // peer's acks would be lost and everything resent.
+        let admitted = b.policy.is_admitted(&peer);
+        let exempt = matches!(frame, Frame::Ack { .. } | Frame::Forget { .. });
+        let limited = admitted && !exempt && !b.policy.allow_frame(&peer, now);
+        if !admitted || limited {
+            if limited {
+                self.metrics().drops_rate_limited.fetch_add(1, Relaxed);
+            }
+            if let Frame::Forward { id, .. } | Frame::Routed { id, .. } = frame {
+                b.federation.send(
+                    peer,
+                    Frame::Ack {
+                        id,
+                        status: AckStatus::Refused,
+                        home: None,
+                    },
+                );
+            }
+            return;
+        }
+        self.with(swarm, |fed, view, out| {
+            fed.frame(now, peer, frame, view, out)
+        });
+    }
+
+    /// A gossiped address record.
+    pub fn on_gossip(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        source: PeerId,
+        message_id: gossipsub::MessageId,
+        data: Vec<u8>,
+    ) {
+        let now = now_ms();
+        self.with(swarm, |fed, _, out| {
+            fed.gossip(now, source, message_id, data, out)
+        });
+    }
+
+    /// A store job finished.
+    pub fn on_job_done(&mut self, swarm: &mut Swarm<Behaviour>, done: JobDone) {
+        let now = now_ms();
+        self.with(swarm, |fed, view, out| fed.job_done(now, done, view, out));
+    }
+
+    /// A packet to federate.
+    pub fn on_outbound(&mut self, swarm: &mut Swarm<Behaviour>, f: Federate) {
+        let now = now_ms();
+        self.with(swarm, |fed, view, out| fed.outbound(now, f, view, out));
+    }
+
+    /// A device of ours wants a claim made at another relay.
+    pub fn on_remote_claim(&mut self, swarm: &mut Swarm<Behaviour>, c: crate::core::RemoteClaim) {
+        let now = now_ms();
+        let mut req = None;
+        let home = meshwhisper_behaviour::relay_key::RelayKey(c.home);
+        if home == self.fed.key() {
+            // Asked of us: the device should have claimed here; answer it.
+            let core = self.core.clone();
+            tokio::spawn(async move {
+                let answer = crate::device_directory::claim(&core, &c.namespace, c.identity).await;
+                let _ = c.reply.send(answer);
+            });
+            return;
+        }
+        let (namespace, identity) = (c.namespace, c.identity);
+        self.with(swarm, |fed, view, out| {
+            req = fed.claim(now, home, namespace, identity, view, out);
+        });
+        if let Some(r) = req {
+            self.claim_replies.insert(r, c.reply);
+        }
+    }
+
+    /// A new blocklist.
+    pub fn on_blocklist(&mut self, swarm: &mut Swarm<Behaviour>, set: HashSet<PeerId>) {
+        let n = swarm.behaviour_mut().policy.set_blocklist(set);
+        tracing::info!(disconnected = n, "blocklist updated");
+    }
+
+    /// The DHT found peers.
+    pub fn on_kad_peers(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peers: Vec<libp2p::kad::PeerInfo>,
+    ) {
+        let found = peers.into_iter().map(|p| (p.peer_id, p.addrs)).collect();
+        self.with(swarm, |fed, _, out| fed.kad_found(found, out));
+    }
+
+    /// Timers.
+    pub fn tick(&mut self, swarm: &mut Swarm<Behaviour>) {
+        let now = now_ms();
+        let listen: Vec<Multiaddr> = swarm.listeners().cloned().collect();
+        let external: Vec<Multiaddr> = swarm.external_addresses().cloned().collect();
+        self.with(swarm, |fed, view, out| {
+            fed.tick(now, &listen, &external, view, out)
+        });
+        self.hand_back_if_room();
+    }
+
+    /// Packets that found the forwarding queue full stayed stored here;
+    /// once there is room again they are handed back (one pass at a time).
+    fn hand_back_if_room(&mut self) {
+        if !self.fed.forward.has_room() || self.handing_back.load(Relaxed) {
+            return;
+        }
+        if !self.fed.forward.take_overflow() {
+            return;
+        }
+        self.handing_back.store(true, Relaxed);
+        let core = self.core.clone();
+        let flag = self.handing_back.clone();
+        let max = self.max_pending;
+        tokio::spawn(async move {
+            let n = core.refederate_stored(max).await;
+            if n > 0 {
+                tracing::debug!(packets = n, "stored packets handed back to the federation");
+            }
+            flag.store(false, Relaxed);
+        });
+    }
+}
+
+/// The results channel of the pool, for the Swarm task's select.
+pub type Done = mpsc::Receiver<JobDone>;

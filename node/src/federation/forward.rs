@@ -1,0 +1,844 @@
+//! Packets this relay sends to other relays.
+//!
+//! A packet whose recipient is homed elsewhere is **routed** when a home
+//! relay is known — named by the sender (a `route` hint, a device's
+//! `PacketTo`, the stored copy's route after a restart) or learned from an
+//! earlier `Stored` ack for the same destination — and **flooded**
+//! otherwise. Routed packets go out over a per-target send window, in
+//! arrival order, with an ordered backlog; a packet is resent only when its
+//! stream is lost, the target refused it, or no ack came within
+//! `ack_timeout`. A flood is retried with the same id and a higher
+//! `attempt` (relays let a new attempt through; the home relay stores the
+//! id once). The home relay's `Stored` ack completes a packet: our stored
+//! copy goes, the destination's home is learned, and the home relay is
+//! told it may forget the id.
+//!
+//! A hint can be stale: a home relay that does not home the recipient
+//! answers `NotHome`, and the packet is flooded instead; if no relay claims
+//! it, it goes back to the named relay to be stored there anyway (the
+//! recipient may simply not have connected yet).
+//!
+//! Pure state: time, randomness and the network are passed in.
+
+use super::View;
+use super::action::{Action, Job};
+use super::dedup::Dedup;
+use crate::core::Federate;
+use crate::metrics::FederationMetrics;
+use bytes::Bytes;
+use libp2p::PeerId;
+use meshwhisper_behaviour::federation::codec::{AckStatus, Frame, PacketId, ROUTED_STORE_ANYWAY};
+use meshwhisper_behaviour::relay_key::RelayKey;
+use meshwhisper_crypto::destination::DestHash;
+use meshwhisper_storage::mailbox::MailboxId;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Bounds and timing (from `[federation]`).
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardConfig {
+    /// Routed packets in flight to one relay.
+    pub send_window: usize,
+    /// Resend and dial backoff base, ms.
+    pub retry_ms: u64,
+    /// Re-flood delay base, ms (doubling).
+    pub flood_retry_ms: u64,
+    /// Floods of one packet before it goes back to a named relay, or stays here.
+    pub flood_attempts: u8,
+    /// Packets waiting for an ack.
+    pub max_pending: usize,
+    /// Their bytes.
+    pub max_pending_bytes: usize,
+    /// Packets waiting for one relay that is being reached.
+    pub dial_queue: usize,
+    /// A routed packet on a live stream is resent after this long without
+    /// an ack, ms.
+    pub ack_timeout_ms: u64,
+    /// Destinations whose home relay is remembered from acks.
+    pub learned_routes: usize,
+    /// Ids per Forget frame.
+    pub forget_batch: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// To this relay.
+    Routed {
+        target: PeerId,
+        key: RelayKey,
+        store_anyway: bool,
+    },
+    /// To every peer; back to `fallback` (a stale hint) if nobody claims it.
+    Flood {
+        fallback: Option<(PeerId, RelayKey)>,
+    },
+}
+
+#[derive(Debug)]
+struct Pending {
+    /// Arrival order (packets to one relay go out in this order).
+    seq: u64,
+    mailbox_id: MailboxId,
+    dest: DestHash,
+    packet: Bytes,
+    mode: Mode,
+    deadline_ms: u64,
+    next_ms: u64,
+    /// Floods sent (the backoff grows with each).
+    attempt: u8,
+    /// The stream generation a routed packet was last sent on, and when.
+    sent: Option<(u64, u64)>,
+    /// Waiting in its target's backlog for room in the window.
+    backlogged: bool,
+}
+
+/// The sending side of federation.
+#[derive(Debug)]
+pub struct Forward {
+    cfg: ForwardConfig,
+    me: RelayKey,
+    pending: HashMap<PacketId, Pending>,
+    next_seq: u64,
+    /// Routed packets sent and not yet acknowledged, per target.
+    inflight: HashMap<PeerId, HashSet<PacketId>>,
+    /// Routed packets waiting for room in the window, per target, in order.
+    backlog: HashMap<PeerId, VecDeque<PacketId>>,
+    /// Stored copies with a pending packet (one federation per copy).
+    by_mailbox: HashSet<MailboxId>,
+    pending_bytes: usize,
+    /// Pending packets per target relay.
+    queued_for: HashMap<PeerId, usize>,
+    /// Stream generation per peer (bumped when its stream opens or closes).
+    gens: HashMap<PeerId, u64>,
+    /// Home relays learned from `Stored` acks, by destination.
+    routes: hashlink::LruCache<DestHash, RelayKey>,
+    /// Ids to tell each home relay it may forget.
+    forget: HashMap<PeerId, Vec<PacketId>>,
+    /// A packet found no room since the last [`Forward::take_overflow`].
+    overflow: bool,
+}
+
+impl Forward {
+    /// A sender for the relay `me`.
+    pub fn new(cfg: ForwardConfig, me: RelayKey) -> Self {
+        Self {
+            routes: hashlink::LruCache::new(cfg.learned_routes.max(1)),
+            cfg,
+            me,
+            pending: HashMap::new(),
+            next_seq: 0,
+            inflight: HashMap::new(),
+            backlog: HashMap::new(),
+            by_mailbox: HashSet::new(),
+            pending_bytes: 0,
+            queued_for: HashMap::new(),
+            gens: HashMap::new(),
+            forget: HashMap::new(),
+            overflow: false,
+        }
+    }
+
+    /// Packets waiting for an ack.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Whether another packet fits.
+    pub fn has_room(&self) -> bool {
+        self.pending.len() < self.cfg.max_pending && self.pending_bytes < self.cfg.max_pending_bytes
+    }
+
+    /// Whether a packet found no room since the last call (its stored copy
+    /// stays here, to be handed back once there is room).
+    pub fn take_overflow(&mut self) -> bool {
+        std::mem::take(&mut self.overflow)
+    }
+
+    /// The home relay learned for `dest`, if any.
+    pub fn learned_route(&mut self, dest: &DestHash) -> Option<RelayKey> {
+        self.routes.get(dest).copied()
+    }
+
+    fn take_pending(&mut self, id: &PacketId) -> Option<Pending> {
+        let p = self.pending.remove(id)?;
+        self.pending_bytes = self.pending_bytes.saturating_sub(p.packet.len());
+        self.by_mailbox.remove(&p.mailbox_id);
+        if let Mode::Routed { target, .. } = p.mode {
+            self.unqueue(target, id);
+        }
+        Some(p)
+    }
+
+    fn unqueue(&mut self, target: PeerId, id: &PacketId) {
+        if let Some(n) = self.queued_for.get_mut(&target) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.queued_for.remove(&target);
+            }
+        }
+        if let Some(w) = self.inflight.get_mut(&target) {
+            w.remove(id);
+        }
+    }
+
+    /// A packet accepted here whose recipient is homed elsewhere.
+    pub fn outbound(
+        &mut self,
+        now: u64,
+        f: Federate,
+        id: PacketId,
+        view: &dyn View,
+        dedup: &mut Dedup,
+        m: &FederationMetrics,
+        out: &mut Vec<Action>,
+    ) {
+        if self.by_mailbox.contains(&f.mailbox_id) {
+            // Already on its way (a restart's hand-back met a live one).
+            return;
+        }
+        if !self.has_room() || self.pending_bytes + f.packet.len() > self.cfg.max_pending_bytes {
+            // The stored copy stays here; it is handed back when room frees.
+            m.drops_queue_full.fetch_add(1, Relaxed);
+            self.overflow = true;
+            return;
+        }
+        let key = f
+            .hint
+            .map(RelayKey)
+            .or_else(|| self.routes.get(&f.dest).copied());
+        let target = key.and_then(|k| k.to_peer().map(|p| (p, k)));
+        if key == Some(self.me) {
+            // Named us: it is stored here already.
+            return;
+        }
+        if let Some((p, _)) = target
+            && !view.stream_open(&p)
+            && self.queued_for.get(&p).copied().unwrap_or(0) >= self.cfg.dial_queue
+        {
+            m.drops_queue_full.fetch_add(1, Relaxed);
+            self.overflow = true;
+            return;
+        }
+        self.next_seq += 1;
+        let mode = match target {
+            Some((target, key)) => {
+                *self.queued_for.entry(target).or_default() += 1;
+                Mode::Routed {
+                    target,
+                    key,
+                    store_anyway: false,
+                }
+            }
+            None => Mode::Flood { fallback: None },
+        };
+        self.pending_bytes += f.packet.len();
+        self.by_mailbox.insert(f.mailbox_id);
+        self.pending.insert(
+            id,
+            Pending {
+                seq: self.next_seq,
+                mailbox_id: f.mailbox_id,
+                dest: f.dest,
+                packet: f.packet,
+                mode,
+                deadline_ms: f.deadline_ms,
+                next_ms: now,
+                attempt: 0,
+                sent: None,
+                backlogged: false,
+            },
+        );
+        self.dispatch(now, id, view, dedup, m, out);
+    }
+
+    /// Sends (or resends) a pending packet, or starts reaching its target.
+    fn dispatch(
+        &mut self,
+        now: u64,
+        id: PacketId,
+        view: &dyn View,
+        dedup: &mut Dedup,
+        m: &FederationMetrics,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(p) = self.pending.get_mut(&id) else {
+            return;
+        };
+        match p.mode {
+            Mode::Routed {
+                target,
+                key,
+                store_anyway,
+            } => {
+                let generation = self.gens.get(&target).copied().unwrap_or(0);
+                if !view.stream_open(&target) {
+                    p.next_ms = now + self.cfg.retry_ms;
+                    out.push(Action::Reach(target));
+                    return;
+                }
+                if p.sent.is_some_and(|(g, at)| {
+                    g == generation && now < at.saturating_add(self.cfg.ack_timeout_ms)
+                }) {
+                    // On its way over a live stream: wait for the ack.
+                    p.next_ms = now + self.cfg.retry_ms;
+                    return;
+                }
+                let window = self.inflight.entry(target).or_default();
+                if window.len() >= self.cfg.send_window && !window.contains(&id) {
+                    // The window is full: wait in order for an ack.
+                    if !p.backlogged {
+                        p.backlogged = true;
+                        self.backlog.entry(target).or_default().push_back(id);
+                    }
+                    p.next_ms = now + self.cfg.ack_timeout_ms;
+                    return;
+                }
+                window.insert(id);
+                p.backlogged = false;
+                if p.sent.is_some() {
+                    m.retries.fetch_add(1, Relaxed);
+                }
+                p.sent = Some((generation, now));
+                p.next_ms = now + self.cfg.retry_ms;
+                m.forwards_sent.fetch_add(1, Relaxed);
+                m.routed_forwards.fetch_add(1, Relaxed);
+                out.push(Action::Send {
+                    peer: target,
+                    frame: Frame::Routed {
+                        id,
+                        flags: if store_anyway { ROUTED_STORE_ANYWAY } else { 0 },
+                        hops: 1,
+                        target: key.0,
+                        packet: p.packet.clone(),
+                    },
+                });
+            }
+            Mode::Flood { .. } => {
+                let attempt = p.attempt;
+                dedup.insert((id, attempt), None, now);
+                let peers = view.peers();
+                for peer in &peers {
+                    out.push(Action::Send {
+                        peer: *peer,
+                        frame: Frame::Forward {
+                            id,
+                            attempt,
+                            hops: 1,
+                            packet: p.packet.clone(),
+                        },
+                    });
+                }
+                m.forwards_sent.fetch_add(peers.len() as u64, Relaxed);
+                // Unclaimed floods back off: 1, 2, 4... × flood_retry_ms
+                // (× retry_ms while there is no relay to flood to). A try
+                // with nobody to flood to counts too, so a relay alone does
+                // not keep every unclaimed packet in memory.
+                let base = if peers.is_empty() {
+                    self.cfg.retry_ms
+                } else {
+                    self.cfg.flood_retry_ms
+                };
+                p.next_ms = now + (base << p.attempt.min(16));
+                p.attempt = p.attempt.saturating_add(1);
+            }
+        }
+    }
+
+    /// Sends backlogged packets to `peer` while its window has room.
+    fn pump(
+        &mut self,
+        now: u64,
+        peer: PeerId,
+        view: &dyn View,
+        dedup: &mut Dedup,
+        m: &FederationMetrics,
+        out: &mut Vec<Action>,
+    ) {
+        while self.inflight.get(&peer).map_or(0, HashSet::len) < self.cfg.send_window {
+            let Some(next) = self.backlog.get_mut(&peer).and_then(VecDeque::pop_front) else {
+                self.backlog.remove(&peer);
+                break;
+            };
+            if let Some(p) = self.pending.get_mut(&next)
+                && p.backlogged
+            {
+                p.backlogged = false;
+                self.dispatch(now, next, view, dedup, m, out);
+            }
+        }
+    }
+
+    /// An ack for a packet of ours; false if `id` is not ours (a flood we
+    /// relayed for someone else).
+    #[allow(clippy::too_many_arguments)]
+    pub fn ack(
+        &mut self,
+        now: u64,
+        from: PeerId,
+        id: PacketId,
+        status: AckStatus,
+        home: Option<[u8; 32]>,
+        view: &dyn View,
+        dedup: &mut Dedup,
+        m: &FederationMetrics,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let Some(mode) = self.pending.get(&id).map(|p| p.mode) else {
+            return false;
+        };
+        let routed_to = match mode {
+            Mode::Routed { target, .. } => Some(target),
+            Mode::Flood { .. } => None,
+        };
+        match status {
+            AckStatus::Stored => {
+                let Some(p) = self.take_pending(&id) else {
+                    return true;
+                };
+                out.push(Action::Job(Job::Delete(vec![p.mailbox_id])));
+                if let Some(t) = routed_to {
+                    m.routed_acked.fetch_add(1, Relaxed);
+                    self.pump(now, t, view, dedup, m, out);
+                }
+                // The home relay: remember it for this destination, and
+                // tell it that it may forget the id.
+                let home = home.map(RelayKey).or(match mode {
+                    Mode::Routed { key, .. } => Some(key),
+                    Mode::Flood { .. } => None,
+                });
+                if let Some(k) = home {
+                    self.routes.insert(p.dest, k);
+                    if let Some(hp) = k.to_peer()
+                        && view.stream_open(&hp)
+                    {
+                        let batch = self.forget.entry(hp).or_default();
+                        batch.push(id);
+                        if batch.len() >= self.cfg.forget_batch {
+                            let ids = std::mem::take(batch);
+                            out.push(Action::Send {
+                                peer: hp,
+                                frame: Frame::Forget { ids },
+                            });
+                        }
+                    }
+                }
+            }
+            AckStatus::NotHome if routed_to == Some(from) => {
+                // A stale hint: the named relay does not home the recipient.
+                // Flood it; if nobody claims it, it goes back there.
+                if let Mode::Routed { target, key, .. } = mode {
+                    self.unqueue(target, &id);
+                    if let Some(p) = self.pending.get_mut(&id) {
+                        p.mode = Mode::Flood {
+                            fallback: Some((target, key)),
+                        };
+                        p.sent = None;
+                        p.backlogged = false;
+                    }
+                    m.stale_hints.fetch_add(1, Relaxed);
+                    if let Some(dest) = self.pending.get(&id).map(|p| p.dest) {
+                        self.routes.remove(&dest);
+                    }
+                    self.dispatch(now, id, view, dedup, m, out);
+                    self.pump(now, target, view, dedup, m, out);
+                }
+            }
+            AckStatus::Malformed | AckStatus::NotTarget if routed_to == Some(from) => {
+                // Never accepted there: keep our stored copy, stop sending.
+                self.take_pending(&id);
+                m.drops_malformed.fetch_add(1, Relaxed);
+                self.pump(now, from, view, dedup, m, out);
+            }
+            AckStatus::Refused => {
+                if let Some(p) = self.pending.get_mut(&id) {
+                    match p.mode {
+                        Mode::Routed { target, .. } if target == from => {
+                            // Not taken now: resend after retry_ms, let
+                            // others through.
+                            p.sent = None;
+                            p.next_ms = now + self.cfg.retry_ms;
+                            if let Some(w) = self.inflight.get_mut(&from) {
+                                w.remove(&id);
+                            }
+                            self.pump(now, from, view, dedup, m, out);
+                        }
+                        Mode::Flood { .. } => {
+                            // A relay could not take the flood now: flood
+                            // again sooner (still one of its bounded attempts).
+                            let soon = now + (self.cfg.retry_ms << p.attempt.min(16));
+                            p.next_ms = p.next_ms.min(soon);
+                        }
+                        Mode::Routed { .. } => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+        true
+    }
+
+    /// A stream to `peer` opened: what waits for it goes now.
+    pub fn stream_opened(
+        &mut self,
+        now: u64,
+        peer: PeerId,
+        view: &dyn View,
+        dedup: &mut Dedup,
+        m: &FederationMetrics,
+        out: &mut Vec<Action>,
+    ) {
+        *self.gens.entry(peer).or_default() += 1;
+        let mut ids: Vec<(u64, PacketId)> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| matches!(p.mode, Mode::Routed { target, .. } if target == peer))
+            .map(|(id, p)| (p.seq, *id))
+            .collect();
+        ids.sort_unstable();
+        for (_, id) in ids {
+            self.dispatch(now, id, view, dedup, m, out);
+        }
+    }
+
+    /// A stream to `peer` closed: what was in flight on it is resent.
+    pub fn stream_closed(&mut self, now: u64, peer: PeerId) {
+        *self.gens.entry(peer).or_default() += 1;
+        for id in self.inflight.remove(&peer).unwrap_or_default() {
+            if let Some(p) = self.pending.get_mut(&id) {
+                p.sent = None;
+                p.next_ms = now;
+            }
+        }
+        self.forget.remove(&peer);
+    }
+
+    /// A frame could not be queued for `peer`: what we keep is retried.
+    pub fn unsent(&mut self, now: u64, peer: PeerId, frame: &Frame) {
+        match frame {
+            Frame::Routed { id, .. } => {
+                if let Some(p) = self.pending.get_mut(id) {
+                    p.sent = None;
+                    p.next_ms = now + self.cfg.retry_ms;
+                }
+                if let Some(w) = self.inflight.get_mut(&peer) {
+                    w.remove(id);
+                }
+            }
+            Frame::Forward { id, .. } => {
+                if let Some(p) = self.pending.get_mut(id) {
+                    p.next_ms = p.next_ms.min(now + self.cfg.retry_ms);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Expires, resends and re-floods what is due; flushes Forget batches.
+    pub fn tick(
+        &mut self,
+        now: u64,
+        view: &dyn View,
+        dedup: &mut Dedup,
+        m: &FederationMetrics,
+        out: &mut Vec<Action>,
+    ) {
+        let mut due: Vec<(u64, PacketId)> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.next_ms <= now || p.deadline_ms <= now)
+            .map(|(id, p)| (p.seq, *id))
+            .collect();
+        due.sort_unstable();
+        for (_, id) in due {
+            let Some(p) = self.pending.get_mut(&id) else {
+                continue;
+            };
+            if p.deadline_ms <= now {
+                self.take_pending(&id);
+                m.drops_expired.fetch_add(1, Relaxed);
+                continue;
+            }
+            if let Mode::Flood { fallback } = p.mode
+                && p.attempt >= self.cfg.flood_attempts
+            {
+                match fallback {
+                    // Nobody claimed it: store it where it was sent first.
+                    Some((target, key)) => {
+                        p.mode = Mode::Routed {
+                            target,
+                            key,
+                            store_anyway: true,
+                        };
+                        *self.queued_for.entry(target).or_default() += 1;
+                    }
+                    None => {
+                        // No relay homes it (chaff, or a recipient never
+                        // seen): the stored copy here stays.
+                        self.take_pending(&id);
+                        m.floods_unclaimed.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                }
+            } else if matches!(p.mode, Mode::Flood { .. }) && p.attempt > 0 {
+                m.retries.fetch_add(1, Relaxed);
+            }
+            self.dispatch(now, id, view, dedup, m, out);
+        }
+        for (peer, ids) in self.forget.drain() {
+            if !ids.is_empty() {
+                out.push(Action::Send {
+                    peer,
+                    frame: Frame::Forget { ids },
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::FakeView;
+    use super::*;
+
+    fn cfg() -> ForwardConfig {
+        ForwardConfig {
+            send_window: 2,
+            retry_ms: 100,
+            flood_retry_ms: 1000,
+            flood_attempts: 2,
+            max_pending: 100,
+            max_pending_bytes: 1 << 20,
+            dial_queue: 10,
+            ack_timeout_ms: 5000,
+            learned_routes: 100,
+            forget_batch: 3,
+        }
+    }
+
+    fn key() -> (PeerId, RelayKey) {
+        let p = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        (p, RelayKey::from_peer(&p).expect("ed25519"))
+    }
+
+    fn fed(n: i64, hint: Option<RelayKey>) -> Federate {
+        Federate {
+            mailbox_id: MailboxId(n),
+            dest: DestHash([n as u8; 8]),
+            packet: Bytes::from(vec![n as u8; 40]),
+            hint: hint.map(|k| k.0),
+            deadline_ms: 1_000_000,
+        }
+    }
+
+    fn sends(out: &[Action]) -> Vec<(PeerId, &Frame)> {
+        out.iter()
+            .filter_map(|a| match a {
+                Action::Send { peer, frame } => Some((*peer, frame)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn routed_ids(out: &[Action]) -> Vec<PacketId> {
+        sends(out)
+            .iter()
+            .filter_map(|(_, f)| match f {
+                Frame::Routed { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn routed_packets_respect_the_window_and_go_in_order() {
+        let (me_p, me) = key();
+        let _ = me_p;
+        let (t, tk) = key();
+        let mut f = Forward::new(cfg(), me);
+        let view = FakeView::with_streams(&[t]);
+        let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
+        let mut out = Vec::new();
+        for n in 1..=4u8 {
+            f.outbound(
+                0,
+                fed(i64::from(n), Some(tk)),
+                [n; 16],
+                &view,
+                &mut d,
+                &m,
+                &mut out,
+            );
+        }
+        // Two in the window, two backlogged.
+        assert_eq!(routed_ids(&out), vec![[1; 16], [2; 16]]);
+        out.clear();
+        f.ack(
+            1,
+            t,
+            [1; 16],
+            AckStatus::Stored,
+            Some(tk.0),
+            &view,
+            &mut d,
+            &m,
+            &mut out,
+        );
+        assert_eq!(routed_ids(&out), vec![[3; 16]], "the next in order");
+        assert!(matches!(out[0], Action::Job(Job::Delete(ref ids)) if ids == &vec![MailboxId(1)]));
+        // A lost stream resends what was in flight, once it is back.
+        out.clear();
+        f.stream_closed(2, t);
+        f.stream_opened(3, t, &view, &mut d, &m, &mut out);
+        assert_eq!(routed_ids(&out), vec![[2; 16], [3; 16]]);
+    }
+
+    #[test]
+    fn a_stored_ack_teaches_the_route_and_batches_forgets() {
+        let (_, me) = key();
+        let (home, hk) = key();
+        let mut f = Forward::new(cfg(), me);
+        let view = FakeView::with_streams(&[home]);
+        let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
+        let mut out = Vec::new();
+        // Unhinted: flooded.
+        f.outbound(0, fed(1, None), [1; 16], &view, &mut d, &m, &mut out);
+        assert!(matches!(
+            sends(&out)[0].1,
+            Frame::Forward { attempt: 0, .. }
+        ));
+        f.ack(
+            1,
+            home,
+            [1; 16],
+            AckStatus::Stored,
+            Some(hk.0),
+            &view,
+            &mut d,
+            &m,
+            &mut out,
+        );
+        assert_eq!(f.learned_route(&DestHash([1; 8])), Some(hk));
+        // The next packet for that destination is routed.
+        out.clear();
+        let mut again = fed(2, None);
+        again.dest = DestHash([1; 8]);
+        f.outbound(2, again, [2; 16], &view, &mut d, &m, &mut out);
+        assert_eq!(routed_ids(&out), vec![[2; 16]]);
+        // Forgets go out in batches (3) or at the next tick.
+        out.clear();
+        f.ack(
+            3,
+            home,
+            [2; 16],
+            AckStatus::Stored,
+            Some(hk.0),
+            &view,
+            &mut d,
+            &m,
+            &mut out,
+        );
+        assert!(
+            sends(&out)
+                .iter()
+                .all(|(_, f)| !matches!(f, Frame::Forget { .. }))
+        );
+        f.tick(4, &view, &mut d, &m, &mut out);
+        let forgets: Vec<_> = sends(&out)
+            .into_iter()
+            .filter_map(|(p, f)| match f {
+                Frame::Forget { ids } => Some((p, ids.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(forgets, vec![(home, vec![[1; 16], [2; 16]])]);
+    }
+
+    #[test]
+    fn a_stale_hint_floods_and_falls_back_to_the_named_relay() {
+        let (_, me) = key();
+        let (named, nk) = key();
+        let (other, _) = key();
+        let mut f = Forward::new(cfg(), me);
+        let view = FakeView::with_streams(&[named, other]);
+        let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
+        let mut out = Vec::new();
+        f.outbound(0, fed(1, Some(nk)), [1; 16], &view, &mut d, &m, &mut out);
+        out.clear();
+        f.ack(
+            1,
+            named,
+            [1; 16],
+            AckStatus::NotHome,
+            None,
+            &view,
+            &mut d,
+            &m,
+            &mut out,
+        );
+        let floods = sends(&out)
+            .iter()
+            .filter(|(_, f)| matches!(f, Frame::Forward { .. }))
+            .count();
+        assert_eq!(floods, 2, "flooded to every peer");
+        // Nobody claims it through the attempts (the second flood at
+        // 1 + 1000 ms): stored at the named relay (next due 2000 ms later).
+        out.clear();
+        f.tick(1_001, &view, &mut d, &m, &mut out);
+        let reflooded = sends(&out)
+            .iter()
+            .filter(|(_, f)| matches!(f, Frame::Forward { attempt: 1, .. }))
+            .count();
+        assert_eq!(reflooded, 2, "second attempt to every peer");
+        out.clear();
+        f.tick(3_001, &view, &mut d, &m, &mut out);
+        let routed: Vec<_> = sends(&out)
+            .into_iter()
+            .filter_map(|(p, f)| match f {
+                Frame::Routed { flags, .. } => Some((p, *flags)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(routed, vec![(named, ROUTED_STORE_ANYWAY)]);
+    }
+
+    #[test]
+    fn re_floods_keep_the_id_and_count_attempts_then_give_up() {
+        let (_, me) = key();
+        let (peer, _) = key();
+        let mut f = Forward::new(cfg(), me);
+        let view = FakeView::with_streams(&[peer]);
+        let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
+        let mut out = Vec::new();
+        f.outbound(0, fed(1, None), [7; 16], &view, &mut d, &m, &mut out);
+        f.tick(5_000, &view, &mut d, &m, &mut out);
+        let attempts: Vec<u8> = sends(&out)
+            .iter()
+            .filter_map(|(_, f)| match f {
+                Frame::Forward { id, attempt, .. } if *id == [7; 16] => Some(*attempt),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(attempts, vec![0, 1]);
+        f.tick(100_000, &view, &mut d, &m, &mut out);
+        assert_eq!(f.pending_len(), 0);
+        assert_eq!(m.floods_unclaimed.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn a_full_queue_overflows_and_says_so() {
+        let (_, me) = key();
+        let mut c = cfg();
+        c.max_pending = 1;
+        let mut f = Forward::new(c, me);
+        let view = FakeView::with_streams(&[]);
+        let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
+        let mut out = Vec::new();
+        f.outbound(0, fed(1, None), [1; 16], &view, &mut d, &m, &mut out);
+        f.outbound(0, fed(2, None), [2; 16], &view, &mut d, &m, &mut out);
+        assert!(f.take_overflow());
+        assert!(!f.take_overflow());
+        assert!(!f.has_room());
+    }
+}

@@ -1,0 +1,368 @@
+//! Store work for federation, on a fixed set of workers.
+//!
+//! The Swarm task never awaits the store: it hands [`Job`]s to this pool
+//! (bounded queues, never a task per message) and hears [`JobDone`] back.
+//! A peer's `Store` jobs always go to the same worker, which stores what is
+//! queued in one commit, in arrival order. A full queue refuses the job
+//! (the caller answers `Refused`, and the sender resends).
+
+use super::action::{Job, JobDone, StoreOutcome};
+use crate::core::{Core, now_ms};
+use bytes::Bytes;
+use libp2p::gossipsub::MessageAcceptance;
+use libp2p::{Multiaddr, PeerId};
+use meshwhisper_behaviour::federation::codec::{Frame, MAX_RECORDS, PacketId};
+use meshwhisper_behaviour::relay_key::RelayKey;
+use meshwhisper_crypto::address_record::AddressRecord;
+use meshwhisper_storage::address_book::Upsert;
+use std::hash::{Hash as _, Hasher as _};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Jobs queued per worker.
+pub const WORKER_QUEUE: usize = 4096;
+/// Most packets stored in one commit.
+const STORE_BATCH: usize = 256;
+
+/// The pool.
+#[derive(Debug)]
+pub struct Pool {
+    workers: Vec<mpsc::Sender<Job>>,
+    next: usize,
+}
+
+impl Pool {
+    /// Starts `n` workers over `core`; results arrive on the returned
+    /// receiver. `remember_ms`: how long stored federated ids are kept.
+    pub fn start(
+        core: Arc<Core>,
+        n: usize,
+        me: [u8; 32],
+        remember_ms: u64,
+        cancel: CancellationToken,
+    ) -> (Self, mpsc::Receiver<JobDone>) {
+        let (done_tx, done_rx) = mpsc::channel(WORKER_QUEUE);
+        let workers = (0..n.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(WORKER_QUEUE);
+                tokio::spawn(worker(
+                    core.clone(),
+                    rx,
+                    done_tx.clone(),
+                    me,
+                    remember_ms,
+                    cancel.clone(),
+                ));
+                tx
+            })
+            .collect();
+        (Self { workers, next: 0 }, done_rx)
+    }
+
+    /// Queues a job; gives it back if its worker's queue is full.
+    pub fn submit(&mut self, job: Job) -> Result<(), Box<Job>> {
+        let i = match &job {
+            Job::Store { peer, .. } => {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                peer.hash(&mut h);
+                (h.finish() as usize) % self.workers.len()
+            }
+            _ => {
+                self.next = (self.next + 1) % self.workers.len();
+                self.next
+            }
+        };
+        self.workers[i].try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => {
+                Box::new(j)
+            }
+        })
+    }
+}
+
+async fn worker(
+    core: Arc<Core>,
+    mut rx: mpsc::Receiver<Job>,
+    done: mpsc::Sender<JobDone>,
+    me: [u8; 32],
+    remember_ms: u64,
+    cancel: CancellationToken,
+) {
+    let mut carried: Option<Job> = None;
+    loop {
+        let job = match carried.take() {
+            Some(j) => j,
+            None => tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                j = rx.recv() => match j {
+                    Some(j) => j,
+                    None => break,
+                },
+            },
+        };
+        let results = match job {
+            Job::Store {
+                peer, id, packet, ..
+            } => {
+                // What else is queued for storing goes in the same commit.
+                let mut batch = vec![(peer, id, packet)];
+                while batch.len() < STORE_BATCH {
+                    match rx.try_recv() {
+                        Ok(Job::Store {
+                            peer, id, packet, ..
+                        }) => batch.push((peer, id, packet)),
+                        Ok(other) => {
+                            carried = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                store(&core, batch, remember_ms).await
+            }
+            other => run(&core, other, me).await,
+        };
+        for r in results {
+            if done.send(r).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Stores packets from other relays, each once under its id, and delivers
+/// the new ones to connected recipients.
+async fn store(
+    core: &Arc<Core>,
+    batch: Vec<(PeerId, PacketId, Bytes)>,
+    remember_ms: u64,
+) -> Vec<JobDone> {
+    let until = now_ms().saturating_add(remember_ms);
+    let items: Vec<(PacketId, Bytes)> = batch.iter().map(|(_, id, p)| (*id, p.clone())).collect();
+    let results = core.accept_federated(items, until).await;
+    let m = &core.metrics.federation;
+    batch
+        .into_iter()
+        .zip(results)
+        .map(|((peer, id, _), r)| {
+            let outcome = match r {
+                Ok(Some(acc)) => {
+                    if core.route_local(0, acc) {
+                        m.delivered_locally.fetch_add(1, Relaxed);
+                    } else {
+                        m.stored_locally.fetch_add(1, Relaxed);
+                    }
+                    StoreOutcome::Stored
+                }
+                // Stored before under this id: acknowledged again, not
+                // stored (or delivered) twice.
+                Ok(None) => {
+                    m.drops_duplicate.fetch_add(1, Relaxed);
+                    StoreOutcome::Stored
+                }
+                Err(crate::core::PacketError::Malformed(_)) => StoreOutcome::Malformed,
+                Err(_) => StoreOutcome::Refused,
+            };
+            JobDone::Stored { peer, id, outcome }
+        })
+        .collect()
+}
+
+fn relay_entry(r: &AddressRecord) -> Option<(PeerId, Vec<Multiaddr>, u64)> {
+    let peer = RelayKey(r.relay_key().to_bytes()).to_peer()?;
+    let addrs = r
+        .contents()
+        .addrs
+        .iter()
+        .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+        .collect();
+    Some((peer, addrs, r.timestamp_ms()))
+}
+
+/// Checks and stores one record; the relay when it is new or newer.
+async fn learn(core: &Core, bytes: &[u8], me: [u8; 32]) -> Option<(PeerId, Vec<Multiaddr>, u64)> {
+    let m = &core.metrics.federation;
+    let r = match AddressRecord::accept(bytes, now_ms()) {
+        Ok(r) => r,
+        Err(e) => {
+            m.reject_record(e.kind());
+            return None;
+        }
+    };
+    if r.relay_key().to_bytes() == me {
+        return None;
+    }
+    match core.store.address_book().upsert(&r, now_ms()).await {
+        Ok(Upsert::Inserted | Upsert::Replaced) => {
+            m.records_learned.fetch_add(1, Relaxed);
+            relay_entry(&r)
+        }
+        Ok(Upsert::Unchanged) => None,
+        Err(meshwhisper_storage::Error::BookFull { .. }) => {
+            m.reject_record("book_full");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "storing an address record");
+            None
+        }
+    }
+}
+
+async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
+    let book = core.store.address_book();
+    match job {
+        Job::Store { .. } => Vec::new(),
+        Job::Delete(ids) => {
+            core.delivered(ids).await;
+            Vec::new()
+        }
+        Job::Forget(ids) => {
+            if let Err(e) = core.store.mailbox().forget_federated(ids).await {
+                tracing::warn!(error = %e, "forgetting federated ids");
+            }
+            Vec::new()
+        }
+        Job::StoreOwnRecord(r) => {
+            if let Err(e) = book.upsert(&r, now_ms()).await {
+                tracing::warn!(error = %e, "storing our own address record");
+            }
+            Vec::new()
+        }
+        Job::MarkConnected(key) => {
+            if let Err(e) = book.mark_connected(key.bytes(), now_ms()).await {
+                tracing::debug!(error = %e, "marking a relay connected");
+            }
+            Vec::new()
+        }
+        Job::Learn { records, gossip } => {
+            let mut relays = Vec::new();
+            for bytes in &records {
+                if let Some(x) = learn(core, bytes, me).await {
+                    relays.push(x);
+                }
+            }
+            let gossip = gossip.map(|(id, source)| {
+                let acceptance = if relays.is_empty() {
+                    MessageAcceptance::Ignore
+                } else {
+                    MessageAcceptance::Accept
+                };
+                (id, source, acceptance)
+            });
+            vec![JobDone::Learned { relays, gossip }]
+        }
+        Job::ServeDigest {
+            peer,
+            req,
+            after,
+            limit,
+        } => {
+            let limit = u32::from(limit);
+            match book.digest(after, limit + 1).await {
+                Ok(mut entries) => {
+                    let more = entries.len() > limit as usize;
+                    entries.truncate(limit as usize);
+                    vec![JobDone::Send {
+                        peer,
+                        frames: vec![Frame::Digest { req, more, entries }],
+                    }]
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the address book");
+                    vec![JobDone::ServeDone(peer)]
+                }
+            }
+        }
+        Job::CompareDigest {
+            peer,
+            more,
+            entries,
+        } => {
+            let keys: Vec<[u8; 32]> = entries.iter().map(|(k, _)| *k).collect();
+            let Ok(ours) = book.timestamps(&keys).await else {
+                return Vec::new();
+            };
+            let want = entries
+                .iter()
+                .filter(|(k, ts)| *k != me && ours.get(k).is_none_or(|o| o < ts))
+                .map(|(k, _)| *k)
+                .collect();
+            let next_after = if more {
+                entries.last().map(|(k, _)| *k)
+            } else {
+                None
+            };
+            vec![JobDone::Compared {
+                peer,
+                want,
+                next_after,
+            }]
+        }
+        Job::ServePull { peer, req, keys } => {
+            let records: Vec<Bytes> = match book.encoded(&keys).await {
+                Ok(r) => r.into_iter().map(Bytes::from).collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the address book");
+                    Vec::new()
+                }
+            };
+            let frames = records
+                .chunks(MAX_RECORDS)
+                .map(|c| Frame::Records {
+                    req,
+                    records: c.to_vec(),
+                })
+                .collect();
+            vec![JobDone::Send { peer, frames }]
+        }
+        Job::ServeClaim {
+            peer,
+            req,
+            namespace,
+            identity,
+        } => {
+            let (status, body) = crate::device_directory::claim(core, &namespace, identity).await;
+            vec![JobDone::Send {
+                peer,
+                frames: vec![Frame::ClaimReply { req, status, body }],
+            }]
+        }
+        Job::LookupAddrs(peer) => {
+            let addrs = match RelayKey::from_peer(&peer) {
+                Some(k) => match book.get(k.bytes()).await {
+                    Ok(Some(r)) => relay_entry(&r).map(|(_, a, _)| a).unwrap_or_default(),
+                    _ => Vec::new(),
+                },
+                None => Vec::new(),
+            };
+            vec![JobDone::Addrs { peer, addrs }]
+        }
+        Job::Discover { want_peers, cursor } => {
+            if let Ok(n) = book.count().await {
+                core.metrics.federation.records_known.store(n, Relaxed);
+            }
+            if !want_peers {
+                return Vec::new();
+            }
+            // From a random point of the book, wrapping around.
+            let mut page = book.page(Some(cursor), 64).await.unwrap_or_default();
+            if page.len() < 64 {
+                page.extend(
+                    book.page(None, 64 - page.len() as u32)
+                        .await
+                        .unwrap_or_default(),
+                );
+            }
+            let found = page
+                .iter()
+                .filter(|r| r.relay_key().to_bytes() != me)
+                .filter_map(relay_entry)
+                .collect();
+            vec![JobDone::Discovered(found)]
+        }
+    }
+}

@@ -1,0 +1,591 @@
+//! Federation: relays finding each other by key and carrying packets to
+//! their recipients' home relays.
+//!
+//! Sans-io, after quinn-proto: each concern is a small state machine that
+//! takes the time and what happened, and returns [`Action`]s:
+//!
+//! | concern | state |
+//! |---|---|
+//! | our signed address record | [`own_record::OwnRecord`] |
+//! | gossip validation, known records | [`book::Book`] |
+//! | address-book reconciliation | [`anti_entropy::AntiEntropy`] |
+//! | bootstrap, reaching relays by key, discovery | [`dials::Dials`] |
+//! | sending: routed windows, floods, retries, learned routes | [`forward::Forward`] |
+//! | flood loop prevention, acks back along the path | [`dedup::Dedup`] |
+//! | receiving: store where homed, flood on, ack | [`inbound::Inbound`] |
+//! | claims at other relays for our devices | [`claims::Claims`] |
+//!
+//! [`Federation`] composes them; [`driver`] applies the actions to the
+//! Swarm and runs store work on a fixed set of workers ([`jobs`]).
+//! Admission (who is a relay, the allowlist and blocklist, per-peer rate
+//! limits) is the policy behaviour's, consulted through [`View`].
+
+pub mod action;
+pub mod anti_entropy;
+pub mod book;
+pub mod claims;
+pub mod dedup;
+pub mod dials;
+pub mod driver;
+pub mod forward;
+pub mod inbound;
+pub mod jobs;
+pub mod own_record;
+
+pub use action::{Action, Job, JobDone, StoreOutcome};
+
+use crate::config;
+use crate::core::Federate;
+use crate::metrics::FederationMetrics;
+use libp2p::{Multiaddr, PeerId};
+use meshwhisper_behaviour::federation::codec::{AckStatus, Frame, PacketId};
+use meshwhisper_behaviour::relay_key::RelayKey;
+use meshwhisper_crypto::destination::DestHash;
+use meshwhisper_crypto::identity::IdentityKeyPair;
+use rand_core::Rng as _;
+use std::sync::Arc;
+
+/// Capacity of the channel from the core (packets to federate).
+pub(crate) const OUTBOUND_QUEUE: usize = 8192;
+/// Capacity of the channel of devices' claims at other relays.
+pub(crate) const CLAIM_QUEUE: usize = 256;
+
+/// The Ed25519 key inside an Ed25519 PeerId.
+pub fn key_of(peer: &PeerId) -> Option<[u8; 32]> {
+    RelayKey::from_peer(peer).map(|k| k.0)
+}
+
+/// What the state machines may ask about the network (and the core) now.
+pub trait View {
+    /// Whether `peer` is an admitted relay.
+    fn is_admitted(&self, peer: &PeerId) -> bool;
+    /// Whether a federation stream to `peer` is open.
+    fn stream_open(&self, peer: &PeerId) -> bool;
+    /// Whether any connection to `peer` is up.
+    fn is_connected(&self, peer: &PeerId) -> bool;
+    /// Admitted relays.
+    fn admitted_count(&self) -> usize;
+    /// Whether more relays may be admitted.
+    fn has_room(&self) -> bool;
+    /// Admitted relays with an open stream (flood targets).
+    fn peers(&self) -> Vec<PeerId>;
+    /// Whether a client of this relay registered `dest`.
+    fn is_homed(&self, dest: &DestHash) -> bool;
+}
+
+/// The federation state of one relay.
+pub struct Federation {
+    me: PeerId,
+    my_key: RelayKey,
+    enabled: bool,
+    external: Vec<Multiaddr>,
+    rng: rand_chacha::ChaCha20Rng,
+    /// Our address record.
+    pub own: own_record::OwnRecord,
+    /// Gossip validation.
+    pub book: book::Book,
+    /// Anti-entropy.
+    pub ae: anti_entropy::AntiEntropy,
+    /// Dialling.
+    pub dials: dials::Dials,
+    /// Sending.
+    pub forward: forward::Forward,
+    /// Receiving.
+    pub inbound: inbound::Inbound,
+    /// Flood dedup.
+    pub dedup: dedup::Dedup,
+    /// Claims at other relays.
+    pub claims: claims::Claims,
+    metrics: Arc<FederationMetrics>,
+}
+
+impl std::fmt::Debug for Federation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Federation")
+            .field("me", &self.me)
+            .field("pending", &self.forward.pending_len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// How long a walk or an ack may take before it is given up or resent.
+const ACK_TIMEOUT_MS: u64 = 60_000;
+
+impl Federation {
+    /// The federation of the relay with `identity` (its libp2p key too).
+    pub fn new(
+        cfg: &config::Federation,
+        identity: IdentityKeyPair,
+        mailbox_ttl_ms: u64,
+        metrics: Arc<FederationMetrics>,
+        seed: [u8; 32],
+    ) -> Self {
+        let my_key = RelayKey(identity.public().to_bytes());
+        let me = my_key.to_peer().unwrap_or_else(PeerId::random);
+        let bootstrap = cfg
+            .bootstrap
+            .iter()
+            .filter_map(|b| {
+                let a: Multiaddr = b.parse().ok()?;
+                match a.iter().last() {
+                    Some(libp2p::multiaddr::Protocol::P2p(p)) => Some((p, a)),
+                    _ => None,
+                }
+            })
+            .collect();
+        let _ = mailbox_ttl_ms;
+        Self {
+            me,
+            my_key,
+            enabled: cfg.mode != config::FederationMode::Off,
+            external: cfg
+                .external_addrs
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect(),
+            rng: <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_seed(seed),
+            own: own_record::OwnRecord::new(
+                identity,
+                cfg.record_refresh_hours.saturating_mul(3_600_000),
+                cfg.record_gossip,
+            ),
+            book: book::Book::new(my_key.0, 2 * cfg.address_book_max as usize),
+            ae: anti_entropy::AntiEntropy::new(
+                cfg.anti_entropy_ms,
+                cfg.anti_entropy_page,
+                ACK_TIMEOUT_MS,
+            ),
+            dials: dials::Dials::new(me, bootstrap, cfg.retry_ms, cfg.target_peers),
+            forward: forward::Forward::new(
+                forward::ForwardConfig {
+                    send_window: cfg.send_window,
+                    retry_ms: cfg.retry_ms,
+                    flood_retry_ms: cfg.flood_retry_ms,
+                    flood_attempts: cfg.flood_attempts,
+                    max_pending: cfg.max_pending,
+                    max_pending_bytes: cfg.max_pending_bytes,
+                    dial_queue: cfg.dial_queue,
+                    ack_timeout_ms: ACK_TIMEOUT_MS,
+                    learned_routes: cfg.learned_routes,
+                    forget_batch: 256,
+                },
+                my_key,
+            ),
+            inbound: inbound::Inbound::new(my_key, cfg.max_hops),
+            dedup: dedup::Dedup::new(cfg.dedup_entries, cfg.dedup_secs.saturating_mul(1000)),
+            claims: claims::Claims::new(1024),
+            metrics,
+        }
+    }
+
+    /// Our PeerId.
+    pub fn me(&self) -> PeerId {
+        self.me
+    }
+
+    /// Our relay key.
+    pub fn key(&self) -> RelayKey {
+        self.my_key
+    }
+
+    fn random_id(&mut self) -> PacketId {
+        let mut id = [0u8; 16];
+        self.rng.fill_bytes(&mut id);
+        id
+    }
+
+    /// A random book cursor (discovery starts there).
+    fn random_cursor(&mut self) -> [u8; 32] {
+        let mut c = [0u8; 32];
+        self.rng.fill_bytes(&mut c);
+        c
+    }
+
+    /// A packet accepted here whose recipient is homed elsewhere.
+    pub fn outbound(&mut self, now: u64, f: Federate, view: &dyn View, out: &mut Vec<Action>) {
+        if !self.enabled {
+            return;
+        }
+        let id = self.random_id();
+        self.forward
+            .outbound(now, f, id, view, &mut self.dedup, &self.metrics, out);
+        self.route_actions(now, view, out);
+    }
+
+    /// Turns `Reach` asks into dial-state work.
+    fn route_actions(&mut self, now: u64, view: &dyn View, out: &mut Vec<Action>) {
+        let reach: Vec<PeerId> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Reach(p) => Some(*p),
+                _ => None,
+            })
+            .collect();
+        if reach.is_empty() {
+            return;
+        }
+        out.retain(|a| !matches!(a, Action::Reach(_)));
+        for p in reach {
+            self.dials.reach(now, p, view, out);
+        }
+    }
+
+    /// A federation stream to `peer` opened.
+    pub fn stream_opened(
+        &mut self,
+        now: u64,
+        peer: PeerId,
+        view: &dyn View,
+        out: &mut Vec<Action>,
+    ) {
+        self.dials.reached(&peer);
+        if let Some(k) = RelayKey::from_peer(&peer) {
+            out.push(Action::Job(Job::MarkConnected(k)));
+        }
+        self.forward
+            .stream_opened(now, peer, view, &mut self.dedup, &self.metrics, out);
+        self.claims.stream_opened(peer, out);
+        // Reconcile address books with a new peer right away.
+        self.ae.start(now, peer, &self.metrics, out);
+        self.route_actions(now, view, out);
+    }
+
+    /// A stream to `peer` closed (`last`: no other is open).
+    pub fn stream_closed(&mut self, now: u64, peer: PeerId, last: bool) {
+        if last {
+            self.ae.closed(&peer);
+        }
+        self.forward.stream_closed(now, peer);
+    }
+
+    /// A frame could not be queued for `peer`.
+    pub fn unsent(&mut self, now: u64, peer: PeerId, frame: &Frame) {
+        self.metrics
+            .drops_queue_full
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.forward.unsent(now, peer, frame);
+    }
+
+    /// A frame from an admitted relay (admission and rate limits are
+    /// checked before).
+    pub fn frame(
+        &mut self,
+        now: u64,
+        peer: PeerId,
+        frame: Frame,
+        view: &dyn View,
+        out: &mut Vec<Action>,
+    ) {
+        match frame {
+            f @ (Frame::Forward { .. } | Frame::Routed { .. }) => {
+                self.inbound
+                    .packet(now, peer, f, view, &mut self.dedup, &self.metrics, out)
+            }
+            Frame::Ack { id, status, home } => {
+                let mine = self.forward.ack(
+                    now,
+                    peer,
+                    id,
+                    status,
+                    home,
+                    view,
+                    &mut self.dedup,
+                    &self.metrics,
+                    out,
+                );
+                if !mine && status == AckStatus::Stored {
+                    // A flood we passed on: its ack goes back the same way.
+                    self.inbound.relay_stored(id, home, &mut self.dedup, out);
+                }
+            }
+            Frame::Forget { ids } => {
+                out.push(Action::Job(Job::Forget(ids)));
+            }
+            Frame::Claim {
+                req,
+                namespace,
+                identity,
+            } => {
+                if self.ae.may_serve(peer, &self.metrics) {
+                    out.push(Action::Job(Job::ServeClaim {
+                        peer,
+                        req,
+                        namespace,
+                        identity,
+                    }));
+                }
+            }
+            Frame::ClaimReply { req, status, body } => self.claims.reply(peer, req, status, body),
+            Frame::DigestRequest { req, after, limit } => {
+                if self.ae.may_serve(peer, &self.metrics) {
+                    out.push(Action::Job(Job::ServeDigest {
+                        peer,
+                        req,
+                        after,
+                        limit,
+                    }));
+                }
+            }
+            Frame::Digest { more, entries, .. } => self.ae.digest(peer, more, entries, out),
+            Frame::Pull { req, keys } => {
+                if self.ae.may_serve(peer, &self.metrics) {
+                    out.push(Action::Job(Job::ServePull { peer, req, keys }));
+                }
+            }
+            Frame::Records { records, .. } => out.push(Action::Job(Job::Learn {
+                records,
+                gossip: None,
+            })),
+        }
+        self.route_actions(now, view, out);
+    }
+
+    /// A gossiped record.
+    pub fn gossip(
+        &mut self,
+        now: u64,
+        source: PeerId,
+        message_id: libp2p::gossipsub::MessageId,
+        data: Vec<u8>,
+        out: &mut Vec<Action>,
+    ) {
+        self.book
+            .gossip(now, source, message_id, data, &self.metrics, out);
+    }
+
+    /// A store job finished.
+    pub fn job_done(&mut self, now: u64, done: JobDone, view: &dyn View, out: &mut Vec<Action>) {
+        match done {
+            JobDone::Stored { peer, id, outcome } => {
+                self.inbound.stored(peer, id, outcome, &mut self.dedup, out)
+            }
+            JobDone::Learned { relays, gossip } => {
+                if let Some((message_id, source, acceptance)) = gossip {
+                    out.push(Action::ReportGossip {
+                        message_id,
+                        source,
+                        acceptance,
+                    });
+                }
+                let mut candidates = Vec::new();
+                for (peer, addrs, ts) in relays {
+                    if let Some(k) = RelayKey::from_peer(&peer) {
+                        self.book.note(k.0, ts);
+                    }
+                    for a in &addrs {
+                        out.push(Action::KadAddAddress {
+                            peer,
+                            addr: a.clone(),
+                        });
+                    }
+                    candidates.push((peer, addrs));
+                }
+                let start = self.rng.next_u32() as usize;
+                self.dials.discovered(now, candidates, start, view, out);
+            }
+            JobDone::Send { peer, frames } => {
+                self.ae.served(peer);
+                for frame in frames {
+                    out.push(Action::Send { peer, frame });
+                }
+            }
+            JobDone::ServeDone(peer) => self.ae.served(peer),
+            JobDone::Compared {
+                peer,
+                want,
+                next_after,
+            } => self.ae.compared(peer, want, next_after, out),
+            JobDone::Addrs { peer, addrs } => self.dials.addrs(peer, addrs, out),
+            JobDone::Discovered(relays) => {
+                let start = self.rng.next_u32() as usize;
+                let candidates = relays.into_iter().map(|(p, a, _)| (p, a)).collect();
+                self.dials.discovered(now, candidates, start, view, out);
+            }
+        }
+        self.route_actions(now, view, out);
+    }
+
+    /// A device of ours wants a bundle from relay `home`: the request id
+    /// (`None`: too many in flight, or `home` is not a relay key).
+    pub fn claim(
+        &mut self,
+        now: u64,
+        home: RelayKey,
+        namespace: String,
+        identity: [u8; 32],
+        view: &dyn View,
+        out: &mut Vec<Action>,
+    ) -> Option<u64> {
+        let target = home.to_peer()?;
+        let open = view.stream_open(&target);
+        let req = self
+            .claims
+            .request(now, target, namespace, identity, open, out)?;
+        self.route_actions(now, view, out);
+        Some(req)
+    }
+
+    /// The DHT found relays.
+    pub fn kad_found(&mut self, found: Vec<(PeerId, Vec<Multiaddr>)>, out: &mut Vec<Action>) {
+        self.dials.kad_found(found, out);
+    }
+
+    /// Timers: our record, bootstrap, resends, anti-entropy, discovery.
+    /// `listen` and `external` are our current addresses.
+    pub fn tick(
+        &mut self,
+        now: u64,
+        listen: &[Multiaddr],
+        external: &[Multiaddr],
+        view: &dyn View,
+        out: &mut Vec<Action>,
+    ) {
+        if !self.enabled {
+            return;
+        }
+        self.dedup.evict(now);
+        self.claims.tick(now);
+        let addrs = self
+            .external
+            .iter()
+            .chain(external)
+            .chain(listen)
+            .map(|a| a.to_vec())
+            .collect::<Vec<_>>();
+        self.own.maintain(now, addrs, &self.metrics, out);
+        self.dials.tick(now, view, out);
+        self.forward
+            .tick(now, view, &mut self.dedup, &self.metrics, out);
+        let peers = view.peers();
+        if self.ae.tick(now, &peers, &self.metrics, out) {
+            // Relays we are connected to stay proven in the book.
+            for p in &peers {
+                if let Some(k) = RelayKey::from_peer(p) {
+                    out.push(Action::Job(Job::MarkConnected(k)));
+                }
+            }
+            let cursor = self.random_cursor();
+            out.push(Action::Job(Job::Discover {
+                want_peers: self.dials.wants_more(view),
+                cursor,
+            }));
+        }
+        self.route_actions(now, view, out);
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    /// A network of our making: these streams are open (and their peers
+    /// admitted and connected), these destinations homed.
+    #[derive(Debug, Default)]
+    pub(crate) struct FakeView {
+        pub streams: Vec<PeerId>,
+        pub homed: HashSet<DestHash>,
+    }
+
+    impl FakeView {
+        pub fn with_streams(peers: &[PeerId]) -> Self {
+            Self {
+                streams: peers.to_vec(),
+                homed: HashSet::new(),
+            }
+        }
+    }
+
+    impl View for FakeView {
+        fn is_admitted(&self, p: &PeerId) -> bool {
+            self.streams.contains(p)
+        }
+        fn stream_open(&self, p: &PeerId) -> bool {
+            self.streams.contains(p)
+        }
+        fn is_connected(&self, p: &PeerId) -> bool {
+            self.streams.contains(p)
+        }
+        fn admitted_count(&self) -> usize {
+            self.streams.len()
+        }
+        fn has_room(&self) -> bool {
+            true
+        }
+        fn peers(&self) -> Vec<PeerId> {
+            self.streams.clone()
+        }
+        fn is_homed(&self, d: &DestHash) -> bool {
+            self.homed.contains(d)
+        }
+    }
+
+    fn fed(seed: u8) -> Federation {
+        let cfg = config::Federation::default();
+        Federation::new(
+            &cfg,
+            IdentityKeyPair::from_seed(&[seed; 32]),
+            1000,
+            Arc::new(FederationMetrics::default()),
+            [seed; 32],
+        )
+    }
+
+    /// Two relays wired back to back through their actions: a routed
+    /// packet, its ack, the deletion and the forget, with no Swarm.
+    #[test]
+    fn two_relays_route_a_packet_and_complete_it() {
+        let mut a = fed(1);
+        let mut b = fed(2);
+        let (pa, pb) = (a.me(), b.me());
+        let view_a = FakeView::with_streams(&[pb]);
+        let mut view_b = FakeView::with_streams(&[pa]);
+        let dest = DestHash([3; 8]);
+        view_b.homed.insert(dest);
+        let packet = bytes::Bytes::from(meshwhisper_behaviour::packet::build(
+            1, dest, [0; 16], 7, b"x",
+        ));
+        let mut out = Vec::new();
+        a.outbound(
+            0,
+            Federate {
+                mailbox_id: meshwhisper_storage::mailbox::MailboxId(9),
+                dest,
+                packet,
+                hint: Some(b.key().0),
+                deadline_ms: 1_000_000,
+            },
+            &view_a,
+            &mut out,
+        );
+        let Some(Action::Send { peer, frame }) = out.pop() else {
+            panic!("a routed frame");
+        };
+        assert_eq!(peer, pb);
+        let mut out_b = Vec::new();
+        b.frame(1, pa, frame, &view_b, &mut out_b);
+        let Some(Action::Job(Job::Store { id, .. })) = out_b.pop() else {
+            panic!("stored at b");
+        };
+        b.job_done(
+            2,
+            JobDone::Stored {
+                peer: pa,
+                id,
+                outcome: StoreOutcome::Stored,
+            },
+            &view_b,
+            &mut out_b,
+        );
+        let Some(Action::Send { frame: ack, .. }) = out_b.pop() else {
+            panic!("an ack");
+        };
+        let mut out = Vec::new();
+        a.frame(3, pb, ack, &view_a, &mut out);
+        assert!(matches!(&out[0], Action::Job(Job::Delete(ids)) if ids.len() == 1));
+        assert_eq!(a.forward.pending_len(), 0);
+        out.clear();
+        a.tick(4, &[], &[], &view_a, &mut out);
+        assert!(out.iter().any(|x| matches!(x, Action::Send { peer, frame: Frame::Forget { ids } } if *peer == pb && ids == &vec![id])));
+    }
+}
