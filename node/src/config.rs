@@ -837,6 +837,79 @@ impl Config {
         Ok(())
     }
 
+    /// The relay core's bounds.
+    pub fn core_limits(&self) -> crate::core::CoreLimits {
+        crate::core::CoreLimits {
+            max_packet: self.storage.max_blob_size,
+            client_queue: self.limits.client_queue,
+            client_queue_bytes: self.limits.client_queue_bytes,
+            live_queue_bytes: self.limits.live_queue_bytes,
+            inflight_bytes: self.limits.inflight_bytes,
+            mailbox_ttl_ms: self.storage.blob_ttl_hours.saturating_mul(3_600_000),
+            max_hashes: self.limits.max_hashes_per_client,
+            homed_ttl_ms: self.federation.homed_hours.saturating_mul(3_600_000),
+            homed_max: self.federation.homed_max,
+            homed_per_ip: self.federation.homed_per_ip,
+        }
+    }
+
+    /// A device session's bounds.
+    pub fn device_bounds(&self) -> crate::device::session::Bounds {
+        crate::device::session::Bounds {
+            drain_batch: self.limits.drain_batch,
+            drain_bytes: self.limits.drain_bytes,
+            unacked: self.limits.unconfirmed_deliveries,
+            unacked_bytes: self.limits.unconfirmed_bytes,
+            inflight_bytes: self.limits.client_inflight_bytes,
+        }
+    }
+
+    /// The device protocol's settings on a relay.
+    pub fn device_config(&self) -> meshwhisper_behaviour::device::Config {
+        let mut c =
+            meshwhisper_behaviour::device::Config::new(meshwhisper_behaviour::device::Role::Relay);
+        c.max_frame = self.storage.max_blob_size + 64;
+        c
+    }
+
+    /// Connection limits of the Swarm.
+    pub fn p2p_limits(&self) -> meshwhisper_behaviour::node::Limits {
+        meshwhisper_behaviour::node::Limits {
+            max_connections: self.limits.max_p2p_connections,
+            max_pending_incoming: self.limits.max_p2p_pending,
+            max_per_peer: self.limits.max_p2p_per_peer,
+        }
+    }
+
+    /// Federation admission, gossip and stream settings (the blocklist file
+    /// read now; a file that cannot be read is logged and starts empty).
+    pub fn federation_settings(&self) -> meshwhisper_behaviour::node::FederationSettings {
+        let f = &self.federation;
+        let allowlist = f.allowlist.iter().filter_map(|a| parse_relay(a)).collect();
+        let blocklist = match &f.blocklist_file {
+            Some(path) => crate::read_blocklist(path).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e, "blocklist not loaded");
+                Default::default()
+            }),
+            None => Default::default(),
+        };
+        meshwhisper_behaviour::node::FederationSettings {
+            policy: meshwhisper_behaviour::policy::Config {
+                mode: f.mode,
+                max_peers: f.max_peers,
+                allowlist,
+                blocklist,
+                frames_per_minute: f.frames_per_minute,
+            },
+            gossip: f.gossip_params(),
+            stream: meshwhisper_behaviour::federation::Config {
+                max_frame: meshwhisper_behaviour::federation::codec::DEFAULT_MAX_FRAME
+                    .max(self.storage.max_blob_size + 64),
+                ..Default::default()
+            },
+        }
+    }
+
     /// The storage configuration this implies.
     pub fn storage_config(&self) -> meshwhisper_storage::Config {
         let mut c = meshwhisper_storage::Config::new(&self.data_dir);

@@ -440,7 +440,7 @@ impl Core {
                 queue: queue.clone(),
                 hashes: HashSet::new(),
                 kind,
-                owner: owner.map(|ip| crate::ratelimit::client_key(ip.to_canonical())),
+                owner: owner.map(|ip| crate::gateway::ratelimit::client_key(ip.to_canonical())),
             },
         );
         (id, queue)

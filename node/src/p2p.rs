@@ -314,7 +314,7 @@ pub fn start(
     mut swarm: Swarm<Behaviour>,
     listen: ListenAddrs<'_>,
     core: Arc<Core>,
-    device_bounds: crate::device_session::Bounds,
+    device_bounds: crate::device::session::Bounds,
     cancel: CancellationToken,
     sessions: tokio_util::task::TaskTracker,
     fed: FedStart,
@@ -410,7 +410,7 @@ struct EventLoop {
     tick: Duration,
     swarm: Swarm<Behaviour>,
     core: Arc<Core>,
-    device_bounds: crate::device_session::Bounds,
+    device_bounds: crate::device::session::Bounds,
     cancel: CancellationToken,
     addrs: watch::Sender<Vec<Multiaddr>>,
     cmd_tx: mpsc::Sender<Outgoing>,
@@ -584,7 +584,7 @@ impl EventLoop {
                         }
                     }
                 });
-                self.tracker.spawn(crate::device_session::run(
+                self.tracker.spawn(crate::device::session::run(
                     self.core.clone(),
                     in_rx,
                     queued,

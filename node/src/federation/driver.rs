@@ -401,7 +401,7 @@ impl Driver {
             // Asked of us: the device should have claimed here; answer it.
             let core = self.core.clone();
             tokio::spawn(async move {
-                let answer = crate::device_directory::claim(&core, &c.namespace, c.identity).await;
+                let answer = crate::device::directory::claim(&core, &c.namespace, c.identity).await;
                 let _ = c.reply.send(answer);
             });
             return;

@@ -20,11 +20,11 @@
 //!
 //! Pure state: time, randomness and the network are passed in.
 
-use super::View;
 use super::action::{Action, Job};
-use super::dedup::Dedup;
+
+use super::Ctx;
 use crate::core::Federate;
-use crate::metrics::FederationMetrics;
+
 use bytes::Bytes;
 use libp2p::PeerId;
 use meshwhisper_behaviour::federation::codec::{AckStatus, Frame, PacketId, ROUTED_STORE_ANYWAY};
@@ -182,23 +182,14 @@ impl Forward {
     }
 
     /// A packet accepted here whose recipient is homed elsewhere.
-    pub fn outbound(
-        &mut self,
-        now: u64,
-        f: Federate,
-        id: PacketId,
-        view: &dyn View,
-        dedup: &mut Dedup,
-        m: &FederationMetrics,
-        out: &mut Vec<Action>,
-    ) {
+    pub fn outbound(&mut self, now: u64, f: Federate, id: PacketId, cx: &mut Ctx<'_>) {
         if self.by_mailbox.contains(&f.mailbox_id) {
             // Already on its way (a restart's hand-back met a live one).
             return;
         }
         if !self.has_room() || self.pending_bytes + f.packet.len() > self.cfg.max_pending_bytes {
             // The stored copy stays here; it is handed back when room frees.
-            m.drops_queue_full.fetch_add(1, Relaxed);
+            cx.m.drops_queue_full.fetch_add(1, Relaxed);
             self.overflow = true;
             return;
         }
@@ -212,10 +203,10 @@ impl Forward {
             return;
         }
         if let Some((p, _)) = target
-            && !view.stream_open(&p)
+            && !cx.view.stream_open(&p)
             && self.queued_for.get(&p).copied().unwrap_or(0) >= self.cfg.dial_queue
         {
-            m.drops_queue_full.fetch_add(1, Relaxed);
+            cx.m.drops_queue_full.fetch_add(1, Relaxed);
             self.overflow = true;
             return;
         }
@@ -248,19 +239,11 @@ impl Forward {
                 backlogged: false,
             },
         );
-        self.dispatch(now, id, view, dedup, m, out);
+        self.dispatch(now, id, cx);
     }
 
     /// Sends (or resends) a pending packet, or starts reaching its target.
-    fn dispatch(
-        &mut self,
-        now: u64,
-        id: PacketId,
-        view: &dyn View,
-        dedup: &mut Dedup,
-        m: &FederationMetrics,
-        out: &mut Vec<Action>,
-    ) {
+    fn dispatch(&mut self, now: u64, id: PacketId, cx: &mut Ctx<'_>) {
         let Some(p) = self.pending.get_mut(&id) else {
             return;
         };
@@ -271,9 +254,9 @@ impl Forward {
                 store_anyway,
             } => {
                 let generation = self.gens.get(&target).copied().unwrap_or(0);
-                if !view.stream_open(&target) {
+                if !cx.view.stream_open(&target) {
                     p.next_ms = now + self.cfg.retry_ms;
-                    out.push(Action::Reach(target));
+                    cx.out.push(Action::Reach(target));
                     return;
                 }
                 if p.sent.is_some_and(|(g, at)| {
@@ -296,13 +279,13 @@ impl Forward {
                 window.insert(id);
                 p.backlogged = false;
                 if p.sent.is_some() {
-                    m.retries.fetch_add(1, Relaxed);
+                    cx.m.retries.fetch_add(1, Relaxed);
                 }
                 p.sent = Some((generation, now));
                 p.next_ms = now + self.cfg.retry_ms;
-                m.forwards_sent.fetch_add(1, Relaxed);
-                m.routed_forwards.fetch_add(1, Relaxed);
-                out.push(Action::Send {
+                cx.m.forwards_sent.fetch_add(1, Relaxed);
+                cx.m.routed_forwards.fetch_add(1, Relaxed);
+                cx.out.push(Action::Send {
                     peer: target,
                     frame: Frame::Routed {
                         id,
@@ -315,10 +298,10 @@ impl Forward {
             }
             Mode::Flood { .. } => {
                 let attempt = p.attempt;
-                dedup.insert((id, attempt), None, now);
-                let peers = view.peers();
+                cx.dedup.insert((id, attempt), None, now);
+                let peers = cx.view.peers();
                 for peer in &peers {
-                    out.push(Action::Send {
+                    cx.out.push(Action::Send {
                         peer: *peer,
                         frame: Frame::Forward {
                             id,
@@ -328,7 +311,7 @@ impl Forward {
                         },
                     });
                 }
-                m.forwards_sent.fetch_add(peers.len() as u64, Relaxed);
+                cx.m.forwards_sent.fetch_add(peers.len() as u64, Relaxed);
                 // Unclaimed floods back off: 1, 2, 4... × flood_retry_ms
                 // (× retry_ms while there is no relay to flood to). A try
                 // with nobody to flood to counts too, so a relay alone does
@@ -345,15 +328,7 @@ impl Forward {
     }
 
     /// Sends backlogged packets to `peer` while its window has room.
-    fn pump(
-        &mut self,
-        now: u64,
-        peer: PeerId,
-        view: &dyn View,
-        dedup: &mut Dedup,
-        m: &FederationMetrics,
-        out: &mut Vec<Action>,
-    ) {
+    fn pump(&mut self, now: u64, peer: PeerId, cx: &mut Ctx<'_>) {
         while self.inflight.get(&peer).map_or(0, HashSet::len) < self.cfg.send_window {
             let Some(next) = self.backlog.get_mut(&peer).and_then(VecDeque::pop_front) else {
                 self.backlog.remove(&peer);
@@ -363,14 +338,13 @@ impl Forward {
                 && p.backlogged
             {
                 p.backlogged = false;
-                self.dispatch(now, next, view, dedup, m, out);
+                self.dispatch(now, next, cx);
             }
         }
     }
 
     /// An ack for a packet of ours; false if `id` is not ours (a flood we
     /// relayed for someone else).
-    #[allow(clippy::too_many_arguments)]
     pub fn ack(
         &mut self,
         now: u64,
@@ -378,10 +352,7 @@ impl Forward {
         id: PacketId,
         status: AckStatus,
         home: Option<[u8; 32]>,
-        view: &dyn View,
-        dedup: &mut Dedup,
-        m: &FederationMetrics,
-        out: &mut Vec<Action>,
+        cx: &mut Ctx<'_>,
     ) -> bool {
         let Some(mode) = self.pending.get(&id).map(|p| p.mode) else {
             return false;
@@ -395,10 +366,10 @@ impl Forward {
                 let Some(p) = self.take_pending(&id) else {
                     return true;
                 };
-                out.push(Action::Job(Job::Delete(vec![p.mailbox_id])));
+                cx.out.push(Action::Job(Job::Delete(vec![p.mailbox_id])));
                 if let Some(t) = routed_to {
-                    m.routed_acked.fetch_add(1, Relaxed);
-                    self.pump(now, t, view, dedup, m, out);
+                    cx.m.routed_acked.fetch_add(1, Relaxed);
+                    self.pump(now, t, cx);
                 }
                 // The home relay: remember it for this destination, and
                 // tell it that it may forget the id.
@@ -409,13 +380,13 @@ impl Forward {
                 if let Some(k) = home {
                     self.routes.insert(p.dest, k);
                     if let Some(hp) = k.to_peer()
-                        && view.stream_open(&hp)
+                        && cx.view.stream_open(&hp)
                     {
                         let batch = self.forget.entry(hp).or_default();
                         batch.push(id);
                         if batch.len() >= self.cfg.forget_batch {
                             let ids = std::mem::take(batch);
-                            out.push(Action::Send {
+                            cx.out.push(Action::Send {
                                 peer: hp,
                                 frame: Frame::Forget { ids },
                             });
@@ -435,19 +406,19 @@ impl Forward {
                         p.sent = None;
                         p.backlogged = false;
                     }
-                    m.stale_hints.fetch_add(1, Relaxed);
+                    cx.m.stale_hints.fetch_add(1, Relaxed);
                     if let Some(dest) = self.pending.get(&id).map(|p| p.dest) {
                         self.routes.remove(&dest);
                     }
-                    self.dispatch(now, id, view, dedup, m, out);
-                    self.pump(now, target, view, dedup, m, out);
+                    self.dispatch(now, id, cx);
+                    self.pump(now, target, cx);
                 }
             }
             AckStatus::Malformed | AckStatus::NotTarget if routed_to == Some(from) => {
                 // Never accepted there: keep our stored copy, stop sending.
                 self.take_pending(&id);
-                m.drops_malformed.fetch_add(1, Relaxed);
-                self.pump(now, from, view, dedup, m, out);
+                cx.m.drops_malformed.fetch_add(1, Relaxed);
+                self.pump(now, from, cx);
             }
             AckStatus::Refused => {
                 if let Some(p) = self.pending.get_mut(&id) {
@@ -460,7 +431,7 @@ impl Forward {
                             if let Some(w) = self.inflight.get_mut(&from) {
                                 w.remove(&id);
                             }
-                            self.pump(now, from, view, dedup, m, out);
+                            self.pump(now, from, cx);
                         }
                         Mode::Flood { .. } => {
                             // A relay could not take the flood now: flood
@@ -478,15 +449,7 @@ impl Forward {
     }
 
     /// A stream to `peer` opened: what waits for it goes now.
-    pub fn stream_opened(
-        &mut self,
-        now: u64,
-        peer: PeerId,
-        view: &dyn View,
-        dedup: &mut Dedup,
-        m: &FederationMetrics,
-        out: &mut Vec<Action>,
-    ) {
+    pub fn stream_opened(&mut self, now: u64, peer: PeerId, cx: &mut Ctx<'_>) {
         *self.gens.entry(peer).or_default() += 1;
         let mut ids: Vec<(u64, PacketId)> = self
             .pending
@@ -496,7 +459,7 @@ impl Forward {
             .collect();
         ids.sort_unstable();
         for (_, id) in ids {
-            self.dispatch(now, id, view, dedup, m, out);
+            self.dispatch(now, id, cx);
         }
     }
 
@@ -534,14 +497,7 @@ impl Forward {
     }
 
     /// Expires, resends and re-floods what is due; flushes Forget batches.
-    pub fn tick(
-        &mut self,
-        now: u64,
-        view: &dyn View,
-        dedup: &mut Dedup,
-        m: &FederationMetrics,
-        out: &mut Vec<Action>,
-    ) {
+    pub fn tick(&mut self, now: u64, cx: &mut Ctx<'_>) {
         let mut due: Vec<(u64, PacketId)> = self
             .pending
             .iter()
@@ -555,7 +511,7 @@ impl Forward {
             };
             if p.deadline_ms <= now {
                 self.take_pending(&id);
-                m.drops_expired.fetch_add(1, Relaxed);
+                cx.m.drops_expired.fetch_add(1, Relaxed);
                 continue;
             }
             if let Mode::Flood { fallback } = p.mode
@@ -575,18 +531,18 @@ impl Forward {
                         // No relay homes it (chaff, or a recipient never
                         // seen): the stored copy here stays.
                         self.take_pending(&id);
-                        m.floods_unclaimed.fetch_add(1, Relaxed);
+                        cx.m.floods_unclaimed.fetch_add(1, Relaxed);
                         continue;
                     }
                 }
             } else if matches!(p.mode, Mode::Flood { .. }) && p.attempt > 0 {
-                m.retries.fetch_add(1, Relaxed);
+                cx.m.retries.fetch_add(1, Relaxed);
             }
-            self.dispatch(now, id, view, dedup, m, out);
+            self.dispatch(now, id, cx);
         }
         for (peer, ids) in self.forget.drain() {
             if !ids.is_empty() {
-                out.push(Action::Send {
+                cx.out.push(Action::Send {
                     peer,
                     frame: Frame::Forget { ids },
                 });
@@ -599,6 +555,22 @@ impl Forward {
 mod tests {
     use super::super::tests::FakeView;
     use super::*;
+    use crate::federation::dedup::Dedup;
+    use crate::metrics::FederationMetrics;
+
+    fn cx<'a>(
+        view: &'a FakeView,
+        dedup: &'a mut Dedup,
+        m: &'a FederationMetrics,
+        out: &'a mut Vec<Action>,
+    ) -> Ctx<'a> {
+        Ctx {
+            view,
+            dedup,
+            m,
+            out,
+        }
+    }
 
     fn cfg() -> ForwardConfig {
         ForwardConfig {
@@ -665,10 +637,7 @@ mod tests {
                 0,
                 fed(i64::from(n), Some(tk)),
                 [n; 16],
-                &view,
-                &mut d,
-                &m,
-                &mut out,
+                &mut cx(&view, &mut d, &m, &mut out),
             );
         }
         // Two in the window, two backlogged.
@@ -680,17 +649,14 @@ mod tests {
             [1; 16],
             AckStatus::Stored,
             Some(tk.0),
-            &view,
-            &mut d,
-            &m,
-            &mut out,
+            &mut cx(&view, &mut d, &m, &mut out),
         );
         assert_eq!(routed_ids(&out), vec![[3; 16]], "the next in order");
         assert!(matches!(out[0], Action::Job(Job::Delete(ref ids)) if ids == &vec![MailboxId(1)]));
         // A lost stream resends what was in flight, once it is back.
         out.clear();
         f.stream_closed(2, t);
-        f.stream_opened(3, t, &view, &mut d, &m, &mut out);
+        f.stream_opened(3, t, &mut cx(&view, &mut d, &m, &mut out));
         assert_eq!(routed_ids(&out), vec![[2; 16], [3; 16]]);
     }
 
@@ -703,7 +669,12 @@ mod tests {
         let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
         let mut out = Vec::new();
         // Unhinted: flooded.
-        f.outbound(0, fed(1, None), [1; 16], &view, &mut d, &m, &mut out);
+        f.outbound(
+            0,
+            fed(1, None),
+            [1; 16],
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
         assert!(matches!(
             sends(&out)[0].1,
             Frame::Forward { attempt: 0, .. }
@@ -714,17 +685,14 @@ mod tests {
             [1; 16],
             AckStatus::Stored,
             Some(hk.0),
-            &view,
-            &mut d,
-            &m,
-            &mut out,
+            &mut cx(&view, &mut d, &m, &mut out),
         );
         assert_eq!(f.learned_route(&DestHash([1; 8])), Some(hk));
         // The next packet for that destination is routed.
         out.clear();
         let mut again = fed(2, None);
         again.dest = DestHash([1; 8]);
-        f.outbound(2, again, [2; 16], &view, &mut d, &m, &mut out);
+        f.outbound(2, again, [2; 16], &mut cx(&view, &mut d, &m, &mut out));
         assert_eq!(routed_ids(&out), vec![[2; 16]]);
         // Forgets go out in batches (3) or at the next tick.
         out.clear();
@@ -734,17 +702,14 @@ mod tests {
             [2; 16],
             AckStatus::Stored,
             Some(hk.0),
-            &view,
-            &mut d,
-            &m,
-            &mut out,
+            &mut cx(&view, &mut d, &m, &mut out),
         );
         assert!(
             sends(&out)
                 .iter()
                 .all(|(_, f)| !matches!(f, Frame::Forget { .. }))
         );
-        f.tick(4, &view, &mut d, &m, &mut out);
+        f.tick(4, &mut cx(&view, &mut d, &m, &mut out));
         let forgets: Vec<_> = sends(&out)
             .into_iter()
             .filter_map(|(p, f)| match f {
@@ -764,7 +729,12 @@ mod tests {
         let view = FakeView::with_streams(&[named, other]);
         let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
         let mut out = Vec::new();
-        f.outbound(0, fed(1, Some(nk)), [1; 16], &view, &mut d, &m, &mut out);
+        f.outbound(
+            0,
+            fed(1, Some(nk)),
+            [1; 16],
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
         out.clear();
         f.ack(
             1,
@@ -772,10 +742,7 @@ mod tests {
             [1; 16],
             AckStatus::NotHome,
             None,
-            &view,
-            &mut d,
-            &m,
-            &mut out,
+            &mut cx(&view, &mut d, &m, &mut out),
         );
         let floods = sends(&out)
             .iter()
@@ -785,14 +752,14 @@ mod tests {
         // Nobody claims it through the attempts (the second flood at
         // 1 + 1000 ms): stored at the named relay (next due 2000 ms later).
         out.clear();
-        f.tick(1_001, &view, &mut d, &m, &mut out);
+        f.tick(1_001, &mut cx(&view, &mut d, &m, &mut out));
         let reflooded = sends(&out)
             .iter()
             .filter(|(_, f)| matches!(f, Frame::Forward { attempt: 1, .. }))
             .count();
         assert_eq!(reflooded, 2, "second attempt to every peer");
         out.clear();
-        f.tick(3_001, &view, &mut d, &m, &mut out);
+        f.tick(3_001, &mut cx(&view, &mut d, &m, &mut out));
         let routed: Vec<_> = sends(&out)
             .into_iter()
             .filter_map(|(p, f)| match f {
@@ -811,8 +778,13 @@ mod tests {
         let view = FakeView::with_streams(&[peer]);
         let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
         let mut out = Vec::new();
-        f.outbound(0, fed(1, None), [7; 16], &view, &mut d, &m, &mut out);
-        f.tick(5_000, &view, &mut d, &m, &mut out);
+        f.outbound(
+            0,
+            fed(1, None),
+            [7; 16],
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        f.tick(5_000, &mut cx(&view, &mut d, &m, &mut out));
         let attempts: Vec<u8> = sends(&out)
             .iter()
             .filter_map(|(_, f)| match f {
@@ -821,7 +793,7 @@ mod tests {
             })
             .collect();
         assert_eq!(attempts, vec![0, 1]);
-        f.tick(100_000, &view, &mut d, &m, &mut out);
+        f.tick(100_000, &mut cx(&view, &mut d, &m, &mut out));
         assert_eq!(f.pending_len(), 0);
         assert_eq!(m.floods_unclaimed.load(Relaxed), 1);
     }
@@ -835,8 +807,18 @@ mod tests {
         let view = FakeView::with_streams(&[]);
         let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
         let mut out = Vec::new();
-        f.outbound(0, fed(1, None), [1; 16], &view, &mut d, &m, &mut out);
-        f.outbound(0, fed(2, None), [2; 16], &view, &mut d, &m, &mut out);
+        f.outbound(
+            0,
+            fed(1, None),
+            [1; 16],
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        f.outbound(
+            0,
+            fed(2, None),
+            [2; 16],
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
         assert!(f.take_overflow());
         assert!(!f.take_overflow());
         assert!(!f.has_room());

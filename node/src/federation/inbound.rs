@@ -8,10 +8,10 @@
 //! anyway (its flood found no home). Pure state: time and the network are
 //! passed in.
 
-use super::View;
+use super::Ctx;
 use super::action::{Action, Job, StoreOutcome};
 use super::dedup::Dedup;
-use crate::metrics::FederationMetrics;
+
 use bytes::Bytes;
 use libp2p::PeerId;
 use meshwhisper_behaviour::federation::codec::{AckStatus, Frame, PacketId, ROUTED_STORE_ANYWAY};
@@ -44,18 +44,8 @@ impl Inbound {
     }
 
     /// A `Forward` or `Routed` frame from `peer`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn packet(
-        &self,
-        now: u64,
-        peer: PeerId,
-        frame: Frame,
-        view: &dyn View,
-        dedup: &mut Dedup,
-        m: &FederationMetrics,
-        out: &mut Vec<Action>,
-    ) {
-        m.forwards_received.fetch_add(1, Relaxed);
+    pub fn packet(&self, now: u64, peer: PeerId, frame: Frame, cx: &mut Ctx<'_>) {
+        cx.m.forwards_received.fetch_add(1, Relaxed);
         let (id, attempt, hops, routed, packet) = match frame {
             Frame::Forward {
                 id,
@@ -71,7 +61,7 @@ impl Inbound {
                 packet,
             } => {
                 if RelayKey(target) != self.me {
-                    out.push(ack(peer, id, AckStatus::NotTarget));
+                    cx.out.push(ack(peer, id, AckStatus::NotTarget));
                     return;
                 }
                 (id, 0, hops, Some(flags & ROUTED_STORE_ANYWAY != 0), packet)
@@ -81,15 +71,15 @@ impl Inbound {
         let dest = match packet::destination(&packet, usize::MAX) {
             Ok(d) => d,
             Err(_) => {
-                m.drops_malformed.fetch_add(1, Relaxed);
-                out.push(ack(peer, id, AckStatus::Malformed));
+                cx.m.drops_malformed.fetch_add(1, Relaxed);
+                cx.out.push(ack(peer, id, AckStatus::Malformed));
                 return;
             }
         };
-        let homed = view.is_homed(&dest);
+        let homed = cx.view.is_homed(&dest);
         match routed {
             Some(anyway) if homed || anyway => {
-                out.push(Action::Job(Job::Store {
+                cx.out.push(Action::Job(Job::Store {
                     peer,
                     id,
                     packet,
@@ -98,17 +88,17 @@ impl Inbound {
             }
             Some(_) => {
                 // A stale hint: let the sender flood it.
-                out.push(ack(peer, id, AckStatus::NotHome));
+                cx.out.push(ack(peer, id, AckStatus::NotHome));
             }
             None => {
-                if !dedup.insert((id, attempt), Some(peer), now) {
-                    m.drops_duplicate.fetch_add(1, Relaxed);
-                    out.push(ack(peer, id, AckStatus::Duplicate));
+                if !cx.dedup.insert((id, attempt), Some(peer), now) {
+                    cx.m.drops_duplicate.fetch_add(1, Relaxed);
+                    cx.out.push(ack(peer, id, AckStatus::Duplicate));
                     return;
                 }
                 if homed {
                     // The store keeps each id once, whatever the attempt.
-                    out.push(Action::Job(Job::Store {
+                    cx.out.push(Action::Job(Job::Store {
                         peer,
                         id,
                         packet,
@@ -116,12 +106,11 @@ impl Inbound {
                     }));
                     return;
                 }
-                self.flood_on(id, attempt, hops, packet, peer, view, m, out);
+                self.flood_on(id, attempt, hops, packet, peer, cx);
             }
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn flood_on(
         &self,
         id: PacketId,
@@ -129,18 +118,16 @@ impl Inbound {
         hops: u8,
         packet: Bytes,
         from: PeerId,
-        view: &dyn View,
-        m: &FederationMetrics,
-        out: &mut Vec<Action>,
+        cx: &mut Ctx<'_>,
     ) {
         if hops >= self.max_hops {
-            m.drops_ttl.fetch_add(1, Relaxed);
-            out.push(ack(from, id, AckStatus::NotHome));
+            cx.m.drops_ttl.fetch_add(1, Relaxed);
+            cx.out.push(ack(from, id, AckStatus::NotHome));
             return;
         }
-        let peers: Vec<PeerId> = view.peers().into_iter().filter(|p| *p != from).collect();
+        let peers: Vec<PeerId> = cx.view.peers().into_iter().filter(|p| *p != from).collect();
         for p in &peers {
-            out.push(Action::Send {
+            cx.out.push(Action::Send {
                 peer: *p,
                 frame: Frame::Forward {
                     id,
@@ -150,10 +137,10 @@ impl Inbound {
                 },
             });
         }
-        m.forwards_sent.fetch_add(peers.len() as u64, Relaxed);
-        m.forwarded_onward
+        cx.m.forwards_sent.fetch_add(peers.len() as u64, Relaxed);
+        cx.m.forwarded_onward
             .fetch_add(u64::from(!peers.is_empty()), Relaxed);
-        out.push(ack(
+        cx.out.push(ack(
             from,
             id,
             if peers.is_empty() {
@@ -220,6 +207,22 @@ impl Inbound {
 mod tests {
     use super::super::tests::FakeView;
     use super::*;
+    use crate::federation::dedup::Dedup;
+    use crate::metrics::FederationMetrics;
+
+    fn cx<'a>(
+        view: &'a FakeView,
+        dedup: &'a mut Dedup,
+        m: &'a FederationMetrics,
+        out: &'a mut Vec<Action>,
+    ) -> Ctx<'a> {
+        Ctx {
+            view,
+            dedup,
+            m,
+            out,
+        }
+    }
     use meshwhisper_crypto::destination::DestHash;
 
     fn key() -> (PeerId, RelayKey) {
@@ -261,20 +264,27 @@ mod tests {
             target: target.0,
             packet: packet(dest),
         };
-        inb.packet(0, sender, routed(1, 0, me), &view, &mut d, &m, &mut out);
+        inb.packet(
+            0,
+            sender,
+            routed(1, 0, me),
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
         assert!(matches!(out[0], Action::Job(Job::Store { .. })));
         out.clear();
-        inb.packet(0, sender, routed(2, 0, me), &view, &mut d, &m, &mut out);
+        inb.packet(
+            0,
+            sender,
+            routed(2, 0, me),
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
         assert_eq!(acks(&out), vec![(sender, AckStatus::NotHome)], "stale hint");
         out.clear();
         inb.packet(
             0,
             sender,
             routed(2, ROUTED_STORE_ANYWAY, me),
-            &view,
-            &mut d,
-            &m,
-            &mut out,
+            &mut cx(&view, &mut d, &m, &mut out),
         );
         assert!(
             matches!(out[0], Action::Job(Job::Store { .. })),
@@ -282,7 +292,12 @@ mod tests {
         );
         out.clear();
         let (_, other) = key();
-        inb.packet(0, sender, routed(1, 0, other), &view, &mut d, &m, &mut out);
+        inb.packet(
+            0,
+            sender,
+            routed(1, 0, other),
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
         assert_eq!(acks(&out), vec![(sender, AckStatus::NotTarget)]);
         out.clear();
         let bad = Frame::Routed {
@@ -292,7 +307,7 @@ mod tests {
             target: me.0,
             packet: Bytes::from_static(b"short"),
         };
-        inb.packet(0, sender, bad, &view, &mut d, &m, &mut out);
+        inb.packet(0, sender, bad, &mut cx(&view, &mut d, &m, &mut out));
         assert_eq!(acks(&out), vec![(sender, AckStatus::Malformed)]);
     }
 
@@ -311,7 +326,7 @@ mod tests {
             hops,
             packet: packet(5),
         };
-        inb.packet(0, a, fwd(0, 1), &view, &mut d, &m, &mut out);
+        inb.packet(0, a, fwd(0, 1), &mut cx(&view, &mut d, &m, &mut out));
         let onward: Vec<PeerId> = out
             .iter()
             .filter_map(|x| match x {
@@ -325,10 +340,10 @@ mod tests {
         assert_eq!(onward, vec![b], "to everyone but the sender");
         assert_eq!(acks(&out), vec![(a, AckStatus::Relayed)]);
         out.clear();
-        inb.packet(1, b, fwd(0, 1), &view, &mut d, &m, &mut out);
+        inb.packet(1, b, fwd(0, 1), &mut cx(&view, &mut d, &m, &mut out));
         assert_eq!(acks(&out), vec![(b, AckStatus::Duplicate)]);
         out.clear();
-        inb.packet(2, b, fwd(1, 2), &view, &mut d, &m, &mut out);
+        inb.packet(2, b, fwd(1, 2), &mut cx(&view, &mut d, &m, &mut out));
         assert_eq!(acks(&out), vec![(b, AckStatus::NotHome)], "hop cap");
         // A Stored ack from downstream goes back to the first sender, once.
         out.clear();

@@ -325,7 +325,7 @@ async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
             namespace,
             identity,
         } => {
-            let (status, body) = crate::device_directory::claim(core, &namespace, identity).await;
+            let (status, body) = crate::device::directory::claim(core, &namespace, identity).await;
             vec![JobDone::Send {
                 peer,
                 frames: vec![Frame::ClaimReply { req, status, body }],

@@ -73,6 +73,19 @@ pub trait View {
     fn is_homed(&self, dest: &DestHash) -> bool;
 }
 
+/// What a forwarding or inbound step reads and writes besides its own
+/// state.
+pub struct Ctx<'a> {
+    /// The Swarm's state (streams, peers).
+    pub view: &'a dyn View,
+    /// Flood ids seen, shared with the inbound side.
+    pub dedup: &'a mut dedup::Dedup,
+    /// Counters.
+    pub m: &'a FederationMetrics,
+    /// Actions for the driver.
+    pub out: &'a mut Vec<Action>,
+}
+
 /// The federation state of one relay.
 pub struct Federation {
     me: PeerId,
@@ -207,8 +220,17 @@ impl Federation {
             return;
         }
         let id = self.random_id();
-        self.forward
-            .outbound(now, f, id, view, &mut self.dedup, &self.metrics, out);
+        self.forward.outbound(
+            now,
+            f,
+            id,
+            &mut Ctx {
+                view,
+                dedup: &mut self.dedup,
+                m: &self.metrics,
+                out,
+            },
+        );
         self.route_actions(now, view, out);
     }
 
@@ -242,8 +264,16 @@ impl Federation {
         if let Some(k) = RelayKey::from_peer(&peer) {
             out.push(Action::Job(Job::MarkConnected(k)));
         }
-        self.forward
-            .stream_opened(now, peer, view, &mut self.dedup, &self.metrics, out);
+        self.forward.stream_opened(
+            now,
+            peer,
+            &mut Ctx {
+                view,
+                dedup: &mut self.dedup,
+                m: &self.metrics,
+                out,
+            },
+        );
         self.claims.stream_opened(peer, out);
         // Reconcile address books with a new peer right away.
         self.ae.start(now, peer, &self.metrics, out);
@@ -277,10 +307,17 @@ impl Federation {
         out: &mut Vec<Action>,
     ) {
         match frame {
-            f @ (Frame::Forward { .. } | Frame::Routed { .. }) => {
-                self.inbound
-                    .packet(now, peer, f, view, &mut self.dedup, &self.metrics, out)
-            }
+            f @ (Frame::Forward { .. } | Frame::Routed { .. }) => self.inbound.packet(
+                now,
+                peer,
+                f,
+                &mut Ctx {
+                    view,
+                    dedup: &mut self.dedup,
+                    m: &self.metrics,
+                    out,
+                },
+            ),
             Frame::Ack { id, status, home } => {
                 let mine = self.forward.ack(
                     now,
@@ -288,10 +325,12 @@ impl Federation {
                     id,
                     status,
                     home,
-                    view,
-                    &mut self.dedup,
-                    &self.metrics,
-                    out,
+                    &mut Ctx {
+                        view,
+                        dedup: &mut self.dedup,
+                        m: &self.metrics,
+                        out,
+                    },
                 );
                 if !mine && status == AckStatus::Stored {
                     // A flood we passed on: its ack goes back the same way.
@@ -454,8 +493,15 @@ impl Federation {
             .collect::<Vec<_>>();
         self.own.maintain(now, addrs, &self.metrics, out);
         self.dials.tick(now, view, out);
-        self.forward
-            .tick(now, view, &mut self.dedup, &self.metrics, out);
+        self.forward.tick(
+            now,
+            &mut Ctx {
+                view,
+                dedup: &mut self.dedup,
+                m: &self.metrics,
+                out,
+            },
+        );
         let peers = view.peers();
         if self.ae.tick(now, &peers, &self.metrics, out) {
             // Relays we are connected to stay proven in the book.

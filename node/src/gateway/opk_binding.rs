@@ -20,7 +20,7 @@
 //! publishes again (the SDK publishes at every start). Native clients sign
 //! their batches and are not affected. Pure state: time is passed in.
 
-use crate::ratelimit::client_key;
+use crate::gateway::ratelimit::client_key;
 use std::net::IpAddr;
 
 /// How long the last publisher of a bundle may add keys.

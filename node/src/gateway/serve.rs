@@ -17,7 +17,7 @@
 //! - WebSocket upgrades keep their connection's slot until they end;
 //! - shutdown stops accepting and lets requests in progress finish.
 
-use crate::ratelimit::client_key;
+use crate::gateway::ratelimit::client_key;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;

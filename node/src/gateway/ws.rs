@@ -103,7 +103,7 @@ struct WsSlot {
 
 impl WsSlot {
     fn take(s: &AppState, ip: IpAddr) -> Option<Self> {
-        let key = crate::ratelimit::client_key(ip.to_canonical());
+        let key = crate::gateway::ratelimit::client_key(ip.to_canonical());
         let mut m = match s.ws_per_ip.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),

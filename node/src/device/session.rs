@@ -205,7 +205,7 @@ pub async fn run(
                     }
                     Frame::Drain => draining = true,
                     f @ (Frame::Publish { .. } | Frame::Prekeys { .. } | Frame::Claim { .. }) => {
-                        if let Some(r) = crate::device_directory::serve(&core, f).await
+                        if let Some(r) = crate::device::directory::serve(&core, f).await
                             && to_device.send(r).await.is_err()
                         {
                             break;
@@ -223,7 +223,7 @@ pub async fn run(
                     }
                     f @ Frame::ClaimAt { .. } => {
                         let c = core.clone();
-                        claiming.spawn(async move { crate::device_directory::serve(&c, f).await });
+                        claiming.spawn(async move { crate::device::directory::serve(&c, f).await });
                     }
                     // Relay-to-device frames from a device are a protocol violation.
                     Frame::Stored(_) | Frame::Deliver { .. } | Frame::Refused { .. } | Frame::Reply { .. } => {

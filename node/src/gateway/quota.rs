@@ -3,7 +3,7 @@
 //! day by client address (IPv6 by /64); the table is bounded and forgets
 //! the least recently used addresses first.
 
-use crate::ratelimit::client_key;
+use crate::gateway::ratelimit::client_key;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
