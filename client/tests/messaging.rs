@@ -20,6 +20,11 @@ struct Relay {
 }
 
 async fn relay_in(dir: tempfile::TempDir, port: u16) -> Relay {
+    relay_with(dir, port, Vec::new()).await
+}
+
+/// A relay that federates with the relays at `bootstrap`.
+async fn relay_with(dir: tempfile::TempDir, port: u16, bootstrap: Vec<String>) -> Relay {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -30,6 +35,8 @@ async fn relay_in(dir: tempfile::TempDir, port: u16) -> Relay {
         listen: vec![format!("/ip4/127.0.0.1/tcp/{port}")],
         ..Default::default()
     };
+    let mut cfg = cfg;
+    cfg.federation.bootstrap = bootstrap;
     let running = meshwhisper_node::start(cfg).await.expect("relay");
     let mut addrs = running.p2p.listen_addrs.clone();
     let addr = tokio::time::timeout(WAIT, addrs.wait_for(|a| !a.is_empty()))
@@ -461,11 +468,17 @@ async fn prekeys_rotate_on_schedule_and_refill_when_low() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contacts_on_different_relays_and_changed_keys() {
-    // Alice is homed on one relay, Bob on another: Alice claims Bob's
-    // prekeys from his relay (dialled from his invite) and delivers there;
-    // Bob answers through Alice's relay the same way.
+    // Alice is homed on one relay, Bob on another, and the relays
+    // federate: Alice's relay claims Bob's prekeys from his relay for her
+    // and sends her packets there; Bob answers through his relay the same
+    // way. Each client talks only to its own relay.
     let r1 = relay_in(tempfile::tempdir().expect("tmp"), 0).await;
-    let r2 = relay_in(tempfile::tempdir().expect("tmp"), 0).await;
+    let r2 = relay_with(
+        tempfile::tempdir().expect("tmp"),
+        0,
+        vec![r1.addr.to_string()],
+    )
+    .await;
     let (a, b) = profiles_on(&r1, &r2).await;
     let bob_invite = invite_of(b.path()).await;
     let mut bob = person(b.path()).await;
