@@ -308,7 +308,11 @@ impl Core {
     /// again after it overflowed. Packets already on their way are skipped
     /// by the federation. Bounded by `max`; returns how many were handed
     /// over.
-    pub async fn refederate_stored(&self, max: usize) -> usize {
+    pub async fn refederate_stored(
+        &self,
+        max: usize,
+        skip: &std::collections::HashSet<MailboxId>,
+    ) -> usize {
         let Some(fed) = self.federation.get().cloned() else {
             return 0;
         };
@@ -325,7 +329,7 @@ impl Core {
             let Some(last) = page.last() else { break };
             after = last.id;
             for p in page {
-                if n >= max || self.is_homed(&p.dest) {
+                if n >= max || skip.contains(&p.id) || self.is_homed(&p.dest) {
                     continue;
                 }
                 let f = Federate {
@@ -506,6 +510,13 @@ impl Core {
             owner = c.owner;
         }
         drop(r);
+        self.remember_homed(hashes, owner);
+    }
+
+    /// Remembers `hashes` as homed here for connection `id`'s client
+    /// (under its address's share) without delivering on them now.
+    pub fn home(&self, id: ConnId, hashes: &[DestHash]) {
+        let owner = self.registry().conns.get(&id).and_then(|c| c.owner);
         self.remember_homed(hashes, owner);
     }
 

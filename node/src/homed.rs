@@ -14,8 +14,9 @@ use meshwhisper_crypto::destination::DestHash;
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
-/// Who registered a hash: a client address, or unknown (a device over
-/// libp2p, or an entry loaded from the store after a restart).
+/// Who registered a hash: a client's address (a WebSocket's, or a libp2p
+/// device connection's), or unknown (an entry loaded from the store after
+/// a restart).
 pub type Owner = Option<IpAddr>;
 
 #[derive(Debug, Clone, Copy)]

@@ -174,6 +174,12 @@ pub struct FederationMetrics {
     pub stale_hints: AtomicU64,
     /// Store jobs refused because the workers' queues were full.
     pub jobs_refused: AtomicU64,
+    /// Directory claims sent to other relays for our devices.
+    pub claims_sent: AtomicU64,
+    /// Directory claims answered for other relays.
+    pub claims_served: AtomicU64,
+    /// Claims for our devices that found no room, no relay or no answer.
+    pub claims_failed: AtomicU64,
     /// Packets waiting for a federation acknowledgement (gauge).
     pub pending: AtomicU64,
 }
@@ -196,8 +202,23 @@ impl FederationMetrics {
         }
     }
 
-    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 23] {
+    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 26] {
         [
+            (
+                "claims_sent_total",
+                "Directory claims sent to other relays for our devices",
+                &self.claims_sent,
+            ),
+            (
+                "claims_served_total",
+                "Directory claims answered for other relays",
+                &self.claims_served,
+            ),
+            (
+                "claims_failed_total",
+                "Claims for our devices that found no room, no relay or no answer in time",
+                &self.claims_failed,
+            ),
             (
                 "stale_hints_total",
                 "Routed packets whose named relay did not home the recipient (flooded instead)",

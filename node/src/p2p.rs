@@ -353,8 +353,7 @@ pub fn start(
         fed.mailbox_ttl_ms,
         cancel.clone(),
     );
-    let fed_driver =
-        crate::federation::driver::Driver::new(state, core.clone(), pool, fed.cfg.max_pending);
+    let fed_driver = crate::federation::driver::Driver::new(state, core.clone(), pool);
     if enabled {
         core.set_federation(out_tx, claim_tx);
     }
@@ -378,6 +377,7 @@ pub fn start(
         cmd_tx,
         cmd_rx,
         sessions: HashMap::new(),
+        conn_ips: HashMap::new(),
         tracker: sessions,
         bootstrap_watch: BootstrapWatch::default(),
     };
@@ -418,6 +418,10 @@ struct EventLoop {
     /// Each device session's inbound frames, and the bytes of packets
     /// among them.
     sessions: HashMap<(PeerId, ConnectionId), (mpsc::Sender<Frame>, Arc<AtomicUsize>)>,
+    /// The remote IP address of each open connection (bounded by the
+    /// connection limits): a device's homed hashes count against its
+    /// address's share.
+    conn_ips: HashMap<ConnectionId, std::net::IpAddr>,
     tracker: tokio_util::task::TaskTracker,
     bootstrap_watch: BootstrapWatch,
 }
@@ -540,10 +544,21 @@ impl EventLoop {
                     }
                 }
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                if let Some(ip) = ip_of(endpoint.get_remote_address()) {
+                    self.conn_ips.insert(connection_id, ip);
+                }
                 if self.bootstrap_watch.reached(&peer_id) {
                     tracing::info!(peer = %peer_id, "bootstrap relay reached");
                 }
+            }
+            SwarmEvent::ConnectionClosed { connection_id, .. } => {
+                self.conn_ips.remove(&connection_id);
             }
             SwarmEvent::ListenerError { listener_id, error } => {
                 tracing::warn!(?listener_id, error = %root_cause(&error), "libp2p listener error");
@@ -586,6 +601,7 @@ impl EventLoop {
                 });
                 self.tracker.spawn(crate::device::session::run(
                     self.core.clone(),
+                    self.conn_ips.get(&connection).copied(),
                     in_rx,
                     queued,
                     out_tx,
@@ -654,4 +670,13 @@ impl EventLoop {
             }
         }
     }
+}
+
+/// The IP address in a multiaddr (its first `/ip4` or `/ip6`).
+fn ip_of(addr: &Multiaddr) -> Option<std::net::IpAddr> {
+    addr.iter().find_map(|p| match p {
+        libp2p::multiaddr::Protocol::Ip4(ip) => Some(ip.into()),
+        libp2p::multiaddr::Protocol::Ip6(ip) => Some(ip.into()),
+        _ => None,
+    })
 }

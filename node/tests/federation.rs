@@ -712,7 +712,9 @@ async fn unclaimed_floods_stop_after_their_attempts() {
 }
 
 /// The sending relay restarts while the home relay is down: the packet it
-/// acknowledged is still forwarded (flooded) once both are back.
+/// acknowledged is still forwarded once both are back, routed to the home
+/// relay its sender named (the hint is stored with the packet), not
+/// flooded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sender_restart_does_not_lose_an_unforwarded_packet() {
     let mut relays = converged_mesh(3).await;
@@ -740,6 +742,13 @@ async fn sender_restart_does_not_lose_an_unforwarded_packet() {
     let mut bob = ws(&f.ws).await;
     hello(&mut bob, &[H]).await;
     assert_eq!(&next_packet(&mut bob).await[31..], b"survives a restart");
+    assert_eq!(fed(&a).routed_forwards.load(Relaxed), 1, "routed again");
+    assert_eq!(
+        fed(&a).forwards_sent.load(Relaxed),
+        1,
+        "nothing flooded after the restart"
+    );
+    assert_eq!(fed(&relays[0]).forwards_received.load(Relaxed), 0);
     eventually("A forgot its copy", 10, || async {
         running(&a).core.store.mailbox().count().await.unwrap_or(1) == 0
     })
@@ -869,4 +878,347 @@ async fn a_relay_missing_from_the_book_is_found_through_kademlia() {
         "B only answered the DHT"
     );
     stop_all(vec![a, b, c]).await;
+}
+
+/// A hand-driven relay: a real Swarm with the relay's behaviour, admitted
+/// by a real relay, whose frames the test writes and whose acks it reads.
+struct FakeRelay {
+    swarm: libp2p::Swarm<meshwhisper_behaviour::node::Behaviour>,
+    target: libp2p::PeerId,
+    acks: Vec<(
+        meshwhisper_behaviour::federation::codec::PacketId,
+        meshwhisper_behaviour::federation::codec::AckStatus,
+    )>,
+}
+
+impl FakeRelay {
+    /// Connected to `r` with an open federation stream.
+    async fn connect(r: &Relay) -> Self {
+        let target = running(r).p2p.peer_id;
+        let addr: libp2p::Multiaddr = p2p_addr(r).await.parse().expect("addr");
+        let mut swarm = meshwhisper_node::p2p::build_swarm(
+            libp2p::identity::Keypair::generate_ed25519(),
+            meshwhisper_behaviour::device::Config::new(meshwhisper_behaviour::device::Role::Relay),
+            Default::default(),
+            Default::default(),
+        )
+        .expect("swarm");
+        swarm.dial(addr).expect("dial");
+        let mut fake = FakeRelay {
+            swarm,
+            target,
+            acks: Vec::new(),
+        };
+        let mut opened = false;
+        tokio::time::timeout(Duration::from_secs(20), async {
+            while !opened {
+                opened = fake.step().await;
+            }
+        })
+        .await
+        .expect("federation stream opened");
+        fake
+    }
+
+    /// Handles one Swarm event; whether it was our stream opening.
+    async fn step(&mut self) -> bool {
+        use libp2p::swarm::SwarmEvent;
+        use meshwhisper_behaviour::federation::{self as fedb, codec::Frame};
+        use meshwhisper_behaviour::node::BehaviourEvent;
+        match self.swarm.select_next_some().await {
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(
+                libp2p::identify::Event::Received { peer_id, .. },
+            )) => {
+                let b = self.swarm.behaviour_mut();
+                b.policy
+                    .admit(peer_id, meshwhisper_node::core::now_ms())
+                    .expect("admit");
+                b.federation.open(peer_id);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Federation(fedb::Event::Opened {
+                peer, ..
+            })) => return peer == self.target,
+            SwarmEvent::Behaviour(BehaviourEvent::Federation(fedb::Event::Frame {
+                frame: Frame::Ack { id, status, .. },
+                ..
+            })) => self.acks.push((id, status)),
+            _ => {}
+        }
+        false
+    }
+
+    fn send(&mut self, frame: meshwhisper_behaviour::federation::codec::Frame) {
+        let t = self.target;
+        self.swarm.behaviour_mut().federation.send(t, frame);
+    }
+
+    /// Drives the Swarm until `done` holds (checked every 25 ms and after
+    /// every event), at most `secs`.
+    async fn until(&mut self, what: &str, secs: u64, mut done: impl FnMut(&Self) -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        while !done(self) {
+            tokio::select! {
+                _ = self.step() => {}
+                _ = tokio::time::sleep(Duration::from_millis(25)) => {}
+                _ = tokio::time::sleep_until(deadline) => panic!("{what}: not within {secs} s"),
+            }
+        }
+    }
+
+    fn ack_of(&self, id: [u8; 16]) -> Option<meshwhisper_behaviour::federation::codec::AckStatus> {
+        self.acks
+            .iter()
+            .rev()
+            .find(|(i, _)| *i == id)
+            .map(|(_, s)| *s)
+    }
+}
+
+fn routed_to(
+    r: &Relay,
+    id: [u8; 16],
+    payload: &[u8],
+) -> meshwhisper_behaviour::federation::codec::Frame {
+    meshwhisper_behaviour::federation::codec::Frame::Routed {
+        id,
+        flags: 0,
+        hops: 1,
+        target: key_of(&running(r).p2p.peer_id).expect("key"),
+        packet: bytes::Bytes::from(packet(H, payload)),
+    }
+}
+
+/// A home relay that stored a packet remembers its id for the packet's
+/// lifetime, in the store: the sender resending it after a lost ack (at
+/// once, or after the home relay restarted and every cache is gone) gets
+/// `Stored` again and the recipient gets it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_packet_is_delivered_once_even_after_the_home_relay_restarts() {
+    use meshwhisper_behaviour::federation::codec::AckStatus;
+    let f = start(|c| quick(c, None)).await;
+    let mut bob = recipient(&f).await;
+    let mut sender = FakeRelay::connect(&f).await;
+    sender.send(routed_to(&f, [7; 16], b"only once"));
+    sender
+        .until("stored", 10, |s| s.ack_of([7; 16]).is_some())
+        .await;
+    assert_eq!(sender.ack_of([7; 16]), Some(AckStatus::Stored));
+    assert_eq!(&next_packet(&mut bob).await[31..], b"only once");
+    // The ack was lost: the sender resends the same id.
+    sender.acks.clear();
+    sender.send(routed_to(&f, [7; 16], b"only once"));
+    sender.send(routed_to(&f, [8; 16], b"marker 1"));
+    sender
+        .until("acked again", 10, |s| s.ack_of([8; 16]).is_some())
+        .await;
+    assert_eq!(sender.ack_of([7; 16]), Some(AckStatus::Stored));
+    assert_eq!(&next_packet(&mut bob).await[31..], b"marker 1");
+    drop(sender);
+    drop(bob);
+
+    // Much later, as far as any cache knows: the home relay restarted.
+    let dir = f.stop().await;
+    let f = start_in(dir, |c| quick(c, None)).await;
+    let mut sender = FakeRelay::connect(&f).await;
+    sender.send(routed_to(&f, [7; 16], b"only once"));
+    sender.send(routed_to(&f, [9; 16], b"marker 2"));
+    sender
+        .until("acked after the restart", 10, |s| {
+            s.ack_of([7; 16]).is_some() && s.ack_of([9; 16]).is_some()
+        })
+        .await;
+    assert_eq!(sender.ack_of([7; 16]), Some(AckStatus::Stored));
+    let mut bob = ws(&f.ws).await;
+    hello(&mut bob, &[H]).await;
+    assert_eq!(
+        &next_packet(&mut bob).await[31..],
+        b"marker 2",
+        "the resent packet was delivered twice"
+    );
+    assert!(fed(&f).drops_duplicate.load(Relaxed) >= 1);
+    f.stop().await;
+}
+
+/// A packet whose named home relay does not home the recipient (a stale
+/// hint) is flooded and reaches the relay that does; one that no relay
+/// claims goes back to the named relay, which stores it for the recipient.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_hint_floods_and_an_unclaimed_one_is_kept_by_the_named_relay() {
+    let relays = mesh(3, |_, c| {
+        c.federation.flood_retry_ms = 200;
+        c.federation.flood_attempts = 2;
+    })
+    .await;
+    converged(&relays, 3).await;
+    let (named, a, home) = (&relays[0], &relays[1], &relays[2]);
+    let mut bob = recipient(home).await;
+    let mut alice = ws(&a.ws).await;
+    // Alice names relay 0, which never saw bob: relay 2 gets it anyway.
+    send_route(&mut alice, H, &key_hex(named)).await;
+    send_packet(&mut alice, H, b"moved").await;
+    assert_eq!(&next_packet(&mut bob).await[31..], b"moved");
+    assert_eq!(fed(a).stale_hints.load(Relaxed), 1);
+    assert_eq!(fed(named).stored_locally.load(Relaxed), 0);
+    // A recipient nobody homes yet (say, a new profile whose client has
+    // not connected): after the floods, the named relay keeps it.
+    const NEW: &str = "0000000000000abc";
+    send_route(&mut alice, NEW, &key_hex(named)).await;
+    send_packet(&mut alice, NEW, b"for later").await;
+    eventually("the named relay stored it", 20, || async {
+        fed(named).stored_locally.load(Relaxed) == 1 && fed(a).pending.load(Relaxed) == 0
+    })
+    .await;
+    let mut carol = ws(&named.ws).await;
+    hello(&mut carol, &[NEW]).await;
+    assert_eq!(&next_packet(&mut carol).await[31..], b"for later");
+    eventually("the sender forgot its copies", 10, || async {
+        running(a).core.store.mailbox().count().await.unwrap_or(1) == 0
+    })
+    .await;
+    stop_all(relays).await;
+}
+
+/// Packets that found the forwarding queue full are handed back to
+/// federation as soon as it has room, not at the next restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_over_the_pending_bound_go_out_once_there_is_room() {
+    let mut relays = mesh(3, |i, c| {
+        if i == 1 {
+            c.federation.max_pending = 2;
+        }
+    })
+    .await;
+    converged(&relays, 3).await;
+    let f = relays.remove(2);
+    let home = key_hex(&f);
+    drop(recipient(&f).await);
+    let dir = f.stop().await;
+    let a = &relays[1];
+    let mut alice = ws(&a.ws).await;
+    for i in 0..6u8 {
+        send_route(&mut alice, H, &home).await;
+        send_packet(&mut alice, H, &[i; 24]).await;
+    }
+    eventually("two wait, four overflowed", 10, || async {
+        fed(a).pending.load(Relaxed) == 2 && fed(a).drops_queue_full.load(Relaxed) == 4
+    })
+    .await;
+    let boot = p2p_addr(&relays[0]).await;
+    let f = start_in(dir, |c| quick(c, Some(&boot))).await;
+    eventually("F acknowledged all six", 30, || async {
+        fed(a).routed_acked.load(Relaxed) == 6 && fed(a).pending.load(Relaxed) == 0
+    })
+    .await;
+    let mut bob = ws(&f.ws).await;
+    hello(&mut bob, &[H]).await;
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        got.push(next_packet(&mut bob).await[31..].to_vec());
+    }
+    got.sort();
+    assert_eq!(got, (0..6u8).map(|i| vec![i; 24]).collect::<Vec<_>>());
+    eventually("A forgot every copy", 10, || async {
+        running(a).core.store.mailbox().count().await.unwrap_or(1) == 0
+    })
+    .await;
+    f.stop().await;
+    stop_all(relays).await;
+}
+
+/// A peer minting 10 000 fresh relay keys (valid, signed records) against
+/// a full address book displaces only other fresh records: the relays the
+/// mesh runs on stay, and packets still reach them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minted_relay_keys_cannot_push_established_relays_out_of_a_full_book() {
+    use meshwhisper_behaviour::federation::codec::{Frame, MAX_RECORDS};
+    use meshwhisper_crypto::address_record::{AddressRecord, Contents};
+    use meshwhisper_crypto::identity::IdentityKeyPair;
+    const MAX: u64 = 40;
+    const FLOOD: usize = 10_000;
+    let relays = mesh(3, |i, c| {
+        if i == 1 {
+            c.federation.address_book_max = MAX as u32;
+        }
+    })
+    .await;
+    converged(&relays, 3).await;
+    let a = &relays[1];
+    let established: Vec<[u8; 32]> = relays
+        .iter()
+        .map(|r| key_of(&running(r).p2p.peer_id).expect("key"))
+        .collect();
+    // Connected relays are marked as such in the book.
+    eventually("peers marked connected", 10, || async {
+        fed(a).peers_connected.load(Relaxed) == 2
+    })
+    .await;
+
+    let mut minter = FakeRelay::connect(a).await;
+    let now = meshwhisper_node::core::now_ms();
+    let records: Vec<bytes::Bytes> = (0..FLOOD)
+        .map(|i| {
+            let mut seed = [0x5a; 32];
+            seed[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            let k = IdentityKeyPair::from_seed(&seed);
+            AddressRecord::sign(
+                &k,
+                Contents {
+                    timestamp_ms: now - 1000 + (i as u64 % 1000),
+                    onion_key: k.public().x25519(),
+                    addrs: vec![b"/ip4/127.0.0.1/tcp/9".to_vec()],
+                    anchors: Vec::new(),
+                },
+            )
+            .expect("sign")
+            .encode()
+            .into()
+        })
+        .collect();
+    let seen = |r: &Relay| {
+        let f = fed(r);
+        f.records_learned.load(Relaxed)
+            + f.records_rejected
+                .iter()
+                .map(|c| c.load(Relaxed))
+                .sum::<u64>()
+    };
+    let before = seen(a);
+    // In steps the store keeps up with (every record is looked at).
+    for (n, chunk) in records.chunks(MAX_RECORDS * 8).enumerate() {
+        for frames in chunk.chunks(MAX_RECORDS) {
+            minter.send(Frame::Records {
+                req: 0,
+                records: frames.to_vec(),
+            });
+        }
+        let want = before + ((n * MAX_RECORDS * 8 + chunk.len()) as u64);
+        minter
+            .until("the relay looked at every record", 60, |_| seen(a) >= want)
+            .await;
+    }
+    assert_eq!(book_count(a).await, MAX, "the book is full");
+    let full = fed(a).records_rejected[5].load(Relaxed);
+    assert!(full > 0, "some minted records found no room");
+    for (i, k) in established.iter().enumerate() {
+        assert!(
+            running(a)
+                .core
+                .store
+                .address_book()
+                .get(k)
+                .await
+                .expect("get")
+                .is_some(),
+            "relay {i}'s record was pushed out"
+        );
+    }
+    // And the mesh still works: a hinted packet from A reaches relay 2.
+    drop(minter);
+    let f = &relays[2];
+    let mut bob = recipient(f).await;
+    let mut alice = ws(&a.ws).await;
+    send_route(&mut alice, H, &key_hex(f)).await;
+    send_packet(&mut alice, H, b"still here").await;
+    assert_eq!(&next_packet(&mut bob).await[31..], b"still here");
+    stop_all(relays).await;
 }

@@ -50,6 +50,16 @@ impl AddressBook<'_> {
     /// record with the oldest timestamp if it is newer than that one, and
     /// is refused with [`Error::BookFull`] otherwise.
     pub async fn upsert(&self, record: &AddressRecord, now_ms: u64) -> Result<Upsert> {
+        self.upsert_inner(record, now_ms, false).await
+    }
+
+    /// Stores this relay's own record: never refused for room and never
+    /// displaced (it may take the book one over its cap).
+    pub async fn upsert_own(&self, record: &AddressRecord, now_ms: u64) -> Result<Upsert> {
+        self.upsert_inner(record, now_ms, true).await
+    }
+
+    async fn upsert_inner(&self, record: &AddressRecord, now_ms: u64, own: bool) -> Result<Upsert> {
         let key = record.relay_key().to_bytes();
         let bytes = record.encode();
         let ts = record.timestamp_ms();
@@ -79,7 +89,7 @@ impl AddressBook<'_> {
                                     .fetch_one(&mut ctx.conn)
                                     .await
                                     .map_err(|e| ctx.db_err("count address book", e))?;
-                            if count >= max {
+                            if count >= max && !own {
                                 let oldest = sqlx::query(
                                     "SELECT relay_key, timestamp_ms FROM address_book \
                                      WHERE connected_ms < ? AND first_seen_ms > ? \
@@ -107,17 +117,21 @@ impl AddressBook<'_> {
                             Upsert::Inserted
                         }
                     };
+                    // Our own record counts as connected for ever.
+                    let connected = if own { i64::MAX } else { 0 };
                     sqlx::query(
-                        "INSERT INTO address_book (relay_key, timestamp_ms, record, received_ms, first_seen_ms) \
-                         VALUES (?, ?, ?, ?, ?) ON CONFLICT (relay_key) DO UPDATE SET \
+                        "INSERT INTO address_book (relay_key, timestamp_ms, record, received_ms, first_seen_ms, connected_ms) \
+                         VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (relay_key) DO UPDATE SET \
                          timestamp_ms = excluded.timestamp_ms, record = excluded.record, \
-                         received_ms = excluded.received_ms",
+                         received_ms = excluded.received_ms, \
+                         connected_ms = max(connected_ms, excluded.connected_ms)",
                     )
                     .bind(key.as_slice())
                     .bind(ms(ts))
                     .bind(&bytes)
                     .bind(ms(now_ms))
                     .bind(ms(now_ms))
+                    .bind(connected)
                     .execute(&mut ctx.conn)
                     .await
                     .map_err(|e| ctx.db_err("store address record", e))?;

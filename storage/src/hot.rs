@@ -163,6 +163,16 @@ impl HotRows {
             .collect()
     }
 
+    /// Up to `limit` unexpired packets with ids above `after`, in id order.
+    pub(crate) fn page(&self, after: i64, now_ms: u64, limit: usize) -> Vec<StoredPacket> {
+        self.by_id
+            .range(after.saturating_add(1)..)
+            .filter(|(_, r)| r.expires_ms > now_ms)
+            .take(limit)
+            .filter_map(|(id, _)| self.get(*id))
+            .collect()
+    }
+
     /// One hot packet, if it is still here.
     pub(crate) fn get(&self, id: i64) -> Option<StoredPacket> {
         self.by_id.get(&id).map(|r| StoredPacket {

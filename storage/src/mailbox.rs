@@ -775,8 +775,8 @@ impl Mailbox<'_> {
     }
 
     /// Up to `limit` unexpired packets with ids above `after`, in id order,
-    /// from the SQLite tier only: at open every packet is there (the hot
-    /// log is replayed into it), so this lists what a restart holds.
+    /// from both tiers (a packet moving from the hot tier to SQLite during
+    /// the call is listed once).
     pub async fn page_stored(
         &self,
         after: MailboxId,
@@ -793,9 +793,21 @@ impl Mailbox<'_> {
         .fetch_all(self.store.readers())
         .await
         .map_err(|e| self.store.db_err("page stored packets", e))?;
-        rows.iter()
+        let mut out = rows
+            .iter()
             .map(|r| row_to_packet(r).map_err(|e| self.store.db_err("read stored packet", e)))
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(hot) = self.store.hot_rows() {
+            let rows = match hot.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            out.extend(rows.page(after.0, now_ms, limit as usize));
+        }
+        out.sort_by_key(|p| p.id);
+        out.dedup_by_key(|p| p.id);
+        out.truncate(limit as usize);
+        Ok(out)
     }
 
     /// Deletes delivered packets; returns how many existed. Deletions from

@@ -21,6 +21,9 @@
 //!                                                                home relay, asked by ours over
 //!                                                                federation (the device talks only
 //!                                                                to its own relay)
+//!   0x0A Home      count (u16) ‖ count × destination hash (8)   hashes (say, future hours') to keep
+//!                                                                packets for while offline; nothing
+//!                                                                is delivered on them now
 //! relay → device
 //!   0x81 Stored    seq (u64)                                     the packet is durable
 //!   0x82 Deliver   delivery id (u64) ‖ client packet
@@ -104,6 +107,10 @@ pub const PREKEY_LEN: usize = 36;
 pub enum Frame {
     /// Device registers these destination hashes (replacing earlier ones).
     Register(Vec<[u8; 8]>),
+    /// Device names hashes that are its own (future hours', typically):
+    /// the relay keeps packets for them while it is offline and answers
+    /// for them as their home relay, but delivers nothing on them now.
+    Home(Vec<[u8; 8]>),
     /// Device sends a packet; `seq` is its own counter.
     Packet {
         /// Sender's sequence number, echoed in Stored/Refused.
@@ -203,12 +210,19 @@ pub use crate::stream::FrameError as Error;
 #[derive(Debug, Clone, Copy)]
 pub struct DeviceWire;
 
+fn put_hashes(dst: &mut BytesMut, h: Vec<[u8; 8]>) {
+    dst.put_u16(h.len() as u16);
+    for x in h {
+        dst.put_slice(&x);
+    }
+}
+
 /// Length-prefixed frame codec with a size limit.
 pub type Codec = crate::stream::LengthCodec<DeviceWire>;
 
 fn body_len(f: &Frame) -> usize {
     1 + match f {
-        Frame::Register(h) => 2 + 8 * h.len(),
+        Frame::Register(h) | Frame::Home(h) => 2 + 8 * h.len(),
         Frame::Packet { packet, .. } | Frame::Deliver { packet, .. } => 8 + packet.len(),
         Frame::PacketTo { packet, .. } => 40 + packet.len(),
         Frame::Ack(_) | Frame::Stored(_) => 8,
@@ -235,10 +249,10 @@ impl crate::stream::Wire for DeviceWire {
     }
 
     fn check(f: &Frame) -> Result<(), Error> {
-        if let Frame::Register(h) = &f
+        if let Frame::Register(h) | Frame::Home(h) = &f
             && h.len() > MAX_REGISTER
         {
-            return Err(Error::Malformed("too many hashes in one Register"));
+            return Err(Error::Malformed("too many hashes in one Register or Home"));
         }
         match &f {
             Frame::Publish { namespace, .. }
@@ -261,10 +275,11 @@ impl crate::stream::Wire for DeviceWire {
         match f {
             Frame::Register(h) => {
                 dst.put_u8(0x01);
-                dst.put_u16(h.len() as u16);
-                for x in h {
-                    dst.put_slice(&x);
-                }
+                put_hashes(dst, h);
+            }
+            Frame::Home(h) => {
+                dst.put_u8(0x0A);
+                put_hashes(dst, h);
             }
             Frame::Packet { seq, packet } => {
                 dst.put_u8(0x02);
@@ -407,7 +422,7 @@ fn decode_body(ty: u8, mut body: Bytes) -> Result<Frame, Error> {
         }
     };
     let frame = match ty {
-        0x01 => {
+        0x01 | 0x0A => {
             need(&body, 2)?;
             let n = body.get_u16() as usize;
             exact(&body, 8 * n)?;
@@ -417,7 +432,11 @@ fn decode_body(ty: u8, mut body: Bytes) -> Result<Frame, Error> {
                 body.copy_to_slice(&mut h);
                 hashes.push(h);
             }
-            Frame::Register(hashes)
+            if ty == 0x01 {
+                Frame::Register(hashes)
+            } else {
+                Frame::Home(hashes)
+            }
         }
         0x02 => {
             need(&body, 8)?;
@@ -540,6 +559,7 @@ mod tests {
     fn every_frame_round_trips() {
         round_trip(Frame::Register(vec![[1; 8], [2; 8]]));
         round_trip(Frame::Register(vec![]));
+        round_trip(Frame::Home(vec![[3; 8]; 720]));
         round_trip(Frame::PacketTo {
             seq: 3,
             home: [4; 32],

@@ -75,13 +75,14 @@ impl Unacked {
 /// `inbound` and this session has not taken yet.
 pub async fn run(
     core: Arc<Core>,
+    owner: crate::homed::Owner,
     mut inbound: mpsc::Receiver<Frame>,
     queued: Arc<std::sync::atomic::AtomicUsize>,
     to_device: mpsc::Sender<Frame>,
     cancel: CancellationToken,
     bounds: Bounds,
 ) {
-    let (id, queue) = core.connect(ConnKind::Device, None);
+    let (id, queue) = core.connect(ConnKind::Device, owner);
     core.metrics.devices_connected.fetch_add(1, Relaxed);
     let mut hashes: Vec<DestHash> = Vec::new();
     let mut in_flight = Unacked::default();
@@ -167,6 +168,14 @@ pub async fn run(
                     let _ = queued.fetch_update(Relaxed, Relaxed, |q| Some(q.saturating_sub(packet.len())));
                 }
                 match frame {
+                    Frame::Home(list) => {
+                        if list.len() > core.max_hashes() {
+                            let _ = to_device.send(Frame::Refused { seq: 0, code: RefusedCode::Malformed, reason: "too many destination hashes".into() }).await;
+                            break;
+                        }
+                        let list: Vec<DestHash> = list.into_iter().map(DestHash).collect();
+                        core.home(id, &list);
+                    }
                     Frame::Register(list) => {
                         if list.len() > core.max_hashes() {
                             let _ = to_device.send(Frame::Refused { seq: 0, code: RefusedCode::Malformed, reason: "too many destination hashes".into() }).await;

@@ -67,7 +67,8 @@ pub struct Driver {
     >,
     /// A hand-back of stored packets (after the queue overflowed) is running.
     handing_back: Arc<std::sync::atomic::AtomicBool>,
-    max_pending: usize,
+    /// The last hand-back filled the room it had: there may be more.
+    hand_back_more: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Driver {
@@ -78,7 +79,7 @@ impl std::fmt::Debug for Driver {
 
 impl Driver {
     /// A driver for `fed`, with store workers over `core`.
-    pub fn new(fed: Federation, core: Arc<Core>, pool: Pool, max_pending: usize) -> Self {
+    pub fn new(fed: Federation, core: Arc<Core>, pool: Pool) -> Self {
         Self {
             fed,
             core,
@@ -86,7 +87,7 @@ impl Driver {
             topic: IdentTopic::new(RECORDS_TOPIC),
             claim_replies: std::collections::HashMap::new(),
             handing_back: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            max_pending,
+            hand_back_more: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 
@@ -121,10 +122,20 @@ impl Driver {
         }
         self.apply(swarm, out);
         for (req, answer) in self.fed.claims.take_finished() {
-            if let Some(reply) = self.claim_replies.remove(&req)
-                && let Some(a) = answer
-            {
-                let _ = reply.send(a);
+            let reply = self.claim_replies.remove(&req);
+            match answer {
+                Some(a) => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(a);
+                    }
+                }
+                None => {
+                    self.core
+                        .metrics
+                        .federation
+                        .claims_failed
+                        .fetch_add(1, Relaxed);
+                }
             }
         }
         self.update_gauges(swarm);
@@ -448,15 +459,23 @@ impl Driver {
         if !self.fed.forward.has_room() || self.handing_back.load(Relaxed) {
             return;
         }
-        if !self.fed.forward.take_overflow() {
+        let overflowed = self.fed.forward.take_overflow();
+        if !self.hand_back_more.swap(false, Relaxed) && !overflowed {
             return;
         }
         self.handing_back.store(true, Relaxed);
         let core = self.core.clone();
         let flag = self.handing_back.clone();
-        let max = self.max_pending;
+        let more = self.hand_back_more.clone();
+        // As many as fit now, skipping those already on their way; a pass
+        // that fills the queue again sets the overflow flag for the next.
+        let room = self.fed.forward.room();
+        let skip = self.fed.forward.pending_mailboxes();
         tokio::spawn(async move {
-            let n = core.refederate_stored(max).await;
+            let n = core.refederate_stored(room, &skip).await;
+            if n >= room {
+                more.store(true, Relaxed);
+            }
             if n > 0 {
                 tracing::debug!(packets = n, "stored packets handed back to the federation");
             }

@@ -148,6 +148,16 @@ impl Forward {
         self.pending.len() < self.cfg.max_pending && self.pending_bytes < self.cfg.max_pending_bytes
     }
 
+    /// How many more packets fit (by count).
+    pub fn room(&self) -> usize {
+        self.cfg.max_pending.saturating_sub(self.pending.len())
+    }
+
+    /// The stored copies with a packet pending here.
+    pub fn pending_mailboxes(&self) -> HashSet<MailboxId> {
+        self.by_mailbox.clone()
+    }
+
     /// Whether a packet found no room since the last call (its stored copy
     /// stays here, to be handed back once there is room).
     pub fn take_overflow(&mut self) -> bool {

@@ -227,7 +227,7 @@ async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
             Vec::new()
         }
         Job::StoreOwnRecord(r) => {
-            if let Err(e) = book.upsert(&r, now_ms()).await {
+            if let Err(e) = book.upsert_own(&r, now_ms()).await {
                 tracing::warn!(error = %e, "storing our own address record");
             }
             Vec::new()

@@ -44,6 +44,7 @@ use meshwhisper_crypto::destination::DestHash;
 use meshwhisper_crypto::identity::IdentityKeyPair;
 use rand_core::Rng as _;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 /// Capacity of the channel from the core (packets to federate).
 pub(crate) const OUTBOUND_QUEUE: usize = 8192;
@@ -290,9 +291,7 @@ impl Federation {
 
     /// A frame could not be queued for `peer`.
     pub fn unsent(&mut self, now: u64, peer: PeerId, frame: &Frame) {
-        self.metrics
-            .drops_queue_full
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.drops_queue_full.fetch_add(1, Relaxed);
         self.forward.unsent(now, peer, frame);
     }
 
@@ -346,6 +345,7 @@ impl Federation {
                 identity,
             } => {
                 if self.ae.may_serve(peer, &self.metrics) {
+                    self.metrics.claims_served.fetch_add(1, Relaxed);
                     out.push(Action::Job(Job::ServeClaim {
                         peer,
                         req,
@@ -455,11 +455,19 @@ impl Federation {
         view: &dyn View,
         out: &mut Vec<Action>,
     ) -> Option<u64> {
-        let target = home.to_peer()?;
+        let Some(target) = home.to_peer() else {
+            self.metrics.claims_failed.fetch_add(1, Relaxed);
+            return None;
+        };
         let open = view.stream_open(&target);
-        let req = self
+        let Some(req) = self
             .claims
-            .request(now, target, namespace, identity, open, out)?;
+            .request(now, target, namespace, identity, open, out)
+        else {
+            self.metrics.claims_failed.fetch_add(1, Relaxed);
+            return None;
+        };
+        self.metrics.claims_sent.fetch_add(1, Relaxed);
         self.route_actions(now, view, out);
         Some(req)
     }
