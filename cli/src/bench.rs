@@ -27,6 +27,9 @@ pub enum BenchCommand {
     /// Federation: address-book convergence of N in-process relays from
     /// one bootstrap.
     Federation(crate::bench_federation::FederationBench),
+    /// Abuse resistance: replays attacks against a relay it starts and
+    /// reports memory against a budget and a control client's latency.
+    Abuse(crate::bench_abuse::AbuseBench),
 }
 
 /// The value at fraction `p` of a sorted slice (0 when empty).
@@ -95,6 +98,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Relay(b) => b,
         BenchCommand::Client(b) => return crate::bench_client::run(b),
         BenchCommand::Federation(b) => return crate::bench_federation::run(b),
+        BenchCommand::Abuse(b) => return crate::bench_abuse::run(b),
     };
     anyhow::ensure!(
         b.size >= 47,

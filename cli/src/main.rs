@@ -5,12 +5,22 @@ use std::process::ExitCode;
 
 mod backup;
 mod bench;
+mod bench_abuse;
 mod bench_client;
 mod bench_federation;
 mod control;
 mod keys;
 mod person;
 mod relay;
+
+// The allocator returns freed memory to the system (docs/benchmarks.md,
+// "Abuse resistance"); its settings are in .cargo/config.toml.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// MeshWhisper: end-to-end encrypted messaging through relays that cannot
 /// read it.
