@@ -304,6 +304,11 @@ pub struct Federation {
     /// that address's least recently registered are forgotten. The JS SDK
     /// registers 720 per client. Default 65536.
     pub homed_per_ip: usize,
+    /// Homed-hash changes waiting to be written to the store (once a
+    /// second, in commits of 4096). Beyond, a change is kept in memory only
+    /// until the hash is registered again, so a registration flood cannot
+    /// tie up the store. Default 65536.
+    pub homed_dirty_max: usize,
     /// How long a registered hash stays homed here after its last
     /// registration, hours. Default 720 (the mailbox TTL).
     pub homed_hours: u64,
@@ -349,6 +354,7 @@ impl Default for Federation {
             store_workers: 2,
             homed_max: 1_000_000,
             homed_per_ip: 65_536,
+            homed_dirty_max: 65_536,
             homed_hours: 720,
             gossip_mesh_n: 2,
             gossip_mesh_n_low: 1,
@@ -850,6 +856,7 @@ impl Config {
             homed_ttl_ms: self.federation.homed_hours.saturating_mul(3_600_000),
             homed_max: self.federation.homed_max,
             homed_per_ip: self.federation.homed_per_ip,
+            homed_dirty_max: self.federation.homed_dirty_max,
         }
     }
 

@@ -71,6 +71,8 @@ pub struct CoreLimits {
     pub max_hashes: usize,
     /// How long a registered hash stays homed here.
     pub homed_ttl_ms: u64,
+    /// Homed-hash changes waiting to be written; beyond, kept in memory only.
+    pub homed_dirty_max: usize,
     /// Homed hashes kept in all.
     pub homed_max: usize,
     /// Homed hashes kept per client address.
@@ -156,6 +158,9 @@ pub struct RemoteClaim {
     pub reply: tokio::sync::oneshot::Sender<(meshwhisper_behaviour::device::codec::Status, Bytes)>,
 }
 
+/// Homed-hash rows written per commit.
+const HOMED_WRITE_BATCH: usize = 4096;
+
 /// How long a claim at another relay may take.
 pub const REMOTE_CLAIM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
@@ -180,6 +185,7 @@ pub struct Core {
     homed: Mutex<HomedSet>,
     /// Homed hashes to write (`Some(expiry)`) or delete (`None`).
     homed_dirty: Mutex<HashMap<DestHash, Option<u64>>>,
+    homed_dirty_max: usize,
     federation: std::sync::OnceLock<mpsc::Sender<Federate>>,
     claims: std::sync::OnceLock<mpsc::Sender<RemoteClaim>>,
     max_packet: usize,
@@ -213,6 +219,7 @@ impl Core {
                 limits.homed_per_ip,
             )),
             homed_dirty: Mutex::new(HashMap::new()),
+            homed_dirty_max: limits.homed_dirty_max.max(1),
             federation: std::sync::OnceLock::new(),
             claims: std::sync::OnceLock::new(),
             max_packet: limits.max_packet,
@@ -378,13 +385,30 @@ impl Core {
                 .homed_evicted
                 .fetch_add(changes.evicted.len() as u64, Relaxed);
         }
-        // Persisted in the background, coalesced (see `flush_homed`).
-        let mut dirty = self.homed_dirty();
-        for d in changes.evicted {
-            dirty.insert(d, None);
+        // Persisted in the background, coalesced (see `flush_homed`), at
+        // most `homed_dirty_max` changes at a time: beyond, a change is kept
+        // in memory only (persistence is what a restart starts from, best
+        // effort under a flood).
+        let mut unsaved = 0u64;
+        {
+            let mut dirty = self.homed_dirty();
+            let changes = changes
+                .evicted
+                .into_iter()
+                .map(|d| (d, None))
+                .chain(changes.remembered.into_iter().map(|d| (d, Some(exp))));
+            for (d, v) in changes {
+                if let Some(slot) = dirty.get_mut(&d) {
+                    *slot = v;
+                } else if dirty.len() < self.homed_dirty_max {
+                    dirty.insert(d, v);
+                } else {
+                    unsaved += 1;
+                }
+            }
         }
-        for d in changes.remembered {
-            dirty.insert(d, Some(exp));
+        if unsaved > 0 {
+            self.metrics.homed_unsaved.fetch_add(unsaved, Relaxed);
         }
     }
 
@@ -411,13 +435,19 @@ impl Core {
                 None => forget.push(d),
             }
         }
+        // In commits of at most HOMED_WRITE_BATCH rows, so other writers'
+        // work goes between them.
         let homed = self.store.homed();
-        if let Err(e) = homed.forget(forget).await {
-            tracing::warn!(error = %e, "could not forget evicted homed hashes");
+        for chunk in forget.chunks(HOMED_WRITE_BATCH) {
+            if let Err(e) = homed.forget(chunk.to_vec()).await {
+                tracing::warn!(error = %e, "could not forget evicted homed hashes");
+            }
         }
         for (exp, hashes) in remember {
-            if let Err(e) = homed.remember(hashes, exp).await {
-                tracing::warn!(error = %e, "could not remember homed hashes");
+            for chunk in hashes.chunks(HOMED_WRITE_BATCH) {
+                if let Err(e) = homed.remember(chunk.to_vec(), exp).await {
+                    tracing::warn!(error = %e, "could not remember homed hashes");
+                }
             }
         }
     }
@@ -618,7 +648,7 @@ impl Core {
                         .iter()
                         .map(|(i, d, f, _)| meshwhisper_storage::mailbox::Federated {
                             dest: *d,
-                            packet: f.to_vec(),
+                            packet: f.clone(),
                             id: ids.get(*i).copied().unwrap_or([0; 16]),
                             remember_until_ms: *until,
                         })
@@ -628,7 +658,7 @@ impl Core {
                 None => {
                     let packets = valid
                         .iter()
-                        .map(|(_, d, f, r)| (*d, f.to_vec(), *r))
+                        .map(|(_, d, f, r)| (*d, f.clone(), *r))
                         .collect();
                     mailbox.enqueue_routed(packets, now_ms()).await
                 }

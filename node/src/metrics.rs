@@ -46,6 +46,9 @@ pub struct Metrics {
     pub uploads_over_quota: AtomicU64,
     /// Homed hashes forgotten to make room (a full table or address share).
     pub homed_evicted: AtomicU64,
+    /// Homed-hash changes kept in memory only: too many were waiting to be
+    /// written (`federation.homed_dirty_max`).
+    pub homed_unsaved: AtomicU64,
     /// Push wake webhooks sent.
     pub push_sent: AtomicU64,
     /// Push wake webhooks that failed or were dropped (queue full).
@@ -539,6 +542,11 @@ impl Metrics {
             "meshwhisper_homed_evicted_total",
             "Homed hashes forgotten to make room",
             self.homed_evicted.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_homed_unsaved_total",
+            "Homed-hash changes kept in memory only: too many were waiting to be written",
+            self.homed_unsaved.load(Relaxed),
         );
         counter(
             "meshwhisper_bundles_refused_total",

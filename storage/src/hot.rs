@@ -48,7 +48,8 @@ const PACKET_EXTRA: u8 = 3;
 #[derive(Debug, Clone)]
 pub(crate) struct HotRow {
     pub(crate) dest: [u8; 8],
-    pub(crate) packet: Vec<u8>,
+    /// Shared with the writer's op and the spill (no copies).
+    pub(crate) packet: bytes::Bytes,
     pub(crate) received_ms: u64,
     pub(crate) expires_ms: u64,
     /// The home relay the sender named (kept across restarts).
@@ -178,7 +179,7 @@ impl HotRows {
         self.by_id.get(&id).map(|r| StoredPacket {
             id: MailboxId(id),
             dest: DestHash(r.dest),
-            packet: r.packet.clone(),
+            packet: r.packet.to_vec(),
             received_ms: r.received_ms,
             expires_ms: r.expires_ms,
             route: r.route,
@@ -224,8 +225,9 @@ pub(crate) struct HotLog {
 
 /// Hot packets held before a spill is forced regardless of the schedule.
 const MAX_ROWS: usize = 65_536;
-/// Packet bytes held before a spill is forced regardless of the schedule.
-const MAX_BYTES: usize = 64 * 1024 * 1024;
+/// Packet bytes held before a spill is forced regardless of the schedule
+/// (large packets arriving fast spill often; small ones rarely reach it).
+const MAX_BYTES: usize = 16 * 1024 * 1024;
 
 fn checksum(kind: u8, id: i64, body: &[u8]) -> [u8; 4] {
     let mut h = crc32fast::Hasher::new();
@@ -268,7 +270,7 @@ fn packet_body(body: &[u8], route: Option<[u8; 32]>) -> Option<HotRow> {
     t.copy_from_slice(&body[16..24]);
     Some(HotRow {
         dest,
-        packet: body[24..].to_vec(),
+        packet: bytes::Bytes::copy_from_slice(&body[24..]),
         received_ms,
         expires_ms: u64::from_be_bytes(t),
         route,
@@ -622,7 +624,7 @@ mod tests {
         encode(&mut buf, TOMBSTONE, 2, &[]);
         let live = replay(&buf);
         assert_eq!(live.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![1, 3]);
-        assert_eq!(live[1].1.packet, b"pkt");
+        assert_eq!(live[1].1.packet.as_ref(), b"pkt");
         assert_eq!(live[1].1.expires_ms, 2);
         // A torn or damaged tail: what came before is kept.
         let whole = buf.len();

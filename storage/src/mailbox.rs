@@ -73,7 +73,7 @@ pub struct Federated {
     /// Its destination.
     pub dest: DestHash,
     /// The packet.
-    pub packet: Vec<u8>,
+    pub packet: bytes::Bytes,
     /// The id the sending relay gave it.
     pub id: crate::fed_seen::FedId,
     /// Until when the id is remembered (the sender may resend until then).
@@ -219,7 +219,7 @@ async fn insert_plain(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Vec<Enqueued>
         for op in chunk {
             q = q
                 .bind(op.dest.as_slice())
-                .bind(op.packet.as_slice())
+                .bind(op.packet.as_ref())
                 .bind(ms(op.received_ms))
                 .bind(ms(op.expires_ms))
                 .bind(op.route.map(|r| r.to_vec()));
@@ -422,20 +422,38 @@ pub(crate) async fn spill(ctx: &mut WriterCtx) -> Result<()> {
     Ok(())
 }
 
+/// Packet bytes bound in one spill statement.
+const INSERT_BYTES: usize = 4 * 1024 * 1024;
+
 /// `INSERT OR IGNORE` of rows with their ids (spills and crash recovery).
 pub(crate) async fn insert_with_ids(
     conn: &mut sqlx::SqliteConnection,
     path: &std::path::Path,
     rows: &[(i64, crate::hot::HotRow)],
 ) -> Result<()> {
-    for chunk in rows.chunks(128) {
+    // At most 128 rows and about INSERT_BYTES of packets per statement:
+    // SQLite copies bound blobs, so a spill of large packets holds only one
+    // statement's worth of copies at a time.
+    let mut rest = rows;
+    while !rest.is_empty() {
+        let mut n = 0;
+        let mut bytes = 0;
+        while n < rest.len()
+            && n < 128
+            && (n == 0 || bytes + rest[n].1.packet.len() <= INSERT_BYTES)
+        {
+            bytes += rest[n].1.packet.len();
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
         let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
             "INSERT OR IGNORE INTO mailbox (id, dest, packet, received_ms, expires_ms, route) ",
         );
         qb.push_values(chunk, |mut b, (id, r)| {
             b.push_bind(*id)
                 .push_bind(r.dest.to_vec())
-                .push_bind(r.packet.as_slice())
+                .push_bind(r.packet.as_ref())
                 .push_bind(ms(r.received_ms))
                 .push_bind(ms(r.expires_ms))
                 .push_bind(r.route.map(|x| x.to_vec()));
@@ -553,7 +571,7 @@ impl Mailbox<'_> {
     /// with the packet, so a restart still routes it there).
     pub async fn enqueue_routed(
         &self,
-        packets: Vec<(DestHash, Vec<u8>, Option<[u8; 32]>)>,
+        packets: Vec<(DestHash, bytes::Bytes, Option<[u8; 32]>)>,
         now_ms: u64,
     ) -> Result<Vec<Enqueued>> {
         self.enqueue_rows(
@@ -636,7 +654,8 @@ impl Mailbox<'_> {
             .await
     }
 
-    fn row(&self, dest: DestHash, packet: Vec<u8>, now_ms: u64) -> Result<Row> {
+    fn row(&self, dest: DestHash, packet: impl Into<bytes::Bytes>, now_ms: u64) -> Result<Row> {
+        let packet = packet.into();
         let cfg = self.store.config();
         if packet.len() > cfg.max_packet_bytes {
             return Err(Error::TooLarge {

@@ -121,7 +121,7 @@ impl<T: Send + 'static> Job for ClosureJob<T> {
 /// One packet to queue.
 pub(crate) struct Row {
     pub(crate) dest: [u8; 8],
-    pub(crate) packet: Vec<u8>,
+    pub(crate) packet: bytes::Bytes,
     pub(crate) received_ms: u64,
     pub(crate) expires_ms: u64,
     /// The home relay the sender named.
