@@ -91,6 +91,46 @@ pub fn destination(frame: &[u8], max: usize) -> Result<DestHash, Error> {
     Ok(DestHash(d))
 }
 
+/// Packet flags (header byte 1), as the reference SDK sets them.
+pub mod flags {
+    /// A message in an established session.
+    pub const DATA: u8 = 0x01;
+    /// An acknowledgement.
+    pub const ACK: u8 = 0x02;
+    /// Cover traffic.
+    pub const CHAFF: u8 = 0x03;
+    /// A first-contact (handshake) message.
+    pub const HANDSHAKE: u8 = 0x04;
+    /// A route request.
+    pub const ROUTE_REQUEST: u8 = 0x05;
+    /// A route offer.
+    pub const ROUTE_OFFER: u8 = 0x06;
+}
+
+/// The payload a packet's header declares: the `payload length` bytes
+/// after the 31-byte header, as a recipient reads a delivered packet.
+/// Unlike [`destination`] (the relay's strict check) it checks neither the
+/// version nor the size limit, and ignores bytes after the declared
+/// payload.
+///
+/// Errors: [`Error::TooShort`] when the frame is shorter than the header,
+/// [`Error::LengthMismatch`] when the declared length runs past its end.
+pub fn payload(frame: &[u8]) -> Result<&[u8], Error> {
+    // The payload length is the header's last field (u32, big-endian).
+    let Some(len) = frame.get(..HEADER_LEN).and_then(|h| h.last_chunk::<4>()) else {
+        return Err(Error::TooShort(frame.len()));
+    };
+    let declared = u32::from_be_bytes(*len);
+    usize::try_from(declared)
+        .ok()
+        .and_then(|n| HEADER_LEN.checked_add(n))
+        .and_then(|end| frame.get(HEADER_LEN..end))
+        .ok_or(Error::LengthMismatch {
+            declared,
+            actual: frame.len() - HEADER_LEN,
+        })
+}
+
 /// Builds a packet (for tests, tools and the load generator).
 pub fn build(flags: u8, dest: DestHash, sender: [u8; 16], ttl: u8, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
@@ -140,5 +180,24 @@ mod tests {
         ));
         p[0] = 2;
         assert_eq!(destination(&p, 100), Err(Error::UnknownVersion(2)));
+    }
+
+    #[test]
+    fn payload_reads_the_declared_bytes() {
+        let p = build(flags::DATA, DestHash([1; 8]), [2; 16], 8, b"hello");
+        assert_eq!(payload(&p), Ok(&b"hello"[..]));
+        let empty = build(flags::HANDSHAKE, DestHash([1; 8]), [2; 16], 8, b"");
+        assert_eq!(payload(&empty), Ok(&b""[..]));
+        let mut longer = p.clone();
+        longer.extend_from_slice(b"??");
+        assert_eq!(payload(&longer), Ok(&b"hello"[..]));
+        assert_eq!(payload(&p[..30]), Err(Error::TooShort(30)));
+        assert_eq!(
+            payload(&p[..33]),
+            Err(Error::LengthMismatch {
+                declared: 5,
+                actual: 2
+            })
+        );
     }
 }

@@ -2,8 +2,9 @@
 //! FULL` (a session step that was committed survives power loss, so no
 //! message key is ever used twice), written by one task.
 //!
-//! Functions take a connection or a transaction, so the engine can commit a
-//! ratchet step together with what it produced.
+//! Functions take a connection, or a transaction through it (the engine's
+//! `Tx` derefs to the connection), so the engine can commit a ratchet step
+//! together with what it produced.
 
 use crate::Error;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
@@ -573,12 +574,4 @@ pub(crate) async fn count(c: &mut Conn, sql: &'static str) -> Result<u64, Error>
         .await
         .map_err(db("count"))?;
     Ok(n.max(0) as u64)
-}
-
-pub(crate) async fn begin(c: &mut Conn) -> Result<sqlx::Transaction<'_, sqlx::Sqlite>, Error> {
-    c.begin().await.map_err(db("begin a transaction"))
-}
-
-pub(crate) async fn commit(tx: sqlx::Transaction<'_, sqlx::Sqlite>) -> Result<(), Error> {
-    tx.commit().await.map_err(db("commit"))
 }

@@ -291,6 +291,11 @@ pub struct Config {
     /// Hours of destination hashes registered after being offline, so what
     /// was sent meanwhile is drained. Default 168 (the relay's retention).
     pub catch_up_hours: u64,
+    /// Hours of future destination hashes named to the home relay at each
+    /// connection (and daily while connected), so it keeps packets for us
+    /// while we are offline and answers for us as our home. Default 720
+    /// (the relay's `homed_hours`).
+    pub home_hours: u64,
     /// Sessions kept per contact. Default 3.
     pub max_sessions_per_contact: u32,
     /// Events queued for the application before the client waits for it.
@@ -346,6 +351,7 @@ impl Config {
             rotate_after: Duration::from_secs(7 * 24 * 3600),
             prekey_grace: Duration::from_secs(30 * 24 * 3600),
             catch_up_hours: 168,
+            home_hours: 720,
             max_sessions_per_contact: 3,
             events_queue: 1024,
             request_timeout: Duration::from_secs(15),

@@ -82,6 +82,15 @@ pub fn check_name(name: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// The contact called `name`, read on `conn` (the profile's connection or
+/// a transaction on it).
+pub(crate) async fn contact_named(conn: &mut Conn, name: &str) -> Result<Contact, Error> {
+    let row = db::contact_by(conn, "name", name)
+        .await?
+        .ok_or_else(|| Error::NoSuchContact(name.to_string()))?;
+    Contact::from_row(row)
+}
+
 /// An open profile.
 pub struct Profile {
     pub(crate) dir: PathBuf,
@@ -411,10 +420,7 @@ impl Profile {
 
     /// One contact.
     pub async fn contact(&mut self, name: &str) -> Result<Contact, Error> {
-        let row = db::contact_by(&mut self.conn, "name", name)
-            .await?
-            .ok_or_else(|| Error::NoSuchContact(name.to_string()))?;
-        Contact::from_row(row)
+        contact_named(&mut self.conn, name).await
     }
 
     /// The 60-digit safety number shared with `name`.
