@@ -1,6 +1,9 @@
 //! `meshwhisper bench federation`: N relays in one process join a mesh
 //! through one bootstrap relay; measures how long until every relay's
-//! address book holds all N signed records.
+//! address book holds all N signed records (cold convergence), then, with
+//! `--changes K`, restarts K relays one at a time on new ports and measures
+//! how long each changed record takes to reach every other relay of the
+//! warm mesh.
 
 use anyhow::Context as _;
 use meshwhisper_node::config::Config;
@@ -20,6 +23,13 @@ pub struct FederationBench {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 300)]
     timeout: u64,
+    /// After converging, restart this many relays (one at a time, on new
+    /// ports) and time each new record's spread to every other relay.
+    #[arg(long, default_value_t = 0)]
+    changes: usize,
+    /// Pause between two changes, ms (the mesh settles in between).
+    #[arg(long, default_value_t = 1000)]
+    change_pause_ms: u64,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -106,10 +116,24 @@ async fn converge(b: FederationBench) -> anyhow::Result<()> {
                 .load(std::sync::atomic::Ordering::Relaxed)
         })
         .sum();
+    let spread = if converged.is_some() && b.changes > 0 {
+        changes(&b, &boot, &mut relays, &config).await?
+    } else {
+        Vec::new()
+    };
     for r in relays {
         r.shutdown().await;
     }
+    let pct = |q: f64| -> Option<f64> {
+        let mut v = spread.clone();
+        v.sort_by(f64::total_cmp);
+        (!v.is_empty()).then(|| v[((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1])
+    };
     let summary = serde_json::json!({
+        "changes": spread.len(),
+        "change_spread_s": spread,
+        "change_p50_s": pct(0.50),
+        "change_p99_s": pct(0.99),
         "relays": b.relays,
         "anti_entropy_ms": b.anti_entropy_ms,
         "gossip": b.gossip,
@@ -139,7 +163,101 @@ async fn converge(b: FederationBench) -> anyhow::Result<()> {
             ),
         }
         println!("records_learned_total={learned}");
+        if !spread.is_empty() {
+            println!(
+                "changes={} spread p50={:.3}s p99={:.3}s max={:.3}s",
+                spread.len(),
+                pct(0.50).unwrap_or(0.0),
+                pct(0.99).unwrap_or(0.0),
+                spread.iter().copied().fold(0.0, f64::max)
+            );
+        }
     }
     anyhow::ensure!(converged.is_some(), "the address books did not converge");
     Ok(())
+}
+
+/// Restarts relays 1, 2, ... (cycling) one at a time on a new port; for
+/// each, the seconds from the restart until every other relay's book holds
+/// its new record (with the new port).
+async fn changes(
+    b: &FederationBench,
+    boot: &str,
+    relays: &mut Vec<meshwhisper_node::Running>,
+    config: &impl Fn(usize, Option<String>) -> Config,
+) -> anyhow::Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(b.changes);
+    for k in 0..b.changes {
+        tokio::time::sleep(Duration::from_millis(b.change_pause_ms)).await;
+        let i = 1 + k % (relays.len() - 1);
+        let key =
+            meshwhisper_node::federation::key_of(&relays[i].p2p.peer_id).context("relay key")?;
+        let old_port = port_of(&relays[i]).await;
+        // Stop relay i and start it again on its data directory (same key).
+        relays.remove(i).shutdown().await;
+        let t0 = Instant::now();
+        let restarted = meshwhisper_node::start(config(i, Some(boot.to_string())))
+            .await
+            .with_context(|| format!("restarting relay {i}"))?;
+        relays.insert(i, restarted);
+        let new_port = port_of(&relays[i]).await;
+        anyhow::ensure!(new_port != old_port, "relay {i} got its old port back");
+        let deadline = t0 + Duration::from_secs(b.timeout);
+        let needle = format!("/tcp/{new_port}");
+        let mut every = tokio::time::interval(Duration::from_millis(10));
+        'wait: loop {
+            every.tick().await;
+            let mut all = true;
+            for (j, r) in relays.iter().enumerate() {
+                if j == i {
+                    continue;
+                }
+                let has = match r.core.store.address_book().get(&key).await {
+                    Ok(Some(rec)) => rec.addrs().iter().any(|a| {
+                        libp2p::Multiaddr::try_from(a.clone())
+                            .is_ok_and(|m| m.to_string().contains(&needle))
+                    }),
+                    _ => false,
+                };
+                if !has {
+                    all = false;
+                    break;
+                }
+            }
+            if all {
+                break 'wait;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "change {k}: relay {i}'s new record did not reach every relay"
+            );
+        }
+        let took = t0.elapsed().as_secs_f64();
+        if !b.json {
+            println!("change {k}: relay {i} on port {new_port}: everywhere after {took:.3} s");
+        }
+        out.push(took);
+    }
+    Ok(out)
+}
+
+/// The TCP port a relay listens on.
+async fn port_of(r: &meshwhisper_node::Running) -> u16 {
+    let mut addrs = r.p2p.listen_addrs.clone();
+    let list = match tokio::time::timeout(
+        Duration::from_secs(10),
+        addrs.wait_for(|a| !a.is_empty()),
+    )
+    .await
+    {
+        Ok(Ok(a)) => a.clone(),
+        _ => return 0,
+    };
+    list.iter()
+        .flat_map(|a| a.iter())
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .unwrap_or(0)
 }

@@ -277,6 +277,7 @@ impl Federation {
         );
         self.claims.stream_opened(peer, out);
         // Reconcile address books with a new peer right away.
+        self.ae.changed();
         self.ae.start(now, peer, &self.metrics, out);
         self.route_actions(now, view, out);
     }
