@@ -238,6 +238,16 @@ impl crate::stream::Wire for FederationWire {
             Frame::Digest { entries, .. } if entries.len() > MAX_DIGEST => {
                 return Err(Error::Malformed("too many digest entries"));
             }
+            // What the decoder refuses is never written either.
+            Frame::Forward { packet, .. } | Frame::Routed { packet, .. } if packet.is_empty() => {
+                return Err(Error::Malformed("empty packet"));
+            }
+            Frame::Routed { flags, .. } if flags & !ROUTED_STORE_ANYWAY != 0 => {
+                return Err(Error::Malformed("unknown routed flags"));
+            }
+            Frame::DigestRequest { limit, .. } if usize::from(*limit) > MAX_DIGEST => {
+                return Err(Error::Malformed("digest limit too large"));
+            }
             Frame::Claim { namespace, .. } if namespace.len() > 255 => {
                 return Err(Error::Malformed("namespace longer than 255 bytes"));
             }
@@ -701,6 +711,35 @@ mod tests {
         ));
         buf.put_u32(1_000_000);
         assert!(matches!(c.decode(&mut buf), Err(Error::TooLarge { .. })));
+    }
+
+    #[test]
+    fn what_the_decoder_refuses_is_never_written() {
+        let mut c = Codec::new(DEFAULT_MAX_FRAME);
+        for f in [
+            Frame::Forward {
+                id: [0; 16],
+                attempt: 0,
+                hops: 1,
+                packet: Bytes::new(),
+            },
+            Frame::Routed {
+                id: [0; 16],
+                flags: 2,
+                hops: 1,
+                target: [0; 32],
+                packet: Bytes::from_static(b"x"),
+            },
+            Frame::DigestRequest {
+                req: 1,
+                after: None,
+                limit: (MAX_DIGEST + 1) as u16,
+            },
+        ] {
+            let mut buf = BytesMut::new();
+            assert!(c.encode(f.clone(), &mut buf).is_err(), "{f:?}");
+            assert!(buf.is_empty());
+        }
     }
 
     proptest! {
