@@ -221,7 +221,20 @@ pub(crate) struct HotLog {
     pub(crate) last_spill: std::time::Instant,
     force: bool,
     spill_ran: bool,
+    /// The last spill stopped at its step: spill again with the next group.
+    more_due: bool,
+    /// Bytes in the log file now (rewritten when mostly dead).
+    log_len: usize,
 }
+
+/// Packet bytes one group moves into SQLite (unless everything must go):
+/// a spill never holds the writer for long.
+const SPILL_STEP_BYTES: usize = 4 * 1024 * 1024;
+/// Rows one group moves into SQLite (unless everything must go).
+const SPILL_STEP_ROWS: usize = 16_384;
+/// The log is rewritten once it holds this much more than twice its live
+/// packets (spilled and delivered ones are dead weight until then).
+const COMPACT_SLACK: usize = 8 * 1024 * 1024;
 
 /// Hot packets held before a spill is forced regardless of the schedule.
 const MAX_ROWS: usize = 65_536;
@@ -398,6 +411,8 @@ impl HotLog {
                 last_spill: std::time::Instant::now(),
                 force: false,
                 spill_ran: false,
+                more_due: false,
+                log_len: old.len(),
             },
             recovered,
         ))
@@ -454,23 +469,33 @@ impl HotLog {
             .collect()
     }
 
-    /// The hot packets that stayed a whole period (or all, when forced),
-    /// for a spill into SQLite inside the group. The younger ones are
-    /// usually delivered within milliseconds: they stay hot, and are
-    /// written to a fresh log that replaces this one after the commit.
+    /// The hot packets that stayed a whole period (the oldest first, when
+    /// the tier holds too much), for a spill into SQLite inside the group:
+    /// at most a step's worth ([`SPILL_STEP_BYTES`], [`SPILL_STEP_ROWS`]),
+    /// the rest with the next groups; everything when forced. The younger
+    /// ones are usually delivered within milliseconds and stay hot. After
+    /// the commit the spilled ones are tombstoned in the log.
     pub(crate) fn take_for_spill(&mut self) -> Vec<(i64, HotRow)> {
         let every = self.spill_every;
-        let all = self.force || self.over_bounds();
+        let over = self.over_bounds();
+        let force = self.force;
         let rows = self.rows();
-        let out: Vec<(i64, HotRow)> = rows
-            .by_id
-            .iter()
-            .filter(|(id, r)| {
-                !self.spilled.contains(id) && (all || r.at.is_none_or(|t| t.elapsed() >= every))
-            })
-            .map(|(id, r)| (*id, r.clone()))
-            .collect();
+        let mut out: Vec<(i64, HotRow)> = Vec::new();
+        let mut bytes = 0usize;
+        let mut more = false;
+        for (id, r) in rows.by_id.iter() {
+            if !(force || over || r.at.is_none_or(|t| t.elapsed() >= every)) {
+                continue;
+            }
+            if !force && (bytes >= SPILL_STEP_BYTES || out.len() >= SPILL_STEP_ROWS) {
+                more = true;
+                break;
+            }
+            bytes += r.packet.len();
+            out.push((*id, r.clone()));
+        }
         drop(rows);
+        self.more_due = more;
         self.spilled.extend(out.iter().map(|(id, _)| *id));
         self.spill_ran = true;
         out
@@ -478,7 +503,10 @@ impl HotLog {
 
     /// Whether a spill is due (on schedule, or the tier holds too much).
     pub(crate) fn spill_due(&self) -> bool {
-        self.force || self.last_spill.elapsed() >= self.spill_every || self.over_bounds()
+        self.force
+            || self.more_due
+            || self.last_spill.elapsed() >= self.spill_every
+            || self.over_bounds()
     }
 
     fn over_bounds(&self) -> bool {
@@ -500,6 +528,7 @@ impl HotLog {
         if self.sync {
             self.file.sync_data()?;
         }
+        self.log_len += self.buf.len();
         self.buf.clear();
         Ok(())
     }
@@ -512,20 +541,35 @@ impl HotLog {
             self.spill_ran = false;
             let spilled = std::mem::take(&mut self.spilled);
             let mut rows = self.rows();
-            for id in spilled {
-                rows.remove(id);
+            for id in &spilled {
+                rows.remove(*id);
             }
-            let mut fresh = Vec::new();
-            for (id, r) in rows.by_id.iter() {
-                encode_packet(&mut fresh, *id, r, None);
-            }
+            let (empty, live) = (rows.by_id.is_empty(), rows.bytes);
             drop(rows);
             self.last_spill = std::time::Instant::now();
             self.force = false;
-            if let Err(e) = self.replace_with(&fresh) {
+            // The spilled rows are in SQLite now: tombstones keep a replay
+            // from bringing them back (if this append is lost, the replay
+            // inserts them OR IGNOREs them: nothing was deleted between).
+            // The log is rewritten only once it is mostly dead weight.
+            let result = if empty {
+                self.truncate()
+            } else if self.log_len > live.saturating_mul(2).saturating_add(COMPACT_SLACK) {
+                let mut fresh = Vec::new();
+                for (id, r) in self.rows().by_id.iter() {
+                    encode_packet(&mut fresh, *id, r, None);
+                }
+                self.replace_with(&fresh)
+            } else {
+                for id in &spilled {
+                    encode(&mut self.buf, TOMBSTONE, *id, &[]);
+                }
+                self.flush()
+            };
+            if let Err(e) = result {
                 // The old log still holds everything: recovery repeats
                 // nothing (the spilled rows are inserted OR IGNOREd).
-                tracing::warn!(error = %e, "could not rewrite the hot log");
+                tracing::warn!(error = %e, "could not update the hot log after a spill");
             }
         }
     }
@@ -549,6 +593,7 @@ impl HotLog {
             f.sync_data()?;
         }
         drop(f);
+        self.log_len = records.len();
         std::fs::rename(&next, &self.path)?;
         if self.sync
             && let Some(dir) = self.path.parent().filter(|p| !p.as_os_str().is_empty())
@@ -594,6 +639,7 @@ impl HotLog {
     /// Empties the log (everything in it is in SQLite or gone).
     pub(crate) fn truncate(&mut self) -> std::io::Result<()> {
         self.file.set_len(0)?;
+        self.log_len = 0;
         if self.sync {
             self.file.sync_data()?;
         }
@@ -604,6 +650,41 @@ impl HotLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(at: Option<std::time::Instant>) -> HotRow {
+        HotRow {
+            dest: [1; 8],
+            packet: bytes::Bytes::from_static(b"pkt"),
+            received_ms: 1,
+            expires_ms: u64::MAX,
+            route: None,
+            at,
+        }
+    }
+
+    #[test]
+    fn a_partial_spill_tombstones_what_went_to_sqlite() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("x-hot.log");
+        let (mut log, _) =
+            HotLog::open(path.clone(), false, std::time::Duration::from_secs(3600)).expect("open");
+        // One old packet (due for a spill), one that just arrived.
+        let old = log.add(row(None), None);
+        let young = log.add(row(Some(std::time::Instant::now())), None);
+        log.flush().expect("flush");
+        let spilled = log.take_for_spill();
+        assert_eq!(spilled.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![old]);
+        log.committed();
+        // A restart replays only the packet still hot: the spilled one is
+        // SQLite's now (and may be delivered and deleted there).
+        let live = replay(&std::fs::read(&path).expect("read"));
+        assert_eq!(live.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![young]);
+        // Once nothing is hot, the log is emptied.
+        log.force_spill();
+        assert_eq!(log.take_for_spill().len(), 1);
+        log.committed();
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), 0);
+    }
 
     #[test]
     fn replay_keeps_live_packets_and_stops_at_a_torn_tail() {

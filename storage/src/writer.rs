@@ -14,6 +14,14 @@
 //! Because every write goes through this one connection, writes never
 //! contend for SQLite's lock, and read-modify-write jobs (claiming a
 //! one-time prekey, taking a username) are atomic without retries.
+//!
+//! Operations come in two lanes: enqueues carrying more than
+//! [`BULK_OP_BYTES`] of packets go to the bulk lane, everything else to the
+//! main one. A group takes everything waiting in the main lane and at most
+//! [`BULK_GROUP_BYTES`] from the bulk lane, so a client streaming large
+//! packets can make others wait for one bulk share at most, not for
+//! everything it has queued. (Packets in different lanes may commit in a
+//! different order than they were sent.)
 
 use crate::error::{Error, Result};
 use crate::mailbox::{Enqueued, MailboxCounts};
@@ -191,10 +199,27 @@ pub(crate) fn replicate(e: &Error) -> Error {
     }
 }
 
+/// Enqueues with more packet bytes than this go to the bulk lane.
+pub(crate) const BULK_OP_BYTES: usize = 16 * 1024;
+/// Packet bytes a group takes from the bulk lane (at least one op).
+pub(crate) const BULK_GROUP_BYTES: usize = 2 * 1024 * 1024;
+
 /// The handle callers use to reach the writer.
 #[derive(Clone)]
 pub(crate) struct WriterHandle {
     tx: mpsc::Sender<Msg>,
+    bulk: mpsc::Sender<Msg>,
+}
+
+fn op_bytes(op: &EnqueueOp) -> usize {
+    op.rows.iter().map(|r| r.packet.len()).sum()
+}
+
+fn msg_bytes(m: &Msg) -> usize {
+    match m {
+        Msg::Enqueue(op) => op_bytes(op),
+        _ => 0,
+    }
 }
 
 enum Msg {
@@ -214,10 +239,12 @@ impl WriterHandle {
     }
 
     pub(crate) async fn enqueue(&self, op: EnqueueOp) -> Result<()> {
-        self.tx
-            .send(Msg::Enqueue(op))
-            .await
-            .map_err(|_| Error::Closed)
+        let lane = if op_bytes(&op) > BULK_OP_BYTES {
+            &self.bulk
+        } else {
+            &self.tx
+        };
+        lane.send(Msg::Enqueue(op)).await.map_err(|_| Error::Closed)
     }
 
     /// Asks the writer to stop once everything queued before is committed.
@@ -257,37 +284,72 @@ pub(crate) fn spawn(
     stats: Arc<WriterStats>,
 ) -> (WriterHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(queue.max(1));
-    let task = tokio::spawn(run(ctx, rx, batch_max.max(1), stats));
-    (WriterHandle { tx }, task)
+    let (bulk, bulk_rx) = mpsc::channel(queue.max(1));
+    let task = tokio::spawn(run(ctx, rx, bulk_rx, batch_max.max(1), stats));
+    (WriterHandle { tx, bulk }, task)
 }
 
 async fn run(
     mut ctx: WriterCtx,
     mut rx: mpsc::Receiver<Msg>,
+    mut bulk_rx: mpsc::Receiver<Msg>,
     batch_max: usize,
     stats: Arc<WriterStats>,
 ) {
     let mut batch = Vec::with_capacity(batch_max);
-    loop {
-        // Wait for one operation, then take whatever else is already queued.
-        match rx.recv_many(&mut batch, batch_max).await {
-            0 => break,
-            _ => {
-                let stop = batch.iter().position(|m| matches!(m, Msg::Shutdown));
-                if let Some(i) = stop {
-                    // Operations after the stop are dropped: their callers
-                    // see the store closed.
-                    batch.truncate(i);
-                }
-                if !batch.is_empty() {
-                    stats.batches.fetch_add(1, Ordering::Relaxed);
-                    stats.ops.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    process(&mut ctx, std::mem::take(&mut batch), &stats).await;
-                }
-                if stop.is_some() {
-                    break;
+    let mut main_open = true;
+    let mut bulk_open = true;
+    while main_open || bulk_open {
+        // Wait for one operation in either lane, main first.
+        tokio::select! {
+            biased;
+            n = rx.recv_many(&mut batch, batch_max), if main_open => {
+                if n == 0 {
+                    main_open = false;
                 }
             }
+            m = bulk_rx.recv(), if bulk_open => match m {
+                Some(m) => batch.push(m),
+                None => bulk_open = false,
+            },
+        }
+        // Then whatever else waits in the main lane, and a share of bulk.
+        while batch.len() < batch_max {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut bulk_bytes: usize = batch
+            .iter()
+            .map(msg_bytes)
+            .filter(|&b| b > BULK_OP_BYTES)
+            .sum();
+        while bulk_bytes < BULK_GROUP_BYTES && batch.len() < batch_max {
+            match bulk_rx.try_recv() {
+                Ok(m) => {
+                    bulk_bytes += msg_bytes(&m);
+                    batch.push(m);
+                }
+                Err(_) => break,
+            }
+        }
+        let stop = batch.iter().position(|m| matches!(m, Msg::Shutdown));
+        if let Some(i) = stop {
+            // Operations after the stop are dropped: their callers see the
+            // store closed. Bulk operations queued before it still commit.
+            batch.truncate(i);
+            while let Ok(m) = bulk_rx.try_recv() {
+                batch.push(m);
+            }
+        }
+        if !batch.is_empty() {
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            stats.ops.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            process(&mut ctx, std::mem::take(&mut batch), &stats).await;
+        }
+        if stop.is_some() {
+            break;
         }
     }
     // Leave nothing in the hot log: spill it all in a last group.
