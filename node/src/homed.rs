@@ -10,8 +10,9 @@
 //! of random hashes from one address only churns that address's own share.
 //! Pure state: time is passed in, persistence is the caller's.
 
+use hashlink::{LinkedHashMap, LinkedHashSet};
 use meshwhisper_crypto::destination::DestHash;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 
 /// Who registered a hash: a client's address (a WebSocket's, or a libp2p
@@ -34,12 +35,15 @@ pub struct Changes {
     pub evicted: Vec<DestHash>,
 }
 
-/// The table.
+/// The table. Entries are kept in the order of their last registration,
+/// which is the order of their expiry (every registration sets it to now +
+/// the TTL), in one list for the table and one per owner: eviction and
+/// expiry take from the front, a registration moves an entry to the back,
+/// all in O(1).
 #[derive(Debug)]
 pub struct HomedSet {
-    entries: HashMap<DestHash, Entry>,
-    by_exp: BTreeSet<(u64, DestHash)>,
-    by_owner: HashMap<IpAddr, BTreeSet<(u64, DestHash)>>,
+    entries: LinkedHashMap<DestHash, Entry>,
+    by_owner: HashMap<IpAddr, LinkedHashSet<DestHash>>,
     ttl_ms: u64,
     max: usize,
     per_owner: usize,
@@ -53,8 +57,7 @@ impl HomedSet {
     /// most `max` of them and `per_owner` per client address.
     pub fn new(ttl_ms: u64, max: usize, per_owner: usize) -> Self {
         Self {
-            entries: HashMap::new(),
-            by_exp: BTreeSet::new(),
+            entries: LinkedHashMap::new(),
             by_owner: HashMap::new(),
             ttl_ms,
             max: max.max(1),
@@ -84,7 +87,7 @@ impl HomedSet {
 
     /// Entries held for `owner`.
     pub fn owned_by(&self, owner: IpAddr) -> usize {
-        self.by_owner.get(&owner).map_or(0, BTreeSet::len)
+        self.by_owner.get(&owner).map_or(0, LinkedHashSet::len)
     }
 
     /// Whether `dest` is homed here at `now`.
@@ -94,11 +97,10 @@ impl HomedSet {
 
     fn remove(&mut self, dest: &DestHash) -> Option<Entry> {
         let e = self.entries.remove(dest)?;
-        self.by_exp.remove(&(e.exp, *dest));
         if let Some(owner) = e.owner
             && let Some(set) = self.by_owner.get_mut(&owner)
         {
-            set.remove(&(e.exp, *dest));
+            set.remove(dest);
             if set.is_empty() {
                 self.by_owner.remove(&owner);
             }
@@ -106,30 +108,23 @@ impl HomedSet {
         Some(e)
     }
 
+    /// Adds `dest` at the back (the most recent).
     fn insert(&mut self, dest: DestHash, e: Entry) {
-        self.by_exp.insert((e.exp, dest));
         if let Some(owner) = e.owner {
-            self.by_owner
-                .entry(owner)
-                .or_default()
-                .insert((e.exp, dest));
+            self.by_owner.entry(owner).or_default().insert(dest);
         }
         self.entries.insert(dest, e);
     }
 
-    /// Loads an entry from the store (owner unknown), dropping the
-    /// earliest-expiring ones beyond `max`.
+    /// Loads an entry from the store (owner unknown). Entries come newest
+    /// first: each goes to the front, and beyond `max` the rest are
+    /// dropped.
     pub fn load(&mut self, dest: DestHash, exp: u64) {
-        if self.entries.contains_key(&dest) {
+        if self.entries.len() >= self.max || self.entries.contains_key(&dest) {
             return;
         }
-        self.insert(dest, Entry { exp, owner: None });
-        while self.entries.len() > self.max {
-            let Some(&(_, d)) = self.by_exp.iter().next() else {
-                break;
-            };
-            self.remove(&d);
-        }
+        self.entries.insert(dest, Entry { exp, owner: None });
+        self.entries.to_front(&dest);
     }
 
     /// Registers `hashes` for `owner` at `now`.
@@ -152,8 +147,7 @@ impl HomedSet {
             // recently registered go first.
             if let Some(who) = owner {
                 while self.owned_by(who) >= self.per_owner {
-                    let Some(&(_, victim)) = self.by_owner.get(&who).and_then(|s| s.iter().next())
-                    else {
+                    let Some(&victim) = self.by_owner.get(&who).and_then(|s| s.front()) else {
                         break;
                     };
                     self.remove(&victim);
@@ -161,7 +155,7 @@ impl HomedSet {
                 }
             }
             while self.entries.len() >= self.max {
-                let Some(&(_, victim)) = self.by_exp.iter().next() else {
+                let Some((&victim, _)) = self.entries.front() else {
                     break;
                 };
                 self.remove(&victim);
@@ -175,16 +169,15 @@ impl HomedSet {
 
     /// Forgets what expired by `now`; returns how many.
     pub fn expire(&mut self, now: u64) -> usize {
-        let gone: Vec<DestHash> = self
-            .by_exp
-            .iter()
-            .take_while(|(e, _)| *e <= now)
-            .map(|(_, d)| *d)
-            .collect();
-        for d in &gone {
-            self.remove(d);
+        let mut n = 0;
+        while let Some((&d, e)) = self.entries.front() {
+            if e.exp > now {
+                break;
+            }
+            self.remove(&d);
+            n += 1;
         }
-        gone.len()
+        n
     }
 }
 
