@@ -105,6 +105,11 @@ pub struct StorageConfig {
     /// or WebSocket close 1013) while the data directory's filesystem has
     /// less than this free. 0 = no check. Default 1073741824 (1 GiB).
     pub min_free_bytes: u64,
+    /// Bytes per second of large packets (over 16 KiB) the store takes,
+    /// relay-wide, so a flood of them cannot use all of the disk's
+    /// bandwidth and stall everyone's writes (small packets are never
+    /// paced); 0 = no limit. Default 67108864 (64 MiB/s).
+    pub bulk_bytes_per_sec: u64,
     /// Archives neither written nor read for this many days are removed.
     /// Default 180.
     pub archive_ttl_days: u64,
@@ -449,6 +454,7 @@ impl Default for StorageConfig {
             max_bundle_size: 16 * 1024,
             max_db_bytes: 0,
             min_free_bytes: 1024 * 1024 * 1024,
+            bulk_bytes_per_sec: 64 * 1024 * 1024,
             archive_ttl_days: 180,
             sweep_batch: 5000,
             sweep_interval_secs: 300,
@@ -935,6 +941,7 @@ impl Config {
         c.bundle_max_bytes = s.max_bundle_size;
         c.max_db_bytes = (s.max_db_bytes > 0).then_some(s.max_db_bytes);
         c.min_free_bytes = s.min_free_bytes;
+        c.bulk_bytes_per_sec = s.bulk_bytes_per_sec;
         c.archive_ttl_ms = s.archive_ttl_days.saturating_mul(24 * 3_600_000);
         c.address_book_max = self.federation.address_book_max;
         c

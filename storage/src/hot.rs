@@ -229,7 +229,7 @@ pub(crate) struct HotLog {
 
 /// Packet bytes one group moves into SQLite (unless everything must go):
 /// a spill never holds the writer for long.
-const SPILL_STEP_BYTES: usize = 4 * 1024 * 1024;
+const SPILL_STEP_BYTES: usize = 2 * 1024 * 1024;
 /// Rows one group moves into SQLite (unless everything must go).
 const SPILL_STEP_ROWS: usize = 16_384;
 /// The log is rewritten once it holds this much more than twice its live
@@ -673,12 +673,18 @@ mod tests {
         let young = log.add(row(Some(std::time::Instant::now())), None);
         log.flush().expect("flush");
         let spilled = log.take_for_spill();
-        assert_eq!(spilled.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![old]);
+        assert_eq!(
+            spilled.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![old]
+        );
         log.committed();
         // A restart replays only the packet still hot: the spilled one is
         // SQLite's now (and may be delivered and deleted there).
         let live = replay(&std::fs::read(&path).expect("read"));
-        assert_eq!(live.iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![young]);
+        assert_eq!(
+            live.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![young]
+        );
         // Once nothing is hot, the log is emptied.
         log.force_spill();
         assert_eq!(log.take_for_spill().len(), 1);

@@ -112,6 +112,10 @@ pub struct Config {
     pub writer_queue: usize,
     /// Most writes committed in one transaction. Default 1024.
     pub writer_batch_max: usize,
+    /// Bytes per second of large packets (enqueues over 16 KiB) the writer
+    /// takes, so a flood of them cannot use all the disk's bandwidth and
+    /// stall everyone else's writes; 0 = no limit. Default 67108864.
+    pub bulk_bytes_per_sec: u64,
     /// Read connections. Default 4.
     pub reader_connections: u32,
     /// Cap on the database size (SQLite `max_page_count`); `None` = the disk.
@@ -157,6 +161,7 @@ impl Config {
             address_book_max: 4096,
             writer_queue: 8192,
             writer_batch_max: 1024,
+            bulk_bytes_per_sec: 64 * 1024 * 1024,
             reader_connections: 4,
             max_db_bytes: None,
             busy_timeout: Duration::from_secs(5),
@@ -480,8 +485,13 @@ impl Store {
             seen_spilled: false,
         };
         let stats = Arc::new(writer::WriterStats::default());
-        let (writer, task) =
-            writer::spawn(ctx, cfg.writer_queue, cfg.writer_batch_max, stats.clone());
+        let (writer, task) = writer::spawn(
+            ctx,
+            cfg.writer_queue,
+            cfg.writer_batch_max,
+            cfg.bulk_bytes_per_sec,
+            stats.clone(),
+        );
         let checkpointer = SqliteConnection::connect_with(&connect_options(&cfg, &db_path))
             .await
             .map_err(|e| Error::db("open checkpointer", &db_path, e))?;

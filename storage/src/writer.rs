@@ -18,9 +18,10 @@
 //! Operations come in two lanes: enqueues carrying more than
 //! [`BULK_OP_BYTES`] of packets go to the bulk lane, everything else to the
 //! main one. A group takes everything waiting in the main lane and at most
-//! [`BULK_GROUP_BYTES`] from the bulk lane, so a client streaming large
-//! packets can make others wait for one bulk share at most, not for
-//! everything it has queued. (Packets in different lanes may commit in a
+//! [`BULK_GROUP_BYTES`] from the bulk lane, and the bulk lane is paced to
+//! `bulk_bytes_per_sec`: clients streaming large packets make others wait
+//! for one bulk share at most, and cannot take all of the disk's bandwidth
+//! (writes stall for everyone once the kernel throttles dirty pages). (Packets in different lanes may commit in a
 //! different order than they were sent.)
 
 use crate::error::{Error, Result};
@@ -202,7 +203,7 @@ pub(crate) fn replicate(e: &Error) -> Error {
 /// Enqueues with more packet bytes than this go to the bulk lane.
 pub(crate) const BULK_OP_BYTES: usize = 16 * 1024;
 /// Packet bytes a group takes from the bulk lane (at least one op).
-pub(crate) const BULK_GROUP_BYTES: usize = 2 * 1024 * 1024;
+pub(crate) const BULK_GROUP_BYTES: usize = 1024 * 1024;
 
 /// The handle callers use to reach the writer.
 #[derive(Clone)]
@@ -281,11 +282,12 @@ pub(crate) fn spawn(
     ctx: WriterCtx,
     queue: usize,
     batch_max: usize,
+    bulk_rate: u64,
     stats: Arc<WriterStats>,
 ) -> (WriterHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(queue.max(1));
     let (bulk, bulk_rx) = mpsc::channel(queue.max(1));
-    let task = tokio::spawn(run(ctx, rx, bulk_rx, batch_max.max(1), stats));
+    let task = tokio::spawn(run(ctx, rx, bulk_rx, batch_max.max(1), bulk_rate, stats));
     (WriterHandle { tx, bulk }, task)
 }
 
@@ -294,13 +296,22 @@ async fn run(
     mut rx: mpsc::Receiver<Msg>,
     mut bulk_rx: mpsc::Receiver<Msg>,
     batch_max: usize,
+    bulk_rate: u64,
     stats: Arc<WriterStats>,
 ) {
     let mut batch = Vec::with_capacity(batch_max);
     let mut main_open = true;
     let mut bulk_open = true;
+    // When the bulk lane may be read again (its bytes pace it).
+    let mut bulk_at = tokio::time::Instant::now();
+    let pace = |bytes: usize| match bulk_rate {
+        0 => std::time::Duration::ZERO,
+        r => std::time::Duration::from_secs_f64(bytes as f64 / r as f64),
+    };
     while main_open || bulk_open {
-        // Wait for one operation in either lane, main first.
+        let bulk_ready = tokio::time::Instant::now() >= bulk_at;
+        // Wait for one operation in either lane, main first; the bulk lane
+        // only when its pace allows.
         tokio::select! {
             biased;
             n = rx.recv_many(&mut batch, batch_max), if main_open => {
@@ -308,10 +319,11 @@ async fn run(
                     main_open = false;
                 }
             }
-            m = bulk_rx.recv(), if bulk_open => match m {
+            m = bulk_rx.recv(), if bulk_open && bulk_ready => match m {
                 Some(m) => batch.push(m),
                 None => bulk_open = false,
             },
+            _ = tokio::time::sleep_until(bulk_at), if bulk_open && !bulk_ready => continue,
         }
         // Then whatever else waits in the main lane, and a share of bulk.
         while batch.len() < batch_max {
@@ -325,14 +337,19 @@ async fn run(
             .map(msg_bytes)
             .filter(|&b| b > BULK_OP_BYTES)
             .sum();
-        while bulk_bytes < BULK_GROUP_BYTES && batch.len() < batch_max {
-            match bulk_rx.try_recv() {
-                Ok(m) => {
-                    bulk_bytes += msg_bytes(&m);
-                    batch.push(m);
+        if tokio::time::Instant::now() >= bulk_at {
+            while bulk_bytes < BULK_GROUP_BYTES && batch.len() < batch_max {
+                match bulk_rx.try_recv() {
+                    Ok(m) => {
+                        bulk_bytes += msg_bytes(&m);
+                        batch.push(m);
+                    }
+                    Err(_) => break,
                 }
-                Err(_) => break,
             }
+        }
+        if bulk_bytes > 0 {
+            bulk_at = bulk_at.max(tokio::time::Instant::now()) + pace(bulk_bytes);
         }
         let stop = batch.iter().position(|m| matches!(m, Msg::Shutdown));
         if let Some(i) = stop {
@@ -358,6 +375,19 @@ async fn run(
         process(&mut ctx, Vec::new(), &stats).await;
     }
     let _ = ctx.conn.close().await;
+}
+
+struct Timer(std::time::Instant, usize, usize, bool);
+impl Drop for Timer {
+    fn drop(&mut self) {
+        let e = self.0.elapsed();
+        if e.as_millis() >= 15 {
+            eprintln!(
+                "DBGGROUP {:?} ops {} bytes {} spill {}",
+                e, self.1, self.2, self.3
+            );
+        }
+    }
 }
 
 enum Done {
