@@ -377,19 +377,6 @@ async fn run(
     let _ = ctx.conn.close().await;
 }
 
-struct Timer(std::time::Instant, usize, usize, bool);
-impl Drop for Timer {
-    fn drop(&mut self) {
-        let e = self.0.elapsed();
-        if e.as_millis() >= 15 {
-            eprintln!(
-                "DBGGROUP {:?} ops {} bytes {} spill {}",
-                e, self.1, self.2, self.3
-            );
-        }
-    }
-}
-
 enum Done {
     Enqueue(Reply, Vec<Enqueued>),
     Delete(oneshot::Sender<Result<u64>>, u64),
