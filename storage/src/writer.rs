@@ -15,9 +15,9 @@
 //! contend for SQLite's lock, and read-modify-write jobs (claiming a
 //! one-time prekey, taking a username) are atomic without retries.
 //!
-//! Operations come in two lanes: enqueues carrying more than
-//! [`BULK_OP_BYTES`] of packets go to the bulk lane, everything else to the
-//! main one. A group takes everything waiting in the main lane and at most
+//! Operations come in two lanes: enqueues carrying a packet of more than
+//! [`BULK_PACKET_BYTES`] go to the bulk lane, everything else (however
+//! many small packets) to the main one. A group takes everything waiting in the main lane and at most
 //! [`BULK_GROUP_BYTES`] from the bulk lane, and the bulk lane is paced to
 //! `bulk_bytes_per_sec`: clients streaming large packets make others wait
 //! for one bulk share at most, and cannot take all of the disk's bandwidth
@@ -200,8 +200,8 @@ pub(crate) fn replicate(e: &Error) -> Error {
     }
 }
 
-/// Enqueues with more packet bytes than this go to the bulk lane.
-pub(crate) const BULK_OP_BYTES: usize = 16 * 1024;
+/// Enqueues with a packet larger than this go to the bulk lane.
+pub(crate) const BULK_PACKET_BYTES: usize = 16 * 1024;
 /// Packet bytes a group takes from the bulk lane (at least one op).
 pub(crate) const BULK_GROUP_BYTES: usize = 1024 * 1024;
 
@@ -212,13 +212,14 @@ pub(crate) struct WriterHandle {
     bulk: mpsc::Sender<Msg>,
 }
 
-fn op_bytes(op: &EnqueueOp) -> usize {
-    op.rows.iter().map(|r| r.packet.len()).sum()
+fn is_bulk(op: &EnqueueOp) -> bool {
+    op.rows.iter().any(|r| r.packet.len() > BULK_PACKET_BYTES)
 }
 
-fn msg_bytes(m: &Msg) -> usize {
+/// The packet bytes of a bulk-lane operation (0 for any other).
+fn bulk_bytes(m: &Msg) -> usize {
     match m {
-        Msg::Enqueue(op) => op_bytes(op),
+        Msg::Enqueue(op) if is_bulk(op) => op.rows.iter().map(|r| r.packet.len()).sum(),
         _ => 0,
     }
 }
@@ -240,11 +241,7 @@ impl WriterHandle {
     }
 
     pub(crate) async fn enqueue(&self, op: EnqueueOp) -> Result<()> {
-        let lane = if op_bytes(&op) > BULK_OP_BYTES {
-            &self.bulk
-        } else {
-            &self.tx
-        };
+        let lane = if is_bulk(&op) { &self.bulk } else { &self.tx };
         lane.send(Msg::Enqueue(op)).await.map_err(|_| Error::Closed)
     }
 
@@ -332,24 +329,20 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let mut bulk_bytes: usize = batch
-            .iter()
-            .map(msg_bytes)
-            .filter(|&b| b > BULK_OP_BYTES)
-            .sum();
+        let mut taken: usize = batch.iter().map(bulk_bytes).sum();
         if tokio::time::Instant::now() >= bulk_at {
-            while bulk_bytes < BULK_GROUP_BYTES && batch.len() < batch_max {
+            while taken < BULK_GROUP_BYTES && batch.len() < batch_max {
                 match bulk_rx.try_recv() {
                     Ok(m) => {
-                        bulk_bytes += msg_bytes(&m);
+                        taken += bulk_bytes(&m);
                         batch.push(m);
                     }
                     Err(_) => break,
                 }
             }
         }
-        if bulk_bytes > 0 {
-            bulk_at = bulk_at.max(tokio::time::Instant::now()) + pace(bulk_bytes);
+        if taken > 0 {
+            bulk_at = bulk_at.max(tokio::time::Instant::now()) + pace(taken);
         }
         let stop = batch.iter().position(|m| matches!(m, Msg::Shutdown));
         if let Some(i) = stop {
