@@ -426,10 +426,15 @@ struct EventLoop {
     bootstrap_watch: BootstrapWatch,
 }
 
+/// Federation results or packets taken from their queue at once.
+const DRAIN: usize = 512;
+
 impl EventLoop {
     async fn run(mut self) {
         let mut tick = tokio::time::interval(self.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (mut done, mut outbound) = (Vec::new(), Vec::new());
+        let (mut done_closed, mut out_closed) = (false, false);
         loop {
             tokio::select! {
                 biased;
@@ -439,9 +444,22 @@ impl EventLoop {
                 Some(out) = self.cmd_rx.recv() => {
                     self.swarm.behaviour_mut().device.send(out.peer, out.connection, out.frame);
                 }
-                // Results of federation work, then packets to federate.
-                Some(d) = self.done_rx.recv() => self.fed.on_job_done(&mut self.swarm, d),
-                Some(f) = self.out_rx.recv() => self.fed.on_outbound(&mut self.swarm, f),
+                // Results of federation work, then packets to federate,
+                // as many as are waiting (their frames are batched).
+                n = self.done_rx.recv_many(&mut done, DRAIN), if !done_closed => {
+                    if n == 0 {
+                        done_closed = true;
+                    } else {
+                        self.fed.on_job_done(&mut self.swarm, std::mem::take(&mut done));
+                    }
+                }
+                n = self.out_rx.recv_many(&mut outbound, DRAIN), if !out_closed => {
+                    if n == 0 {
+                        out_closed = true;
+                    } else {
+                        self.fed.on_outbound(&mut self.swarm, std::mem::take(&mut outbound));
+                    }
+                }
                 Some(c) = self.claim_rx.recv() => self.fed.on_remote_claim(&mut self.swarm, c),
                 Some(b) = self.block_rx.recv() => self.fed.on_blocklist(&mut self.swarm, b),
                 // Then the network.

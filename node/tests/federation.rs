@@ -562,10 +562,17 @@ async fn forged_records_and_bad_frames_are_rejected_and_counted() {
                     opened = true;
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Federation(fedb::Event::Frame {
-                    frame: Frame::Ack { id, status, .. },
-                    ..
+                    frame, ..
                 })) => {
-                    acks.insert(id, status);
+                    let frames = match frame {
+                        Frame::Batch(frames) => frames,
+                        f => vec![f],
+                    };
+                    for f in frames {
+                        if let Frame::Ack { id, status, .. } = f {
+                            acks.insert(id, status);
+                        }
+                    }
                 }
                 SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(
                     libp2p::gossipsub::Event::Subscribed { .. },
@@ -939,9 +946,18 @@ impl FakeRelay {
                 peer, ..
             })) => return peer == self.target,
             SwarmEvent::Behaviour(BehaviourEvent::Federation(fedb::Event::Frame {
-                frame: Frame::Ack { id, status, .. },
-                ..
-            })) => self.acks.push((id, status)),
+                frame, ..
+            })) => {
+                let frames = match frame {
+                    Frame::Batch(frames) => frames,
+                    f => vec![f],
+                };
+                for f in frames {
+                    if let Frame::Ack { id, status, .. } = f {
+                        self.acks.push((id, status));
+                    }
+                }
+            }
             _ => {}
         }
         false

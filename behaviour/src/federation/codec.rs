@@ -18,6 +18,9 @@
 //!   0x04 Forget    n (u16) ‖ n × id (16)  the sender has these Stored acks: the home relay may
 //!                                         forget the ids (it remembers them until then, so a
 //!                                         packet resent after a lost ack is never stored twice)
+//!   0x05 Batch     n (u16) ‖ n × (length (u32) ‖ type (u8) ‖ body)
+//!                                         1..=1024 frames of any other type, in order: what a
+//!                                         relay sends one peer at once goes out as one frame
 //! directory
 //!   0x20 Claim      req (u64) ‖ ns len (u8) ‖ namespace ‖ identity (32)
 //!                                         a client of the sender wants this identity's bundle
@@ -38,6 +41,8 @@ use bytes::{Buf as _, BufMut as _, Bytes, BytesMut};
 
 /// The protocol name.
 pub const PROTOCOL: &str = "/meshwhisper/federation/2";
+/// Most frames in one Batch.
+pub const MAX_BATCH: usize = 1024;
 /// Most ids in one Forget.
 pub const MAX_FORGET: usize = 1024;
 /// Routed flag: store the packet even if the target does not home its
@@ -108,6 +113,8 @@ impl AckStatus {
 /// One frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
+    /// Several frames for one peer, in order (never a batch inside).
+    Batch(Vec<Frame>),
     /// A flooded packet.
     Forward {
         /// Packet id (the same for every attempt).
@@ -210,6 +217,7 @@ pub type Codec = crate::stream::LengthCodec<FederationWire>;
 
 fn body_len(f: &Frame) -> usize {
     1 + match f {
+        Frame::Batch(frames) => 2 + frames.iter().map(|f| 4 + body_len(f)).sum::<usize>(),
         Frame::Forward { packet, .. } => 18 + packet.len(),
         Frame::Routed { packet, .. } => 18 + 32 + packet.len(),
         Frame::Ack { home, .. } => 17 + home.map_or(0, |_| 32),
@@ -235,6 +243,17 @@ impl crate::stream::Wire for FederationWire {
 
     fn check(f: &Frame) -> Result<(), Error> {
         match &f {
+            Frame::Batch(frames) => {
+                if frames.is_empty() || frames.len() > MAX_BATCH {
+                    return Err(Error::Malformed("a batch holds 1 to 1024 frames"));
+                }
+                for inner in frames {
+                    if matches!(inner, Frame::Batch(_)) {
+                        return Err(Error::Malformed("a batch inside a batch"));
+                    }
+                    Self::check(inner)?;
+                }
+            }
             Frame::Digest { entries, .. } if entries.len() > MAX_DIGEST => {
                 return Err(Error::Malformed("too many digest entries"));
             }
@@ -277,6 +296,14 @@ impl crate::stream::Wire for FederationWire {
 
     fn write(f: Frame, dst: &mut BytesMut) {
         match f {
+            Frame::Batch(frames) => {
+                dst.put_u8(0x05);
+                dst.put_u16(frames.len() as u16);
+                for inner in frames {
+                    dst.put_u32(body_len(&inner) as u32);
+                    Self::write(inner, dst);
+                }
+            }
             Frame::Forward {
                 id,
                 attempt,
@@ -405,6 +432,11 @@ fn u8_(body: &mut Bytes) -> Result<u8, Error> {
 fn u16_(body: &mut Bytes) -> Result<u16, Error> {
     need(body, 2)?;
     Ok(body.get_u16())
+}
+
+fn u32_(body: &mut Bytes) -> Result<u32, Error> {
+    need(body, 4)?;
+    Ok(body.get_u32())
 }
 
 fn u64_(body: &mut Bytes) -> Result<u64, Error> {
@@ -562,6 +594,27 @@ fn decode_body(kind: u8, mut body: Bytes) -> Result<Frame, Error> {
             }
             Frame::Records { req, records }
         }
+        0x05 => {
+            let n = u16_(&mut body)? as usize;
+            if n == 0 || n > MAX_BATCH {
+                return Err(Error::Malformed("a batch holds 1 to 1024 frames"));
+            }
+            let mut frames = Vec::with_capacity(n);
+            for _ in 0..n {
+                let len = u32_(&mut body)? as usize;
+                if len == 0 {
+                    return Err(Error::Malformed("empty frame in a batch"));
+                }
+                need(&body, len)?;
+                let mut inner = body.split_to(len);
+                let kind = inner.get_u8();
+                if kind == 0x05 {
+                    return Err(Error::Malformed("a batch inside a batch"));
+                }
+                frames.push(decode_body(kind, inner)?);
+            }
+            Frame::Batch(frames)
+        }
         _ => return Err(Error::Malformed("unknown frame type")),
     };
     done(&body)?;
@@ -711,6 +764,38 @@ mod tests {
         ));
         buf.put_u32(1_000_000);
         assert!(matches!(c.decode(&mut buf), Err(Error::TooLarge { .. })));
+    }
+
+    #[test]
+    fn batches_round_trip_and_refuse_nesting_and_bad_counts() {
+        round_trip(Frame::Batch(vec![
+            Frame::Ack {
+                id: [1; 16],
+                status: AckStatus::Stored,
+                home: Some([2; 32]),
+            },
+            Frame::Routed {
+                id: [3; 16],
+                flags: 0,
+                hops: 1,
+                target: [4; 32],
+                packet: Bytes::from_static(b"pkt"),
+            },
+            Frame::Forget { ids: vec![[5; 16]] },
+        ]));
+        let mut c = Codec::new(DEFAULT_MAX_FRAME);
+        for bad in [
+            Frame::Batch(Vec::new()),
+            Frame::Batch(vec![Frame::Batch(vec![Frame::Forget { ids: vec![] }])]),
+        ] {
+            let mut buf = BytesMut::new();
+            assert!(c.encode(bad, &mut buf).is_err());
+        }
+        // Nested or empty on the wire, and an inner length past the end.
+        assert!(decode_raw(0x05, &[0, 0]).is_err());
+        assert!(decode_raw(0x05, &[0, 1, 0, 0, 0, 3, 0x05, 0, 0]).is_err());
+        assert!(decode_raw(0x05, &[0, 1, 0, 0, 0, 9, 0x04, 0, 0]).is_err());
+        assert!(decode_raw(0x05, &[0, 1, 0, 0, 0, 0]).is_err());
     }
 
     #[test]

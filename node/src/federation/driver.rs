@@ -9,7 +9,7 @@ use crate::core::{Core, Federate, now_ms};
 use libp2p::gossipsub::{self, IdentTopic};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::{Multiaddr, PeerId, Swarm};
-use meshwhisper_behaviour::federation::codec::{AckStatus, Frame};
+use meshwhisper_behaviour::federation::codec::{AckStatus, FederationWire, Frame, MAX_BATCH};
 use meshwhisper_behaviour::node::{Behaviour, RECORDS_TOPIC};
 use meshwhisper_behaviour::policy;
 use meshwhisper_behaviour::stream::CloseReason;
@@ -142,16 +142,12 @@ impl Driver {
     }
 
     fn apply(&mut self, swarm: &mut Swarm<Behaviour>, actions: Vec<Action>) {
-        let mut unsent = Vec::new();
+        // Frames go out per peer, batched; deletions go to the store as one.
+        let mut sends = Sends::default();
+        let mut deletes = Vec::new();
         for a in actions {
             match a {
-                Action::Send { peer, frame } => {
-                    if !swarm.behaviour().federation.is_open(&peer) {
-                        unsent.push((peer, frame));
-                    } else {
-                        swarm.behaviour_mut().federation.send(peer, frame);
-                    }
-                }
+                Action::Send { peer, frame } => sends.push(peer, frame),
                 Action::OpenStream(peer) => swarm.behaviour_mut().federation.open(peer),
                 Action::Dial { peer, addrs } => self.dial(swarm, peer, addrs),
                 Action::KadAddAddress { peer, addr } => {
@@ -194,27 +190,44 @@ impl Driver {
                 }
                 // Turned into dial work by the composition already.
                 Action::Reach(_) => {}
-                Action::Job(job) => {
-                    if let Err(job) = self.pool.submit(job) {
-                        self.metrics().jobs_refused.fetch_add(1, Relaxed);
-                        if let Job::Store { peer, id, .. } = *job {
-                            // The sender resends it.
-                            swarm.behaviour_mut().federation.send(
-                                peer,
-                                Frame::Ack {
-                                    id,
-                                    status: AckStatus::Refused,
-                                    home: None,
-                                },
-                            );
-                        }
-                    }
-                }
+                Action::Job(Job::Delete(ids)) => deletes.extend(ids),
+                Action::Job(job) => self.submit(job, &mut sends),
+            }
+        }
+        if !deletes.is_empty() {
+            self.submit(Job::Delete(deletes), &mut sends);
+        }
+        let mut unsent = Vec::new();
+        for (peer, frames) in sends.0 {
+            if !swarm.behaviour().federation.is_open(&peer) {
+                unsent.extend(frames.into_iter().map(|f| (peer, f)));
+                continue;
+            }
+            for frame in batched(frames) {
+                swarm.behaviour_mut().federation.send(peer, frame);
             }
         }
         let now = now_ms();
         for (peer, frame) in unsent {
             self.fed.unsent(now, peer, &frame);
+        }
+    }
+
+    /// Hands `job` to the store workers; a packet they have no room for is
+    /// answered `Refused` (its sender resends it).
+    fn submit(&mut self, job: Job, sends: &mut Sends) {
+        if let Err(job) = self.pool.submit(job) {
+            self.metrics().jobs_refused.fetch_add(1, Relaxed);
+            if let Job::Store { peer, id, .. } = *job {
+                sends.push(
+                    peer,
+                    Frame::Ack {
+                        id,
+                        status: AckStatus::Refused,
+                        home: None,
+                    },
+                );
+            }
         }
     }
 
@@ -339,7 +352,15 @@ impl Driver {
 
     /// A frame could not be queued for `peer`.
     pub fn on_unsent(&mut self, peer: PeerId, frame: Frame) {
-        self.fed.unsent(now_ms(), peer, &frame);
+        let now = now_ms();
+        match frame {
+            Frame::Batch(frames) => {
+                for f in &frames {
+                    self.fed.unsent(now, peer, f);
+                }
+            }
+            f => self.fed.unsent(now, peer, &f),
+        }
     }
 
     /// A frame from `peer`.
@@ -352,28 +373,47 @@ impl Driver {
         // Not admitted, or over its rate: packets are refused (the sender
         // retries), anything else dropped. Acks and forgets answer our own
         // sends (bounded by them) and are never rate-limited, or a busy
-        // peer's acks would be lost and everything resent.
+        // peer's acks would be lost and everything resent. A batch counts
+        // as the frames in it.
         let admitted = b.policy.is_admitted(&peer);
-        let exempt = matches!(frame, Frame::Ack { .. } | Frame::Forget { .. });
-        let limited = admitted && !exempt && !b.policy.allow_frame(&peer, now);
-        if !admitted || limited {
+        let frames = match frame {
+            Frame::Batch(frames) => frames,
+            f => vec![f],
+        };
+        let mut allowed = Vec::with_capacity(frames.len());
+        let mut refused = Vec::new();
+        for f in frames {
+            let exempt = matches!(f, Frame::Ack { .. } | Frame::Forget { .. });
+            let limited = admitted && !exempt && !b.policy.allow_frame(&peer, now);
+            if admitted && !limited {
+                allowed.push(f);
+                continue;
+            }
             if limited {
-                self.metrics().drops_rate_limited.fetch_add(1, Relaxed);
+                self.core
+                    .metrics
+                    .federation
+                    .drops_rate_limited
+                    .fetch_add(1, Relaxed);
             }
-            if let Frame::Forward { id, .. } | Frame::Routed { id, .. } = frame {
-                b.federation.send(
-                    peer,
-                    Frame::Ack {
-                        id,
-                        status: AckStatus::Refused,
-                        home: None,
-                    },
-                );
+            if let Frame::Forward { id, .. } | Frame::Routed { id, .. } = f {
+                refused.push(Frame::Ack {
+                    id,
+                    status: AckStatus::Refused,
+                    home: None,
+                });
             }
+        }
+        for f in batched(refused) {
+            b.federation.send(peer, f);
+        }
+        if allowed.is_empty() {
             return;
         }
         self.with(swarm, |fed, view, out| {
-            fed.frame(now, peer, frame, view, out)
+            for f in allowed {
+                fed.frame(now, peer, f, view, out);
+            }
         });
     }
 
@@ -391,16 +431,26 @@ impl Driver {
         });
     }
 
-    /// A store job finished.
-    pub fn on_job_done(&mut self, swarm: &mut Swarm<Behaviour>, done: JobDone) {
+    /// Store jobs finished (all that were waiting: their frames go out
+    /// together).
+    pub fn on_job_done(&mut self, swarm: &mut Swarm<Behaviour>, done: Vec<JobDone>) {
         let now = now_ms();
-        self.with(swarm, |fed, view, out| fed.job_done(now, done, view, out));
+        self.with(swarm, |fed, view, out| {
+            for d in done {
+                fed.job_done(now, d, view, out);
+            }
+        });
     }
 
-    /// A packet to federate.
-    pub fn on_outbound(&mut self, swarm: &mut Swarm<Behaviour>, f: Federate) {
+    /// Packets to federate (all that were waiting: their frames go out
+    /// together).
+    pub fn on_outbound(&mut self, swarm: &mut Swarm<Behaviour>, packets: Vec<Federate>) {
         let now = now_ms();
-        self.with(swarm, |fed, view, out| fed.outbound(now, f, view, out));
+        self.with(swarm, |fed, view, out| {
+            for f in packets {
+                fed.outbound(now, f, view, out);
+            }
+        });
     }
 
     /// A device of ours wants a claim made at another relay.
@@ -486,3 +536,46 @@ impl Driver {
 
 /// The results channel of the pool, for the Swarm task's select.
 pub type Done = mpsc::Receiver<JobDone>;
+
+/// Frames to send, per peer, in the order they were decided.
+#[derive(Default)]
+struct Sends(Vec<(PeerId, Vec<Frame>)>);
+
+impl Sends {
+    fn push(&mut self, peer: PeerId, frame: Frame) {
+        match self.0.iter_mut().find(|(p, _)| *p == peer) {
+            Some((_, frames)) => frames.push(frame),
+            None => self.0.push((peer, vec![frame])),
+        }
+    }
+}
+
+/// Bytes of frames put in one batch (a larger frame goes alone).
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// `frames` as few frames as possible: runs of them in `Batch`es of at
+/// most [`MAX_BATCH`] frames and [`BATCH_BYTES`], in order; a lone frame
+/// goes as it is.
+fn batched(frames: Vec<Frame>) -> Vec<Frame> {
+    use meshwhisper_behaviour::stream::Wire as _;
+    let wire_len = |f: &Frame| 4 + FederationWire::body_len(f);
+    let mut out = Vec::new();
+    let mut run: Vec<Frame> = Vec::new();
+    let mut bytes = 0;
+    let close = |run: &mut Vec<Frame>, out: &mut Vec<Frame>| match run.len() {
+        0 => {}
+        1 => out.extend(run.drain(..)),
+        _ => out.push(Frame::Batch(std::mem::take(run))),
+    };
+    for f in frames {
+        let n = wire_len(&f);
+        if !run.is_empty() && (run.len() >= MAX_BATCH || bytes + n > BATCH_BYTES) {
+            close(&mut run, &mut out);
+            bytes = 0;
+        }
+        bytes += n;
+        run.push(f);
+    }
+    close(&mut run, &mut out);
+    out
+}

@@ -34,6 +34,9 @@ use meshwhisper_storage::mailbox::MailboxId;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 
+/// Relay keys whose PeerIds are remembered.
+const PEER_CACHE: usize = 4096;
+
 /// Bounds and timing (from `[federation]`).
 #[derive(Debug, Clone, Copy)]
 pub struct ForwardConfig {
@@ -112,6 +115,8 @@ pub struct Forward {
     gens: HashMap<PeerId, u64>,
     /// Home relays learned from `Stored` acks, by destination.
     routes: hashlink::LruCache<DestHash, RelayKey>,
+    /// PeerIds of relay keys (validating a key costs tens of microseconds).
+    peers: hashlink::LruCache<RelayKey, Option<PeerId>>,
     /// Ids to tell each home relay it may forget.
     forget: HashMap<PeerId, Vec<PacketId>>,
     /// A packet found no room since the last [`Forward::take_overflow`].
@@ -123,6 +128,7 @@ impl Forward {
     pub fn new(cfg: ForwardConfig, me: RelayKey) -> Self {
         Self {
             routes: hashlink::LruCache::new(cfg.learned_routes.max(1)),
+            peers: hashlink::LruCache::new(PEER_CACHE),
             cfg,
             me,
             pending: HashMap::new(),
@@ -162,6 +168,16 @@ impl Forward {
     /// stays here, to be handed back once there is room).
     pub fn take_overflow(&mut self) -> bool {
         std::mem::take(&mut self.overflow)
+    }
+
+    /// The PeerId of relay key `k` (`None`: not an Ed25519 key).
+    fn peer_of(&mut self, k: RelayKey) -> Option<PeerId> {
+        if let Some(p) = self.peers.get(&k) {
+            return *p;
+        }
+        let p = k.to_peer();
+        self.peers.insert(k, p);
+        p
     }
 
     /// The home relay learned for `dest`, if any.
@@ -207,7 +223,7 @@ impl Forward {
             .hint
             .map(RelayKey)
             .or_else(|| self.routes.get(&f.dest).copied());
-        let target = key.and_then(|k| k.to_peer().map(|p| (p, k)));
+        let target = key.and_then(|k| self.peer_of(k).map(|p| (p, k)));
         if key == Some(self.me) {
             // Named us: it is stored here already.
             return;
@@ -389,7 +405,7 @@ impl Forward {
                 });
                 if let Some(k) = home {
                     self.routes.insert(p.dest, k);
-                    if let Some(hp) = k.to_peer()
+                    if let Some(hp) = self.peer_of(k)
                         && cx.view.stream_open(&hp)
                     {
                         let batch = self.forget.entry(hp).or_default();

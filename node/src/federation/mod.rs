@@ -307,6 +307,12 @@ impl Federation {
         out: &mut Vec<Action>,
     ) {
         match frame {
+            Frame::Batch(frames) => {
+                for f in frames {
+                    self.frame(now, peer, f, view, out);
+                }
+                return;
+            }
             f @ (Frame::Forward { .. } | Frame::Routed { .. }) => self.inbound.packet(
                 now,
                 peer,
