@@ -37,6 +37,13 @@ pub struct FederationBench {
 
 pub fn run(b: FederationBench) -> anyhow::Result<()> {
     anyhow::ensure!(b.relays >= 2, "--relays must be at least 2");
+    // The relays' logs, as RUST_LOG asks (nothing by default), on stderr.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -93,10 +100,21 @@ async fn converge(b: FederationBench) -> anyhow::Result<()> {
         }
         if !b.json && Instant::now() >= next_report {
             next_report += Duration::from_secs(1);
+            let total = |f: fn(&meshwhisper_node::metrics::FederationMetrics) -> u64| -> u64 {
+                relays.iter().map(|r| f(&r.core.metrics.federation)).sum()
+            };
             println!(
-                "t={:5.1}s  records known: min {min}, mean {:.1}",
+                "t={:5.1}s  records known: min {min}, mean {:.1}; learned {}, rounds {}, peers {}, dials {}",
                 started.elapsed().as_secs_f64(),
-                sum as f64 / relays.len() as f64
+                sum as f64 / relays.len() as f64,
+                total(|f| f.records_learned.load(std::sync::atomic::Ordering::Relaxed)),
+                total(|f| f
+                    .anti_entropy_rounds
+                    .load(std::sync::atomic::Ordering::Relaxed)),
+                total(|f| f.peers_connected.load(std::sync::atomic::Ordering::Relaxed)),
+                total(|f| f
+                    .discovered_dials
+                    .load(std::sync::atomic::Ordering::Relaxed)),
             );
         }
         if min >= want {

@@ -327,7 +327,13 @@ pub fn start(
     let (claim_tx, claim_rx) = mpsc::channel(crate::federation::CLAIM_QUEUE);
     let (block_tx, block_rx) = mpsc::channel(4);
     let enabled = fed.cfg.mode != crate::config::FederationMode::Off;
-    let tick = std::time::Duration::from_millis(fed.cfg.retry_ms.clamp(50, 1000));
+    // Federation's timers (resends, dials, anti-entropy's fastest rounds)
+    // are looked at this often.
+    let tick = std::time::Duration::from_millis(
+        fed.cfg
+            .retry_ms
+            .clamp(50, crate::federation::anti_entropy::FAST_MS),
+    );
     let ed = fed
         .key
         .clone()

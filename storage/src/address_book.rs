@@ -60,100 +60,64 @@ impl AddressBook<'_> {
     }
 
     async fn upsert_inner(&self, record: &AddressRecord, now_ms: u64, own: bool) -> Result<Upsert> {
-        let key = record.relay_key().to_bytes();
-        let bytes = record.encode();
-        let ts = record.timestamp_ms();
         let max = i64::from(self.store.config().address_book_max.max(1));
         let record = record.clone();
         self.store
             .writer()
             .run(Box::new(move |ctx| {
+                Box::pin(async move { upsert_in(ctx, &record, now_ms, own, max).await })
+            }))
+            .await
+    }
+
+    /// [`AddressBook::upsert`] of several records in one transaction; the
+    /// outcome of each, in order (a full book refuses some, not all).
+    pub async fn upsert_many(
+        &self,
+        records: Vec<AddressRecord>,
+        now_ms: u64,
+    ) -> Result<Vec<Result<Upsert>>> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let max = i64::from(self.store.config().address_book_max.max(1));
+        self.store
+            .writer()
+            .run(Box::new(move |ctx| {
                 Box::pin(async move {
-                    // The stored record was verified when it was written:
-                    // compare by its timestamp and encoding.
-                    let existing: Option<(i64, Vec<u8>)> = sqlx::query_as(
-                        "SELECT timestamp_ms, record FROM address_book WHERE relay_key = ?",
-                    )
-                    .bind(key.as_slice())
-                    .fetch_optional(&mut ctx.conn)
-                    .await
-                    .map_err(|e| ctx.db_err("read address record", e))?;
-                    let outcome = match existing {
-                        Some((ts, old)) if !record.supersedes_encoded(ts.max(0) as u64, &old) => {
-                            return Ok(Upsert::Unchanged);
+                    let mut out = Vec::with_capacity(records.len());
+                    for r in &records {
+                        match upsert_in(ctx, r, now_ms, false, max).await {
+                            Err(e @ Error::BookFull { .. }) => out.push(Err(e)),
+                            other => out.push(Ok(other?)),
                         }
-                        Some(_) => Upsert::Replaced,
-                        None => {
-                            let count: i64 =
-                                sqlx::query_scalar("SELECT COUNT(*) FROM address_book")
-                                    .fetch_one(&mut ctx.conn)
-                                    .await
-                                    .map_err(|e| ctx.db_err("count address book", e))?;
-                            if count >= max && !own {
-                                let oldest = sqlx::query(
-                                    "SELECT relay_key, timestamp_ms FROM address_book \
-                                     WHERE connected_ms < ? AND first_seen_ms > ? \
-                                     ORDER BY timestamp_ms LIMIT 1",
-                                )
-                                .bind(ms(now_ms.saturating_sub(PROVEN_CONNECTED_MS)))
-                                .bind(ms(now_ms.saturating_sub(PROVEN_PRESENT_MS)))
-                                .fetch_optional(&mut ctx.conn)
-                                .await
-                                .map_err(|e| ctx.db_err("find oldest record", e))?;
-                                let evict = oldest.and_then(|r| {
-                                    let k: Vec<u8> = r.try_get(0).ok()?;
-                                    let t: i64 = r.try_get(1).ok()?;
-                                    (t < ms(ts)).then_some(k)
-                                });
-                                let Some(victim) = evict else {
-                                    return Err(Error::BookFull { max: max as u64 });
-                                };
-                                sqlx::query("DELETE FROM address_book WHERE relay_key = ?")
-                                    .bind(victim)
-                                    .execute(&mut ctx.conn)
-                                    .await
-                                    .map_err(|e| ctx.db_err("evict address record", e))?;
-                            }
-                            Upsert::Inserted
-                        }
-                    };
-                    // Our own record counts as connected for ever.
-                    let connected = if own { i64::MAX } else { 0 };
-                    sqlx::query(
-                        "INSERT INTO address_book (relay_key, timestamp_ms, record, received_ms, first_seen_ms, connected_ms) \
-                         VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (relay_key) DO UPDATE SET \
-                         timestamp_ms = excluded.timestamp_ms, record = excluded.record, \
-                         received_ms = excluded.received_ms, \
-                         connected_ms = max(connected_ms, excluded.connected_ms)",
-                    )
-                    .bind(key.as_slice())
-                    .bind(ms(ts))
-                    .bind(&bytes)
-                    .bind(ms(now_ms))
-                    .bind(ms(now_ms))
-                    .bind(connected)
-                    .execute(&mut ctx.conn)
-                    .await
-                    .map_err(|e| ctx.db_err("store address record", e))?;
-                    Ok(outcome)
+                    }
+                    Ok(out)
                 })
             }))
             .await
     }
 
-    /// Notes that we are connected to `relay_key` (its record is proven).
-    pub async fn mark_connected(&self, relay_key: &[u8; 32], now_ms: u64) -> Result<()> {
-        let key = *relay_key;
+    /// Notes that we are connected to these relays (their records are
+    /// proven), in one transaction.
+    pub async fn mark_connected(&self, relay_keys: Vec<[u8; 32]>, now_ms: u64) -> Result<()> {
+        if relay_keys.is_empty() {
+            return Ok(());
+        }
         self.store
             .writer()
             .run(Box::new(move |ctx| {
                 Box::pin(async move {
-                    sqlx::query("UPDATE address_book SET connected_ms = ? WHERE relay_key = ?")
+                    for key in &relay_keys {
+                        sqlx::query(
+                            "UPDATE address_book SET connected_ms = max(connected_ms, ?) WHERE relay_key = ?",
+                        )
                         .bind(ms(now_ms))
                         .bind(key.as_slice())
                         .execute(&mut ctx.conn)
                         .await
                         .map_err(|e| ctx.db_err("mark a relay connected", e))?;
+                    }
                     Ok(())
                 })
             }))
@@ -294,4 +258,83 @@ impl AddressBook<'_> {
     pub async fn count(&self) -> Result<u64> {
         self.store.count("SELECT COUNT(*) FROM address_book").await
     }
+}
+
+/// The upsert inside the writer's transaction.
+async fn upsert_in(
+    ctx: &mut crate::writer::WriterCtx,
+    record: &AddressRecord,
+    now_ms: u64,
+    own: bool,
+    max: i64,
+) -> Result<Upsert> {
+    let key = record.relay_key().to_bytes();
+    let bytes = record.encode();
+    let ts = record.timestamp_ms();
+
+    // The stored record was verified when it was written:
+    // compare by its timestamp and encoding.
+    let existing: Option<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT timestamp_ms, record FROM address_book WHERE relay_key = ?")
+            .bind(key.as_slice())
+            .fetch_optional(&mut ctx.conn)
+            .await
+            .map_err(|e| ctx.db_err("read address record", e))?;
+    let outcome = match existing {
+        Some((ts, old)) if !record.supersedes_encoded(ts.max(0) as u64, &old) => {
+            return Ok(Upsert::Unchanged);
+        }
+        Some(_) => Upsert::Replaced,
+        None => {
+            let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM address_book")
+                .fetch_one(&mut ctx.conn)
+                .await
+                .map_err(|e| ctx.db_err("count address book", e))?;
+            if count >= max && !own {
+                let oldest = sqlx::query(
+                    "SELECT relay_key, timestamp_ms FROM address_book \
+                         WHERE connected_ms < ? AND first_seen_ms > ? \
+                         ORDER BY timestamp_ms LIMIT 1",
+                )
+                .bind(ms(now_ms.saturating_sub(PROVEN_CONNECTED_MS)))
+                .bind(ms(now_ms.saturating_sub(PROVEN_PRESENT_MS)))
+                .fetch_optional(&mut ctx.conn)
+                .await
+                .map_err(|e| ctx.db_err("find oldest record", e))?;
+                let evict = oldest.and_then(|r| {
+                    let k: Vec<u8> = r.try_get(0).ok()?;
+                    let t: i64 = r.try_get(1).ok()?;
+                    (t < ms(ts)).then_some(k)
+                });
+                let Some(victim) = evict else {
+                    return Err(Error::BookFull { max: max as u64 });
+                };
+                sqlx::query("DELETE FROM address_book WHERE relay_key = ?")
+                    .bind(victim)
+                    .execute(&mut ctx.conn)
+                    .await
+                    .map_err(|e| ctx.db_err("evict address record", e))?;
+            }
+            Upsert::Inserted
+        }
+    };
+    // Our own record counts as connected for ever.
+    let connected = if own { i64::MAX } else { 0 };
+    sqlx::query(
+            "INSERT INTO address_book (relay_key, timestamp_ms, record, received_ms, first_seen_ms, connected_ms) \
+             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (relay_key) DO UPDATE SET \
+             timestamp_ms = excluded.timestamp_ms, record = excluded.record, \
+             received_ms = excluded.received_ms, \
+             connected_ms = max(connected_ms, excluded.connected_ms)",
+        )
+        .bind(key.as_slice())
+        .bind(ms(ts))
+        .bind(&bytes)
+        .bind(ms(now_ms))
+        .bind(ms(now_ms))
+        .bind(connected)
+        .execute(&mut ctx.conn)
+        .await
+        .map_err(|e| ctx.db_err("store address record", e))?;
+    Ok(outcome)
 }

@@ -138,9 +138,9 @@ pub enum Job {
         /// Where to start.
         cursor: [u8; 32],
     },
-    /// Note that we are connected to this relay (its record is proven:
-    /// the book prefers it when full).
-    MarkConnected(RelayKey),
+    /// Note that we are connected to these relays (their records are
+    /// proven: the book prefers them when full).
+    MarkConnected(Vec<RelayKey>),
 }
 
 /// What a job found, back to the state machines.

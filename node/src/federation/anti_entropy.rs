@@ -19,6 +19,10 @@ use std::sync::atomic::Ordering::Relaxed;
 /// The shortest interval between rounds (after a change).
 pub const FAST_MS: u64 = 250;
 
+/// Walks in progress at once; more wait their turn (walks that start
+/// together would all pull the same records).
+pub const MAX_WALKS: usize = 1;
+
 /// Anti-entropy requests served for one peer at a time.
 pub const SERVING_PER_PEER: usize = 4;
 
@@ -35,6 +39,8 @@ pub struct AntiEntropy {
     next_req: u64,
     /// Walks in progress, per peer, since when.
     walks: HashMap<PeerId, u64>,
+    /// Peers waiting for a walk, in order.
+    waiting: std::collections::VecDeque<PeerId>,
     /// Requests being served, per peer.
     serving: HashMap<PeerId, usize>,
 }
@@ -51,6 +57,7 @@ impl AntiEntropy {
             turn: 0,
             next_req: 1,
             walks: HashMap::new(),
+            waiting: std::collections::VecDeque::new(),
             serving: HashMap::new(),
         }
     }
@@ -60,13 +67,18 @@ impl AntiEntropy {
         self.next_req
     }
 
-    /// Starts a walk through `peer`'s book unless one is under way.
+    /// Starts a walk through `peer`'s book unless one is under way (or,
+    /// with [`MAX_WALKS`] under way, once one of them ends).
     pub fn start(&mut self, now: u64, peer: PeerId, m: &FederationMetrics, out: &mut Vec<Action>) {
-        if self
-            .walks
-            .get(&peer)
-            .is_some_and(|&t| t.saturating_add(self.walk_timeout_ms) > now)
-        {
+        let timeout = self.walk_timeout_ms;
+        self.walks.retain(|_, t| t.saturating_add(timeout) > now);
+        if self.walks.contains_key(&peer) {
+            return;
+        }
+        if self.walks.len() >= MAX_WALKS {
+            if !self.waiting.contains(&peer) {
+                self.waiting.push_back(peer);
+            }
             return;
         }
         self.walks.insert(peer, now);
@@ -106,13 +118,18 @@ impl AntiEntropy {
     /// A digest page from `peer`: compare it with our book.
     pub fn digest(
         &mut self,
+        now: u64,
         peer: PeerId,
         more: bool,
         entries: Vec<([u8; 32], u64)>,
+        m: &FederationMetrics,
         out: &mut Vec<Action>,
     ) {
         if !more {
             self.walks.remove(&peer);
+            if let Some(next) = self.waiting.pop_front() {
+                self.start(now, next, m, out);
+            }
         }
         out.push(Action::Job(Job::CompareDigest {
             peer,
@@ -187,6 +204,7 @@ impl AntiEntropy {
     pub fn closed(&mut self, peer: &PeerId) {
         self.changed();
         self.walks.remove(peer);
+        self.waiting.retain(|p| p != peer);
         self.serving.remove(peer);
     }
 }
@@ -212,6 +230,37 @@ mod tests {
         assert!(!ae.may_serve(p, &m));
         ae.served(p);
         assert!(ae.may_serve(p, &m));
+    }
+
+    #[test]
+    fn walks_take_turns() {
+        let mut ae = AntiEntropy::new(1000, 256, 10_000);
+        let m = FederationMetrics::default();
+        let peers = [PeerId::random(), PeerId::random(), PeerId::random()];
+        let mut out = Vec::new();
+        for p in peers {
+            ae.start(0, p, &m, &mut out);
+        }
+        assert_eq!(out.len(), MAX_WALKS);
+        // Each walk that ends lets the next waiting one start.
+        for (i, p) in peers.iter().enumerate().take(peers.len() - MAX_WALKS) {
+            ae.digest(5 + i as u64, *p, false, Vec::new(), &m, &mut out);
+        }
+        let asked: Vec<PeerId> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send {
+                    peer,
+                    frame: Frame::DigestRequest { .. },
+                } => Some(*peer),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(asked, peers.to_vec());
+        // A stuck walk is given up after its timeout.
+        out.clear();
+        ae.start(10_010, peers[1], &m, &mut out);
+        assert_eq!(out.len(), 1);
     }
 
     #[test]
@@ -277,11 +326,16 @@ mod tests {
         let mut out = Vec::new();
         assert!(ae.tick(0, &peers, &m, &mut out));
         assert!(!ae.tick(200, &peers, &m, &mut out));
+        // That walk ends (one page, nothing more).
+        ae.digest(300, peers[1], false, Vec::new(), &m, &mut out);
         assert!(ae.tick(1000, &peers, &m, &mut out));
         let who: Vec<PeerId> = out
             .iter()
             .filter_map(|a| match a {
-                Action::Send { peer, .. } => Some(*peer),
+                Action::Send {
+                    peer,
+                    frame: Frame::DigestRequest { .. },
+                } => Some(*peer),
                 _ => None,
             })
             .collect();

@@ -12,6 +12,10 @@ use std::collections::HashMap;
 
 /// How often the DHT is refreshed while federated.
 const KAD_REFRESH_MS: u64 = 5 * 60_000;
+/// The first refresh comes this long after the first relay was admitted:
+/// at start the bootstrap relays and the book find the mesh, and a DHT
+/// walk by every relay at once would connect everyone to everyone.
+const KAD_FIRST_MS: u64 = 30_000;
 /// A discovered relay is not dialled again for this long.
 const DISCOVERED_MS: u64 = 60_000;
 /// Longest backoff between attempts to reach one relay.
@@ -92,6 +96,9 @@ impl Dials {
             self.bootstrap_backoff_ms = (self.bootstrap_backoff_ms * 2).min(MAX_BACKOFF_MS);
         } else if admitted > 0 {
             self.bootstrap_backoff_ms = 500;
+        }
+        if admitted > 0 && self.next_kad_ms == 0 {
+            self.next_kad_ms = now + KAD_FIRST_MS;
         }
         if admitted > 0 && now >= self.next_kad_ms {
             self.next_kad_ms = now + KAD_REFRESH_MS;
@@ -217,7 +224,17 @@ mod tests {
         out.clear();
         d.tick(10_000, &admitted, &mut out);
         assert_eq!(dials(&out), 0);
-        assert!(out.iter().any(|a| matches!(a, Action::KadBootstrap)));
+        // The DHT is walked only once the mesh had time to form.
+        let kad = |out: &[Action]| {
+            out.iter()
+                .filter(|a| matches!(a, Action::KadBootstrap))
+                .count()
+        };
+        assert_eq!(kad(&out), 0);
+        d.tick(10_000 + KAD_FIRST_MS, &admitted, &mut out);
+        assert_eq!(kad(&out), 1);
+        d.tick(20_000 + KAD_FIRST_MS, &admitted, &mut out);
+        assert_eq!(kad(&out), 1, "then every KAD_REFRESH_MS");
     }
 
     #[test]

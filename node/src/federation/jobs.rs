@@ -182,34 +182,43 @@ fn relay_entry(r: &AddressRecord) -> Option<(PeerId, Vec<Multiaddr>, u64)> {
     Some((peer, addrs, r.timestamp_ms()))
 }
 
-/// Checks and stores one record; the relay when it is new or newer.
-async fn learn(core: &Core, bytes: &[u8], me: [u8; 32]) -> Option<(PeerId, Vec<Multiaddr>, u64)> {
+/// Checks records and stores the good ones in one transaction; the relays
+/// whose records were new or newer.
+async fn learn(core: &Core, records: &[Bytes], me: [u8; 32]) -> Vec<(PeerId, Vec<Multiaddr>, u64)> {
     let m = &core.metrics.federation;
-    let r = match AddressRecord::accept(bytes, now_ms()) {
-        Ok(r) => r,
+    let now = now_ms();
+    let mut good = Vec::with_capacity(records.len());
+    for bytes in records {
+        match AddressRecord::accept(bytes, now) {
+            Ok(r) if r.relay_key().to_bytes() == me => {}
+            Ok(r) => good.push(r),
+            Err(e) => m.reject_record(e.kind()),
+        }
+    }
+    let outcomes = match core
+        .store
+        .address_book()
+        .upsert_many(good.clone(), now)
+        .await
+    {
+        Ok(o) => o,
         Err(e) => {
-            m.reject_record(e.kind());
-            return None;
+            tracing::warn!(error = %e, "storing address records");
+            return Vec::new();
         }
     };
-    if r.relay_key().to_bytes() == me {
-        return None;
-    }
-    match core.store.address_book().upsert(&r, now_ms()).await {
-        Ok(Upsert::Inserted | Upsert::Replaced) => {
-            m.records_learned.fetch_add(1, Relaxed);
-            relay_entry(&r)
-        }
-        Ok(Upsert::Unchanged) => None,
-        Err(meshwhisper_storage::Error::BookFull { .. }) => {
-            m.reject_record("book_full");
-            None
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "storing an address record");
-            None
+    let mut relays = Vec::new();
+    for (r, outcome) in good.iter().zip(outcomes) {
+        match outcome {
+            Ok(Upsert::Inserted | Upsert::Replaced) => {
+                m.records_learned.fetch_add(1, Relaxed);
+                relays.extend(relay_entry(r));
+            }
+            Ok(Upsert::Unchanged) => {}
+            Err(_) => m.reject_record("book_full"),
         }
     }
+    relays
 }
 
 async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
@@ -232,19 +241,15 @@ async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
             }
             Vec::new()
         }
-        Job::MarkConnected(key) => {
-            if let Err(e) = book.mark_connected(key.bytes(), now_ms()).await {
+        Job::MarkConnected(keys) => {
+            let keys: Vec<[u8; 32]> = keys.iter().map(|k| *k.bytes()).collect();
+            if let Err(e) = book.mark_connected(keys, now_ms()).await {
                 tracing::debug!(error = %e, "marking a relay connected");
             }
             Vec::new()
         }
         Job::Learn { records, gossip } => {
-            let mut relays = Vec::new();
-            for bytes in &records {
-                if let Some(x) = learn(core, bytes, me).await {
-                    relays.push(x);
-                }
-            }
+            let relays = learn(core, &records, me).await;
             let gossip = gossip.map(|(id, source)| {
                 let acceptance = if relays.is_empty() {
                     MessageAcceptance::Ignore

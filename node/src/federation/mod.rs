@@ -43,6 +43,7 @@ use meshwhisper_behaviour::relay_key::RelayKey;
 use meshwhisper_crypto::destination::DestHash;
 use meshwhisper_crypto::identity::IdentityKeyPair;
 use rand_core::Rng as _;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
@@ -110,6 +111,8 @@ pub struct Federation {
     pub dedup: dedup::Dedup,
     /// Claims at other relays.
     pub claims: claims::Claims,
+    /// When each connected relay was last noted as connected in the book.
+    marked: HashMap<RelayKey, u64>,
     metrics: Arc<FederationMetrics>,
 }
 
@@ -122,8 +125,13 @@ impl std::fmt::Debug for Federation {
     }
 }
 
-/// How long a walk or an ack may take before it is given up or resent.
+/// A connected relay is noted as connected in the book this often.
+const MARK_EVERY_MS: u64 = 600_000;
+
+/// How long an ack may take before its packet is resent.
 const ACK_TIMEOUT_MS: u64 = 60_000;
+/// How long an anti-entropy walk may take before it is given up.
+const WALK_TIMEOUT_MS: u64 = 10_000;
 
 impl Federation {
     /// The federation of the relay with `identity` (its libp2p key too).
@@ -167,7 +175,7 @@ impl Federation {
             ae: anti_entropy::AntiEntropy::new(
                 cfg.anti_entropy_ms,
                 cfg.anti_entropy_page,
-                ACK_TIMEOUT_MS,
+                WALK_TIMEOUT_MS,
             ),
             dials: dials::Dials::new(me, bootstrap, cfg.retry_ms, cfg.target_peers),
             forward: forward::Forward::new(
@@ -187,6 +195,7 @@ impl Federation {
             ),
             inbound: inbound::Inbound::new(my_key, cfg.max_hops),
             dedup: dedup::Dedup::new(cfg.dedup_entries, cfg.dedup_secs.saturating_mul(1000)),
+            marked: HashMap::new(),
             claims: claims::Claims::new(1024),
             metrics,
         }
@@ -263,7 +272,8 @@ impl Federation {
     ) {
         self.dials.reached(&peer);
         if let Some(k) = RelayKey::from_peer(&peer) {
-            out.push(Action::Job(Job::MarkConnected(k)));
+            self.marked.insert(k, now);
+            out.push(Action::Job(Job::MarkConnected(vec![k])));
         }
         self.forward.stream_opened(
             now,
@@ -286,6 +296,9 @@ impl Federation {
     pub fn stream_closed(&mut self, now: u64, peer: PeerId, last: bool) {
         if last {
             self.ae.closed(&peer);
+            if let Some(k) = RelayKey::from_peer(&peer) {
+                self.marked.remove(&k);
+            }
         }
         self.forward.stream_closed(now, peer);
     }
@@ -372,7 +385,9 @@ impl Federation {
                     }));
                 }
             }
-            Frame::Digest { more, entries, .. } => self.ae.digest(peer, more, entries, out),
+            Frame::Digest { more, entries, .. } => {
+                self.ae.digest(now, peer, more, entries, &self.metrics, out)
+            }
             Frame::Pull { req, keys } => {
                 if self.ae.may_serve(peer, &self.metrics) {
                     out.push(Action::Job(Job::ServePull { peer, req, keys }));
@@ -413,10 +428,21 @@ impl Federation {
                         acceptance,
                     });
                 }
+                if !relays.is_empty() {
+                    // New records: others may be missing them (or have
+                    // more), so reconcile soon.
+                    self.ae.changed();
+                }
                 let mut candidates = Vec::new();
+                let mut connected = Vec::new();
                 for (peer, addrs, ts) in relays {
                     if let Some(k) = RelayKey::from_peer(&peer) {
                         self.book.note(k.0, ts);
+                        // A relay we are connected to whose record just
+                        // arrived: noted as connected now, not in ten minutes.
+                        if view.stream_open(&peer) {
+                            connected.push(k);
+                        }
                     }
                     for a in &addrs {
                         out.push(Action::KadAddAddress {
@@ -425,6 +451,9 @@ impl Federation {
                         });
                     }
                     candidates.push((peer, addrs));
+                }
+                if !connected.is_empty() {
+                    out.push(Action::Job(Job::MarkConnected(connected)));
                 }
                 let start = self.rng.next_u32() as usize;
                 self.dials.discovered(now, candidates, start, view, out);
@@ -519,11 +548,21 @@ impl Federation {
         );
         let peers = view.peers();
         if self.ae.tick(now, &peers, &self.metrics, out) {
-            // Relays we are connected to stay proven in the book.
+            // Relays we are connected to stay proven in the book: noted
+            // when their stream opens and then every MARK_EVERY_MS, all in
+            // one store job.
+            let mut due = Vec::new();
             for p in &peers {
                 if let Some(k) = RelayKey::from_peer(p) {
-                    out.push(Action::Job(Job::MarkConnected(k)));
+                    let last = self.marked.entry(k).or_insert(0);
+                    if now.saturating_sub(*last) >= MARK_EVERY_MS {
+                        *last = now;
+                        due.push(k);
+                    }
                 }
+            }
+            if !due.is_empty() {
+                out.push(Action::Job(Job::MarkConnected(due)));
             }
             let cursor = self.random_cursor();
             out.push(Action::Job(Job::Discover {
