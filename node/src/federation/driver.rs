@@ -564,7 +564,7 @@ fn batched(frames: Vec<Frame>) -> Vec<Frame> {
     let mut bytes = 0;
     let close = |run: &mut Vec<Frame>, out: &mut Vec<Frame>| match run.len() {
         0 => {}
-        1 => out.extend(run.drain(..)),
+        1 => out.append(run),
         _ => out.push(Frame::Batch(std::mem::take(run))),
     };
     for f in frames {
