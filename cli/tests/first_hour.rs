@@ -458,6 +458,22 @@ fn the_relay_prints_a_reachable_url_and_the_next_command_that_works() {
     let r = relay(&tmp.path().join("relay"), &["--http", "0.0.0.0:0"]);
     assert!(r.http.starts_with("http://127.0.0.1:"), "{}", r.http);
     assert!(curl(&format!("{}/health", r.http)).contains("\"status\":\"ok\""));
+    // Federation is open by default, unlike the reference relay: said so,
+    // with a warning when there is no one to mesh with.
+    assert_eq!(
+        r.proc
+            .until("federation=", |l| l.starts_with("federation=")),
+        "federation=open"
+    );
+    let note = r
+        .proc
+        .until("federation note", |l| l.starts_with("note: federation"));
+    assert!(
+        note.contains("our default") && note.contains("reference relay's is off"),
+        "{note}"
+    );
+    let warn = r.proc.until("warning", |l| l.starts_with("warning: "));
+    assert!(warn.contains("no peers and no --bootstrap"), "{warn}");
     let next = r.proc.until("next command", |l| l.starts_with("next: "));
     let cmd = next.trim_start_matches("next: meshwhisper ");
     let cmd = cmd.replace("<your name>", "alice");
