@@ -1029,6 +1029,11 @@ async fn a_resent_packet_is_delivered_once_even_after_the_home_relay_restarts() 
         .await;
     assert_eq!(sender.ack_of([7; 16]), Some(AckStatus::Stored));
     assert_eq!(&next_packet(&mut bob).await[31..], b"marker 1");
+    // Bob's pong confirms both deliveries: nothing left to deliver again.
+    eventually("deliveries confirmed", 10, || async {
+        running(&f).core.store.mailbox().count().await.unwrap_or(1) == 0
+    })
+    .await;
     drop(sender);
     drop(bob);
 

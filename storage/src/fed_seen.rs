@@ -25,6 +25,8 @@ pub type FedId = [u8; 16];
 struct Bloom {
     bits: Vec<u64>,
     mask: u64,
+    /// Ids inserted since it was built.
+    inserted: usize,
 }
 
 /// Probes per id.
@@ -37,7 +39,14 @@ impl Bloom {
         Self {
             bits: vec![0; want / 64],
             mask: (want - 1) as u64,
+            inserted: 0,
         }
+    }
+
+    /// Past the ids it was sized for, false positives climb fast (at 5×
+    /// its size, ~75%: nearly every lookup would read the table).
+    fn full(&self) -> bool {
+        self.inserted > self.bits.len() * 64 / 10
     }
 
     fn positions(&self, id: &FedId) -> [u64; PROBES] {
@@ -52,6 +61,7 @@ impl Bloom {
     }
 
     fn insert(&mut self, id: &FedId) {
+        self.inserted += 1;
         for p in self.positions(id) {
             self.bits[(p / 64) as usize] |= 1 << (p % 64);
         }
@@ -69,47 +79,34 @@ impl Bloom {
 pub(crate) struct FedSeen {
     /// Recorded since the last spill (also in the hot log), with expiry.
     recent: HashMap<FedId, u64>,
-    /// Over the table's ids (deletions are not removed: a false positive
-    /// only costs a read).
+    /// Over the table's ids only (`recent` is looked up first and
+    /// exactly). Deletions are not removed: a false positive only costs a
+    /// read; once it has taken more ids than it was sized for it is built
+    /// again from the table.
     bloom: Bloom,
-    /// Table rows at open plus inserts since (sizes a rebuilt filter).
-    rows: usize,
 }
 
 impl FedSeen {
     /// Loads the filter from the table.
     pub(crate) async fn load(conn: &mut SqliteConnection, path: &Path) -> Result<Self> {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM fed_seen")
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(|e| crate::Error::db("count federated ids", path, e))?;
-        let rows = usize::try_from(n).unwrap_or(0);
-        let mut bloom = Bloom::new(rows.saturating_mul(2));
-        let ids: Vec<Vec<u8>> = sqlx::query_scalar("SELECT id FROM fed_seen")
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(|e| crate::Error::db("load federated ids", path, e))?;
-        for id in ids {
-            if let Ok(id) = <FedId>::try_from(id.as_slice()) {
-                bloom.insert(&id);
-            }
-        }
         Ok(Self {
             recent: HashMap::new(),
-            bloom,
-            rows,
+            bloom: table_filter(conn, path).await?,
         })
     }
 
     /// Whether `id` was stored here (and not forgotten).
     pub(crate) async fn contains(
-        &self,
+        &mut self,
         conn: &mut SqliteConnection,
         path: &Path,
         id: &FedId,
     ) -> Result<bool> {
         if self.recent.contains_key(id) {
             return Ok(true);
+        }
+        if self.bloom.full() {
+            self.bloom = table_filter(conn, path).await?;
         }
         if !self.bloom.may_contain(id) {
             return Ok(false);
@@ -126,7 +123,6 @@ impl FedSeen {
     /// the hot log holds it with its packet).
     pub(crate) fn record(&mut self, id: FedId, expires_ms: u64) {
         self.recent.insert(id, expires_ms);
-        self.bloom.insert(&id);
     }
 
     /// Remembers `id` in the table now (inside the caller's transaction:
@@ -140,7 +136,6 @@ impl FedSeen {
     ) -> Result<()> {
         insert_rows(conn, path, &[(id, expires_ms)]).await?;
         self.bloom.insert(&id);
-        self.rows += 1;
         Ok(())
     }
 
@@ -152,7 +147,11 @@ impl FedSeen {
         }
         let rows: Vec<(FedId, u64)> = self.recent.iter().map(|(k, v)| (*k, *v)).collect();
         insert_rows(conn, path, &rows).await?;
-        self.rows += rows.len();
+        // Into the filter now: should the spill's transaction fail, the
+        // extra ids only cost a read each.
+        for (id, _) in &rows {
+            self.bloom.insert(id);
+        }
         Ok(())
     }
 
@@ -194,6 +193,22 @@ impl FedSeen {
         }
         Ok(n)
     }
+}
+
+/// A filter over the table's ids, sized for twice as many.
+async fn table_filter(conn: &mut SqliteConnection, path: &Path) -> Result<Bloom> {
+    let ids: Vec<Vec<u8>> = sqlx::query_scalar("SELECT id FROM fed_seen")
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| crate::Error::db("load federated ids", path, e))?;
+    let mut bloom = Bloom::new(ids.len().saturating_mul(2));
+    for id in ids {
+        if let Ok(id) = <FedId>::try_from(id.as_slice()) {
+            bloom.insert(&id);
+        }
+    }
+    bloom.inserted = 0;
+    Ok(bloom)
 }
 
 async fn insert_rows(
@@ -272,5 +287,19 @@ mod tests {
         assert!(ids.iter().all(|id| b.may_contain(id)));
         let fp = (0..10_000).filter(|_| b.may_contain(&next())).count();
         assert!(fp < 200, "{fp} false positives in 10 000");
+    }
+
+    #[test]
+    fn a_filter_says_when_it_holds_more_than_it_was_sized_for() {
+        let mut b = Bloom::new(0);
+        let cap = b.bits.len() * 64 / 10;
+        for i in 0..cap {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            b.insert(&id);
+        }
+        assert!(!b.full());
+        b.insert(&[0xff; 16]);
+        assert!(b.full(), "rebuilt from the table beyond {cap} ids");
     }
 }
