@@ -30,6 +30,11 @@ pub struct FederationBench {
     /// Pause between two changes, ms (the mesh settles in between).
     #[arg(long, default_value_t = 1000)]
     change_pause_ms: u64,
+    /// `federation.max_peers` of every relay. With the default (64) and
+    /// more relays than that, the bootstrap refuses the later ones, which
+    /// then know no one else.
+    #[arg(long, default_value_t = 64)]
+    max_peers: usize,
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
@@ -62,6 +67,7 @@ async fn converge(b: FederationBench) -> anyhow::Result<()> {
         };
         c.federation.anti_entropy_ms = b.anti_entropy_ms;
         c.federation.record_gossip = b.gossip;
+        c.federation.max_peers = b.max_peers;
         c.federation.bootstrap = bootstrap.into_iter().collect();
         c
     };
