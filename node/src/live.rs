@@ -92,10 +92,16 @@ impl LiveQueue {
     }
 
     /// Queues `out` if there is room; otherwise remembers that the client
-    /// is behind (its packet stays stored) and returns false.
+    /// is behind (its packet stays stored) and returns false. Once behind,
+    /// every packet is turned away until the queue has emptied and the
+    /// connection has caught up from the store ([`LiveQueue::take_behind`]):
+    /// a later packet must not overtake the ones that stayed stored.
     pub fn offer(&self, out: Outbound) -> bool {
         let len = out.packet.len();
         let mut st = self.lock();
+        if st.behind {
+            return false;
+        }
         // One packet always fits an empty queue (the byte bound is at
         // least one packet in practice, but never starve a client).
         let over = st.items.len() >= self.max_count
@@ -197,14 +203,22 @@ mod tests {
         let q = LiveQueue::new(3, 100, b.clone());
         assert!(q.offer(out(60)));
         assert!(!q.offer(out(60)), "over the byte bound");
-        assert!(q.offer(out(40)));
-        assert!(!q.offer(out(1)), "over the byte bound");
-        assert_eq!(b.used(), 100);
+        assert!(
+            !q.offer(out(40)),
+            "behind: it must not overtake the one turned away"
+        );
+        assert_eq!(b.used(), 60);
         assert!(!q.take_behind(), "not empty yet");
-        assert_eq!(q.take(10, 1000).len(), 2);
+        assert_eq!(q.take(10, 1000).len(), 1);
+        assert!(!q.offer(out(1)), "still behind until it caught up");
         assert!(q.take_behind(), "turned a packet away, now empty");
         assert!(!q.take_behind(), "said once");
         assert_eq!(b.used(), 0);
+        assert!(
+            q.offer(out(60)) && q.offer(out(40)),
+            "caught up: live again"
+        );
+        assert_eq!(q.take(10, 1000).len(), 2);
         let q = LiveQueue::new(2, 1000, b.clone());
         assert!(q.offer(out(1)) && q.offer(out(1)));
         assert!(!q.offer(out(1)), "over the count bound");
@@ -220,6 +234,7 @@ mod tests {
         let q2 = LiveQueue::new(10, 1000, b.clone());
         assert!(q1.offer(out(70)));
         assert!(!q2.offer(out(40)), "over the relay-wide budget");
+        assert!(q2.take_behind(), "empty: catches up from the store");
         assert!(q2.offer(out(30)));
         drop(q1);
         assert_eq!(b.used(), 30);
