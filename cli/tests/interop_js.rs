@@ -22,8 +22,20 @@ fn run(cmd: &mut Command, what: &str) -> std::process::Output {
 }
 
 /// Installs the SDK (pinned by package-lock.json) unless it is there.
+/// Tests run in parallel, and `npm ci` deletes `node_modules` first: one
+/// install at a time, in this process (a mutex) and across processes (an
+/// exclusive lock on a file beside it), and the others then find it there.
 fn npm_ci(dir: &std::path::Path) {
-    if !dir.join("node_modules/@meshwhisper/sdk").exists() {
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _in_process = INSTALL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let lock = std::fs::File::create(dir.join("node_modules.lock")).expect("npm lock file");
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).expect("npm lock");
+    if !dir
+        .join("node_modules/@meshwhisper/sdk/package.json")
+        .exists()
+    {
         let out = run(
             Command::new("npm")
                 .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
