@@ -228,6 +228,18 @@ pub(super) async fn directory_post(
     }
 }
 
+/// The non-empty `namespace` query parameter.
+fn namespace_param(q: &HashMap<String, String>) -> Option<&str> {
+    q.get("namespace")
+        .filter(|x| !x.is_empty())
+        .map(String::as_str)
+}
+
+/// The 400 the reference answers without a `namespace`.
+fn missing_namespace(s: &AppState) -> Response {
+    error(s, StatusCode::BAD_REQUEST, "Missing query param: namespace")
+}
+
 pub(super) async fn directory_get(
     State(s): State<AppState>,
     ClientIp(ip): ClientIp,
@@ -236,12 +248,8 @@ pub(super) async fn directory_get(
     if let Some(r) = limited(&s, Bucket::Read, ip) {
         return r;
     }
-    let Some(ns) = q.get("namespace").filter(|x| !x.is_empty()) else {
-        return error(
-            &s,
-            StatusCode::BAD_REQUEST,
-            "Missing query param: namespace",
-        );
+    let Some(ns) = namespace_param(&q) else {
+        return missing_namespace(&s);
     };
     let d = s.core.store.directory();
     if let Some(u) = q.get("username").filter(|x| !x.is_empty()) {
@@ -328,12 +336,8 @@ pub(super) async fn policy_get(
     if let Some(r) = limited(&s, Bucket::Read, ip) {
         return r;
     }
-    let Some(ns) = q.get("namespace").filter(|x| !x.is_empty()) else {
-        return error(
-            &s,
-            StatusCode::BAD_REQUEST,
-            "Missing query param: namespace",
-        );
+    let Some(ns) = namespace_param(&q) else {
+        return missing_namespace(&s);
     };
     match s.core.store.directory().policy(ns).await {
         Ok(p) => json_resp(

@@ -21,13 +21,7 @@ pub(super) async fn media_post(
         return r;
     }
     let max = s.core.store.config().media_max_bytes;
-    let too_large = |s: &AppState| {
-        error(
-            s,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("Payload too large (max {max} bytes)"),
-        )
-    };
+    let too_large = |s: &AppState| too_large(s, "Payload", max);
     if content_length(&headers).is_some_and(|n| n > max) {
         return too_large(&s);
     }
@@ -136,13 +130,7 @@ pub(super) async fn archive_put(
         return error(&s, StatusCode::UNAUTHORIZED, "Missing Authorization header");
     };
     let max = s.core.store.config().archive_max_bytes;
-    let too_large = |s: &AppState| {
-        error(
-            s,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            &format!("Archive too large (max {max} bytes)"),
-        )
-    };
+    let too_large = |s: &AppState| too_large(s, "Archive", max);
     if content_length(&headers).is_some_and(|n| n > max) {
         return too_large(&s);
     }
@@ -202,4 +190,13 @@ pub(super) async fn archive_get(
         Ok(None) => error(&s, StatusCode::NOT_FOUND, "Archive not found"),
         Err(e) => internal(&s, e),
     }
+}
+
+/// 413 for an upload over `max` bytes (`what`: "Payload" or "Archive").
+fn too_large(s: &AppState, what: &str, max: u64) -> Response {
+    error(
+        s,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("{what} too large (max {max} bytes)"),
+    )
 }
