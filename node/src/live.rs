@@ -108,6 +108,13 @@ impl LiveQueue {
             || (!st.items.is_empty() && st.bytes.saturating_add(len) > self.max_bytes);
         if over || !self.budget.take(len) {
             st.behind = true;
+            let empty = st.items.is_empty();
+            drop(st);
+            if empty {
+                // Nothing queued will wake the connection: wake it to catch
+                // up from the store now, not at its next keepalive.
+                self.notify.notify_one();
+            }
             return false;
         }
         st.items.push_back(out);
@@ -118,11 +125,13 @@ impl LiveQueue {
     }
 
     /// Takes up to `max_count` packets and about `max_bytes` bytes (at
-    /// least one packet), waiting until there is one.
+    /// least one packet), waiting until there is one — or returns nothing
+    /// at once when the queue is empty and the client is behind, so its
+    /// connection goes to catch up from the store ([`LiveQueue::take_behind`]).
     pub async fn next_batch(&self, max_count: usize, max_bytes: usize) -> Vec<Outbound> {
         loop {
             let batch = self.take(max_count, max_bytes);
-            if !batch.is_empty() {
+            if !batch.is_empty() || self.lock().behind {
                 return batch;
             }
             self.notify.notified().await;
@@ -242,6 +251,27 @@ mod tests {
         let batch = q2.take(10, 40);
         assert_eq!(batch.len(), 1, "about max_bytes per batch");
         assert_eq!(b.used(), 60);
+    }
+
+    #[tokio::test]
+    async fn a_connection_waiting_for_packets_wakes_when_one_is_turned_away() {
+        // The relay-wide budget is used up elsewhere: the packet is turned
+        // away with the queue empty, and the waiting connection must wake
+        // to catch up from the store (nothing else would wake it).
+        let b = Budget::new(10);
+        let other = LiveQueue::new(10, 1000, b.clone());
+        assert!(other.offer(out(10)));
+        let q = Arc::new(LiveQueue::new(10, 1000, b));
+        let q2 = q.clone();
+        let t = tokio::spawn(async move { q2.next_batch(10, 1000).await.len() });
+        tokio::task::yield_now().await;
+        assert!(!q.offer(out(5)));
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), t)
+            .await
+            .expect("woken")
+            .expect("join");
+        assert_eq!(n, 0, "nothing live: catch up from the store");
+        assert!(q.take_behind());
     }
 
     #[tokio::test]
