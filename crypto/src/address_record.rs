@@ -155,6 +155,18 @@ impl AddressRecord {
         })
     }
 
+    /// The relay key and timestamp an encoded record claims, read without
+    /// verifying anything: only for skipping a record that is no newer than
+    /// one already verified (`None`: too short or an unknown version).
+    pub fn peek(bytes: &[u8]) -> Option<([u8; 32], u64)> {
+        if bytes.first() != Some(&VERSION) {
+            return None;
+        }
+        let key: [u8; 32] = bytes.get(1..33)?.try_into().ok()?;
+        let ts: [u8; 8] = bytes.get(33..41)?.try_into().ok()?;
+        Some((key, u64::from_be_bytes(ts)))
+    }
+
     /// Parses and verifies the signature. Never panics.
     pub fn decode(bytes: &[u8]) -> Result<Self, Error> {
         if bytes.len() > MAX_ENCODED_LEN {
@@ -367,6 +379,12 @@ mod tests {
         let back = AddressRecord::decode(&bytes).expect("decode");
         assert_eq!(back, rec);
         assert_eq!(back.encode(), bytes);
+        assert_eq!(
+            AddressRecord::peek(&bytes),
+            Some((id.public().to_bytes(), 1_000))
+        );
+        assert_eq!(AddressRecord::peek(&bytes[..40]), None);
+        assert_eq!(AddressRecord::peek(&[]), None);
     }
 
     #[test]

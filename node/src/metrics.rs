@@ -160,6 +160,9 @@ pub struct FederationMetrics {
     pub admissions_refused: AtomicU64,
     /// Address records learned (new relay or newer record).
     pub records_learned: AtomicU64,
+    /// Changed address records pushed on to every open stream (each counted
+    /// once, however many relays it went to).
+    pub records_pushed: AtomicU64,
     /// Address records rejected, by reason (see [`RECORD_REJECTIONS`]).
     pub records_rejected: [AtomicU64; 6],
     /// Dials to relays found in the address book or by Kademlia.
@@ -205,7 +208,7 @@ impl FederationMetrics {
         }
     }
 
-    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 26] {
+    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 27] {
         [
             (
                 "claims_sent_total",
@@ -326,6 +329,11 @@ impl FederationMetrics {
                 "address_records_learned_total",
                 "Address records learned or updated",
                 &self.records_learned,
+            ),
+            (
+                "address_records_pushed_total",
+                "Changed address records pushed on to connected relays",
+                &self.records_pushed,
             ),
             (
                 "discovered_dials_total",

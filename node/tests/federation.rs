@@ -1243,3 +1243,71 @@ async fn minted_relay_keys_cannot_push_established_relays_out_of_a_full_book() {
     assert_eq!(&next_packet(&mut bob).await[31..], b"still here");
     stop_all(relays).await;
 }
+
+/// Whether `r`'s book holds a record of `key` with an address on `port`.
+async fn holds_port(r: &Relay, key: &[u8; 32], port: &str) -> bool {
+    match running(r).core.store.address_book().get(key).await {
+        Ok(Some(rec)) => rec.addrs().iter().any(|a| {
+            libp2p::Multiaddr::try_from(a.clone()).is_ok_and(|m| {
+                m.to_string().contains(&format!("/tcp/{port}/"))
+                    || m.to_string().ends_with(&format!("/tcp/{port}"))
+            })
+        }),
+        _ => false,
+    }
+}
+
+fn tcp_port(addr: &str) -> String {
+    addr.split("/tcp/")
+        .nth(1)
+        .and_then(|s| s.split('/').next())
+        .expect("port")
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_record_is_pushed_on_to_relays_its_owner_is_not_connected_to() {
+    // No gossip, anti-entropy only when a stream opens, and a blocks c:
+    // a -- b -- c. A change of c reaches a only by being pushed on by b.
+    let calm = |cfg: &mut Config, boot: Option<&str>| {
+        quick(cfg, boot);
+        cfg.federation.record_gossip = false;
+        cfg.federation.anti_entropy_ms = 3_600_000;
+    };
+    let b = start(|cfg| calm(cfg, None)).await;
+    let boot = p2p_addr(&b).await;
+    let c = start(|cfg| calm(cfg, Some(&boot))).await;
+    let c_id = running(&c).p2p.peer_id;
+    let blocklist = tempfile::NamedTempFile::new().expect("blocklist");
+    std::fs::write(blocklist.path(), format!("{c_id}\n")).expect("write blocklist");
+    let a = start(|cfg| {
+        calm(cfg, Some(&boot));
+        cfg.federation.blocklist_file = Some(blocklist.path().to_path_buf());
+    })
+    .await;
+    eventually("b knows a and c", 30, || async {
+        book_count(&b).await == 3
+    })
+    .await;
+    let key = key_of(&c_id).expect("key");
+    let old_port = tcp_port(&p2p_addr(&c).await);
+    let dir = c.stop().await;
+    let c = start_in(dir, |cfg| calm(cfg, Some(&boot))).await;
+    let port = tcp_port(&p2p_addr(&c).await);
+    assert_ne!(port, old_port, "new port");
+    eventually("a learns c's new address", 15, || {
+        holds_port(&a, &key, &port)
+    })
+    .await;
+    assert!(fed(&b).records_pushed.load(Relaxed) >= 1, "b pushed it on");
+    assert!(
+        !running(&a)
+            .p2p
+            .federation
+            .borrow()
+            .connected
+            .contains(&c_id),
+        "a never connects to c"
+    );
+    stop_all(vec![a, b, c]).await;
+}

@@ -87,6 +87,8 @@ pub enum Job {
         records: Vec<Bytes>,
         /// The gossip message they came in, if any.
         gossip: Option<(MessageId, PeerId)>,
+        /// The relay they came from (not pushed back to it).
+        from: Option<PeerId>,
     },
     /// Answer a digest request.
     ServeDigest {
@@ -161,6 +163,11 @@ pub enum JobDone {
         relays: Vec<(PeerId, Vec<Multiaddr>, u64)>,
         /// The gossip message to report on, and what it was worth.
         gossip: Option<(MessageId, PeerId, MessageAcceptance)>,
+        /// Records that replaced an older one of the same relay (key,
+        /// encoded): pushed on.
+        changed: Vec<([u8; 32], Bytes)>,
+        /// The relay they came from.
+        from: Option<PeerId>,
     },
     /// Frames to send (digest pages, records).
     Send {

@@ -1,8 +1,9 @@
-//! Gossiped address records: checked here (signature, age, clock skew,
-//! size) before anything reaches the store, and ignored without a store
-//! round trip when a record as new or newer is known. What passes is
-//! handed to a store worker, which keeps it under the book's eviction rule
-//! (see `storage::address_book`).
+//! Gossiped and pushed address records: checked here (signature, age,
+//! clock skew, size) before anything reaches the store, and ignored
+//! without a store round trip (and without checking the signature) when a
+//! record as new or newer is known or on its way to the store. What passes
+//! is handed to a store worker, which keeps it under the book's eviction
+//! rule (see `storage::address_book`).
 
 use super::action::{Action, Job};
 use crate::metrics::FederationMetrics;
@@ -38,8 +39,17 @@ impl Book {
         }
     }
 
-    /// Checks a record; on [`Verdict::Reject`] the reason is counted.
+    /// Checks a record; on [`Verdict::Reject`] the reason is counted. A
+    /// record worth learning is remembered at once, so the copies that
+    /// follow it (every neighbour pushes a change) are ignored before
+    /// its store job is done.
     pub fn check(&mut self, now: u64, data: &[u8], m: &FederationMetrics) -> Verdict {
+        // No newer than one verified before: nothing to verify.
+        if let Some((key, ts)) = AddressRecord::peek(data)
+            && (key == self.me || self.known.get(&key).is_some_and(|&t| t >= ts))
+        {
+            return Verdict::Ignore;
+        }
         match AddressRecord::accept(data, now) {
             Err(e) => {
                 m.reject_record(e.kind());
@@ -55,6 +65,7 @@ impl Book {
                 {
                     Verdict::Ignore
                 } else {
+                    self.known.insert(key, r.timestamp_ms());
                     Verdict::Learn
                 }
             }
@@ -82,7 +93,31 @@ impl Book {
             Verdict::Learn => out.push(Action::Job(Job::Learn {
                 records: vec![Bytes::from(data)],
                 gossip: Some((message_id, source)),
+                from: Some(source),
             })),
+        }
+    }
+
+    /// Records pushed by `peer` (not asked for): the ones worth learning
+    /// go to a store worker.
+    pub fn pushed(
+        &mut self,
+        now: u64,
+        peer: PeerId,
+        records: Vec<Bytes>,
+        m: &FederationMetrics,
+        out: &mut Vec<Action>,
+    ) {
+        let records: Vec<Bytes> = records
+            .into_iter()
+            .filter(|r| self.check(now, r, m) == Verdict::Learn)
+            .collect();
+        if !records.is_empty() {
+            out.push(Action::Job(Job::Learn {
+                records,
+                gossip: None,
+                from: Some(peer),
+            }));
         }
     }
 
@@ -120,7 +155,6 @@ mod tests {
         let mut b = Book::new([0; 32], 10);
         let m = FederationMetrics::default();
         let r = record(1, now);
-        assert_eq!(b.check(now, &r, &m), Verdict::Learn);
         let mut forged = r.clone();
         let last = forged.len() - 1;
         forged[last] ^= 1;
@@ -129,9 +163,46 @@ mod tests {
             b.check(now, &record(1, now - 8 * 86_400_000), &m),
             Verdict::Reject
         );
+        assert_eq!(b.check(now, &r, &m), Verdict::Learn);
+        // Copies of a record on its way to the store are ignored, forged
+        // ones too (unverified: they could not have been newer).
+        assert_eq!(b.check(now, &r, &m), Verdict::Ignore);
+        assert_eq!(b.check(now, &forged, &m), Verdict::Ignore);
         let key = IdentityKeyPair::from_seed(&[1; 32]).public().to_bytes();
         b.note(key, now);
         assert_eq!(b.check(now, &r, &m), Verdict::Ignore);
         assert_eq!(b.check(now + 1, &record(1, now + 1), &m), Verdict::Learn);
+        // A forged newer one is still verified, and rejected.
+        let mut newer = record(1, now + 2);
+        newer[last] ^= 1;
+        assert_eq!(b.check(now + 2, &newer, &m), Verdict::Reject);
+    }
+
+    #[test]
+    fn pushed_records_worth_learning_go_to_one_store_job() {
+        let now = 1_800_000_000_000;
+        let mut b = Book::new([0; 32], 10);
+        let m = FederationMetrics::default();
+        let peer = PeerId::random();
+        let mut out = Vec::new();
+        let known = record(1, now);
+        b.note(
+            IdentityKeyPair::from_seed(&[1; 32]).public().to_bytes(),
+            now,
+        );
+        let mut forged = record(2, now);
+        forged[5] ^= 1;
+        let fresh = record(3, now);
+        let all = [known, forged, fresh.clone()].map(Bytes::from).to_vec();
+        b.pushed(now, peer, all.clone(), &m, &mut out);
+        let [Action::Job(Job::Learn { records, from, .. })] = &out[..] else {
+            panic!("one store job: {out:?}");
+        };
+        assert_eq!(records, &vec![Bytes::from(fresh)]);
+        assert_eq!(*from, Some(peer));
+        out.clear();
+        // The same push again (from another neighbour): nothing to store.
+        b.pushed(now, PeerId::random(), all, &m, &mut out);
+        assert!(out.is_empty());
     }
 }

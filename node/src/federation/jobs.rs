@@ -182,16 +182,23 @@ fn relay_entry(r: &AddressRecord) -> Option<(PeerId, Vec<Multiaddr>, u64)> {
     Some((peer, addrs, r.timestamp_ms()))
 }
 
-/// Checks records and stores the good ones in one transaction; the relays
-/// whose records were new or newer.
-async fn learn(core: &Core, records: &[Bytes], me: [u8; 32]) -> Vec<(PeerId, Vec<Multiaddr>, u64)> {
+/// What [`learn`] found: the relays whose records were new or newer, and
+/// the records that replaced an older one (key, encoded).
+type Learnt = (Vec<(PeerId, Vec<Multiaddr>, u64)>, Vec<([u8; 32], Bytes)>);
+
+/// Checks records and stores the good ones in one transaction.
+async fn learn(core: &Core, records: &[Bytes], me: [u8; 32]) -> Learnt {
     let m = &core.metrics.federation;
     let now = now_ms();
     let mut good = Vec::with_capacity(records.len());
+    let mut encoded = Vec::with_capacity(records.len());
     for bytes in records {
         match AddressRecord::accept(bytes, now) {
             Ok(r) if r.relay_key().to_bytes() == me => {}
-            Ok(r) => good.push(r),
+            Ok(r) => {
+                good.push(r);
+                encoded.push(bytes.clone());
+            }
             Err(e) => m.reject_record(e.kind()),
         }
     }
@@ -204,21 +211,25 @@ async fn learn(core: &Core, records: &[Bytes], me: [u8; 32]) -> Vec<(PeerId, Vec
         Ok(o) => o,
         Err(e) => {
             tracing::warn!(error = %e, "storing address records");
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         }
     };
     let mut relays = Vec::new();
-    for (r, outcome) in good.iter().zip(outcomes) {
+    let mut changed = Vec::new();
+    for ((r, outcome), bytes) in good.iter().zip(outcomes).zip(encoded) {
         match outcome {
-            Ok(Upsert::Inserted | Upsert::Replaced) => {
+            Ok(u @ (Upsert::Inserted | Upsert::Replaced)) => {
                 m.records_learned.fetch_add(1, Relaxed);
                 relays.extend(relay_entry(r));
+                if u == Upsert::Replaced {
+                    changed.push((r.relay_key().to_bytes(), bytes));
+                }
             }
             Ok(Upsert::Unchanged) => {}
             Err(_) => m.reject_record("book_full"),
         }
     }
-    relays
+    (relays, changed)
 }
 
 async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
@@ -248,8 +259,12 @@ async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
             }
             Vec::new()
         }
-        Job::Learn { records, gossip } => {
-            let relays = learn(core, &records, me).await;
+        Job::Learn {
+            records,
+            gossip,
+            from,
+        } => {
+            let (relays, changed) = learn(core, &records, me).await;
             let gossip = gossip.map(|(id, source)| {
                 let acceptance = if relays.is_empty() {
                     MessageAcceptance::Ignore
@@ -258,7 +273,12 @@ async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
                 };
                 (id, source, acceptance)
             });
-            vec![JobDone::Learned { relays, gossip }]
+            vec![JobDone::Learned {
+                relays,
+                gossip,
+                changed,
+                from,
+            }]
         }
         Job::ServeDigest {
             peer,

@@ -9,6 +9,7 @@
 //! | our signed address record | [`own_record::OwnRecord`] |
 //! | gossip validation, known records | [`book::Book`] |
 //! | address-book reconciliation | [`anti_entropy::AntiEntropy`] |
+//! | pushing changed records along open streams | [`announce::Announce`] |
 //! | bootstrap, reaching relays by key, discovery | [`dials::Dials`] |
 //! | sending: routed windows, floods, retries, learned routes | [`forward::Forward`] |
 //! | flood loop prevention, acks back along the path | [`dedup::Dedup`] |
@@ -21,6 +22,7 @@
 //! limits) is the policy behaviour's, consulted through [`View`].
 
 pub mod action;
+pub mod announce;
 pub mod anti_entropy;
 pub mod book;
 pub mod claims;
@@ -101,6 +103,8 @@ pub struct Federation {
     pub book: book::Book,
     /// Anti-entropy.
     pub ae: anti_entropy::AntiEntropy,
+    /// Changed records pushed on.
+    pub announce: announce::Announce,
     /// Dialling.
     pub dials: dials::Dials,
     /// Sending.
@@ -172,6 +176,7 @@ impl Federation {
                 cfg.record_gossip,
             ),
             book: book::Book::new(my_key.0, 2 * cfg.address_book_max as usize),
+            announce: announce::Announce::default(),
             ae: anti_entropy::AntiEntropy::new(
                 cfg.anti_entropy_ms,
                 cfg.anti_entropy_page,
@@ -286,6 +291,10 @@ impl Federation {
             },
         );
         self.claims.stream_opened(peer, out);
+        // Our record first: it may have changed while the peer was away.
+        if let Some(r) = self.own.to_announce() {
+            announce::Announce::own_to(r.into(), peer, out);
+        }
         // Reconcile address books with a new peer right away.
         self.ae.changed();
         self.ae.start(now, peer, &self.metrics, out);
@@ -393,9 +402,14 @@ impl Federation {
                     out.push(Action::Job(Job::ServePull { peer, req, keys }));
                 }
             }
+            Frame::Records { req, records } if req == announce::PUSHED => {
+                self.book.pushed(now, peer, records, &self.metrics, out)
+            }
+            // Asked for in an anti-entropy walk: only what the store lacks.
             Frame::Records { records, .. } => out.push(Action::Job(Job::Learn {
                 records,
                 gossip: None,
+                from: Some(peer),
             })),
         }
         self.route_actions(now, view, out);
@@ -420,7 +434,12 @@ impl Federation {
             JobDone::Stored { peer, id, outcome } => {
                 self.inbound.stored(peer, id, outcome, &mut self.dedup, out)
             }
-            JobDone::Learned { relays, gossip } => {
+            JobDone::Learned {
+                relays,
+                gossip,
+                changed,
+                from,
+            } => {
                 if let Some((message_id, source, acceptance)) = gossip {
                     out.push(Action::ReportGossip {
                         message_id,
@@ -428,9 +447,17 @@ impl Federation {
                         acceptance,
                     });
                 }
-                if !relays.is_empty() {
-                    // New records: others may be missing them (or have
-                    // more), so reconcile soon.
+                let n_changed = changed.len();
+                if !changed.is_empty() {
+                    let n = self
+                        .announce
+                        .changed(now, from, changed, &view.peers(), out);
+                    self.metrics.records_pushed.fetch_add(n as u64, Relaxed);
+                }
+                if relays.len() > n_changed {
+                    // Relays new to us: others may be missing them (or
+                    // have more), so reconcile soon. Changed records were
+                    // pushed on instead.
                     self.ae.changed();
                 }
                 let mut candidates = Vec::new();
@@ -536,6 +563,9 @@ impl Federation {
             .map(|a| a.to_vec())
             .collect::<Vec<_>>();
         self.own.maintain(now, addrs, &self.metrics, out);
+        if let Some(r) = self.own.take_change() {
+            self.announce.own(r.into(), &view.peers(), out);
+        }
         self.dials.tick(now, view, out);
         self.forward.tick(
             now,

@@ -17,6 +17,8 @@ pub struct OwnRecord {
     gossip: bool,
     own: Option<(AddressRecord, Vec<Vec<u8>>)>,
     unpublished: bool,
+    /// The addresses changed and connected relays were not told yet.
+    unannounced: bool,
     next_sign_ms: u64,
     /// Anchors (NAT'd relays) and capabilities come later; kept in the
     /// record as given.
@@ -45,6 +47,7 @@ impl OwnRecord {
             gossip,
             own: None,
             unpublished: false,
+            unannounced: false,
             next_sign_ms: 0,
             anchors: Vec::new(),
         }
@@ -95,6 +98,7 @@ impl OwnRecord {
                     out.push(Action::Job(Job::StoreOwnRecord(Box::new(r.clone()))));
                     self.own = Some((r, addrs));
                     self.unpublished = self.gossip;
+                    self.unannounced |= changed && self.gossip;
                     self.next_sign_ms = now.saturating_add(self.refresh_ms);
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot sign our address record"),
@@ -105,6 +109,24 @@ impl OwnRecord {
         {
             out.push(Action::Publish(r.encode()));
         }
+    }
+
+    /// The record, encoded, if its addresses changed since the last call
+    /// (connected relays are to be told at once).
+    pub fn take_change(&mut self) -> Option<Vec<u8>> {
+        if !std::mem::take(&mut self.unannounced) {
+            return None;
+        }
+        self.own.as_ref().map(|(r, _)| r.encode())
+    }
+
+    /// The record, encoded, to tell a relay whose stream just opened
+    /// (`None` when we do not publish it).
+    pub fn to_announce(&self) -> Option<Vec<u8>> {
+        self.own
+            .as_ref()
+            .filter(|_| self.gossip)
+            .map(|(r, _)| r.encode())
     }
 
     /// The publish went out (or gossipsub had it already).
@@ -137,6 +159,8 @@ mod tests {
         r.maintain(10, vec![b"/a".to_vec()], &m, &mut out);
         assert_eq!(signed(&out), vec![10]);
         assert!(out.iter().any(|a| matches!(a, Action::Publish(_))));
+        assert!(r.take_change().is_some(), "a new record is announced");
+        assert!(r.take_change().is_none(), "once");
         out.clear();
         r.published();
         r.maintain(10, vec![b"/a".to_vec()], &m, &mut out);
@@ -150,7 +174,9 @@ mod tests {
         out.clear();
         r.published();
         r.maintain(1011, vec![b"/b".to_vec()], &m, &mut out);
+        assert!(r.take_change().is_some(), "changed addresses are announced");
         assert_eq!(signed(&out), vec![1011], "refresh");
+        assert!(r.take_change().is_none(), "a refresh is only gossiped");
         // Unpublished records are offered again until published.
         out.clear();
         r.maintain(1012, vec![b"/b".to_vec()], &m, &mut out);
