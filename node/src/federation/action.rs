@@ -163,9 +163,10 @@ pub enum JobDone {
         relays: Vec<(PeerId, Vec<Multiaddr>, u64)>,
         /// The gossip message to report on, and what it was worth.
         gossip: Option<(MessageId, PeerId, MessageAcceptance)>,
-        /// Records that replaced an older one of the same relay (key,
-        /// encoded): pushed on.
-        changed: Vec<([u8; 32], Bytes)>,
+        /// Whether one of them was new to us.
+        new_relay: bool,
+        /// The changes among them (key, encoded, worth), pushed on.
+        news: Vec<([u8; 32], Bytes, super::announce::News)>,
         /// The relay they came from.
         from: Option<PeerId>,
     },

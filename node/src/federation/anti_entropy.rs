@@ -5,7 +5,7 @@
 //! come every [`FAST_MS`] while they find something or peers come and go,
 //! backing off (doubling) to `anti_entropy_ms` while books agree: a mesh
 //! that is forming converges in seconds, a settled one costs one round per
-//! `anti_entropy_ms`. One walk per peer at a time (a stuck one is given up after
+//! `anti_entropy_ms`. One walk per peer at a time, [`MAX_WALKS`] in all (a stuck one is given up after
 //! `walk_timeout`); requests from a peer are served at most
 //! [`SERVING_PER_PEER`] at a time.
 
@@ -20,8 +20,9 @@ use std::sync::atomic::Ordering::Relaxed;
 pub const FAST_MS: u64 = 250;
 
 /// Walks in progress at once; more wait their turn (walks that start
-/// together would all pull the same records).
-pub const MAX_WALKS: usize = 1;
+/// together pull the same records, but one slow peer must not hold up a
+/// relay that just joined and has everything to learn).
+pub const MAX_WALKS: usize = 4;
 
 /// Anti-entropy requests served for one peer at a time.
 pub const SERVING_PER_PEER: usize = 4;
@@ -236,9 +237,9 @@ mod tests {
     fn walks_take_turns() {
         let mut ae = AntiEntropy::new(1000, 256, 10_000);
         let m = FederationMetrics::default();
-        let peers = [PeerId::random(), PeerId::random(), PeerId::random()];
+        let peers: Vec<PeerId> = (0..MAX_WALKS + 2).map(|_| PeerId::random()).collect();
         let mut out = Vec::new();
-        for p in peers {
+        for p in peers.iter().copied() {
             ae.start(0, p, &m, &mut out);
         }
         assert_eq!(out.len(), MAX_WALKS);
@@ -256,7 +257,7 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(asked, peers.to_vec());
+        assert_eq!(asked, peers);
         // A stuck walk is given up after its timeout.
         out.clear();
         ae.start(10_010, peers[1], &m, &mut out);

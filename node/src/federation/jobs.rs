@@ -7,6 +7,7 @@
 //! (the caller answers `Refused`, and the sender resends).
 
 use super::action::{Job, JobDone, StoreOutcome};
+use super::announce::News;
 use crate::core::{Core, now_ms};
 use bytes::Bytes;
 use libp2p::gossipsub::MessageAcceptance;
@@ -182,9 +183,14 @@ fn relay_entry(r: &AddressRecord) -> Option<(PeerId, Vec<Multiaddr>, u64)> {
     Some((peer, addrs, r.timestamp_ms()))
 }
 
-/// What [`learn`] found: the relays whose records were new or newer, and
-/// the records that replaced an older one (key, encoded).
-type Learnt = (Vec<(PeerId, Vec<Multiaddr>, u64)>, Vec<([u8; 32], Bytes)>);
+/// What [`learn`] found: the relays whose records were new or newer,
+/// whether one of them was new to us, and the changes among them (key,
+/// encoded, [`News::Change`]; see [`super::announce`]).
+type Learnt = (
+    Vec<(PeerId, Vec<Multiaddr>, u64)>,
+    bool,
+    Vec<([u8; 32], Bytes, News)>,
+);
 
 /// Checks records and stores the good ones in one transaction.
 async fn learn(core: &Core, records: &[Bytes], me: [u8; 32]) -> Learnt {
@@ -211,25 +217,27 @@ async fn learn(core: &Core, records: &[Bytes], me: [u8; 32]) -> Learnt {
         Ok(o) => o,
         Err(e) => {
             tracing::warn!(error = %e, "storing address records");
-            return (Vec::new(), Vec::new());
+            return (Vec::new(), false, Vec::new());
         }
     };
     let mut relays = Vec::new();
-    let mut changed = Vec::new();
+    let mut news = Vec::new();
+    let mut new_relay = false;
     for ((r, outcome), bytes) in good.iter().zip(outcomes).zip(encoded) {
         match outcome {
             Ok(u @ (Upsert::Inserted | Upsert::Replaced)) => {
                 m.records_learned.fetch_add(1, Relaxed);
                 relays.extend(relay_entry(r));
+                new_relay |= u == Upsert::Inserted;
                 if u == Upsert::Replaced {
-                    changed.push((r.relay_key().to_bytes(), bytes));
+                    news.push((r.relay_key().to_bytes(), bytes, News::Change));
                 }
             }
             Ok(Upsert::Unchanged) => {}
             Err(_) => m.reject_record("book_full"),
         }
     }
-    (relays, changed)
+    (relays, new_relay, news)
 }
 
 async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
@@ -264,7 +272,7 @@ async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
             gossip,
             from,
         } => {
-            let (relays, changed) = learn(core, &records, me).await;
+            let (relays, new_relay, news) = learn(core, &records, me).await;
             let gossip = gossip.map(|(id, source)| {
                 let acceptance = if relays.is_empty() {
                     MessageAcceptance::Ignore
@@ -276,7 +284,8 @@ async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
             vec![JobDone::Learned {
                 relays,
                 gossip,
-                changed,
+                new_relay,
+                news,
                 from,
             }]
         }

@@ -9,7 +9,7 @@
 //! | our signed address record | [`own_record::OwnRecord`] |
 //! | gossip validation, known records | [`book::Book`] |
 //! | address-book reconciliation | [`anti_entropy::AntiEntropy`] |
-//! | pushing changed records along open streams | [`announce::Announce`] |
+//! | pushing news (changes, introductions) along open streams | [`announce::Announce`] |
 //! | bootstrap, reaching relays by key, discovery | [`dials::Dials`] |
 //! | sending: routed windows, floods, retries, learned routes | [`forward::Forward`] |
 //! | flood loop prevention, acks back along the path | [`dedup::Dedup`] |
@@ -293,7 +293,8 @@ impl Federation {
         self.claims.stream_opened(peer, out);
         // Our record first: it may have changed while the peer was away.
         if let Some(r) = self.own.to_announce() {
-            announce::Announce::own_to(r.into(), peer, out);
+            let bootstrap = self.dials.bootstrap_addr(&peer).is_some();
+            announce::Announce::own_to(r.into(), peer, bootstrap, out);
         }
         // Reconcile address books with a new peer right away.
         self.ae.changed();
@@ -402,7 +403,15 @@ impl Federation {
                     out.push(Action::Job(Job::ServePull { peer, req, keys }));
                 }
             }
-            Frame::Records { req, records } if req == announce::PUSHED => {
+            Frame::Records { req, records }
+                if req == announce::PUSHED || req == announce::INTRODUCE =>
+            {
+                if req == announce::INTRODUCE {
+                    let n = self
+                        .announce
+                        .introduction(now, peer, &records, &view.peers(), out);
+                    self.metrics.records_pushed.fetch_add(n as u64, Relaxed);
+                }
                 self.book.pushed(now, peer, records, &self.metrics, out)
             }
             // Asked for in an anti-entropy walk: only what the store lacks.
@@ -437,7 +446,8 @@ impl Federation {
             JobDone::Learned {
                 relays,
                 gossip,
-                changed,
+                new_relay,
+                news,
                 from,
             } => {
                 if let Some((message_id, source, acceptance)) = gossip {
@@ -447,17 +457,13 @@ impl Federation {
                         acceptance,
                     });
                 }
-                let n_changed = changed.len();
-                if !changed.is_empty() {
-                    let n = self
-                        .announce
-                        .changed(now, from, changed, &view.peers(), out);
+                if !news.is_empty() {
+                    let n = self.announce.news(now, from, news, &view.peers(), out);
                     self.metrics.records_pushed.fetch_add(n as u64, Relaxed);
                 }
-                if relays.len() > n_changed {
+                if new_relay {
                     // Relays new to us: others may be missing them (or
-                    // have more), so reconcile soon. Changed records were
-                    // pushed on instead.
+                    // have more), so reconcile soon.
                     self.ae.changed();
                 }
                 let mut candidates = Vec::new();
