@@ -8,6 +8,12 @@
 //! - `allowlist`: only the listed keys;
 //! - `off`: none.
 //!
+//! A relay refused only because the cap is reached may stay connected as
+//! a **guest** for `guest_ms` (at most `max_guests` at once): not admitted
+//! (no packets, no gossip of ours, not counted), but allowed to walk our
+//! address book, so a newcomer that knows only us (its bootstrap) learns
+//! other relays to join instead. Then it is disconnected.
+//!
 //! A blocklist applies in every mode and to every peer, relay or device: a
 //! blocked peer's connections are denied when they are established, and
 //! [`Behaviour::set_blocklist`] closes the live ones at once. Admitted
@@ -79,6 +85,10 @@ pub struct Config {
     /// Federation frames one relay may send per minute (bursts up to ten
     /// seconds' worth). Default 3 000 000.
     pub frames_per_minute: u32,
+    /// Relays refused for lack of room kept as guests at once. Default 32.
+    pub max_guests: usize,
+    /// How long a guest stays connected, ms. Default 10 000.
+    pub guest_ms: u64,
 }
 
 impl Default for Config {
@@ -89,6 +99,8 @@ impl Default for Config {
             allowlist: HashSet::new(),
             blocklist: HashSet::new(),
             frames_per_minute: 3_000_000,
+            max_guests: 32,
+            guest_ms: 10_000,
         }
     }
 }
@@ -146,6 +158,8 @@ pub struct Behaviour {
     config: Config,
     connected: HashMap<PeerId, usize>,
     admitted: HashMap<PeerId, Bucket>,
+    /// Guests and when they are disconnected.
+    guests: HashMap<PeerId, u64>,
     actions: VecDeque<ToSwarm<Event, std::convert::Infallible>>,
 }
 
@@ -156,6 +170,7 @@ impl Behaviour {
             config,
             connected: HashMap::new(),
             admitted: HashMap::new(),
+            guests: HashMap::new(),
             actions: VecDeque::new(),
         }
     }
@@ -184,9 +199,18 @@ impl Behaviour {
             }
         };
         if let Some(r) = refusal {
+            if r == Refusal::Full
+                && (self.guests.contains_key(&peer) || self.guests.len() < self.config.max_guests)
+            {
+                self.guests
+                    .entry(peer)
+                    .or_insert(now_ms.saturating_add(self.config.guest_ms));
+                return Err(r);
+            }
             self.disconnect(peer, r);
             return Err(r);
         }
+        self.guests.remove(&peer);
         self.admitted.insert(
             peer,
             Bucket {
@@ -195,6 +219,27 @@ impl Behaviour {
             },
         );
         Ok(())
+    }
+
+    /// Whether `peer` is a guest (refused for lack of room, still
+    /// connected for a while to walk our address book).
+    pub fn is_guest(&self, peer: &PeerId) -> bool {
+        self.guests.contains_key(peer)
+    }
+
+    /// Disconnects the guests whose time is up; how many.
+    pub fn expire_guests(&mut self, now_ms: u64) -> usize {
+        let done: Vec<PeerId> = self
+            .guests
+            .iter()
+            .filter(|(_, until)| **until <= now_ms)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in &done {
+            self.guests.remove(p);
+            self.disconnect(*p, Refusal::Full);
+        }
+        done.len()
     }
 
     /// Whether `peer` is an admitted relay.
@@ -349,6 +394,7 @@ impl NetworkBehaviour for Behaviour {
                 if c.remaining_established == 0 {
                     self.connected.remove(&c.peer_id);
                     self.admitted.remove(&c.peer_id);
+                    self.guests.remove(&c.peer_id);
                 } else if let Some(n) = self.connected.get_mut(&c.peer_id) {
                     *n = c.remaining_established;
                 }
@@ -411,6 +457,45 @@ mod tests {
         });
         assert_eq!(blocked.admit(a, 0), Err(Refusal::Blocked));
         assert!(blocked.check(a).is_err());
+    }
+
+    /// What the behaviour asked the Swarm to close.
+    fn closed(p: &mut Behaviour) -> Vec<PeerId> {
+        p.actions
+            .drain(..)
+            .filter_map(|a| match a {
+                ToSwarm::CloseConnection { peer_id, .. } => Some(peer_id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_full_relay_keeps_a_few_newcomers_as_guests_for_a_while() {
+        let (a, b, c, d) = (peer(), peer(), peer(), peer());
+        let mut p = Behaviour::new(Config {
+            max_peers: 1,
+            max_guests: 2,
+            guest_ms: 1_000,
+            ..Config::default()
+        });
+        p.admit(a, 0).expect("admit");
+        assert_eq!(p.admit(b, 0), Err(Refusal::Full));
+        assert_eq!(p.admit(c, 100), Err(Refusal::Full));
+        assert!(p.is_guest(&b) && p.is_guest(&c) && !p.is_admitted(&b));
+        assert!(closed(&mut p).is_empty(), "guests stay connected");
+        assert_eq!(p.admit(d, 0), Err(Refusal::Full));
+        assert_eq!(closed(&mut p), vec![d], "no room for a third guest");
+        // Asking again does not extend a guest's time.
+        assert_eq!(p.admit(b, 900), Err(Refusal::Full));
+        assert_eq!(p.expire_guests(999), 0);
+        assert_eq!(p.expire_guests(1_000), 1);
+        assert_eq!(closed(&mut p), vec![b]);
+        // Room frees: a guest is admitted.
+        p.admitted.remove(&a);
+        assert_eq!(p.admit(c, 1_050), Ok(()));
+        assert!(!p.is_guest(&c) && p.is_admitted(&c));
+        assert_eq!(p.expire_guests(5_000), 0);
     }
 
     #[test]

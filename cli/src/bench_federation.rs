@@ -37,8 +37,8 @@ pub struct FederationBench {
     #[arg(long, default_value_t = 1000)]
     change_pause_ms: u64,
     /// `federation.max_peers` of every relay. With the default (64) and
-    /// more relays than that, the bootstrap refuses the later ones, which
-    /// then know no one else.
+    /// more relays than that, the bootstrap refuses the later ones and
+    /// keeps them only as guests, to learn the others from its book.
     #[arg(long, default_value_t = 64)]
     max_peers: usize,
     /// Print the summary as one JSON object.

@@ -247,6 +247,12 @@ pub struct Federation {
     pub external_addrs: Vec<String>,
     /// Most admitted relays at once. Default 64. Env `FEDERATION_MAX_PEERS`.
     pub max_peers: usize,
+    /// Relays refused because `max_peers` is reached that may stay
+    /// connected as guests at once, to walk this relay's address book (a
+    /// newcomer that knows only this relay learns others to join). Default 16.
+    pub max_guests: usize,
+    /// How long a guest stays connected, seconds. Default 10.
+    pub guest_secs: u64,
     /// Relays this relay dials on its own from the address book. Default 8.
     pub target_peers: usize,
     /// Federation frames (acks excepted) one relay may send per minute, with
@@ -340,6 +346,8 @@ impl Default for Federation {
             max_peers: 64,
             target_peers: 8,
             frames_per_minute: 3_000_000,
+            max_guests: 32,
+            guest_secs: 10,
             max_hops: 3,
             dedup_entries: 65_536,
             dedup_secs: 300,
@@ -913,6 +921,8 @@ impl Config {
                 allowlist,
                 blocklist,
                 frames_per_minute: f.frames_per_minute,
+                max_guests: f.max_guests,
+                guest_ms: f.guest_secs.saturating_mul(1000),
             },
             gossip: f.gossip_params(),
             stream: meshwhisper_behaviour::federation::Config {

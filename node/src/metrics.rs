@@ -158,6 +158,8 @@ pub struct FederationMetrics {
     pub drops_malformed: AtomicU64,
     /// Relays refused admission (mode, allowlist, max peers).
     pub admissions_refused: AtomicU64,
+    /// Refused relays kept as guests to walk our address book.
+    pub guests: AtomicU64,
     /// Address records learned (new relay or newer record).
     pub records_learned: AtomicU64,
     /// Changed address records pushed on to every open stream (each counted
@@ -208,7 +210,7 @@ impl FederationMetrics {
         }
     }
 
-    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 27] {
+    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 28] {
         [
             (
                 "claims_sent_total",
@@ -324,6 +326,11 @@ impl FederationMetrics {
                 "admissions_refused_total",
                 "Relays refused admission by the peer policy",
                 &self.admissions_refused,
+            ),
+            (
+                "guests_total",
+                "Relays refused for lack of room kept as guests to walk our address book",
+                &self.guests,
             ),
             (
                 "address_records_learned_total",

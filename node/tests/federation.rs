@@ -1311,3 +1311,38 @@ async fn a_changed_record_is_pushed_on_to_relays_its_owner_is_not_connected_to()
     );
     stop_all(vec![a, b, c]).await;
 }
+
+/// A bootstrap at `max_peers` keeps the newcomer it refuses as a guest for
+/// `guest_secs`, long enough to walk its address book: the
+/// newcomer ends up federated with the other relay and the bootstrap lets
+/// it go. (Refused outright, 36 of 100 relays whose only bootstrap was full
+/// knew no one: docs/benchmarks.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_bootstrap_still_introduces_a_newcomer_to_the_others() {
+    // The bootstrap takes one relay; the second to come is refused.
+    let a = start(|c| {
+        quick(c, None);
+        c.federation.max_peers = 1;
+        c.federation.guest_secs = 2;
+    })
+    .await;
+    let boot = p2p_addr(&a).await;
+    let b = start(|c| quick(c, Some(&boot))).await;
+    let mut relays = vec![a, b];
+    converged(&relays, 2).await;
+    relays.push(start(|c| quick(c, Some(&boot))).await);
+    converged(&relays, 3).await;
+    eventually(
+        "the refused relay federates with the other; the bootstrap keeps one peer",
+        20,
+        || async {
+            fed(&relays[0]).peers_connected.load(Relaxed) == 1
+                && fed(&relays[1]).peers_connected.load(Relaxed) >= 1
+                && fed(&relays[2]).peers_connected.load(Relaxed) >= 1
+        },
+    )
+    .await;
+    assert!(fed(&relays[0]).admissions_refused.load(Relaxed) >= 1);
+    assert!(fed(&relays[0]).guests.load(Relaxed) >= 1, "kept as a guest");
+    stop_all(relays).await;
+}

@@ -266,6 +266,9 @@ impl Driver {
         if b.policy.is_admitted(&peer) {
             return true;
         }
+        if b.policy.is_guest(&peer) && !b.policy.has_room() {
+            return false;
+        }
         match b.policy.admit(peer, now_ms()) {
             Ok(()) => {
                 b.federation.open(peer);
@@ -276,7 +279,12 @@ impl Driver {
                 if r != policy::Refusal::Blocked {
                     self.metrics().admissions_refused.fetch_add(1, Relaxed);
                 }
-                tracing::info!(%peer, reason = r.label(), "relay refused");
+                if swarm.behaviour().policy.is_guest(&peer) {
+                    self.metrics().guests.fetch_add(1, Relaxed);
+                    tracing::info!(%peer, reason = r.label(), "relay refused; a guest for a while, to learn other relays from our address book");
+                } else {
+                    tracing::info!(%peer, reason = r.label(), "relay refused");
+                }
                 false
             }
         }
@@ -376,6 +384,7 @@ impl Driver {
         // peer's acks would be lost and everything resent. A batch counts
         // as the frames in it.
         let admitted = b.policy.is_admitted(&peer);
+        let guest = !admitted && b.policy.is_guest(&peer);
         let frames = match frame {
             Frame::Batch(frames) => frames,
             f => vec![f],
@@ -383,6 +392,12 @@ impl Driver {
         let mut allowed = Vec::with_capacity(frames.len());
         let mut refused = Vec::new();
         for f in frames {
+            // A guest may walk our address book, nothing else (serving is
+            // bounded per peer by anti-entropy).
+            if guest && matches!(f, Frame::DigestRequest { .. } | Frame::Pull { .. }) {
+                allowed.push(f);
+                continue;
+            }
             let exempt = matches!(f, Frame::Ack { .. } | Frame::Forget { .. });
             let limited = admitted && !exempt && !b.policy.allow_frame(&peer, now);
             if admitted && !limited {
@@ -495,6 +510,7 @@ impl Driver {
     /// Timers.
     pub fn tick(&mut self, swarm: &mut Swarm<Behaviour>) {
         let now = now_ms();
+        swarm.behaviour_mut().policy.expire_guests(now);
         let listen: Vec<Multiaddr> = swarm.listeners().cloned().collect();
         let external: Vec<Multiaddr> = swarm.external_addresses().cloned().collect();
         self.with(swarm, |fed, view, out| {
