@@ -238,21 +238,8 @@ mod tests {
     }
 
     fn signed(seed: u8, now: u64) -> (PeerId, Bytes) {
-        use meshwhisper_crypto::address_record::Contents;
-        use meshwhisper_crypto::identity::IdentityKeyPair;
-        let id = IdentityKeyPair::from_seed(&[seed; 32]);
-        let peer = RelayKey(id.public().to_bytes()).to_peer().expect("peer");
-        let r = AddressRecord::sign(
-            &id,
-            Contents {
-                timestamp_ms: now,
-                onion_key: id.public().x25519(),
-                addrs: vec![b"/ip4/1.2.3.4".to_vec()],
-                anchors: Vec::new(),
-            },
-        )
-        .expect("sign");
-        (peer, Bytes::from(r.encode()))
+        let (peer, record) = super::super::tests::signed_record(seed, now);
+        (peer, Bytes::from(record))
     }
 
     #[test]

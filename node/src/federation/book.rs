@@ -131,22 +131,10 @@ impl Book {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshwhisper_crypto::address_record::Contents;
     use meshwhisper_crypto::identity::IdentityKeyPair;
 
     fn record(seed: u8, ts: u64) -> Vec<u8> {
-        let id = IdentityKeyPair::from_seed(&[seed; 32]);
-        AddressRecord::sign(
-            &id,
-            Contents {
-                timestamp_ms: ts,
-                onion_key: id.public().x25519(),
-                addrs: vec![b"/ip4/1.2.3.4".to_vec()],
-                anchors: Vec::new(),
-            },
-        )
-        .expect("sign")
-        .encode()
+        super::super::tests::signed_record(seed, ts).1
     }
 
     #[test]

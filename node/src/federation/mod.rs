@@ -615,6 +615,28 @@ pub(crate) mod tests {
     use super::*;
     use std::collections::HashSet;
 
+    /// The relay of `seed` (its PeerId) and its record signed at `ts`,
+    /// encoded.
+    pub(crate) fn signed_record(seed: u8, ts: u64) -> (PeerId, Vec<u8>) {
+        use meshwhisper_crypto::address_record::{AddressRecord, Contents};
+        let id = IdentityKeyPair::from_seed(&[seed; 32]);
+        let peer = RelayKey(id.public().to_bytes())
+            .to_peer()
+            .expect("ed25519 peer id");
+        let record = AddressRecord::sign(
+            &id,
+            Contents {
+                timestamp_ms: ts,
+                onion_key: id.public().x25519(),
+                addrs: vec![b"/ip4/1.2.3.4".to_vec()],
+                anchors: Vec::new(),
+            },
+        )
+        .expect("sign")
+        .encode();
+        (peer, record)
+    }
+
     /// A network of our making: these streams are open (and their peers
     /// admitted and connected), these destinations homed.
     #[derive(Debug, Default)]
