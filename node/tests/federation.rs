@@ -117,11 +117,33 @@ async fn stop_all(relays: Vec<Relay>) {
 }
 
 async fn converged(relays: &[Relay], n: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut every = tokio::time::interval(Duration::from_millis(25));
     for (i, r) in relays.iter().enumerate() {
-        eventually(&format!("relay {i} knows {n} records"), 30, || async {
-            book_count(r).await == n
-        })
-        .await;
+        loop {
+            every.tick().await;
+            let have = book_count(r).await;
+            if have == n {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let counts: Vec<u64> =
+                    futures::future::join_all(relays.iter().map(book_count)).await;
+                let m = fed(r);
+                panic!(
+                    "relay {i} knows {have} records, not {n}, after 30 s; books: {counts:?}; \
+                     relay {i}: learned {} rejected {:?} jobs refused {} rounds {} peers {}",
+                    m.records_learned.load(Relaxed),
+                    m.records_rejected
+                        .iter()
+                        .map(|c| c.load(Relaxed))
+                        .collect::<Vec<_>>(),
+                    m.jobs_refused.load(Relaxed),
+                    m.anti_entropy_rounds.load(Relaxed),
+                    m.peers_connected.load(Relaxed),
+                );
+            }
+        }
     }
 }
 

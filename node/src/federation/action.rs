@@ -169,6 +169,9 @@ pub enum JobDone {
         news: Vec<([u8; 32], Bytes, super::announce::News)>,
         /// The relay they came from.
         from: Option<PeerId>,
+        /// Records that passed the checks but were not stored (the store
+        /// failed, or the book is full).
+        unstored: Vec<Bytes>,
     },
     /// Frames to send (digest pages, records).
     Send {

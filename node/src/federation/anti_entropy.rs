@@ -71,8 +71,7 @@ impl AntiEntropy {
     /// Starts a walk through `peer`'s book unless one is under way (or,
     /// with [`MAX_WALKS`] under way, once one of them ends).
     pub fn start(&mut self, now: u64, peer: PeerId, m: &FederationMetrics, out: &mut Vec<Action>) {
-        let timeout = self.walk_timeout_ms;
-        self.walks.retain(|_, t| t.saturating_add(timeout) > now);
+        self.expire(now, m, out);
         if self.walks.contains_key(&peer) {
             return;
         }
@@ -82,6 +81,24 @@ impl AntiEntropy {
             }
             return;
         }
+        self.begin(now, peer, m, out);
+    }
+
+    /// Gives up stuck walks (and walks whose peer left), and lets waiting
+    /// walks take their places.
+    fn expire(&mut self, now: u64, m: &FederationMetrics, out: &mut Vec<Action>) {
+        let timeout = self.walk_timeout_ms;
+        self.walks.retain(|_, t| t.saturating_add(timeout) > now);
+        while self.walks.len() < MAX_WALKS
+            && let Some(next) = self.waiting.pop_front()
+        {
+            if !self.walks.contains_key(&next) {
+                self.begin(now, next, m, out);
+            }
+        }
+    }
+
+    fn begin(&mut self, now: u64, peer: PeerId, m: &FederationMetrics, out: &mut Vec<Action>) {
         self.walks.insert(peer, now);
         let req = self.req();
         m.anti_entropy_rounds.fetch_add(1, Relaxed);
@@ -128,9 +145,7 @@ impl AntiEntropy {
     ) {
         if !more {
             self.walks.remove(&peer);
-            if let Some(next) = self.waiting.pop_front() {
-                self.start(now, next, m, out);
-            }
+            self.expire(now, m, out);
         }
         out.push(Action::Job(Job::CompareDigest {
             peer,
@@ -262,6 +277,33 @@ mod tests {
         out.clear();
         ae.start(10_010, peers[1], &m, &mut out);
         assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn waiting_walks_start_when_stuck_ones_are_given_up() {
+        let mut ae = AntiEntropy::new(1000, 256, 10_000);
+        let m = FederationMetrics::default();
+        let peers: Vec<PeerId> = (0..MAX_WALKS + 2).map(|_| PeerId::random()).collect();
+        let mut out = Vec::new();
+        for p in peers.iter().copied() {
+            ae.start(0, p, &m, &mut out);
+        }
+        assert_eq!(out.len(), MAX_WALKS);
+        // No digest ever comes back; the next round gives the stuck walks
+        // up, and both waiting peers are asked then.
+        out.clear();
+        assert!(ae.tick(10_000, &peers[..1], &m, &mut out));
+        let asked: Vec<PeerId> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send {
+                    peer,
+                    frame: Frame::DigestRequest { .. },
+                } => Some(*peer),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(asked[..2], peers[MAX_WALKS..]);
     }
 
     #[test]

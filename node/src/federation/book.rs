@@ -121,6 +121,19 @@ impl Book {
         }
     }
 
+    /// Records remembered by [`Book::check`] that never reached the book
+    /// (their store job was refused or failed): forgotten again, so that
+    /// the next copy is checked and stored rather than ignored.
+    pub fn unstored(&mut self, records: &[Bytes]) {
+        for r in records {
+            if let Some((key, ts)) = AddressRecord::peek(r)
+                && self.known.peek(&key) == Some(&ts)
+            {
+                self.known.remove(&key);
+            }
+        }
+    }
+
     /// A record was stored (or found older) with this timestamp.
     pub fn note(&mut self, key: [u8; 32], ts: u64) {
         let newest = self.known.get(&key).map_or(ts, |&t| t.max(ts));
@@ -164,6 +177,25 @@ mod tests {
         let mut newer = record(1, now + 2);
         newer[last] ^= 1;
         assert_eq!(b.check(now + 2, &newer, &m), Verdict::Reject);
+    }
+
+    #[test]
+    fn a_record_the_store_did_not_take_is_learned_from_the_next_copy() {
+        let now = 1_800_000_000_000;
+        let mut b = Book::new([0; 32], 10);
+        let m = FederationMetrics::default();
+        let r = record(1, now);
+        assert_eq!(b.check(now, &r, &m), Verdict::Learn);
+        assert_eq!(b.check(now, &r, &m), Verdict::Ignore);
+        // Its store job was refused (or the store failed).
+        b.unstored(&[Bytes::from(r.clone())]);
+        assert_eq!(b.check(now, &r, &m), Verdict::Learn);
+        // A record that was not the one remembered changes nothing: the
+        // newer one on its way stays remembered.
+        let newer = record(1, now + 1);
+        assert_eq!(b.check(now + 1, &newer, &m), Verdict::Learn);
+        b.unstored(&[Bytes::from(r)]);
+        assert_eq!(b.check(now + 1, &newer, &m), Verdict::Ignore);
     }
 
     #[test]

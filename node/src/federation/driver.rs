@@ -145,57 +145,65 @@ impl Driver {
         // Frames go out per peer, batched; deletions go to the store as one.
         let mut sends = Sends::default();
         let mut deletes = Vec::new();
-        for a in actions {
-            match a {
-                Action::Send { peer, frame } => sends.push(peer, frame),
-                Action::OpenStream(peer) => swarm.behaviour_mut().federation.open(peer),
-                Action::Dial { peer, addrs } => self.dial(swarm, peer, addrs),
-                Action::KadAddAddress { peer, addr } => {
-                    if let Some(kad) = swarm.behaviour_mut().kad.as_mut() {
-                        kad.add_address(&peer, addr);
+        let mut actions = actions;
+        // A refused job may ask for more (a gossip report): one more pass.
+        while !actions.is_empty() {
+            let mut more = Vec::new();
+            for a in actions {
+                match a {
+                    Action::Send { peer, frame } => sends.push(peer, frame),
+                    Action::OpenStream(peer) => swarm.behaviour_mut().federation.open(peer),
+                    Action::Dial { peer, addrs } => self.dial(swarm, peer, addrs),
+                    Action::KadAddAddress { peer, addr } => {
+                        if let Some(kad) = swarm.behaviour_mut().kad.as_mut() {
+                            kad.add_address(&peer, addr);
+                        }
                     }
-                }
-                Action::KadFindPeer(peer) => {
-                    if let Some(kad) = swarm.behaviour_mut().kad.as_mut() {
-                        kad.get_closest_peers(peer);
+                    Action::KadFindPeer(peer) => {
+                        if let Some(kad) = swarm.behaviour_mut().kad.as_mut() {
+                            kad.get_closest_peers(peer);
+                        }
                     }
-                }
-                Action::KadBootstrap => {
-                    if let Some(kad) = swarm.behaviour_mut().kad.as_mut() {
-                        let _ = kad.bootstrap();
+                    Action::KadBootstrap => {
+                        if let Some(kad) = swarm.behaviour_mut().kad.as_mut() {
+                            let _ = kad.bootstrap();
+                        }
                     }
-                }
-                Action::Publish(data) => {
-                    let Some(gossip) = swarm.behaviour_mut().gossipsub.as_mut() else {
-                        continue;
-                    };
-                    match gossip.publish(self.topic.clone(), data) {
-                        Ok(_) | Err(gossipsub::PublishError::Duplicate) => self.fed.own.published(),
-                        // No subscriber seen yet: offered again next tick.
-                        Err(e) => tracing::trace!(error = %e, "record not published yet"),
+                    Action::Publish(data) => {
+                        let Some(gossip) = swarm.behaviour_mut().gossipsub.as_mut() else {
+                            continue;
+                        };
+                        match gossip.publish(self.topic.clone(), data) {
+                            Ok(_) | Err(gossipsub::PublishError::Duplicate) => {
+                                self.fed.own.published()
+                            }
+                            // No subscriber seen yet: offered again next tick.
+                            Err(e) => tracing::trace!(error = %e, "record not published yet"),
+                        }
                     }
-                }
-                Action::ReportGossip {
-                    message_id,
-                    source,
-                    acceptance,
-                } => {
-                    if let Some(gossip) = swarm.behaviour_mut().gossipsub.as_mut() {
-                        let _ = gossip.report_message_validation_result(
-                            &message_id,
-                            &source,
-                            acceptance,
-                        );
+                    Action::ReportGossip {
+                        message_id,
+                        source,
+                        acceptance,
+                    } => {
+                        if let Some(gossip) = swarm.behaviour_mut().gossipsub.as_mut() {
+                            let _ = gossip.report_message_validation_result(
+                                &message_id,
+                                &source,
+                                acceptance,
+                            );
+                        }
                     }
+                    // Turned into dial work by the composition already.
+                    Action::Reach(_) => {}
+                    Action::Job(Job::Delete(ids)) => deletes.extend(ids),
+                    Action::Job(job) => self.submit(job, &mut sends, &mut more),
                 }
-                // Turned into dial work by the composition already.
-                Action::Reach(_) => {}
-                Action::Job(Job::Delete(ids)) => deletes.extend(ids),
-                Action::Job(job) => self.submit(job, &mut sends),
             }
+            actions = more;
         }
         if !deletes.is_empty() {
-            self.submit(Job::Delete(deletes), &mut sends);
+            self.submit(Job::Delete(deletes), &mut sends, &mut Vec::new());
         }
         let mut unsent = Vec::new();
         for (peer, frames) in sends.0 {
@@ -214,20 +222,23 @@ impl Driver {
     }
 
     /// Hands `job` to the store workers; a packet they have no room for is
-    /// answered `Refused` (its sender resends it).
-    fn submit(&mut self, job: Job, sends: &mut Sends) {
-        if let Err(job) = self.pool.submit(job) {
-            self.metrics().jobs_refused.fetch_add(1, Relaxed);
-            if let Job::Store { peer, id, .. } = *job {
-                sends.push(
-                    peer,
-                    Frame::Ack {
-                        id,
-                        status: AckStatus::Refused,
-                        home: None,
-                    },
-                );
-            }
+    /// answered `Refused` (its sender resends it), and records they have no
+    /// room for are forgotten (see [`Federation::job_refused`]).
+    fn submit(&mut self, job: Job, sends: &mut Sends, more: &mut Vec<Action>) {
+        let Err(job) = self.pool.submit(job) else {
+            return;
+        };
+        self.metrics().jobs_refused.fetch_add(1, Relaxed);
+        match *job {
+            Job::Store { peer, id, .. } => sends.push(
+                peer,
+                Frame::Ack {
+                    id,
+                    status: AckStatus::Refused,
+                    home: None,
+                },
+            ),
+            job => self.fed.job_refused(job, more),
         }
     }
 

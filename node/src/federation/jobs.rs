@@ -184,13 +184,17 @@ fn relay_entry(r: &AddressRecord) -> Option<(PeerId, Vec<Multiaddr>, u64)> {
 }
 
 /// What [`learn`] found: the relays whose records were new or newer,
-/// whether one of them was new to us, and the changes among them (key,
-/// encoded, [`News::Change`]; see [`super::announce`]).
-type Learnt = (
-    Vec<(PeerId, Vec<Multiaddr>, u64)>,
-    bool,
-    Vec<([u8; 32], Bytes, News)>,
-);
+/// whether one of them was new to us, the changes among them (key,
+/// encoded, [`News::Change`]; see [`super::announce`]), and what could not
+/// be stored.
+#[derive(Default)]
+struct Learnt {
+    relays: Vec<(PeerId, Vec<Multiaddr>, u64)>,
+    new_relay: bool,
+    news: Vec<([u8; 32], Bytes, News)>,
+    /// Good records the store did not take (it failed, or the book is full).
+    unstored: Vec<Bytes>,
+}
 
 /// Checks records and stores the good ones in one transaction.
 async fn learn(core: &Core, records: &[Bytes], me: [u8; 32]) -> Learnt {
@@ -217,27 +221,31 @@ async fn learn(core: &Core, records: &[Bytes], me: [u8; 32]) -> Learnt {
         Ok(o) => o,
         Err(e) => {
             tracing::warn!(error = %e, "storing address records");
-            return (Vec::new(), false, Vec::new());
+            return Learnt {
+                unstored: encoded,
+                ..Learnt::default()
+            };
         }
     };
-    let mut relays = Vec::new();
-    let mut news = Vec::new();
-    let mut new_relay = false;
+    let mut l = Learnt::default();
     for ((r, outcome), bytes) in good.iter().zip(outcomes).zip(encoded) {
         match outcome {
             Ok(u @ (Upsert::Inserted | Upsert::Replaced)) => {
                 m.records_learned.fetch_add(1, Relaxed);
-                relays.extend(relay_entry(r));
-                new_relay |= u == Upsert::Inserted;
+                l.relays.extend(relay_entry(r));
+                l.new_relay |= u == Upsert::Inserted;
                 if u == Upsert::Replaced {
-                    news.push((r.relay_key().to_bytes(), bytes, News::Change));
+                    l.news.push((r.relay_key().to_bytes(), bytes, News::Change));
                 }
             }
             Ok(Upsert::Unchanged) => {}
-            Err(_) => m.reject_record("book_full"),
+            Err(_) => {
+                m.reject_record("book_full");
+                l.unstored.push(bytes);
+            }
         }
     }
-    (relays, new_relay, news)
+    l
 }
 
 async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
@@ -272,7 +280,12 @@ async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
             gossip,
             from,
         } => {
-            let (relays, new_relay, news) = learn(core, &records, me).await;
+            let Learnt {
+                relays,
+                new_relay,
+                news,
+                unstored,
+            } = learn(core, &records, me).await;
             let gossip = gossip.map(|(id, source)| {
                 let acceptance = if relays.is_empty() {
                     MessageAcceptance::Ignore
@@ -287,6 +300,7 @@ async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
                 new_relay,
                 news,
                 from,
+                unstored,
             }]
         }
         Job::ServeDigest {

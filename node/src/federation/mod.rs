@@ -319,6 +319,32 @@ impl Federation {
         self.forward.unsent(now, peer, frame);
     }
 
+    /// The store workers had no room for `job`. Records it carried are
+    /// forgotten (the next copy is stored instead of ignored) and its
+    /// gossip message, if any, is reported as ignored; a request it was to
+    /// serve no longer counts against its peer.
+    pub fn job_refused(&mut self, job: Job, out: &mut Vec<Action>) {
+        match job {
+            Job::Learn {
+                records, gossip, ..
+            } => {
+                self.book.unstored(&records);
+                if let Some((message_id, source)) = gossip {
+                    out.push(Action::ReportGossip {
+                        message_id,
+                        source,
+                        acceptance: libp2p::gossipsub::MessageAcceptance::Ignore,
+                    });
+                }
+            }
+            // Not served after all: the peer may ask again.
+            Job::ServeDigest { peer, .. }
+            | Job::ServePull { peer, .. }
+            | Job::ServeClaim { peer, .. } => self.ae.served(peer),
+            _ => {}
+        }
+    }
+
     /// A frame from an admitted relay (admission and rate limits are
     /// checked before).
     pub fn frame(
@@ -449,7 +475,9 @@ impl Federation {
                 new_relay,
                 news,
                 from,
+                unstored,
             } => {
+                self.book.unstored(&unstored);
                 if let Some((message_id, source, acceptance)) = gossip {
                     out.push(Action::ReportGossip {
                         message_id,
@@ -687,6 +715,34 @@ pub(crate) mod tests {
             Arc::new(FederationMetrics::default()),
             [seed; 32],
         )
+    }
+
+    /// A gossiped record whose store job found no room: its message is
+    /// reported (ignored, not left pending) and the next copy is stored.
+    #[test]
+    fn a_refused_record_job_is_reported_and_the_next_copy_learned() {
+        let now = 1_800_000_000_000;
+        let mut a = fed(1);
+        let (_, record) = signed_record(9, now);
+        let source = PeerId::random();
+        let id = libp2p::gossipsub::MessageId::from(&b"m1"[..]);
+        let mut out = Vec::new();
+        a.gossip(now, source, id.clone(), record.clone(), &mut out);
+        let Some(Action::Job(job @ Job::Learn { .. })) = out.pop() else {
+            panic!("a store job: {out:?}");
+        };
+        a.job_refused(job, &mut out);
+        assert!(matches!(
+            &out[..],
+            [Action::ReportGossip { message_id, source: s, acceptance: libp2p::gossipsub::MessageAcceptance::Ignore }]
+                if *message_id == id && *s == source
+        ));
+        out.clear();
+        a.gossip(now, source, id, record, &mut out);
+        assert!(
+            matches!(&out[..], [Action::Job(Job::Learn { .. })]),
+            "{out:?}"
+        );
     }
 
     /// Two relays wired back to back through their actions: a routed
