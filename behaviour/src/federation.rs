@@ -11,13 +11,14 @@ pub mod codec;
 
 use crate::stream;
 use codec::Frame;
+use foldhash::{HashMap, HashMapExt as _};
 use libp2p::PeerId;
 use libp2p::core::{Endpoint, Multiaddr, transport::PortUse};
 use libp2p::swarm::{
     ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, NotifyHandler, THandler,
     THandlerInEvent, THandlerOutEvent, ToSwarm,
 };
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::task::{Context, Poll};
 
 /// Limits.

@@ -321,7 +321,7 @@ impl Core {
     pub async fn refederate_stored(
         &self,
         max: usize,
-        skip: &std::collections::HashSet<MailboxId>,
+        skip: &foldhash::HashSet<MailboxId>,
     ) -> usize {
         let Some(fed) = self.federation.get().cloned() else {
             return 0;

@@ -7,9 +7,10 @@
 //! rely on this: it stores an id once however often it comes (the store's
 //! federated ids). Bounded by count and age.
 
+use foldhash::{HashMap, HashMapExt as _};
 use libp2p::PeerId;
 use meshwhisper_behaviour::federation::codec::PacketId;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 /// One flood attempt: the packet id and which flood of it (attempts
 /// beyond 31 count as 31).

@@ -570,6 +570,13 @@ struct Sends(Vec<(PeerId, Vec<Frame>)>);
 
 impl Sends {
     fn push(&mut self, peer: PeerId, frame: Frame) {
+        // Runs of frames for one peer are the common case: look there first.
+        if let Some((p, frames)) = self.0.last_mut()
+            && *p == peer
+        {
+            frames.push(frame);
+            return;
+        }
         match self.0.iter_mut().find(|(p, _)| *p == peer) {
             Some((_, frames)) => frames.push(frame),
             None => self.0.push((peer, vec![frame])),

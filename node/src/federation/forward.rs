@@ -26,12 +26,13 @@ use super::Ctx;
 use crate::core::Federate;
 
 use bytes::Bytes;
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use libp2p::PeerId;
 use meshwhisper_behaviour::federation::codec::{AckStatus, Frame, PacketId, ROUTED_STORE_ANYWAY};
 use meshwhisper_behaviour::relay_key::RelayKey;
 use meshwhisper_crypto::destination::DestHash;
 use meshwhisper_storage::mailbox::MailboxId;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Relay keys whose PeerIds are remembered.
@@ -93,6 +94,8 @@ struct Pending {
     sent: Option<(u64, u64)>,
     /// Waiting in its target's backlog for room in the window.
     backlogged: bool,
+    /// Sent and counted in its target's window (until acked or given up).
+    in_window: bool,
 }
 
 /// The sending side of federation.
@@ -102,8 +105,9 @@ pub struct Forward {
     me: RelayKey,
     pending: HashMap<PacketId, Pending>,
     next_seq: u64,
-    /// Routed packets sent and not yet acknowledged, per target.
-    inflight: HashMap<PeerId, HashSet<PacketId>>,
+    /// Routed packets sent and not yet acknowledged, per target (the
+    /// packets themselves are marked `in_window`).
+    inflight: HashMap<PeerId, usize>,
     /// Routed packets waiting for room in the window, per target, in order.
     backlog: HashMap<PeerId, VecDeque<PacketId>>,
     /// Stored copies with a pending packet (one federation per copy).
@@ -190,20 +194,28 @@ impl Forward {
         self.pending_bytes = self.pending_bytes.saturating_sub(p.packet.len());
         self.by_mailbox.remove(&p.mailbox_id);
         if let Mode::Routed { target, .. } = p.mode {
-            self.unqueue(target, id);
+            self.unqueue(target, p.in_window);
         }
         Some(p)
     }
 
-    fn unqueue(&mut self, target: PeerId, id: &PacketId) {
+    /// A packet for `target` is no longer queued for it (and no longer in
+    /// its window, if it was).
+    fn unqueue(&mut self, target: PeerId, in_window: bool) {
         if let Some(n) = self.queued_for.get_mut(&target) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.queued_for.remove(&target);
             }
         }
-        if let Some(w) = self.inflight.get_mut(&target) {
-            w.remove(id);
+        if in_window {
+            self.leave_window(target);
+        }
+    }
+
+    fn leave_window(&mut self, target: PeerId) {
+        if let Some(n) = self.inflight.get_mut(&target) {
+            *n = n.saturating_sub(1);
         }
     }
 
@@ -263,6 +275,7 @@ impl Forward {
                 attempt: 0,
                 sent: None,
                 backlogged: false,
+                in_window: false,
             },
         );
         self.dispatch(now, id, cx);
@@ -293,7 +306,7 @@ impl Forward {
                     return;
                 }
                 let window = self.inflight.entry(target).or_default();
-                if window.len() >= self.cfg.send_window && !window.contains(&id) {
+                if *window >= self.cfg.send_window && !p.in_window {
                     // The window is full: wait in order for an ack.
                     if !p.backlogged {
                         p.backlogged = true;
@@ -302,7 +315,10 @@ impl Forward {
                     p.next_ms = now + self.cfg.ack_timeout_ms;
                     return;
                 }
-                window.insert(id);
+                if !p.in_window {
+                    *window += 1;
+                    p.in_window = true;
+                }
                 p.backlogged = false;
                 if p.sent.is_some() {
                     cx.m.retries.fetch_add(1, Relaxed);
@@ -355,7 +371,7 @@ impl Forward {
 
     /// Sends backlogged packets to `peer` while its window has room.
     fn pump(&mut self, now: u64, peer: PeerId, cx: &mut Ctx<'_>) {
-        while self.inflight.get(&peer).map_or(0, HashSet::len) < self.cfg.send_window {
+        while self.inflight.get(&peer).copied().unwrap_or(0) < self.cfg.send_window {
             let Some(next) = self.backlog.get_mut(&peer).and_then(VecDeque::pop_front) else {
                 self.backlog.remove(&peer);
                 break;
@@ -424,14 +440,16 @@ impl Forward {
                 // A stale hint: the named relay does not home the recipient.
                 // Flood it; if nobody claims it, it goes back there.
                 if let Mode::Routed { target, key, .. } = mode {
-                    self.unqueue(target, &id);
+                    let mut in_window = false;
                     if let Some(p) = self.pending.get_mut(&id) {
                         p.mode = Mode::Flood {
                             fallback: Some((target, key)),
                         };
                         p.sent = None;
                         p.backlogged = false;
+                        in_window = std::mem::take(&mut p.in_window);
                     }
+                    self.unqueue(target, in_window);
                     cx.m.stale_hints.fetch_add(1, Relaxed);
                     if let Some(dest) = self.pending.get(&id).map(|p| p.dest) {
                         self.routes.remove(&dest);
@@ -454,8 +472,8 @@ impl Forward {
                             // others through.
                             p.sent = None;
                             p.next_ms = now + self.cfg.retry_ms;
-                            if let Some(w) = self.inflight.get_mut(&from) {
-                                w.remove(&id);
+                            if std::mem::take(&mut p.in_window) {
+                                self.leave_window(from);
                             }
                             self.pump(now, from, cx);
                         }
@@ -492,10 +510,13 @@ impl Forward {
     /// A stream to `peer` closed: what was in flight on it is resent.
     pub fn stream_closed(&mut self, now: u64, peer: PeerId) {
         *self.gens.entry(peer).or_default() += 1;
-        for id in self.inflight.remove(&peer).unwrap_or_default() {
-            if let Some(p) = self.pending.get_mut(&id) {
-                p.sent = None;
-                p.next_ms = now;
+        if self.inflight.remove(&peer).is_some_and(|n| n > 0) {
+            for p in self.pending.values_mut() {
+                if p.in_window && matches!(p.mode, Mode::Routed { target, .. } if target == peer) {
+                    p.in_window = false;
+                    p.sent = None;
+                    p.next_ms = now;
+                }
             }
         }
         self.forget.remove(&peer);
@@ -508,9 +529,9 @@ impl Forward {
                 if let Some(p) = self.pending.get_mut(id) {
                     p.sent = None;
                     p.next_ms = now + self.cfg.retry_ms;
-                }
-                if let Some(w) = self.inflight.get_mut(&peer) {
-                    w.remove(id);
+                    if std::mem::take(&mut p.in_window) {
+                        self.leave_window(peer);
+                    }
                 }
             }
             Frame::Forward { id, .. } => {

@@ -231,6 +231,7 @@ impl Federation {
 
     /// A packet accepted here whose recipient is homed elsewhere.
     pub fn outbound(&mut self, now: u64, f: Federate, view: &dyn View, out: &mut Vec<Action>) {
+        let mark = out.len();
         if !self.enabled {
             return;
         }
@@ -246,22 +247,25 @@ impl Federation {
                 out,
             },
         );
-        self.route_actions(now, view, out);
+        self.route_actions(now, view, out, mark);
     }
 
-    /// Turns `Reach` asks into dial-state work.
-    fn route_actions(&mut self, now: u64, view: &dyn View, out: &mut Vec<Action>) {
-        let reach: Vec<PeerId> = out
-            .iter()
-            .filter_map(|a| match a {
-                Action::Reach(p) => Some(*p),
-                _ => None,
-            })
-            .collect();
-        if reach.is_empty() {
+    /// Turns the `Reach` asks among the actions from `out[from..]` on into
+    /// dial-state work (only the new actions are looked at: a batch of
+    /// packets costs one pass, not one per packet).
+    fn route_actions(&mut self, now: u64, view: &dyn View, out: &mut Vec<Action>, from: usize) {
+        let from = from.min(out.len());
+        if !out[from..].iter().any(|a| matches!(a, Action::Reach(_))) {
             return;
         }
-        out.retain(|a| !matches!(a, Action::Reach(_)));
+        let mut reach = Vec::new();
+        let tail = out.split_off(from);
+        for a in tail {
+            match a {
+                Action::Reach(p) => reach.push(p),
+                a => out.push(a),
+            }
+        }
         for p in reach {
             self.dials.reach(now, p, view, out);
         }
@@ -275,6 +279,7 @@ impl Federation {
         view: &dyn View,
         out: &mut Vec<Action>,
     ) {
+        let mark = out.len();
         self.dials.reached(&peer);
         if let Some(k) = RelayKey::from_peer(&peer) {
             self.marked.insert(k, now);
@@ -299,7 +304,7 @@ impl Federation {
         // Reconcile address books with a new peer right away.
         self.ae.changed();
         self.ae.start(now, peer, &self.metrics, out);
-        self.route_actions(now, view, out);
+        self.route_actions(now, view, out, mark);
     }
 
     /// A stream to `peer` closed (`last`: no other is open).
@@ -355,6 +360,7 @@ impl Federation {
         view: &dyn View,
         out: &mut Vec<Action>,
     ) {
+        let mark = out.len();
         match frame {
             Frame::Batch(frames) => {
                 for f in frames {
@@ -447,7 +453,7 @@ impl Federation {
                 from: Some(peer),
             })),
         }
-        self.route_actions(now, view, out);
+        self.route_actions(now, view, out, mark);
     }
 
     /// A gossiped record.
@@ -465,6 +471,7 @@ impl Federation {
 
     /// A store job finished.
     pub fn job_done(&mut self, now: u64, done: JobDone, view: &dyn View, out: &mut Vec<Action>) {
+        let mark = out.len();
         match done {
             JobDone::Stored { peer, id, outcome } => {
                 self.inbound.stored(peer, id, outcome, &mut self.dedup, out)
@@ -538,7 +545,7 @@ impl Federation {
                 self.dials.discovered(now, candidates, start, view, out);
             }
         }
-        self.route_actions(now, view, out);
+        self.route_actions(now, view, out, mark);
     }
 
     /// A device of ours wants a bundle from relay `home`: the request id
@@ -552,6 +559,7 @@ impl Federation {
         view: &dyn View,
         out: &mut Vec<Action>,
     ) -> Option<u64> {
+        let mark = out.len();
         let Some(target) = home.to_peer() else {
             self.metrics.claims_failed.fetch_add(1, Relaxed);
             return None;
@@ -565,7 +573,7 @@ impl Federation {
             return None;
         };
         self.metrics.claims_sent.fetch_add(1, Relaxed);
-        self.route_actions(now, view, out);
+        self.route_actions(now, view, out, mark);
         Some(req)
     }
 
@@ -584,6 +592,7 @@ impl Federation {
         view: &dyn View,
         out: &mut Vec<Action>,
     ) {
+        let mark = out.len();
         if !self.enabled {
             return;
         }
@@ -634,7 +643,7 @@ impl Federation {
                 cursor,
             }));
         }
-        self.route_actions(now, view, out);
+        self.route_actions(now, view, out, mark);
     }
 }
 
