@@ -118,9 +118,9 @@ pub struct Forward {
     /// Stream generation per peer (bumped when its stream opens or closes).
     gens: HashMap<PeerId, u64>,
     /// Home relays learned from `Stored` acks, by destination.
-    routes: hashlink::LruCache<DestHash, RelayKey>,
+    routes: hashlink::LruCache<DestHash, RelayKey, foldhash::fast::RandomState>,
     /// PeerIds of relay keys (validating a key costs tens of microseconds).
-    peers: hashlink::LruCache<RelayKey, Option<PeerId>>,
+    peers: hashlink::LruCache<RelayKey, Option<PeerId>, foldhash::fast::RandomState>,
     /// Ids to tell each home relay it may forget.
     forget: HashMap<PeerId, Vec<PacketId>>,
     /// A packet found no room since the last [`Forward::take_overflow`].
@@ -131,8 +131,14 @@ impl Forward {
     /// A sender for the relay `me`.
     pub fn new(cfg: ForwardConfig, me: RelayKey) -> Self {
         Self {
-            routes: hashlink::LruCache::new(cfg.learned_routes.max(1)),
-            peers: hashlink::LruCache::new(PEER_CACHE),
+            routes: hashlink::LruCache::with_hasher(
+                cfg.learned_routes.max(1),
+                foldhash::fast::RandomState::default(),
+            ),
+            peers: hashlink::LruCache::with_hasher(
+                PEER_CACHE,
+                foldhash::fast::RandomState::default(),
+            ),
             cfg,
             me,
             pending: HashMap::new(),
@@ -420,7 +426,11 @@ impl Forward {
                     Mode::Flood { .. } => None,
                 });
                 if let Some(k) = home {
-                    self.routes.insert(p.dest, k);
+                    // Usually known already (one lookup instead of an
+                    // insert and a move to the front).
+                    if self.routes.get(&p.dest) != Some(&k) {
+                        self.routes.insert(p.dest, k);
+                    }
                     if let Some(hp) = self.peer_of(k)
                         && cx.view.stream_open(&hp)
                     {
