@@ -12,4 +12,5 @@ pub mod packet;
 pub mod policy;
 pub mod relay_key;
 pub mod stream;
+pub mod tls;
 pub mod transport;

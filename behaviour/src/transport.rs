@@ -1,6 +1,7 @@
-//! The transport stack relays and devices share: TCP (no Nagle) and QUIC,
-//! Noise, yamux, on tokio. Building a Swarm opens no socket; its owner does,
-//! by listening and dialing.
+//! The transport stack relays and devices share, on tokio: TCP (no Nagle)
+//! secured with TLS 1.3 (AES-GCM preferred, see [`crate::tls`]) or, with
+//! peers that do not offer it, Noise, then yamux; and QUIC. Building a
+//! Swarm opens no socket; its owner does, by listening and dialing.
 
 use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
@@ -23,7 +24,7 @@ pub fn build_swarm<B: NetworkBehaviour>(
         .with_tokio()
         .with_tcp(
             tcp::Config::default().nodelay(true),
-            noise::Config::new,
+            (crate::tls::Config::new, noise::Config::new),
             yamux::Config::default,
         )
         .map_err(|e| Error(e.to_string()))?
@@ -32,4 +33,64 @@ pub fn build_swarm<B: NetworkBehaviour>(
         .map_err(|e| Error(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
         .build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt as _;
+    use libp2p::swarm::{SwarmEvent, dummy};
+
+    /// A relay of an earlier version offers Noise only; ours still connects
+    /// to it, and it to ours.
+    #[tokio::test]
+    async fn a_noise_only_peer_connects_both_ways() {
+        let idle = Duration::from_secs(30);
+        let ours = || {
+            build_swarm(Keypair::generate_ed25519(), idle, |_| Ok(dummy::Behaviour)).expect("ours")
+        };
+        let noise_only = || {
+            libp2p::SwarmBuilder::with_existing_identity(Keypair::generate_ed25519())
+                .with_tokio()
+                .with_tcp(
+                    tcp::Config::default(),
+                    noise::Config::new,
+                    yamux::Config::default,
+                )
+                .expect("tcp")
+                .with_behaviour(|_| dummy::Behaviour)
+                .expect("behaviour")
+                .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+                .build()
+        };
+        for ours_listens in [true, false] {
+            let (mut a, mut b) = (ours(), noise_only());
+            let (listener, dialer) = if ours_listens {
+                (&mut a, &mut b)
+            } else {
+                (&mut b, &mut a)
+            };
+            listener
+                .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
+                .expect("listen");
+            let addr = loop {
+                if let SwarmEvent::NewListenAddr { address, .. } = listener.select_next_some().await
+                {
+                    break address;
+                }
+            };
+            dialer.dial(addr).expect("dial");
+            let (mut up_a, mut up_b) = (false, false);
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while !(up_a && up_b) {
+                    tokio::select! {
+                        e = a.select_next_some() => up_a |= matches!(e, SwarmEvent::ConnectionEstablished { .. }),
+                        e = b.select_next_some() => up_b |= matches!(e, SwarmEvent::ConnectionEstablished { .. }),
+                    }
+                }
+            })
+            .await
+            .expect("connected within 10 s");
+        }
+    }
 }
