@@ -157,6 +157,8 @@ pub enum JobDone {
         /// Whether the store took it (or had it already).
         outcome: StoreOutcome,
     },
+    /// Several results of one job, in order.
+    Many(Vec<JobDone>),
     /// Records checked: the relays that were new or newer.
     Learned {
         /// Relay, addresses, record timestamp.

@@ -16,7 +16,6 @@ use meshwhisper_behaviour::federation::codec::{Frame, MAX_RECORDS, PacketId};
 use meshwhisper_behaviour::relay_key::RelayKey;
 use meshwhisper_crypto::address_record::AddressRecord;
 use meshwhisper_storage::address_book::Upsert;
-use std::hash::{Hash as _, Hasher as _};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use tokio::sync::mpsc;
@@ -32,6 +31,8 @@ const STORE_BATCH: usize = 256;
 pub struct Pool {
     workers: Vec<mpsc::Sender<Job>>,
     next: usize,
+    /// Picks a peer's worker (the same one for all its packets).
+    by_peer: foldhash::fast::RandomState,
 }
 
 impl Pool {
@@ -59,16 +60,22 @@ impl Pool {
                 tx
             })
             .collect();
-        (Self { workers, next: 0 }, done_rx)
+        (
+            Self {
+                workers,
+                next: 0,
+                by_peer: foldhash::fast::RandomState::default(),
+            },
+            done_rx,
+        )
     }
 
     /// Queues a job; gives it back if its worker's queue is full.
     pub fn submit(&mut self, job: Job) -> Result<(), Box<Job>> {
         let i = match &job {
             Job::Store { peer, .. } => {
-                let mut h = std::collections::hash_map::DefaultHasher::new();
-                peer.hash(&mut h);
-                (h.finish() as usize) % self.workers.len()
+                (std::hash::BuildHasher::hash_one(&self.by_peer, peer) as usize)
+                    % self.workers.len()
             }
             _ => {
                 self.next = (self.next + 1) % self.workers.len();
@@ -126,10 +133,17 @@ async fn worker(
             }
             other => run(&core, other, me).await,
         };
-        for r in results {
-            if done.send(r).await.is_err() {
-                return;
-            }
+        // One message for what one job found (a batch of stored packets
+        // is one hand-off back, not one per packet).
+        let out = match results.len() {
+            0 => continue,
+            1 => results.into_iter().next(),
+            _ => Some(JobDone::Many(results)),
+        };
+        if let Some(r) = out
+            && done.send(r).await.is_err()
+        {
+            return;
         }
     }
 }

@@ -473,6 +473,11 @@ impl Federation {
     pub fn job_done(&mut self, now: u64, done: JobDone, view: &dyn View, out: &mut Vec<Action>) {
         let mark = out.len();
         match done {
+            JobDone::Many(all) => {
+                for d in all {
+                    self.job_done(now, d, view, out);
+                }
+            }
             JobDone::Stored { peer, id, outcome } => {
                 self.inbound.stored(peer, id, outcome, &mut self.dedup, out)
             }
