@@ -629,17 +629,12 @@ impl Mailbox<'_> {
         if ids.is_empty() {
             return Ok(0);
         }
+        let (reply, rx) = oneshot::channel();
         self.store
             .writer()
-            .run(Box::new(move |ctx| {
-                Box::pin(async move {
-                    let WriterCtx {
-                        seen, conn, path, ..
-                    } = ctx;
-                    seen.forget(conn, path, &ids).await
-                })
-            }))
-            .await
+            .forget(crate::writer::ForgetOp { ids, reply })
+            .await?;
+        rx.await.map_err(|_| Error::Closed)?
     }
 
     /// Drops federated ids remembered past their time (at most `max`).

@@ -6,7 +6,9 @@
 //! one `BEGIN IMMEDIATE … COMMIT`, and answers each caller only after the
 //! commit returned: an `Ok` reply means the change is in the WAL and
 //! survives the process being killed. Consecutive mailbox enqueues become
-//! one multi-row `INSERT`. Other operations run as jobs inside a savepoint:
+//! one multi-row `INSERT`. Forgetting federated ids is its own operation (it
+//! touches SQLite only for ids already spilled there). Other operations run
+//! as jobs inside a savepoint:
 //! a job that fails with a logical error (a taken username, a wrong token)
 //! is rolled back alone; a database-level failure (full disk, I/O) aborts
 //! the whole group, and every caller in it gets the error.
@@ -183,6 +185,12 @@ pub(crate) struct DeleteOp {
     pub(crate) reply: oneshot::Sender<Result<u64>>,
 }
 
+/// Federated ids to forget (their senders have the acks).
+pub(crate) struct ForgetOp {
+    pub(crate) ids: Vec<crate::fed_seen::FedId>,
+    pub(crate) reply: oneshot::Sender<Result<u64>>,
+}
+
 /// Errors are not `Clone`; give each caller of a failed group its own copy.
 pub(crate) fn replicate(e: &Error) -> Error {
     match e {
@@ -227,6 +235,7 @@ fn bulk_bytes(m: &Msg) -> usize {
 enum Msg {
     Enqueue(EnqueueOp),
     Delete(DeleteOp),
+    Forget(ForgetOp),
     Job(Box<dyn Job>),
     /// Commit what came before, then stop.
     Shutdown,
@@ -236,6 +245,13 @@ impl WriterHandle {
     pub(crate) async fn delete(&self, op: DeleteOp) -> Result<()> {
         self.tx
             .send(Msg::Delete(op))
+            .await
+            .map_err(|_| Error::Closed)
+    }
+
+    pub(crate) async fn forget(&self, op: ForgetOp) -> Result<()> {
+        self.tx
+            .send(Msg::Forget(op))
             .await
             .map_err(|_| Error::Closed)
     }
@@ -378,14 +394,15 @@ enum Done {
 
 async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
     let mut done: Vec<Done> = Vec::with_capacity(batch.len());
-    // A group of only enqueues and deletes, with the hot tier on and no
-    // spill due, needs no SQLite transaction: the log append is the commit
-    // (the occasional SQLite statement in it — a count, an eviction, the
-    // delete of a spilled packet — runs on its own).
+    // A group of only enqueues, deletes and forgets, with the hot tier on
+    // and no spill due, needs no SQLite transaction: the log append is the
+    // commit (the occasional SQLite statement in it — a count, an eviction,
+    // the delete of a spilled packet or of a spilled federated id — runs on
+    // its own).
     let light = ctx.hot.as_ref().is_some_and(|h| !h.spill_due())
         && batch
             .iter()
-            .all(|m| matches!(m, Msg::Enqueue(_) | Msg::Delete(_)));
+            .all(|m| matches!(m, Msg::Enqueue(_) | Msg::Delete(_) | Msg::Forget(_)));
     let mut pending: Vec<Msg> = batch;
     pending.reverse();
     if !light && let Err(e) = ctx.exec("begin", "BEGIN IMMEDIATE").await {
@@ -472,6 +489,18 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
                         for op in group {
                             let _ = op.reply.send(Err(replicate(&e)));
                         }
+                        fatal = Some(e);
+                    }
+                }
+            }
+            Msg::Forget(op) => {
+                let WriterCtx {
+                    seen, conn, path, ..
+                } = &mut *ctx;
+                match seen.forget(conn, path, &op.ids).await {
+                    Ok(n) => done.push(Done::Delete(op.reply, n)),
+                    Err(e) => {
+                        let _ = op.reply.send(Err(replicate(&e)));
                         fatal = Some(e);
                     }
                 }
@@ -583,6 +612,7 @@ fn msg_to_failed(m: Msg) -> Option<Failed> {
     match m {
         Msg::Enqueue(op) => Some(Failed::Enqueue(op.reply)),
         Msg::Delete(op) => Some(Failed::Delete(op.reply)),
+        Msg::Forget(op) => Some(Failed::Delete(op.reply)),
         Msg::Job(j) => Some(Failed::Job(j)),
         Msg::Shutdown => None,
     }

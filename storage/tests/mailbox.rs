@@ -440,3 +440,44 @@ async fn ids_are_not_reused_after_restart() {
         .id;
     assert!(next > c, "id {next:?} reused (deleted packet had {c:?})");
 }
+
+/// A federated id is remembered (a resend is a duplicate) until its sender
+/// says it may be forgotten, whether the id is still in memory or already
+/// spilled into the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgotten_federated_ids_are_no_longer_duplicates() {
+    use meshwhisper_storage::mailbox::Federated;
+    for spill in [
+        std::time::Duration::from_secs(3600),
+        std::time::Duration::ZERO,
+    ] {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = open_with(&dir, |c| c.hot_spill = spill).await;
+        let mb = store.mailbox();
+        let fed = |id: u8| Federated {
+            dest: dest(7),
+            packet: bytes::Bytes::from(vec![id; 40]),
+            id: [id; 16],
+            remember_until_ms: NOW + 3_600_000,
+        };
+        let dup = |r: Vec<meshwhisper_storage::mailbox::Enqueued>| -> Vec<bool> {
+            r.iter().map(|e| e.duplicate).collect()
+        };
+        let first = mb
+            .enqueue_federated(vec![fed(1), fed(2)], NOW)
+            .await
+            .expect("enqueue");
+        assert_eq!(dup(first), vec![false, false], "spill {spill:?}");
+        let again = mb
+            .enqueue_federated(vec![fed(1), fed(2)], NOW)
+            .await
+            .expect("enqueue");
+        assert_eq!(dup(again), vec![true, true], "spill {spill:?}");
+        assert_eq!(mb.forget_federated(vec![[1; 16]]).await.expect("forget"), 1);
+        let after = mb
+            .enqueue_federated(vec![fed(1), fed(2)], NOW)
+            .await
+            .expect("enqueue");
+        assert_eq!(dup(after), vec![false, true], "spill {spill:?}");
+    }
+}
