@@ -9,9 +9,9 @@
 
 pub mod codec;
 
+use crate::relay_key::PeerMap;
 use crate::stream;
 use codec::Frame;
-use foldhash::{HashMap, HashMapExt as _};
 use libp2p::PeerId;
 use libp2p::core::{Endpoint, Multiaddr, transport::PortUse};
 use libp2p::swarm::{
@@ -78,9 +78,9 @@ pub enum Event {
 pub struct Behaviour {
     config: Config,
     /// Connections we dialed, per peer (the ones we may open a stream on).
-    dialed: HashMap<PeerId, HashSet<ConnectionId>>,
+    dialed: PeerMap<HashSet<ConnectionId>>,
     /// Connections with an open stream, per peer.
-    open: HashMap<PeerId, HashSet<ConnectionId>>,
+    open: PeerMap<HashSet<ConnectionId>>,
     actions: VecDeque<ToSwarm<Event, stream::In<Frame>>>,
 }
 
@@ -89,8 +89,8 @@ impl Behaviour {
     pub fn new(config: Config) -> Self {
         Self {
             config,
-            dialed: HashMap::new(),
-            open: HashMap::new(),
+            dialed: PeerMap::default(),
+            open: PeerMap::default(),
             actions: VecDeque::new(),
         }
     }

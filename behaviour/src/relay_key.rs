@@ -65,6 +65,56 @@ impl std::fmt::Display for RelayKey {
     }
 }
 
+/// Hash-map state for maps keyed by [`PeerId`]: foldhash (randomly seeded)
+/// over at most the last 16 bytes of each write. A PeerId hashes as its
+/// multihash code and digest, and the digest ends in the peer's public key
+/// (identity multihash) or in a hash of it: those 16 bytes tell peers
+/// apart as well as all 36 or more (choosing a key whose last 16 bytes
+/// collide with another's takes about 2^128 tries), and hashing them
+/// costs a fraction. Maps on the packet path look a PeerId up a dozen
+/// times per packet.
+#[derive(Clone, Debug, Default)]
+pub struct PeerIdHash(foldhash::fast::RandomState);
+
+impl std::hash::BuildHasher for PeerIdHash {
+    type Hasher = TailHasher;
+
+    fn build_hasher(&self) -> TailHasher {
+        TailHasher(self.0.build_hasher())
+    }
+}
+
+/// See [`PeerIdHash`].
+#[derive(Clone)]
+pub struct TailHasher(foldhash::fast::FoldHasher<'static>);
+
+impl std::fmt::Debug for TailHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TailHasher")
+    }
+}
+
+impl std::hash::Hasher for TailHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.write(&bytes[bytes.len().saturating_sub(16)..]);
+    }
+    fn write_u8(&mut self, i: u8) {
+        self.0.write_u8(i);
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0.write_u64(i);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.0.write_usize(i);
+    }
+    fn finish(&self) -> u64 {
+        self.0.finish()
+    }
+}
+
+/// A map keyed by [`PeerId`], hashed with [`PeerIdHash`].
+pub type PeerMap<V> = std::collections::HashMap<PeerId, V, PeerIdHash>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +131,34 @@ mod tests {
         );
         // A PeerId that does not embed an Ed25519 key has none.
         assert_eq!(RelayKey::from_peer(&PeerId::random()), None);
+    }
+
+    #[test]
+    fn peer_maps_tell_peers_apart() {
+        use std::hash::BuildHasher as _;
+        let h = PeerIdHash::default();
+        let peers: Vec<PeerId> = (0..1000)
+            .map(|i| {
+                if i % 2 == 0 {
+                    identity::Keypair::generate_ed25519().public().to_peer_id()
+                } else {
+                    PeerId::random()
+                }
+            })
+            .collect();
+        let hashes: std::collections::HashSet<u64> = peers.iter().map(|p| h.hash_one(p)).collect();
+        assert_eq!(hashes.len(), peers.len(), "distinct peers, distinct hashes");
+        let mut m: PeerMap<usize> = PeerMap::default();
+        for (i, p) in peers.iter().enumerate() {
+            m.insert(*p, i);
+        }
+        for (i, p) in peers.iter().enumerate() {
+            assert_eq!(m.get(p), Some(&i));
+            assert_eq!(
+                h.hash_one(p),
+                h.hash_one(*p),
+                "a PeerId hashes the same each time"
+            );
+        }
     }
 }

@@ -29,7 +29,7 @@ use bytes::Bytes;
 use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use libp2p::PeerId;
 use meshwhisper_behaviour::federation::codec::{AckStatus, Frame, PacketId, ROUTED_STORE_ANYWAY};
-use meshwhisper_behaviour::relay_key::RelayKey;
+use meshwhisper_behaviour::relay_key::{PeerMap, RelayKey};
 use meshwhisper_crypto::destination::DestHash;
 use meshwhisper_storage::mailbox::MailboxId;
 use std::collections::VecDeque;
@@ -107,22 +107,22 @@ pub struct Forward {
     next_seq: u64,
     /// Routed packets sent and not yet acknowledged, per target (the
     /// packets themselves are marked `in_window`).
-    inflight: HashMap<PeerId, usize>,
+    inflight: PeerMap<usize>,
     /// Routed packets waiting for room in the window, per target, in order.
-    backlog: HashMap<PeerId, VecDeque<PacketId>>,
+    backlog: PeerMap<VecDeque<PacketId>>,
     /// Stored copies with a pending packet (one federation per copy).
     by_mailbox: HashSet<MailboxId>,
     pending_bytes: usize,
     /// Pending packets per target relay.
-    queued_for: HashMap<PeerId, usize>,
+    queued_for: PeerMap<usize>,
     /// Stream generation per peer (bumped when its stream opens or closes).
-    gens: HashMap<PeerId, u64>,
+    gens: PeerMap<u64>,
     /// Home relays learned from `Stored` acks, by destination.
     routes: hashlink::LruCache<DestHash, RelayKey, foldhash::fast::RandomState>,
     /// PeerIds of relay keys (validating a key costs tens of microseconds).
     peers: hashlink::LruCache<RelayKey, Option<PeerId>, foldhash::fast::RandomState>,
     /// Ids to tell each home relay it may forget.
-    forget: HashMap<PeerId, Vec<PacketId>>,
+    forget: PeerMap<Vec<PacketId>>,
     /// A packet found no room since the last [`Forward::take_overflow`].
     overflow: bool,
 }
@@ -143,13 +143,13 @@ impl Forward {
             me,
             pending: HashMap::new(),
             next_seq: 0,
-            inflight: HashMap::new(),
-            backlog: HashMap::new(),
+            inflight: PeerMap::default(),
+            backlog: PeerMap::default(),
             by_mailbox: HashSet::new(),
             pending_bytes: 0,
-            queued_for: HashMap::new(),
-            gens: HashMap::new(),
-            forget: HashMap::new(),
+            queued_for: PeerMap::default(),
+            gens: PeerMap::default(),
+            forget: PeerMap::default(),
             overflow: false,
         }
     }
