@@ -98,6 +98,30 @@ struct Pending {
     in_window: bool,
 }
 
+/// What the sender keeps per relay (one map lookup per packet and step,
+/// not one per field). Kept while packets are queued for it or ids are
+/// to be forgotten there.
+#[derive(Debug, Default)]
+struct Relay {
+    /// Pending packets routed to it.
+    queued: usize,
+    /// Of those, sent and not yet acknowledged (the packets themselves
+    /// are marked `in_window`).
+    inflight: usize,
+    /// Packets waiting for room in the window, in order.
+    backlog: VecDeque<PacketId>,
+    /// Its stream generation (bumped when its stream opens or closes).
+    generation: u64,
+    /// Ids to tell it it may forget.
+    forget: Vec<PacketId>,
+}
+
+impl Relay {
+    fn idle(&self) -> bool {
+        self.queued == 0 && self.backlog.is_empty() && self.forget.is_empty()
+    }
+}
+
 /// The sending side of federation.
 #[derive(Debug)]
 pub struct Forward {
@@ -105,24 +129,15 @@ pub struct Forward {
     me: RelayKey,
     pending: HashMap<PacketId, Pending>,
     next_seq: u64,
-    /// Routed packets sent and not yet acknowledged, per target (the
-    /// packets themselves are marked `in_window`).
-    inflight: PeerMap<usize>,
-    /// Routed packets waiting for room in the window, per target, in order.
-    backlog: PeerMap<VecDeque<PacketId>>,
+    /// Per relay: its window, backlog, stream generation and forgets.
+    relays: PeerMap<Relay>,
     /// Stored copies with a pending packet (one federation per copy).
     by_mailbox: HashSet<MailboxId>,
     pending_bytes: usize,
-    /// Pending packets per target relay.
-    queued_for: PeerMap<usize>,
-    /// Stream generation per peer (bumped when its stream opens or closes).
-    gens: PeerMap<u64>,
     /// Home relays learned from `Stored` acks, by destination.
     routes: hashlink::LruCache<DestHash, RelayKey, foldhash::fast::RandomState>,
     /// PeerIds of relay keys (validating a key costs tens of microseconds).
     peers: hashlink::LruCache<RelayKey, Option<PeerId>, foldhash::fast::RandomState>,
-    /// Ids to tell each home relay it may forget.
-    forget: PeerMap<Vec<PacketId>>,
     /// A packet found no room since the last [`Forward::take_overflow`].
     overflow: bool,
 }
@@ -142,14 +157,10 @@ impl Forward {
             cfg,
             me,
             pending: HashMap::new(),
+            relays: PeerMap::default(),
             next_seq: 0,
-            inflight: PeerMap::default(),
-            backlog: PeerMap::default(),
             by_mailbox: HashSet::new(),
             pending_bytes: 0,
-            queued_for: PeerMap::default(),
-            gens: PeerMap::default(),
-            forget: PeerMap::default(),
             overflow: false,
         }
     }
@@ -208,20 +219,20 @@ impl Forward {
     /// A packet for `target` is no longer queued for it (and no longer in
     /// its window, if it was).
     fn unqueue(&mut self, target: PeerId, in_window: bool) {
-        if let Some(n) = self.queued_for.get_mut(&target) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.queued_for.remove(&target);
+        if let Some(r) = self.relays.get_mut(&target) {
+            r.queued = r.queued.saturating_sub(1);
+            if in_window {
+                r.inflight = r.inflight.saturating_sub(1);
             }
-        }
-        if in_window {
-            self.leave_window(target);
+            if r.idle() && r.inflight == 0 {
+                self.relays.remove(&target);
+            }
         }
     }
 
     fn leave_window(&mut self, target: PeerId) {
-        if let Some(n) = self.inflight.get_mut(&target) {
-            *n = n.saturating_sub(1);
+        if let Some(r) = self.relays.get_mut(&target) {
+            r.inflight = r.inflight.saturating_sub(1);
         }
     }
 
@@ -248,7 +259,7 @@ impl Forward {
         }
         if let Some((p, _)) = target
             && !cx.view.stream_open(&p)
-            && self.queued_for.get(&p).copied().unwrap_or(0) >= self.cfg.dial_queue
+            && self.relays.get(&p).map_or(0, |r| r.queued) >= self.cfg.dial_queue
         {
             cx.m.drops_queue_full.fetch_add(1, Relaxed);
             self.overflow = true;
@@ -257,7 +268,7 @@ impl Forward {
         self.next_seq += 1;
         let mode = match target {
             Some((target, key)) => {
-                *self.queued_for.entry(target).or_default() += 1;
+                self.relays.entry(target).or_default().queued += 1;
                 Mode::Routed {
                     target,
                     key,
@@ -298,12 +309,13 @@ impl Forward {
                 key,
                 store_anyway,
             } => {
-                let generation = self.gens.get(&target).copied().unwrap_or(0);
                 if !cx.view.stream_open(&target) {
                     p.next_ms = now + self.cfg.retry_ms;
                     cx.out.push(Action::Reach(target));
                     return;
                 }
+                let relay = self.relays.entry(target).or_default();
+                let generation = relay.generation;
                 if p.sent.is_some_and(|(g, at)| {
                     g == generation && now < at.saturating_add(self.cfg.ack_timeout_ms)
                 }) {
@@ -311,18 +323,17 @@ impl Forward {
                     p.next_ms = now + self.cfg.retry_ms;
                     return;
                 }
-                let window = self.inflight.entry(target).or_default();
-                if *window >= self.cfg.send_window && !p.in_window {
+                if relay.inflight >= self.cfg.send_window && !p.in_window {
                     // The window is full: wait in order for an ack.
                     if !p.backlogged {
                         p.backlogged = true;
-                        self.backlog.entry(target).or_default().push_back(id);
+                        relay.backlog.push_back(id);
                     }
                     p.next_ms = now + self.cfg.ack_timeout_ms;
                     return;
                 }
                 if !p.in_window {
-                    *window += 1;
+                    relay.inflight += 1;
                     p.in_window = true;
                 }
                 p.backlogged = false;
@@ -377,11 +388,12 @@ impl Forward {
 
     /// Sends backlogged packets to `peer` while its window has room.
     fn pump(&mut self, now: u64, peer: PeerId, cx: &mut Ctx<'_>) {
-        while self.inflight.get(&peer).copied().unwrap_or(0) < self.cfg.send_window {
-            let Some(next) = self.backlog.get_mut(&peer).and_then(VecDeque::pop_front) else {
-                self.backlog.remove(&peer);
-                break;
-            };
+        while let Some(next) = self
+            .relays
+            .get_mut(&peer)
+            .filter(|r| r.inflight < self.cfg.send_window)
+            .and_then(|r| r.backlog.pop_front())
+        {
             if let Some(p) = self.pending.get_mut(&next)
                 && p.backlogged
             {
@@ -431,10 +443,15 @@ impl Forward {
                     if self.routes.get(&p.dest) != Some(&k) {
                         self.routes.insert(p.dest, k);
                     }
-                    if let Some(hp) = self.peer_of(k)
+                    // A routed packet's home is the relay it went to.
+                    let hp = match mode {
+                        Mode::Routed { target, key, .. } if key == k => Some(target),
+                        _ => self.peer_of(k),
+                    };
+                    if let Some(hp) = hp
                         && cx.view.stream_open(&hp)
                     {
-                        let batch = self.forget.entry(hp).or_default();
+                        let batch = &mut self.relays.entry(hp).or_default().forget;
                         batch.push(id);
                         if batch.len() >= self.cfg.forget_batch {
                             let ids = std::mem::take(batch);
@@ -504,7 +521,7 @@ impl Forward {
 
     /// A stream to `peer` opened: what waits for it goes now.
     pub fn stream_opened(&mut self, now: u64, peer: PeerId, cx: &mut Ctx<'_>) {
-        *self.gens.entry(peer).or_default() += 1;
+        self.relays.entry(peer).or_default().generation += 1;
         let mut ids: Vec<(u64, PacketId)> = self
             .pending
             .iter()
@@ -519,8 +536,12 @@ impl Forward {
 
     /// A stream to `peer` closed: what was in flight on it is resent.
     pub fn stream_closed(&mut self, now: u64, peer: PeerId) {
-        *self.gens.entry(peer).or_default() += 1;
-        if self.inflight.remove(&peer).is_some_and(|n| n > 0) {
+        let Some(relay) = self.relays.get_mut(&peer) else {
+            return;
+        };
+        relay.generation += 1;
+        relay.forget.clear();
+        if std::mem::take(&mut relay.inflight) > 0 {
             for p in self.pending.values_mut() {
                 if p.in_window && matches!(p.mode, Mode::Routed { target, .. } if target == peer) {
                     p.in_window = false;
@@ -529,7 +550,6 @@ impl Forward {
                 }
             }
         }
-        self.forget.remove(&peer);
     }
 
     /// A frame could not be queued for `peer`: what we keep is retried.
@@ -582,7 +602,7 @@ impl Forward {
                             key,
                             store_anyway: true,
                         };
-                        *self.queued_for.entry(target).or_default() += 1;
+                        self.relays.entry(target).or_default().queued += 1;
                     }
                     None => {
                         // No relay homes it (chaff, or a recipient never
@@ -597,14 +617,17 @@ impl Forward {
             }
             self.dispatch(now, id, cx);
         }
-        for (peer, ids) in self.forget.drain() {
-            if !ids.is_empty() {
+        for (peer, r) in &mut self.relays {
+            if !r.forget.is_empty() {
                 cx.out.push(Action::Send {
-                    peer,
-                    frame: Frame::Forget { ids },
+                    peer: *peer,
+                    frame: Frame::Forget {
+                        ids: std::mem::take(&mut r.forget),
+                    },
                 });
             }
         }
+        self.relays.retain(|_, r| !(r.idle() && r.inflight == 0));
     }
 }
 
