@@ -83,7 +83,7 @@ pub struct Config {
     /// Peers refused in every mode.
     pub blocklist: HashSet<PeerId>,
     /// Federation frames one relay may send per minute (bursts up to ten
-    /// seconds' worth). Default 3 000 000.
+    /// seconds' worth). Default 12 000 000.
     pub frames_per_minute: u32,
     /// Relays refused for lack of room kept as guests at once. Default 32.
     pub max_guests: usize,
@@ -98,7 +98,7 @@ impl Default for Config {
             max_peers: 64,
             allowlist: HashSet::new(),
             blocklist: HashSet::new(),
-            frames_per_minute: 3_000_000,
+            frames_per_minute: 12_000_000,
             max_guests: 32,
             guest_ms: 10_000,
         }
