@@ -248,6 +248,19 @@ mod tests {
         assert!(ae.may_serve(p, &m));
     }
 
+    /// The peers asked for a digest, in order.
+    fn asked(out: &[Action]) -> Vec<PeerId> {
+        out.iter()
+            .filter_map(|a| match a {
+                Action::Send {
+                    peer,
+                    frame: Frame::DigestRequest { .. },
+                } => Some(*peer),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn walks_take_turns() {
         let mut ae = AntiEntropy::new(1000, 256, 10_000);
@@ -262,16 +275,7 @@ mod tests {
         for (i, p) in peers.iter().enumerate().take(peers.len() - MAX_WALKS) {
             ae.digest(5 + i as u64, *p, false, Vec::new(), &m, &mut out);
         }
-        let asked: Vec<PeerId> = out
-            .iter()
-            .filter_map(|a| match a {
-                Action::Send {
-                    peer,
-                    frame: Frame::DigestRequest { .. },
-                } => Some(*peer),
-                _ => None,
-            })
-            .collect();
+        let asked = asked(&out);
         assert_eq!(asked, peers);
         // A stuck walk is given up after its timeout.
         out.clear();
@@ -293,16 +297,7 @@ mod tests {
         // up, and both waiting peers are asked then.
         out.clear();
         assert!(ae.tick(10_000, &peers[..1], &m, &mut out));
-        let asked: Vec<PeerId> = out
-            .iter()
-            .filter_map(|a| match a {
-                Action::Send {
-                    peer,
-                    frame: Frame::DigestRequest { .. },
-                } => Some(*peer),
-                _ => None,
-            })
-            .collect();
+        let asked = asked(&out);
         assert_eq!(asked[..2], peers[MAX_WALKS..]);
     }
 
