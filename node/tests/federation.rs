@@ -51,7 +51,16 @@ fn key_hex(r: &Relay) -> String {
 }
 
 /// Waits (bounded) until `check` holds; `what` names it in the failure.
-async fn eventually<F, Fut>(what: &str, secs: u64, mut check: F)
+async fn eventually<F, Fut>(what: &str, secs: u64, check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    eventually_or(what, secs, check, String::new).await;
+}
+
+/// [`eventually`], with `explain()` in the failure message.
+async fn eventually_or<F, Fut>(what: &str, secs: u64, mut check: F, explain: impl Fn() -> String)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -65,7 +74,8 @@ where
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{what}: not within {secs} s"
+            "{what}: not within {secs} s{}",
+            explain()
         );
     }
 }
@@ -116,6 +126,33 @@ async fn stop_all(relays: Vec<Relay>) {
     }
 }
 
+/// A relay's federation counters, for a failure message.
+fn counters(r: &Relay) -> String {
+    let m = fed(r);
+    format!(
+        "peers {} pending {} sent {} routed {} received {} stored {} retries {} stale hints {} \
+         dials {} queue full {} rate limited {} learned {} rejected {:?} jobs refused {} rounds {}",
+        m.peers_connected.load(Relaxed),
+        m.pending.load(Relaxed),
+        m.forwards_sent.load(Relaxed),
+        m.routed_forwards.load(Relaxed),
+        m.forwards_received.load(Relaxed),
+        m.stored_locally.load(Relaxed),
+        m.retries.load(Relaxed),
+        m.stale_hints.load(Relaxed),
+        m.discovered_dials.load(Relaxed),
+        m.drops_queue_full.load(Relaxed),
+        m.drops_rate_limited.load(Relaxed),
+        m.records_learned.load(Relaxed),
+        m.records_rejected
+            .iter()
+            .map(|c| c.load(Relaxed))
+            .collect::<Vec<_>>(),
+        m.jobs_refused.load(Relaxed),
+        m.anti_entropy_rounds.load(Relaxed),
+    )
+}
+
 async fn converged(relays: &[Relay], n: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut every = tokio::time::interval(Duration::from_millis(25));
@@ -129,18 +166,10 @@ async fn converged(relays: &[Relay], n: u64) {
             if tokio::time::Instant::now() >= deadline {
                 let counts: Vec<u64> =
                     futures::future::join_all(relays.iter().map(book_count)).await;
-                let m = fed(r);
                 panic!(
                     "relay {i} knows {have} records, not {n}, after 30 s; books: {counts:?}; \
-                     relay {i}: learned {} rejected {:?} jobs refused {} rounds {} peers {}",
-                    m.records_learned.load(Relaxed),
-                    m.records_rejected
-                        .iter()
-                        .map(|c| c.load(Relaxed))
-                        .collect::<Vec<_>>(),
-                    m.jobs_refused.load(Relaxed),
-                    m.anti_entropy_rounds.load(Relaxed),
-                    m.peers_connected.load(Relaxed),
+                     relay {i}: {}",
+                    counters(r)
                 );
             }
         }
@@ -764,9 +793,19 @@ async fn sender_restart_does_not_lose_an_unforwarded_packet() {
     let boot = p2p_addr(&relays[0]).await;
     let f = start_in(f_dir, |c| quick(c, Some(&boot))).await;
     let a = start_in(a_dir, |c| quick(c, Some(&boot))).await;
-    eventually("F stored it", 30, || async {
-        fed(&f).stored_locally.load(Relaxed) == 1
-    })
+    eventually_or(
+        "F stored it",
+        30,
+        || async { fed(&f).stored_locally.load(Relaxed) == 1 },
+        || {
+            format!(
+                "\nA: {}\nF: {}\nrelay 0: {}",
+                counters(&a),
+                counters(&f),
+                counters(&relays[0])
+            )
+        },
+    )
     .await;
     let mut bob = ws(&f.ws).await;
     hello(&mut bob, &[H]).await;
