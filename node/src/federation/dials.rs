@@ -68,6 +68,18 @@ impl Dials {
         self.bootstrap.len()
     }
 
+    /// The bootstrap relays' PeerIds.
+    pub fn bootstrap_peers(&self) -> impl Iterator<Item = &PeerId> {
+        self.bootstrap.iter().map(|(p, _)| p)
+    }
+
+    /// Dial the bootstrap relays again at the next tick (a connection to
+    /// one was closed because it never led to admission).
+    pub fn bootstrap_soon(&mut self) {
+        self.bootstrap_next_ms = 0;
+        self.bootstrap_backoff_ms = 500;
+    }
+
     /// The configured address of bootstrap relay `peer`.
     pub fn bootstrap_addr(&self, peer: &PeerId) -> Option<&Multiaddr> {
         self.bootstrap

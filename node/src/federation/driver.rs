@@ -69,7 +69,13 @@ pub struct Driver {
     handing_back: Arc<std::sync::atomic::AtomicBool>,
     /// The last hand-back filled the room it had: there may be more.
     hand_back_more: Arc<std::sync::atomic::AtomicBool>,
+    /// Bootstrap relays connected but not admitted, since when.
+    bootstrap_stalled: std::collections::HashMap<PeerId, u64>,
 }
+
+/// How long a connection to a bootstrap relay may stay unadmitted (with
+/// no other relay admitted) before it is closed and dialled again.
+const BOOTSTRAP_STALL_MS: u64 = 5_000;
 
 impl std::fmt::Debug for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -88,6 +94,7 @@ impl Driver {
             claim_replies: std::collections::HashMap::new(),
             handing_back: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             hand_back_more: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            bootstrap_stalled: std::collections::HashMap::new(),
         }
     }
 
@@ -522,12 +529,48 @@ impl Driver {
     pub fn tick(&mut self, swarm: &mut Swarm<Behaviour>) {
         let now = now_ms();
         swarm.behaviour_mut().policy.expire_guests(now);
+        self.unstick_bootstrap(swarm, now);
         let listen: Vec<Multiaddr> = swarm.listeners().cloned().collect();
         let external: Vec<Multiaddr> = swarm.external_addresses().cloned().collect();
         self.with(swarm, |fed, view, out| {
             fed.tick(now, &listen, &external, view, out)
         });
         self.hand_back_if_room();
+    }
+
+    /// Bootstrap dials stop while a connection to a bootstrap relay
+    /// exists, and admission waits for identify (or a federation stream).
+    /// A connection on which neither came within [`BOOTSTRAP_STALL_MS`]
+    /// (identify failed under load, say) would leave a relay that has no
+    /// other peer alone for good: it is closed and the bootstrap relays
+    /// dialled again at once.
+    fn unstick_bootstrap(&mut self, swarm: &mut Swarm<Behaviour>, now: u64) {
+        if swarm.behaviour().policy.admitted_count() > 0 {
+            self.bootstrap_stalled.clear();
+            return;
+        }
+        let b = swarm.behaviour();
+        let stalled: Vec<PeerId> = self
+            .fed
+            .dials
+            .bootstrap_peers()
+            .filter(|p| swarm.is_connected(p) && !b.policy.is_admitted(p) && !b.policy.is_guest(p))
+            .copied()
+            .collect();
+        self.bootstrap_stalled.retain(|p, _| stalled.contains(p));
+        let mut closed = false;
+        for peer in stalled {
+            let since = *self.bootstrap_stalled.entry(peer).or_insert(now);
+            if now.saturating_sub(since) >= BOOTSTRAP_STALL_MS {
+                tracing::info!(%peer, "connected to a bootstrap relay but not admitted; reconnecting");
+                let _ = swarm.disconnect_peer_id(peer);
+                self.bootstrap_stalled.remove(&peer);
+                closed = true;
+            }
+        }
+        if closed {
+            self.fed.dials.bootstrap_soon();
+        }
     }
 
     /// Packets that found the forwarding queue full stayed stored here;
