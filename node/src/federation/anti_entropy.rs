@@ -261,8 +261,9 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn walks_take_turns() {
+    /// Walks asked of two more peers than may walk at once (walk timeout
+    /// 10 s): the first [`MAX_WALKS`] started, the other two waiting.
+    fn two_more_than_fit() -> (AntiEntropy, FederationMetrics, Vec<PeerId>, Vec<Action>) {
         let mut ae = AntiEntropy::new(1000, 256, 10_000);
         let m = FederationMetrics::default();
         let peers: Vec<PeerId> = (0..MAX_WALKS + 2).map(|_| PeerId::random()).collect();
@@ -271,6 +272,12 @@ mod tests {
             ae.start(0, p, &m, &mut out);
         }
         assert_eq!(out.len(), MAX_WALKS);
+        (ae, m, peers, out)
+    }
+
+    #[test]
+    fn walks_take_turns() {
+        let (mut ae, m, peers, mut out) = two_more_than_fit();
         // Each walk that ends lets the next waiting one start.
         for (i, p) in peers.iter().enumerate().take(peers.len() - MAX_WALKS) {
             ae.digest(5 + i as u64, *p, false, Vec::new(), &m, &mut out);
@@ -285,14 +292,7 @@ mod tests {
 
     #[test]
     fn waiting_walks_start_when_stuck_ones_are_given_up() {
-        let mut ae = AntiEntropy::new(1000, 256, 10_000);
-        let m = FederationMetrics::default();
-        let peers: Vec<PeerId> = (0..MAX_WALKS + 2).map(|_| PeerId::random()).collect();
-        let mut out = Vec::new();
-        for p in peers.iter().copied() {
-            ae.start(0, p, &m, &mut out);
-        }
-        assert_eq!(out.len(), MAX_WALKS);
+        let (mut ae, m, peers, mut out) = two_more_than_fit();
         // No digest ever comes back; the next round gives the stuck walks
         // up, and both waiting peers are asked then.
         out.clear();
