@@ -387,7 +387,10 @@ pub fn start(
         tracker: sessions,
         bootstrap_watch: BootstrapWatch::default(),
     };
-    let task = tokio::spawn(event_loop.run());
+    // Every event of this relay's Swarm task carries the relay's id, so the
+    // logs of several relays in one process (tests, benchmarks) tell apart.
+    let span = tracing::info_span!("relay", id = %short_id(&peer_id));
+    let task = tokio::spawn(tracing::Instrument::instrument(event_loop.run(), span));
     Ok((
         P2p {
             peer_id,
@@ -703,4 +706,10 @@ fn ip_of(addr: &Multiaddr) -> Option<std::net::IpAddr> {
         libp2p::multiaddr::Protocol::Ip6(ip) => Some(ip.into()),
         _ => None,
     })
+}
+
+/// The last six characters of a PeerId: enough to tell relays apart in logs.
+fn short_id(peer: &PeerId) -> String {
+    let s = peer.to_base58();
+    s[s.len().saturating_sub(6)..].to_string()
 }

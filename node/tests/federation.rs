@@ -67,15 +67,18 @@ where
 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     let mut every = tokio::time::interval(Duration::from_millis(25));
+    let mut watch = WaitWatch::default();
     loop {
         every.tick().await;
+        watch.tick();
         if check().await {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{what}: not within {secs} s{}",
-            explain()
+            "{what}: not within {secs} s{}; {}",
+            explain(),
+            watch.describe()
         );
     }
 }
@@ -156,9 +159,11 @@ fn counters(r: &Relay) -> String {
 async fn converged(relays: &[Relay], n: u64) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut every = tokio::time::interval(Duration::from_millis(25));
+    let mut watch = WaitWatch::default();
     for (i, r) in relays.iter().enumerate() {
         loop {
             every.tick().await;
+            watch.tick();
             let have = book_count(r).await;
             if have == n {
                 break;
@@ -168,8 +173,9 @@ async fn converged(relays: &[Relay], n: u64) {
                     futures::future::join_all(relays.iter().map(book_count)).await;
                 panic!(
                     "relay {i} knows {have} records, not {n}, after 30 s; books: {counts:?}; \
-                     relay {i}: {}",
-                    counters(r)
+                     relay {i}: {}; {}",
+                    counters(r),
+                    watch.describe()
                 );
             }
         }

@@ -23,7 +23,23 @@ pub async fn start(f: impl FnOnce(&mut Config)) -> Relay {
     start_in(dir, f).await
 }
 
+/// Sends the relays' logs to the test's captured output (printed only when
+/// the test fails). `MW_TEST_LOG` sets the filter (`RUST_LOG` syntax); the
+/// default keeps federation's connection-level events.
+fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("MW_TEST_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("meshwhisper_node=info"));
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(filter)
+            .try_init();
+    });
+}
+
 pub async fn start_in(dir: tempfile::TempDir, f: impl FnOnce(&mut Config)) -> Relay {
+    init_logs();
     let mut cfg = Config {
         data_dir: dir.path().to_path_buf(),
         http: "127.0.0.1:0".into(),
@@ -242,5 +258,50 @@ pub async fn wait_health(
             "health never matched: {h}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Watches a bounded wait for what the machine did meanwhile, for the
+/// failure message: the longest gap between two checks (the process was
+/// not scheduled, or the VM paused) and how far the wall clock moved
+/// against the monotonic one (a clock step).
+pub struct WaitWatch {
+    wall: std::time::SystemTime,
+    mono: std::time::Instant,
+    last: std::time::Instant,
+    max_gap: Duration,
+}
+
+impl Default for WaitWatch {
+    fn default() -> Self {
+        let now = std::time::Instant::now();
+        WaitWatch {
+            wall: std::time::SystemTime::now(),
+            mono: now,
+            last: now,
+            max_gap: Duration::ZERO,
+        }
+    }
+}
+
+impl WaitWatch {
+    /// Called at every check.
+    pub fn tick(&mut self) {
+        let now = std::time::Instant::now();
+        self.max_gap = self.max_gap.max(now - self.last);
+        self.last = now;
+    }
+
+    /// One line for a failure message.
+    pub fn describe(&self) -> String {
+        let mono = self.mono.elapsed().as_millis() as i128;
+        let wall = match self.wall.elapsed() {
+            Ok(d) => d.as_millis() as i128,
+            Err(e) => -(e.duration().as_millis() as i128),
+        };
+        format!(
+            "longest gap between checks {} ms; monotonic clock moved {mono} ms, wall clock {wall} ms",
+            self.max_gap.as_millis()
+        )
     }
 }
