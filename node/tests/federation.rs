@@ -11,9 +11,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
+/// What a failed federation test prints of its relays' logs (unless
+/// `MW_TEST_LOG` says otherwise): connections, dials, admissions.
+const FEDERATION_LOGS: &str = "meshwhisper_node=debug,libp2p_swarm=debug,libp2p_identify=debug";
+
 /// Federation settings that make tests quick: short retry and anti-entropy
 /// intervals, loopback only.
 fn quick(cfg: &mut Config, bootstrap: Option<&str>) {
+    init_logs(FEDERATION_LOGS);
     cfg.federation.retry_ms = 200;
     cfg.federation.anti_entropy_ms = 300;
     cfg.federation.flood_retry_ms = 5_000;

@@ -71,11 +71,17 @@ pub struct Driver {
     hand_back_more: Arc<std::sync::atomic::AtomicBool>,
     /// Bootstrap relays connected but not admitted, since when.
     bootstrap_stalled: std::collections::HashMap<PeerId, u64>,
+    /// How long the next stalled bootstrap connection is waited for.
+    bootstrap_stall_ms: u64,
 }
 
 /// How long a connection to a bootstrap relay may stay unadmitted (with
 /// no other relay admitted) before it is closed and dialled again.
 const BOOTSTRAP_STALL_MS: u64 = 5_000;
+/// The longest a stalled bootstrap connection is waited for: the wait
+/// doubles after each reconnection (a slow machine or a busy bootstrap
+/// relay may need longer than 5 s), up to this.
+const BOOTSTRAP_STALL_MAX_MS: u64 = 60_000;
 
 impl std::fmt::Debug for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -95,6 +101,7 @@ impl Driver {
             handing_back: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             hand_back_more: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             bootstrap_stalled: std::collections::HashMap::new(),
+            bootstrap_stall_ms: BOOTSTRAP_STALL_MS,
         }
     }
 
@@ -543,10 +550,13 @@ impl Driver {
     /// A connection on which neither came within [`BOOTSTRAP_STALL_MS`]
     /// (identify failed under load, say) would leave a relay that has no
     /// other peer alone for good: it is closed and the bootstrap relays
-    /// dialled again at once.
+    /// dialled again at once. Each time, the next connection gets twice as
+    /// long (up to [`BOOTSTRAP_STALL_MAX_MS`]), so that a machine too slow
+    /// for 5 s is not caught in a loop of reconnections.
     fn unstick_bootstrap(&mut self, swarm: &mut Swarm<Behaviour>, now: u64) {
         if swarm.behaviour().policy.admitted_count() > 0 {
             self.bootstrap_stalled.clear();
+            self.bootstrap_stall_ms = BOOTSTRAP_STALL_MS;
             return;
         }
         let b = swarm.behaviour();
@@ -561,14 +571,18 @@ impl Driver {
         let mut closed = false;
         for peer in stalled {
             let since = *self.bootstrap_stalled.entry(peer).or_insert(now);
-            if now.saturating_sub(since) >= BOOTSTRAP_STALL_MS {
-                tracing::info!(%peer, "connected to a bootstrap relay but not admitted; reconnecting");
+            if now.saturating_sub(since) >= self.bootstrap_stall_ms {
+                tracing::info!(%peer, waited_ms = self.bootstrap_stall_ms, "connected to a bootstrap relay but not admitted; reconnecting");
                 let _ = swarm.disconnect_peer_id(peer);
                 self.bootstrap_stalled.remove(&peer);
                 closed = true;
             }
         }
         if closed {
+            self.bootstrap_stall_ms = self
+                .bootstrap_stall_ms
+                .saturating_mul(2)
+                .min(BOOTSTRAP_STALL_MAX_MS);
             self.fed.dials.bootstrap_soon();
         }
     }

@@ -24,13 +24,14 @@ pub async fn start(f: impl FnOnce(&mut Config)) -> Relay {
 }
 
 /// Sends the relays' logs to the test's captured output (printed only when
-/// the test fails). `MW_TEST_LOG` sets the filter (`RUST_LOG` syntax); the
-/// default keeps federation's connection-level events.
-fn init_logs() {
+/// the test fails). `MW_TEST_LOG` sets the filter (`RUST_LOG` syntax);
+/// otherwise `default`, from the first call in the test binary (relays
+/// started without one log at info).
+pub fn init_logs(default: &str) {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let filter = tracing_subscriber::EnvFilter::try_from_env("MW_TEST_LOG")
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("meshwhisper_node=info"));
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter(filter)
@@ -39,7 +40,6 @@ fn init_logs() {
 }
 
 pub async fn start_in(dir: tempfile::TempDir, f: impl FnOnce(&mut Config)) -> Relay {
-    init_logs();
     let mut cfg = Config {
         data_dir: dir.path().to_path_buf(),
         http: "127.0.0.1:0".into(),
@@ -47,6 +47,7 @@ pub async fn start_in(dir: tempfile::TempDir, f: impl FnOnce(&mut Config)) -> Re
         ..Config::default()
     };
     f(&mut cfg);
+    init_logs("meshwhisper_node=info");
     let running = meshwhisper_node::start(cfg).await.expect("start relay");
     let addr = running.http_addr;
     Relay {
