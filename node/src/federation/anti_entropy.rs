@@ -102,6 +102,7 @@ impl AntiEntropy {
         self.walks.insert(peer, now);
         let req = self.req();
         m.anti_entropy_rounds.fetch_add(1, Relaxed);
+        tracing::debug!(%peer, "anti-entropy walk");
         out.push(Action::Send {
             peer,
             frame: Frame::DigestRequest {

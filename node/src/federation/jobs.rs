@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 pub const WORKER_QUEUE: usize = 4096;
 /// Most packets stored in one commit.
 const STORE_BATCH: usize = 256;
+/// Records from further `Learn` jobs taken into one commit (up to).
+const LEARN_BATCH: usize = MAX_RECORDS;
 
 /// The pool.
 #[derive(Debug)]
@@ -131,6 +133,34 @@ async fn worker(
                 }
                 store(&core, batch, remember_ms).await
             }
+            Job::Learn {
+                records,
+                gossip,
+                from,
+            } => {
+                // Records queued behind it are checked and stored in the
+                // same transaction (a forming mesh pushes them one by one).
+                let mut n = records.len();
+                let mut jobs = vec![(records, gossip, from)];
+                while n < LEARN_BATCH {
+                    match rx.try_recv() {
+                        Ok(Job::Learn {
+                            records,
+                            gossip,
+                            from,
+                        }) => {
+                            n += records.len();
+                            jobs.push((records, gossip, from));
+                        }
+                        Ok(other) => {
+                            carried = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                learn_jobs(&core, jobs, me).await
+            }
             other => run(&core, other, me).await,
         };
         // One message for what one job found (a batch of stored packets
@@ -210,21 +240,30 @@ struct Learnt {
     unstored: Vec<Bytes>,
 }
 
-/// Checks records and stores the good ones in one transaction.
-async fn learn(core: &Core, records: &[Bytes], me: [u8; 32]) -> Learnt {
+/// Checks the records of several `Learn` jobs and stores the good ones in
+/// one transaction; what each job's records came to, in order.
+async fn learn(core: &Core, groups: &[&[Bytes]], me: [u8; 32]) -> Vec<Learnt> {
     let m = &core.metrics.federation;
     let now = now_ms();
-    let mut good = Vec::with_capacity(records.len());
-    let mut encoded = Vec::with_capacity(records.len());
-    for bytes in records {
-        match AddressRecord::accept(bytes, now) {
-            Ok(r) if r.relay_key().to_bytes() == me => {}
-            Ok(r) => {
-                good.push(r);
-                encoded.push(bytes.clone());
+    let total: usize = groups.iter().map(|g| g.len()).sum();
+    let mut good = Vec::with_capacity(total);
+    // (job, encoded) for each good record.
+    let mut encoded = Vec::with_capacity(total);
+    for (g, records) in groups.iter().enumerate() {
+        for bytes in records.iter() {
+            match AddressRecord::accept(bytes, now) {
+                Ok(r) if r.relay_key().to_bytes() == me => {}
+                Ok(r) => {
+                    good.push(r);
+                    encoded.push((g, bytes.clone()));
+                }
+                Err(e) => m.reject_record(e.kind()),
             }
-            Err(e) => m.reject_record(e.kind()),
         }
+    }
+    let mut out: Vec<Learnt> = groups.iter().map(|_| Learnt::default()).collect();
+    if good.is_empty() {
+        return out;
     }
     let outcomes = match core
         .store
@@ -235,14 +274,14 @@ async fn learn(core: &Core, records: &[Bytes], me: [u8; 32]) -> Learnt {
         Ok(o) => o,
         Err(e) => {
             tracing::warn!(error = %e, "storing address records");
-            return Learnt {
-                unstored: encoded,
-                ..Learnt::default()
-            };
+            for (g, bytes) in encoded {
+                out[g].unstored.push(bytes);
+            }
+            return out;
         }
     };
-    let mut l = Learnt::default();
-    for ((r, outcome), bytes) in good.iter().zip(outcomes).zip(encoded) {
+    for ((r, outcome), (g, bytes)) in good.iter().zip(outcomes).zip(encoded) {
+        let l = &mut out[g];
         match outcome {
             Ok(u @ (Upsert::Inserted | Upsert::Replaced)) => {
                 m.records_learned.fetch_add(1, Relaxed);
@@ -259,7 +298,48 @@ async fn learn(core: &Core, records: &[Bytes], me: [u8; 32]) -> Learnt {
             }
         }
     }
-    l
+    out
+}
+
+/// One `Learn` job's records and where they came from.
+type LearnJob = (
+    Vec<Bytes>,
+    Option<(libp2p::gossipsub::MessageId, PeerId)>,
+    Option<PeerId>,
+);
+
+/// Learns several jobs' records in one store transaction and reports on
+/// each job.
+async fn learn_jobs(core: &Core, jobs: Vec<LearnJob>, me: [u8; 32]) -> Vec<JobDone> {
+    let groups: Vec<&[Bytes]> = jobs.iter().map(|(r, _, _)| r.as_slice()).collect();
+    let learnt = learn(core, &groups, me).await;
+    jobs.into_iter()
+        .zip(learnt)
+        .map(|((_, gossip, from), l)| {
+            let Learnt {
+                relays,
+                new_relay,
+                news,
+                unstored,
+            } = l;
+            let gossip = gossip.map(|(id, source)| {
+                let acceptance = if relays.is_empty() {
+                    MessageAcceptance::Ignore
+                } else {
+                    MessageAcceptance::Accept
+                };
+                (id, source, acceptance)
+            });
+            JobDone::Learned {
+                relays,
+                gossip,
+                new_relay,
+                news,
+                from,
+                unstored,
+            }
+        })
+        .collect()
 }
 
 async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
@@ -293,30 +373,7 @@ async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
             records,
             gossip,
             from,
-        } => {
-            let Learnt {
-                relays,
-                new_relay,
-                news,
-                unstored,
-            } = learn(core, &records, me).await;
-            let gossip = gossip.map(|(id, source)| {
-                let acceptance = if relays.is_empty() {
-                    MessageAcceptance::Ignore
-                } else {
-                    MessageAcceptance::Accept
-                };
-                (id, source, acceptance)
-            });
-            vec![JobDone::Learned {
-                relays,
-                gossip,
-                new_relay,
-                news,
-                from,
-                unstored,
-            }]
-        }
+        } => learn_jobs(core, vec![(records, gossip, from)], me).await,
         Job::ServeDigest {
             peer,
             req,

@@ -117,8 +117,14 @@ pub struct Federation {
     pub claims: claims::Claims,
     /// When each connected relay was last noted as connected in the book.
     marked: HashMap<RelayKey, u64>,
+    /// Relays to note as connected at the next tick (at most
+    /// [`MARK_BATCH`]; a full batch goes at once).
+    to_mark: Vec<RelayKey>,
     metrics: Arc<FederationMetrics>,
 }
+
+/// The most relays noted as connected in one store job.
+const MARK_BATCH: usize = 1024;
 
 impl std::fmt::Debug for Federation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -201,6 +207,7 @@ impl Federation {
             inbound: inbound::Inbound::new(my_key, cfg.max_hops),
             dedup: dedup::Dedup::new(cfg.dedup_entries, cfg.dedup_secs.saturating_mul(1000)),
             marked: HashMap::new(),
+            to_mark: Vec::new(),
             claims: claims::Claims::new(1024),
             metrics,
         }
@@ -283,7 +290,7 @@ impl Federation {
         self.dials.reached(&peer);
         if let Some(k) = RelayKey::from_peer(&peer) {
             self.marked.insert(k, now);
-            out.push(Action::Job(Job::MarkConnected(vec![k])));
+            self.note_connected([k], out);
         }
         self.forward.stream_opened(
             now,
@@ -305,6 +312,28 @@ impl Federation {
         self.ae.changed();
         self.ae.start(now, peer, &self.metrics, out);
         self.route_actions(now, view, out, mark);
+    }
+
+    /// Notes relays as connected in the book: at the next tick, together
+    /// with every other noted meanwhile (a mesh that is forming opens
+    /// dozens of streams a second, and a store write for each held the
+    /// store workers up for seconds).
+    fn note_connected(&mut self, keys: impl IntoIterator<Item = RelayKey>, out: &mut Vec<Action>) {
+        for k in keys {
+            self.to_mark.push(k);
+            if self.to_mark.len() >= MARK_BATCH {
+                self.flush_marks(out);
+            }
+        }
+    }
+
+    fn flush_marks(&mut self, out: &mut Vec<Action>) {
+        if !self.to_mark.is_empty() {
+            let mut keys = std::mem::take(&mut self.to_mark);
+            keys.sort_unstable_by_key(|k| k.0);
+            keys.dedup();
+            out.push(Action::Job(Job::MarkConnected(keys)));
+        }
     }
 
     /// A stream to `peer` closed (`last`: no other is open).
@@ -428,6 +457,7 @@ impl Federation {
                 }
             }
             Frame::Digest { more, entries, .. } => {
+                tracing::debug!(%peer, entries = entries.len(), more, "anti-entropy digest page");
                 self.ae.digest(now, peer, more, entries, &self.metrics, out)
             }
             Frame::Pull { req, keys } => {
@@ -490,6 +520,12 @@ impl Federation {
                 unstored,
             } => {
                 self.book.unstored(&unstored);
+                tracing::debug!(
+                    ?from,
+                    learned = relays.len(),
+                    gossip = gossip.is_some(),
+                    "records learned"
+                );
                 if let Some((message_id, source, acceptance)) = gossip {
                     out.push(Action::ReportGossip {
                         message_id,
@@ -525,9 +561,7 @@ impl Federation {
                     }
                     candidates.push((peer, addrs));
                 }
-                if !connected.is_empty() {
-                    out.push(Action::Job(Job::MarkConnected(connected)));
-                }
+                self.note_connected(connected, out);
                 let start = self.rng.next_u32() as usize;
                 self.dials.discovered(now, candidates, start, view, out);
             }
@@ -542,7 +576,10 @@ impl Federation {
                 peer,
                 want,
                 next_after,
-            } => self.ae.compared(peer, want, next_after, out),
+            } => {
+                tracing::debug!(%peer, want = want.len(), "anti-entropy page compared");
+                self.ae.compared(peer, want, next_after, out)
+            }
             JobDone::Addrs { peer, addrs } => self.dials.addrs(peer, addrs, out),
             JobDone::Discovered(relays) => {
                 let start = self.rng.next_u32() as usize;
@@ -603,6 +640,7 @@ impl Federation {
         }
         self.dedup.evict(now);
         self.claims.tick(now);
+        self.flush_marks(out);
         let addrs = self
             .external
             .iter()
@@ -757,6 +795,40 @@ pub(crate) mod tests {
             matches!(&out[..], [Action::Job(Job::Learn { .. })]),
             "{out:?}"
         );
+    }
+
+    /// Streams that open between two ticks are noted as connected in the
+    /// book by one store job at the next tick, each relay once.
+    #[test]
+    fn relays_connected_between_ticks_are_marked_in_one_job() {
+        let mut a = fed(1);
+        let peers: Vec<PeerId> = (10..30u8).map(|s| fed(s).me()).collect();
+        let view = FakeView::with_streams(&peers);
+        let marks = |out: &[Action]| -> Vec<Vec<RelayKey>> {
+            out.iter()
+                .filter_map(|a| match a {
+                    Action::Job(Job::MarkConnected(k)) => Some(k.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut out = Vec::new();
+        for p in &peers {
+            a.stream_opened(0, *p, &view, &mut out);
+        }
+        // A second stream of one of them changes nothing.
+        a.stream_opened(1, peers[0], &view, &mut out);
+        assert!(marks(&out).is_empty(), "no store write per stream");
+        out.clear();
+        a.tick(2, &[], &[], &view, &mut out);
+        let jobs = marks(&out);
+        assert_eq!(jobs.len(), 1, "{jobs:?}");
+        let mut want: Vec<RelayKey> = peers.iter().filter_map(RelayKey::from_peer).collect();
+        want.sort_unstable_by_key(|k| k.0);
+        assert_eq!(jobs[0], want);
+        out.clear();
+        a.tick(3, &[], &[], &view, &mut out);
+        assert!(marks(&out).is_empty(), "noted once");
     }
 
     /// Two relays wired back to back through their actions: a routed
