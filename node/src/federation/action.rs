@@ -143,6 +143,12 @@ pub enum Job {
     /// Note that we are connected to these relays (their records are
     /// proven: the book prefers them when full).
     MarkConnected(Vec<RelayKey>),
+    /// Read every record's key and timestamp (at most `limit`), for the
+    /// in-memory index ([`super::held`]).
+    LoadHeld {
+        /// The most entries to read.
+        limit: u32,
+    },
 }
 
 /// What a job found, back to the state machines.
@@ -202,6 +208,8 @@ pub enum JobDone {
     Discovered(Vec<(PeerId, Vec<Multiaddr>, u64)>),
     /// A request could not be served (answer the peer with nothing).
     ServeDone(PeerId),
+    /// The book's keys and timestamps (`None`: the store failed).
+    Held(Option<Vec<([u8; 32], u64)>>),
 }
 
 /// What storing a federated packet came to.

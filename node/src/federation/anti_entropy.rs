@@ -134,7 +134,7 @@ impl AntiEntropy {
         true
     }
 
-    /// A digest page from `peer`: compare it with our book.
+    /// A digest page from `peer`: compare it with our book (in the store).
     pub fn digest(
         &mut self,
         now: u64,
@@ -144,15 +144,28 @@ impl AntiEntropy {
         m: &FederationMetrics,
         out: &mut Vec<Action>,
     ) {
-        if !more {
-            self.walks.remove(&peer);
-            self.expire(now, m, out);
-        }
+        self.page_arrived(now, peer, more, m, out);
         out.push(Action::Job(Job::CompareDigest {
             peer,
             more,
             entries,
         }));
+    }
+
+    /// A digest page from `peer` arrived (compared by the caller, then
+    /// [`AntiEntropy::compared`]); the last one ends its walk.
+    pub fn page_arrived(
+        &mut self,
+        now: u64,
+        peer: PeerId,
+        more: bool,
+        m: &FederationMetrics,
+        out: &mut Vec<Action>,
+    ) {
+        if !more {
+            self.walks.remove(&peer);
+            self.expire(now, m, out);
+        }
     }
 
     /// A compared page: pull what is newer there, and ask for the next page.

@@ -374,6 +374,13 @@ async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
             gossip,
             from,
         } => learn_jobs(core, vec![(records, gossip, from)], me).await,
+        Job::LoadHeld { limit } => match book.digest(None, limit).await {
+            Ok(entries) => vec![JobDone::Held(Some(entries))],
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the address book");
+                vec![JobDone::Held(None)]
+            }
+        },
         Job::ServeDigest {
             peer,
             req,

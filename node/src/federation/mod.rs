@@ -30,6 +30,7 @@ pub mod dedup;
 pub mod dials;
 pub mod driver;
 pub mod forward;
+pub mod held;
 pub mod inbound;
 pub mod jobs;
 pub mod own_record;
@@ -117,6 +118,10 @@ pub struct Federation {
     pub claims: claims::Claims,
     /// When each connected relay was last noted as connected in the book.
     marked: HashMap<RelayKey, u64>,
+    /// Every record in the book, by key (answers anti-entropy in memory).
+    held: held::Held,
+    /// Our own record's timestamp as last put in `held`.
+    own_held_ts: u64,
     /// Relays to note as connected at the next tick (at most
     /// [`MARK_BATCH`]; a full batch goes at once).
     to_mark: Vec<RelayKey>,
@@ -182,6 +187,8 @@ impl Federation {
                 cfg.record_gossip,
             ),
             book: book::Book::new(my_key.0, 2 * cfg.address_book_max as usize),
+            held: held::Held::new(my_key.0, cfg.address_book_max as usize),
+            own_held_ts: 0,
             announce: announce::Announce::default(),
             ae: anti_entropy::AntiEntropy::new(
                 cfg.anti_entropy_ms,
@@ -375,6 +382,7 @@ impl Federation {
             Job::ServeDigest { peer, .. }
             | Job::ServePull { peer, .. }
             | Job::ServeClaim { peer, .. } => self.ae.served(peer),
+            Job::LoadHeld { .. } => self.held.loaded(None),
             _ => {}
         }
     }
@@ -447,7 +455,12 @@ impl Federation {
             }
             Frame::ClaimReply { req, status, body } => self.claims.reply(peer, req, status, body),
             Frame::DigestRequest { req, after, limit } => {
-                if self.ae.may_serve(peer, &self.metrics) {
+                if let Some((entries, more)) = self.held.page(after, limit) {
+                    out.push(Action::Send {
+                        peer,
+                        frame: Frame::Digest { req, more, entries },
+                    });
+                } else if self.ae.may_serve(peer, &self.metrics) {
                     out.push(Action::Job(Job::ServeDigest {
                         peer,
                         req,
@@ -458,7 +471,19 @@ impl Federation {
             }
             Frame::Digest { more, entries, .. } => {
                 tracing::debug!(%peer, entries = entries.len(), more, "anti-entropy digest page");
-                self.ae.digest(now, peer, more, entries, &self.metrics, out)
+                match self.held.newer_there(&entries) {
+                    Some(want) => {
+                        self.ae.page_arrived(now, peer, more, &self.metrics, out);
+                        let next_after = if more {
+                            entries.last().map(|(k, _)| *k)
+                        } else {
+                            None
+                        };
+                        tracing::debug!(%peer, want = want.len(), "anti-entropy page compared");
+                        self.ae.compared(peer, want, next_after, out);
+                    }
+                    None => self.ae.digest(now, peer, more, entries, &self.metrics, out),
+                }
             }
             Frame::Pull { req, keys } => {
                 if self.ae.may_serve(peer, &self.metrics) {
@@ -547,6 +572,7 @@ impl Federation {
                 for (peer, addrs, ts) in relays {
                     if let Some(k) = RelayKey::from_peer(&peer) {
                         self.book.note(k.0, ts);
+                        self.held.stored(k.0, ts);
                         // A relay we are connected to whose record just
                         // arrived: noted as connected now, not in ten minutes.
                         if view.stream_open(&peer) {
@@ -572,6 +598,7 @@ impl Federation {
                 }
             }
             JobDone::ServeDone(peer) => self.ae.served(peer),
+            JobDone::Held(entries) => self.held.loaded(entries),
             JobDone::Compared {
                 peer,
                 want,
@@ -640,6 +667,7 @@ impl Federation {
         }
         self.dedup.evict(now);
         self.claims.tick(now);
+        self.held.tick(now, out);
         self.flush_marks(out);
         let addrs = self
             .external
@@ -649,6 +677,13 @@ impl Federation {
             .map(|a| a.to_vec())
             .collect::<Vec<_>>();
         self.own.maintain(now, addrs, &self.metrics, out);
+        if let Some(ts) = self.own.timestamp()
+            && ts != self.own_held_ts
+        {
+            // Our own record is in the book too (its store job is queued).
+            self.own_held_ts = ts;
+            self.held.stored(self.key().0, ts);
+        }
         if let Some(r) = self.own.take_change() {
             self.announce.own(r.into(), &view.peers(), out);
         }

@@ -111,6 +111,11 @@ impl OwnRecord {
         }
     }
 
+    /// Our current record's timestamp (`None` before the first is signed).
+    pub fn timestamp(&self) -> Option<u64> {
+        self.own.as_ref().map(|(r, _)| r.timestamp_ms())
+    }
+
     /// The record, encoded, if its addresses changed since the last call
     /// (connected relays are to be told at once).
     pub fn take_change(&mut self) -> Option<Vec<u8>> {
