@@ -98,8 +98,10 @@ impl Book {
         }
     }
 
-    /// Records pushed by `peer` (not asked for): the ones worth learning
-    /// go to a store worker.
+    /// Records from `peer`, pushed or asked for in an anti-entropy walk:
+    /// the ones worth learning go to a store worker (several walks may
+    /// have asked for the same record: only the first copy is checked and
+    /// stored).
     pub fn pushed(
         &mut self,
         now: u64,
@@ -132,6 +134,12 @@ impl Book {
                 self.known.remove(&key);
             }
         }
+    }
+
+    /// Whether a record of `key` at least as new as `ts` is known (stored,
+    /// or checked and on its way to the store).
+    pub fn knows(&self, key: &[u8; 32], ts: u64) -> bool {
+        *key == self.me || self.known.peek(key).is_some_and(|&t| t >= ts)
     }
 
     /// A record was stored (or found older) with this timestamp.

@@ -472,7 +472,10 @@ impl Federation {
             Frame::Digest { more, entries, .. } => {
                 tracing::debug!(%peer, entries = entries.len(), more, "anti-entropy digest page");
                 match self.held.newer_there(&entries) {
-                    Some(want) => {
+                    Some(mut want) => {
+                        // Not what another walk is already fetching.
+                        let ts: HashMap<[u8; 32], u64> = entries.iter().copied().collect();
+                        want.retain(|k| ts.get(k).is_none_or(|t| !self.book.knows(k, *t)));
                         self.ae.page_arrived(now, peer, more, &self.metrics, out);
                         let next_after = if more {
                             entries.last().map(|(k, _)| *k)
@@ -501,12 +504,10 @@ impl Federation {
                 }
                 self.book.pushed(now, peer, records, &self.metrics, out)
             }
-            // Asked for in an anti-entropy walk: only what the store lacks.
-            Frame::Records { records, .. } => out.push(Action::Job(Job::Learn {
-                records,
-                gossip: None,
-                from: Some(peer),
-            })),
+            // Asked for in an anti-entropy walk.
+            Frame::Records { records, .. } => {
+                self.book.pushed(now, peer, records, &self.metrics, out)
+            }
         }
         self.route_actions(now, view, out, mark);
     }
