@@ -867,6 +867,52 @@ pub(crate) mod tests {
         assert!(marks(&out).is_empty(), "noted once");
     }
 
+    /// With the book held in memory a digest page is compared at once,
+    /// and a record already on its way to the store is not asked for again.
+    #[test]
+    fn digest_pages_are_compared_in_memory_without_refetching() {
+        let now = 1_800_000_000_000;
+        let mut a = fed(1);
+        let (p, other) = (fed(2).me(), fed(3).me());
+        let view = FakeView::with_streams(&[p]);
+        let mut out = Vec::new();
+        a.job_done(now, JobDone::Held(Some(Vec::new())), &view, &mut out);
+        // A record arrives by gossip; its store job has not finished.
+        let (rp, record) = signed_record(9, now);
+        let id = libp2p::gossipsub::MessageId::from(&b"m"[..]);
+        a.gossip(now, other, id, record, &mut out);
+        out.clear();
+        let known = RelayKey::from_peer(&rp).expect("key").0;
+        let fresh = [7u8; 32];
+        a.frame(
+            now,
+            p,
+            Frame::Digest {
+                req: 1,
+                more: false,
+                entries: vec![(known, now), (fresh, now)],
+            },
+            &view,
+            &mut out,
+        );
+        let pulls: Vec<&Vec<[u8; 32]>> = out
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send {
+                    frame: Frame::Pull { keys, .. },
+                    ..
+                } => Some(keys),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(pulls, vec![&vec![fresh]], "{out:?}");
+        assert!(
+            !out.iter()
+                .any(|a| matches!(a, Action::Job(Job::CompareDigest { .. }))),
+            "no store job"
+        );
+    }
+
     /// Two relays wired back to back through their actions: a routed
     /// packet, its ack, the deletion and the forget, with no Swarm.
     #[test]
