@@ -561,6 +561,7 @@ impl EventLoop {
                 error,
                 ..
             } => {
+                self.fed.dial_failed(peer);
                 if let Some(addr) = self.fed.bootstrap_addr(&peer) {
                     let line = bootstrap_failure(&peer, addr, &error);
                     if let Some(l) =
@@ -579,6 +580,9 @@ impl EventLoop {
             } => {
                 if let Some(ip) = ip_of(endpoint.get_remote_address()) {
                     self.conn_ips.insert(connection_id, ip);
+                }
+                if endpoint.is_dialer() {
+                    self.fed.connected(&peer_id);
                 }
                 if self.bootstrap_watch.reached(&peer_id) {
                     tracing::info!(peer = %peer_id, "bootstrap relay reached");

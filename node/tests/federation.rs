@@ -1423,3 +1423,36 @@ async fn a_full_bootstrap_still_introduces_a_newcomer_to_the_others() {
     assert!(fed(&relays[0]).guests.load(Relaxed) >= 1, "kept as a guest");
     stop_all(relays).await;
 }
+
+/// TCP dials leave from the relay's listening port, bound on the wildcard
+/// address. When another socket holds that port on another local address
+/// without `SO_REUSEPORT` (here a listener of the test's on 127.0.0.2; in
+/// CI, something left by an earlier test), every such dial fails with
+/// "address in use", which libp2p does not retry from another port. The
+/// relay's next dial then leaves from a fresh port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_whose_listening_port_is_taken_is_retried_from_a_fresh_port() {
+    let a = start(|c| quick(c, None)).await;
+    let boot = p2p_addr(&a).await;
+    let list = tempfile::NamedTempFile::new().expect("tmp");
+    let path = list.path().to_path_buf();
+    // B starts with A on its blocklist, so it does not dial A yet.
+    std::fs::write(&path, format!("{}\n", running(&a).p2p.peer_id)).expect("write");
+    let b = start(|c| {
+        quick(c, Some(&boot));
+        c.federation.blocklist_file = Some(path.clone());
+    })
+    .await;
+    let pb: u16 = tcp_port(&p2p_addr(&b).await).parse().expect("port");
+    let _holder = std::net::TcpListener::bind(("127.0.0.2", pb)).expect("bind 127.0.0.2");
+    std::fs::write(&path, "# nobody\n").expect("write");
+    let mut status = running(&b).p2p.federation.clone();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        status.wait_for(|s| s.connected.contains(&running(&a).p2p.peer_id)),
+    )
+    .await
+    .expect("B reached A from another port")
+    .expect("watch");
+    stop_all(vec![a, b]).await;
+}

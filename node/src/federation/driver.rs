@@ -73,7 +73,14 @@ pub struct Driver {
     bootstrap_stalled: std::collections::HashMap<PeerId, u64>,
     /// How long the next stalled bootstrap connection is waited for.
     bootstrap_stall_ms: u64,
+    /// Relays whose last dial failed: dialled from a fresh local port
+    /// until one succeeds (see [`Driver::dial_failed`]).
+    fresh_port: hashlink::LruCache<PeerId, ()>,
 }
+
+/// Relays remembered as needing a fresh local port (the oldest forgotten
+/// first).
+const FRESH_PORT_MAX: usize = 4096;
 
 /// How long a connection to a bootstrap relay may stay unadmitted (with
 /// no other relay admitted) before it is closed and dialled again.
@@ -102,6 +109,7 @@ impl Driver {
             hand_back_more: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             bootstrap_stalled: std::collections::HashMap::new(),
             bootstrap_stall_ms: BOOTSTRAP_STALL_MS,
+            fresh_port: hashlink::LruCache::new(FRESH_PORT_MAX),
         }
     }
 
@@ -262,14 +270,33 @@ impl Driver {
         }
         let opts = DialOpts::peer_id(peer)
             .addresses(addrs)
-            .condition(PeerCondition::DisconnectedAndNotDialing)
-            .build();
+            .condition(PeerCondition::DisconnectedAndNotDialing);
+        let opts = if self.fresh_port.contains_key(&peer) {
+            opts.allocate_new_port().build()
+        } else {
+            opts.build()
+        };
         match swarm.dial(opts) {
             Ok(()) => {
                 self.metrics().discovered_dials.fetch_add(1, Relaxed);
             }
             Err(e) => tracing::debug!(%peer, error = %e, "dial failed"),
         }
+    }
+
+    /// A dial of `peer` failed. TCP dials leave from our listening port
+    /// (so that the address a peer observes is one it can dial back); the
+    /// connection 4-tuple to a relay we were just connected to can still be
+    /// in TIME_WAIT, and then every dial fails with "address in use" until
+    /// it expires (a minute on Linux), which libp2p does not retry. Until a
+    /// dial succeeds, `peer` is dialled from a fresh port instead.
+    pub fn dial_failed(&mut self, peer: PeerId) {
+        self.fresh_port.insert(peer, ());
+    }
+
+    /// A connection to `peer` was established.
+    pub fn connected(&mut self, peer: &PeerId) {
+        self.fresh_port.remove(peer);
     }
 
     fn update_gauges(&self, swarm: &Swarm<Behaviour>) {
