@@ -30,6 +30,10 @@ pub enum BenchCommand {
     /// Abuse resistance: replays attacks against a relay it starts and
     /// reports memory against a budget and a control client's latency.
     Abuse(crate::bench_abuse::AbuseBench),
+    /// A minimal WebSocket forwarder that stores nothing: the practical
+    /// limit `bench relay` measures a relay against
+    /// (scripts/bench-limit.sh runs both side by side).
+    Forwarder(crate::bench_forwarder::ForwarderBench),
 }
 
 /// The value at fraction `p` of a sorted slice (0 when empty).
@@ -69,7 +73,12 @@ pub struct RelayBench {
     /// Give up waiting for stragglers after this many seconds.
     #[arg(long, default_value_t = 120)]
     timeout: u64,
-    /// PID of the relay, to report its resident memory (Linux).
+    /// Load generator threads (0: one per core; 1: a single-threaded
+    /// runtime).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// PID of the relay, to report its resident memory and the CPU time
+    /// it spent during the run (Linux).
     #[arg(long)]
     relay_pid: Option<u32>,
     /// Print the summary as one JSON object.
@@ -81,6 +90,18 @@ struct PairResult {
     delivered: u64,
     duplicates: u64,
     latencies_us: Vec<u64>,
+}
+
+/// A process's user + system CPU time so far, in seconds (Linux).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from its ')'.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // In clock ticks of USER_HZ, which Linux fixes at 100 on every
+    // architecture it exports /proc for (sysconf(_SC_CLK_TCK)).
+    Some(ticks as f64 / 100.0)
 }
 
 fn rss_kib(pid: u32, field: &str) -> Option<u64> {
@@ -99,6 +120,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Client(b) => return crate::bench_client::run(b),
         BenchCommand::Federation(b) => return crate::bench_federation::run(b),
         BenchCommand::Abuse(b) => return crate::bench_abuse::run(b),
+        BenchCommand::Forwarder(b) => return crate::bench_forwarder::run(b),
     };
     anyhow::ensure!(
         b.size >= 47,
@@ -108,10 +130,20 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         b.pairs > 0 && b.msgs > 0 && b.window > 0,
         "--pairs, --msgs and --window must be positive"
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    let rt = match b.threads {
+        // One thread, like an independent single-threaded load generator.
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    }
+    .context("starting the runtime")?;
     rt.block_on(relay(b))
 }
 
@@ -162,6 +194,7 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
     // Let every hello register before the first packet (bounded).
     tokio::time::sleep(Duration::from_millis(500)).await;
     let start = Instant::now();
+    let cpu_before = b.relay_pid.and_then(cpu_seconds);
     let deadline = start + Duration::from_secs(b.timeout);
     let mut rx_tasks = Vec::new();
     for (mut rx, window, _) in receivers {
@@ -227,6 +260,11 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
         results.push(t.await.context("receiver task")?);
     }
     let elapsed = start.elapsed();
+    let relay_cpu_s = b
+        .relay_pid
+        .and_then(cpu_seconds)
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
     for t in tx_tasks {
         let _ = t.await;
     }
@@ -245,6 +283,9 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
         "lost": expected - delivered, "duplicates": duplicates,
         "seconds": elapsed.as_secs_f64(), "msgs_per_sec": rate,
         "p50_ms": pct(0.50) as f64 / 1000.0, "p99_ms": pct(0.99) as f64 / 1000.0,
+        "p999_ms": pct(0.999) as f64 / 1000.0,
+        "relay_cpu_s": relay_cpu_s,
+        "relay_cpu_s_per_million": relay_cpu_s.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64),
         "relay_rss_kib": rss, "relay_peak_rss_kib": hwm,
     });
     if b.json {
@@ -263,10 +304,14 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
             elapsed.as_secs_f64()
         );
         println!(
-            "p50_ms={:.2} p99_ms={:.2}",
+            "p50_ms={:.2} p99_ms={:.2} p999_ms={:.2}",
             pct(0.50) as f64 / 1000.0,
-            pct(0.99) as f64 / 1000.0
+            pct(0.99) as f64 / 1000.0,
+            pct(0.999) as f64 / 1000.0
         );
+        if let Some(c) = relay_cpu_s {
+            println!("relay_cpu_s={c:.2}");
+        }
         if let (Some(r), Some(h)) = (rss, hwm) {
             println!("relay_rss_kib={r} relay_peak_rss_kib={h}");
         }

@@ -8,6 +8,7 @@ mod bench;
 mod bench_abuse;
 mod bench_client;
 mod bench_federation;
+mod bench_forwarder;
 mod control;
 mod keys;
 mod person;
