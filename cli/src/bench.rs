@@ -260,7 +260,8 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
                     payload[..4].copy_from_slice(&seq.to_be_bytes());
                     payload[4..12]
                         .copy_from_slice(&(epoch.elapsed().as_micros() as u64).to_be_bytes());
-                    let pkt = meshwhisper_behaviour::packet::build(1, dest, [0x42; 16], 7, &payload);
+                    let pkt =
+                        meshwhisper_behaviour::packet::build(1, dest, [0x42; 16], 7, &payload);
                     if tx.feed(Message::Binary(pkt.into())).await.is_err() {
                         break 'send;
                     }

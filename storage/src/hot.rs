@@ -236,11 +236,34 @@ const SPILL_STEP_ROWS: usize = 16_384;
 /// packets (spilled and delivered ones are dead weight until then).
 const COMPACT_SLACK: usize = 8 * 1024 * 1024;
 
+/// A log this long makes the next group spill (and so compact the log)
+/// before the schedule: a relay moving hundreds of thousands of packets a
+/// second appends hundreds of MB in one period, and the pages of that much
+/// log are expensive to free all at once.
+const LOG_SPILL_BYTES: usize = 64 * 1024 * 1024;
+/// A log at least this long is emptied by replacing the file (its pages are
+/// freed on another thread) rather than truncated in place.
+const REPLACE_BYTES: usize = 1024 * 1024;
+
 /// Hot packets held before a spill is forced regardless of the schedule.
 const MAX_ROWS: usize = 65_536;
 /// Packet bytes held before a spill is forced regardless of the schedule
 /// (large packets arriving fast spill often; small ones rarely reach it).
 const MAX_BYTES: usize = 16 * 1024 * 1024;
+
+/// Closes a replaced log file on a thread of its own: it is the file's
+/// last handle (its name is gone), so closing it frees its page-cache
+/// pages, tens of MB at high rates, which held the writer (and every
+/// packet waiting for it) for tens of milliseconds.
+fn drop_elsewhere(old: std::fs::File) {
+    // When no thread can be started, the file is closed here.
+    if let Err(e) = std::thread::Builder::new()
+        .name("hot-log-close".into())
+        .spawn(move || drop(old))
+    {
+        tracing::debug!(error = %e, "closed the old hot log on the writer's thread");
+    }
+}
 
 fn checksum(kind: u8, id: i64, body: &[u8]) -> [u8; 4] {
     let mut h = crc32fast::Hasher::new();
@@ -506,6 +529,7 @@ impl HotLog {
         self.force
             || self.more_due
             || self.last_spill.elapsed() >= self.spill_every
+            || self.log_len >= LOG_SPILL_BYTES
             || self.over_bounds()
     }
 
@@ -602,7 +626,41 @@ impl HotLog {
             // new file would be lost with it.
             std::fs::File::open(dir)?.sync_all()?;
         }
-        self.file = std::fs::OpenOptions::new().append(true).open(&self.path)?;
+        let old = std::mem::replace(
+            &mut self.file,
+            std::fs::OpenOptions::new().append(true).open(&self.path)?,
+        );
+        drop_elsewhere(old);
+        Ok(())
+    }
+
+    /// Replaces the log with an empty file (the old one's pages are freed
+    /// on another thread, see [`drop_elsewhere`]).
+    fn replace_with_empty(&mut self) -> std::io::Result<()> {
+        let mut next = self.path.clone().into_os_string();
+        next.push(".next");
+        let next = PathBuf::from(next);
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&next)?;
+        if self.sync {
+            f.sync_data()?;
+        }
+        drop(f);
+        std::fs::rename(&next, &self.path)?;
+        if self.sync
+            && let Some(dir) = self.path.parent().filter(|p| !p.as_os_str().is_empty())
+        {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        self.log_len = 0;
+        let old = std::mem::replace(
+            &mut self.file,
+            std::fs::OpenOptions::new().append(true).open(&self.path)?,
+        );
+        drop_elsewhere(old);
         Ok(())
     }
 
@@ -638,6 +696,9 @@ impl HotLog {
 
     /// Empties the log (everything in it is in SQLite or gone).
     pub(crate) fn truncate(&mut self) -> std::io::Result<()> {
+        if self.log_len >= REPLACE_BYTES {
+            return self.replace_with_empty();
+        }
         self.file.set_len(0)?;
         self.log_len = 0;
         if self.sync {
