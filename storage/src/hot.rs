@@ -753,6 +753,44 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).expect("meta").len(), 0);
     }
 
+    /// A fast relay's log grows by hundreds of MB a period: past
+    /// `LOG_SPILL_BYTES` a spill is due before the schedule, and a long
+    /// log is emptied by replacing the file, keeping what is still hot.
+    #[test]
+    fn a_long_log_spills_early_and_is_replaced() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("x-hot.log");
+        let (mut log, _) =
+            HotLog::open(path.clone(), false, std::time::Duration::from_secs(3600)).expect("open");
+        log.last_spill = std::time::Instant::now();
+        let young = log.add(row(Some(std::time::Instant::now())), None);
+        let big = HotRow {
+            packet: bytes::Bytes::from(vec![7u8; 1024 * 1024]),
+            ..row(Some(std::time::Instant::now()))
+        };
+        let mut delivered = Vec::new();
+        while log.log_len < LOG_SPILL_BYTES {
+            assert!(!log.spill_due(), "not due at {} bytes", log.log_len);
+            delivered.push(log.add(big.clone(), None));
+            log.flush().expect("flush");
+            for id in delivered.drain(..) {
+                log.remove(id);
+            }
+        }
+        assert!(log.spill_due(), "due once the log is long");
+        assert!(log.take_for_spill().is_empty(), "nothing old enough");
+        log.flush().expect("flush");
+        log.committed();
+        // Rewritten with the one packet still hot.
+        let live = replay(&std::fs::read(&path).expect("read"));
+        assert_eq!(
+            live.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![young]
+        );
+        assert!(log.log_len < REPLACE_BYTES);
+        assert!(!log.spill_due());
+    }
+
     #[test]
     fn replay_keeps_live_packets_and_stops_at_a_torn_tail() {
         let mut buf = Vec::new();
