@@ -598,12 +598,17 @@ impl HotLog {
         }
     }
 
-    /// Replaces the log with `records` (the packets still hot): written
-    /// to a new file, synced, renamed over the old one.
+    /// Replaces the log with `records` (the packets still hot).
     fn replace_with(&mut self, records: &[u8]) -> std::io::Result<()> {
         if records.is_empty() {
             return self.truncate();
         }
+        self.replace_file(records)
+    }
+
+    /// Writes `records` to a new file, syncs it, renames it over the log
+    /// and closes the old one elsewhere ([`drop_elsewhere`]).
+    fn replace_file(&mut self, records: &[u8]) -> std::io::Result<()> {
         let mut next = self.path.clone().into_os_string();
         next.push(".next");
         let next = PathBuf::from(next);
@@ -626,36 +631,6 @@ impl HotLog {
             // new file would be lost with it.
             std::fs::File::open(dir)?.sync_all()?;
         }
-        let old = std::mem::replace(
-            &mut self.file,
-            std::fs::OpenOptions::new().append(true).open(&self.path)?,
-        );
-        drop_elsewhere(old);
-        Ok(())
-    }
-
-    /// Replaces the log with an empty file (the old one's pages are freed
-    /// on another thread, see [`drop_elsewhere`]).
-    fn replace_with_empty(&mut self) -> std::io::Result<()> {
-        let mut next = self.path.clone().into_os_string();
-        next.push(".next");
-        let next = PathBuf::from(next);
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&next)?;
-        if self.sync {
-            f.sync_data()?;
-        }
-        drop(f);
-        std::fs::rename(&next, &self.path)?;
-        if self.sync
-            && let Some(dir) = self.path.parent().filter(|p| !p.as_os_str().is_empty())
-        {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        self.log_len = 0;
         let old = std::mem::replace(
             &mut self.file,
             std::fs::OpenOptions::new().append(true).open(&self.path)?,
@@ -697,7 +672,7 @@ impl HotLog {
     /// Empties the log (everything in it is in SQLite or gone).
     pub(crate) fn truncate(&mut self) -> std::io::Result<()> {
         if self.log_len >= REPLACE_BYTES {
-            return self.replace_with_empty();
+            return self.replace_file(&[]);
         }
         self.file.set_len(0)?;
         self.log_len = 0;
