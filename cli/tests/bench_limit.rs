@@ -3,48 +3,22 @@
 //! packet once, and the load generator reports latency percentiles and the
 //! CPU time the loaded process spent.
 
-use std::io::{BufRead as _, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+mod people;
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use people::{Proc, bin};
 
 /// Starts `meshwhisper ARGS` and waits for the stdout line starting with
 /// `prefix`; the process and the rest of that line.
-fn spawn_until(args: &[&str], prefix: &'static str) -> (Proc, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_meshwhisper"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(rest) = line.strip_prefix(prefix) {
-                let _ = tx.send(rest.to_string());
-            }
-        }
-    });
-    let rest = rx
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| panic!("no '{prefix}' line from {args:?}"));
-    (Proc(child), rest)
+fn spawn_until(args: &[&str], prefix: &str) -> (Proc, String) {
+    let p = Proc::spawn(bin().args(args).env("RUST_LOG", "warn"));
+    let line = p.until(prefix, |l| l.starts_with(prefix));
+    let rest = line[prefix.len()..].to_string();
+    (p, rest)
 }
 
 /// One single-threaded load run against `addr`, as bench-limit.sh does it.
 fn load(addr: &str, pid: u32) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_meshwhisper"))
+    let out = bin()
         .args(["bench", "relay", "--threads", "1", "--url"])
         .arg(format!("ws://{addr}/"))
         .args([
@@ -91,7 +65,7 @@ fn the_forwarder_and_the_relay_carry_the_same_load_and_report_cpu() {
         &["bench", "forwarder", "--http", "127.0.0.1:0"],
         "listening=",
     );
-    check(&load(&addr, fwd.0.id()), "forwarder");
+    check(&load(&addr, fwd.pid()), "forwarder");
 
     let dir = tempfile::tempdir().expect("tmp");
     let data = dir.path().to_str().expect("utf-8 path");
@@ -107,5 +81,5 @@ fn the_forwarder_and_the_relay_carry_the_same_load_and_report_cpu() {
         ],
         "http=http://",
     );
-    check(&load(&http, relay.0.id()), "relay");
+    check(&load(&http, relay.pid()), "relay");
 }

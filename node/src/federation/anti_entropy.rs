@@ -381,16 +381,6 @@ mod tests {
         // That walk ends (one page, nothing more).
         ae.digest(300, peers[1], false, Vec::new(), &m, &mut out);
         assert!(ae.tick(1000, &peers, &m, &mut out));
-        let who: Vec<PeerId> = out
-            .iter()
-            .filter_map(|a| match a {
-                Action::Send {
-                    peer,
-                    frame: Frame::DigestRequest { .. },
-                } => Some(*peer),
-                _ => None,
-            })
-            .collect();
-        assert_eq!(who, vec![peers[1], peers[0]]);
+        assert_eq!(asked(&out), vec![peers[1], peers[0]]);
     }
 }
