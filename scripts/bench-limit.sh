@@ -12,7 +12,10 @@
 # Prints one JSON line per window: both results (msg/s, p50/p99/p999,
 # CPU-seconds the process spent, per million packets, RSS, loss,
 # duplicates) and the relay's ratios to the forwarder. 50 x 20 000 is one
-# million packets a case.
+# million packets a case. Then one line for the relay's offline path
+# (`bench relay --offline`: everything stored while the receivers are
+# away, then drained; each receiver registers enough hashes to keep under
+# the relay's 500 packets per hash), which a forwarder does not have.
 #
 # Needs a release build (cargo build --release -p meshwhisper).
 set -Eeuo pipefail
@@ -68,3 +71,9 @@ print(json.dumps({
 }))
 EOF
 done
+
+# The offline path: store everything, then drain it (relay only).
+DESTS=$(( (MSGS + 399) / 400 ))
+o=$("$BIN" bench relay --threads 1 --url "$RURL" --offline --pairs "$PAIRS" --msgs "$MSGS" \
+  --size "$SIZE" --dests "$DESTS" --window 32 --relay-pid "$RPID" --json)
+echo "{\"offline\": $o}"

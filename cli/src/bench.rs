@@ -7,6 +7,12 @@
 //! received) and sends M packets of S bytes. Every payload carries its
 //! sequence number and send time, so the receiver counts losses and
 //! duplicates and measures latency.
+//!
+//! With `--offline`, the receivers are away while the senders send: each
+//! sender sends its M packets (spread over the `--dests` hashes of its
+//! receiver, W per write) and closes, which the relay answers once it has
+//! stored everything it read; then the receivers connect and drain. The
+//! store and drain phases are timed apart.
 
 use anyhow::Context as _;
 use futures::{SinkExt as _, StreamExt as _};
@@ -84,6 +90,15 @@ pub struct RelayBench {
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
+    /// The offline path: store everything while the receivers are away,
+    /// then drain it (see the module docs).
+    #[arg(long)]
+    offline: bool,
+    /// Destination hashes per receiver (`--offline`): a relay keeps a
+    /// bounded number of packets per hash (`storage.max_blobs_per_hash`),
+    /// so M packets need at least M / that many hashes.
+    #[arg(long, default_value_t = 1)]
+    dests: u32,
 }
 
 struct PairResult {
@@ -127,9 +142,10 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         "--size must be at least 47 (31-byte header + 16-byte stamp)"
     );
     anyhow::ensure!(
-        b.pairs > 0 && b.msgs > 0 && b.window > 0,
-        "--pairs, --msgs and --window must be positive"
+        b.pairs > 0 && b.msgs > 0 && b.window > 0 && b.dests > 0,
+        "--pairs, --msgs, --window and --dests must be positive"
     );
+    anyhow::ensure!(b.offline || b.dests == 1, "--dests is for --offline runs");
     let rt = match b.threads {
         // One thread, like an independent single-threaded load generator.
         1 => tokio::runtime::Builder::new_current_thread()
@@ -144,14 +160,14 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             .build(),
     }
     .context("starting the runtime")?;
-    rt.block_on(relay(b))
+    if b.offline {
+        rt.block_on(offline(b))
+    } else {
+        rt.block_on(relay(b))
+    }
 }
 
-async fn connect(
-    url: &str,
-) -> anyhow::Result<
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-> {
+async fn connect(url: &str) -> anyhow::Result<Ws> {
     let (s, _) = tokio::time::timeout(
         Duration::from_secs(30),
         // TCP_NODELAY, as any latency-sensitive client would.
@@ -161,6 +177,185 @@ async fn connect(
     .context("connect timed out")?
     .with_context(|| format!("connecting to {url}"))?;
     Ok(s)
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// One receiver: counts its pair's packets (by sequence number) until it
+/// has all `msgs` or `deadline` passes, returning a window permit for each.
+async fn receive(
+    mut rx: Ws,
+    msgs: u32,
+    deadline: Instant,
+    window: Option<Arc<Semaphore>>,
+    epoch: Instant,
+) -> PairResult {
+    let mut seen = vec![false; msgs as usize];
+    let mut r = PairResult {
+        delivered: 0,
+        duplicates: 0,
+        latencies_us: Vec::with_capacity(msgs as usize),
+    };
+    while r.delivered < u64::from(msgs) {
+        let next = tokio::time::timeout_at(deadline.into(), rx.next()).await;
+        let Ok(Some(Ok(m))) = next else { break };
+        let Message::Binary(p) = m else { continue };
+        if p.len() < 47 {
+            continue;
+        }
+        let seq = u32::from_be_bytes([p[31], p[32], p[33], p[34]]) as usize;
+        let sent_us = u64::from_be_bytes([p[35], p[36], p[37], p[38], p[39], p[40], p[41], p[42]]);
+        if seq >= seen.len() {
+            continue;
+        }
+        if seen[seq] {
+            r.duplicates += 1;
+            continue;
+        }
+        seen[seq] = true;
+        r.delivered += 1;
+        r.latencies_us
+            .push((epoch.elapsed().as_micros() as u64).saturating_sub(sent_us));
+        if let Some(w) = &window {
+            w.add_permits(1);
+        }
+    }
+    r
+}
+
+/// The destination hashes of one pair (`dests` of them).
+fn pair_dests(run_id: u64, pair: u32, dests: u32) -> Vec<DestHash> {
+    (0..dests)
+        .map(|d| {
+            DestHash(
+                (run_id ^ (u64::from(pair) << 40) ^ (u64::from(d) << 20) ^ 0x5a5a_0000)
+                    .to_be_bytes(),
+            )
+        })
+        .collect()
+}
+
+/// A packet carrying `seq` and the send time.
+fn stamped(payload: &mut [u8], dest: DestHash, seq: u32, epoch: Instant) -> Vec<u8> {
+    payload[..4].copy_from_slice(&seq.to_be_bytes());
+    payload[4..12].copy_from_slice(&(epoch.elapsed().as_micros() as u64).to_be_bytes());
+    meshwhisper_behaviour::packet::build(1, dest, [0x42; 16], 7, payload)
+}
+
+/// `--offline`: store everything with the receivers away, then drain.
+async fn offline(b: RelayBench) -> anyhow::Result<()> {
+    let epoch = Instant::now();
+    let run_id: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let dests: Vec<Vec<DestHash>> = (0..b.pairs)
+        .map(|p| pair_dests(run_id, p, b.dests))
+        .collect();
+    let mut senders = Vec::new();
+    for _ in 0..b.pairs {
+        senders.push(connect(b.sender_url.as_deref().unwrap_or(&b.url)).await?);
+    }
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(b.timeout);
+    let cpu_before = b.relay_pid.and_then(cpu_seconds);
+    let mut tx_tasks = Vec::new();
+    for (mut tx, to) in senders.into_iter().zip(dests.clone()) {
+        let (msgs, size, window) = (b.msgs, b.size, b.window);
+        tx_tasks.push(tokio::spawn(async move {
+            let mut payload = vec![0u8; size - 31];
+            let mut sent = 0u64;
+            for seq in 0..msgs {
+                let dest = to[seq as usize % to.len()];
+                let pkt = stamped(&mut payload, dest, seq, epoch);
+                if tx.feed(Message::Binary(pkt.into())).await.is_err() {
+                    return sent;
+                }
+                sent += 1;
+                if (seq + 1) % window == 0 && tx.flush().await.is_err() {
+                    return sent;
+                }
+            }
+            // The relay closes once everything it read is stored.
+            if tx.close(None).await.is_ok() {
+                while let Ok(Some(Ok(_))) =
+                    tokio::time::timeout_at(deadline.into(), tx.next()).await
+                {}
+            }
+            sent
+        }));
+    }
+    let mut sent = 0;
+    for t in tx_tasks {
+        sent += t.await.context("sender task")?;
+    }
+    let stored_in = start.elapsed();
+    let drain_start = Instant::now();
+    let mut rx_tasks = Vec::new();
+    for to in &dests {
+        let mut rx = connect(&b.url).await?;
+        let hashes: Vec<String> = to.iter().map(DestHash::to_hex).collect();
+        let hello = serde_json::json!({"type": "hello", "destHashes": hashes}).to_string();
+        rx.send(Message::Text(hello.into()))
+            .await
+            .context("hello")?;
+        rx_tasks.push(tokio::spawn(receive(rx, b.msgs, deadline, None, epoch)));
+    }
+    let mut results = Vec::new();
+    for t in rx_tasks {
+        results.push(t.await.context("receiver task")?);
+    }
+    let drained_in = drain_start.elapsed();
+    let relay_cpu_s = b
+        .relay_pid
+        .and_then(cpu_seconds)
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
+    let expected = u64::from(b.pairs) * u64::from(b.msgs);
+    let delivered: u64 = results.iter().map(|r| r.delivered).sum();
+    let duplicates: u64 = results.iter().map(|r| r.duplicates).sum();
+    let per_sec = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
+    let summary = serde_json::json!({
+        "offline": true, "pairs": b.pairs, "msgs": b.msgs, "size": b.size,
+        "window": b.window, "dests": b.dests,
+        "sent": sent, "expected": expected, "delivered": delivered,
+        "lost": expected - delivered, "duplicates": duplicates,
+        "store_seconds": stored_in.as_secs_f64(), "store_msgs_per_sec": per_sec(sent, stored_in),
+        "drain_seconds": drained_in.as_secs_f64(), "drain_msgs_per_sec": per_sec(delivered, drained_in),
+        "seconds": (stored_in + drained_in).as_secs_f64(),
+        "msgs_per_sec": per_sec(delivered, stored_in + drained_in),
+        "relay_cpu_s": relay_cpu_s,
+        "relay_cpu_s_per_million": relay_cpu_s.filter(|_| delivered > 0).map(|c| c * 1e6 / delivered as f64),
+        "relay_rss_kib": b.relay_pid.and_then(|p| rss_kib(p, "VmRSS:")),
+        "relay_peak_rss_kib": b.relay_pid.and_then(|p| rss_kib(p, "VmHWM:")),
+    });
+    if b.json {
+        println!("{summary}");
+    } else {
+        println!(
+            "offline pairs={} msgs={} size={} dests={}",
+            b.pairs, b.msgs, b.size, b.dests
+        );
+        println!(
+            "delivered={delivered} lost={} duplicates={duplicates}",
+            expected - delivered
+        );
+        println!(
+            "store: seconds={:.2} msgs_per_sec={:.0}",
+            stored_in.as_secs_f64(),
+            per_sec(sent, stored_in)
+        );
+        println!(
+            "drain: seconds={:.2} msgs_per_sec={:.0}",
+            drained_in.as_secs_f64(),
+            per_sec(delivered, drained_in)
+        );
+        if let Some(c) = relay_cpu_s {
+            println!("relay_cpu_s={c:.2}");
+        }
+    }
+    Ok(())
 }
 
 async fn relay(b: RelayBench) -> anyhow::Result<()> {
@@ -173,7 +368,7 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
     let mut senders = Vec::new();
     let sent_total = Arc::new(AtomicU64::new(0));
     for pair in 0..b.pairs {
-        let dest = DestHash((run_id ^ (u64::from(pair) << 40) ^ 0x5a5a_0000).to_be_bytes());
+        let dest = pair_dests(run_id, pair, 1)[0];
         let mut rx = connect(&b.url).await?;
         let hello = serde_json::json!({"type": "hello", "destHashes": [dest.to_hex()]}).to_string();
         rx.send(Message::Text(hello.into()))
@@ -197,40 +392,15 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
     let cpu_before = b.relay_pid.and_then(cpu_seconds);
     let deadline = start + Duration::from_secs(b.timeout);
     let mut rx_tasks = Vec::new();
-    for (mut rx, window, _) in receivers {
+    for (rx, window, _) in receivers {
         let msgs = b.msgs;
-        rx_tasks.push(tokio::spawn(async move {
-            let mut seen = vec![false; msgs as usize];
-            let mut r = PairResult {
-                delivered: 0,
-                duplicates: 0,
-                latencies_us: Vec::with_capacity(msgs as usize),
-            };
-            while r.delivered < u64::from(msgs) {
-                let next = tokio::time::timeout_at(deadline.into(), rx.next()).await;
-                let Ok(Some(Ok(m))) = next else { break };
-                let Message::Binary(p) = m else { continue };
-                if p.len() < 47 {
-                    continue;
-                }
-                let seq = u32::from_be_bytes([p[31], p[32], p[33], p[34]]) as usize;
-                let sent_us =
-                    u64::from_be_bytes([p[35], p[36], p[37], p[38], p[39], p[40], p[41], p[42]]);
-                if seq >= seen.len() {
-                    continue;
-                }
-                if seen[seq] {
-                    r.duplicates += 1;
-                    continue;
-                }
-                seen[seq] = true;
-                r.delivered += 1;
-                r.latencies_us
-                    .push((epoch.elapsed().as_micros() as u64).saturating_sub(sent_us));
-                window.add_permits(1);
-            }
-            r
-        }));
+        rx_tasks.push(tokio::spawn(receive(
+            rx,
+            msgs,
+            deadline,
+            Some(window),
+            epoch,
+        )));
     }
     let mut tx_tasks = Vec::new();
     for (mut tx, window, dest) in senders {
@@ -257,11 +427,7 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
                     }
                 }
                 for _ in 0..room {
-                    payload[..4].copy_from_slice(&seq.to_be_bytes());
-                    payload[4..12]
-                        .copy_from_slice(&(epoch.elapsed().as_micros() as u64).to_be_bytes());
-                    let pkt =
-                        meshwhisper_behaviour::packet::build(1, dest, [0x42; 16], 7, &payload);
+                    let pkt = stamped(&mut payload, dest, seq, epoch);
                     if tx.feed(Message::Binary(pkt.into())).await.is_err() {
                         break 'send;
                     }

@@ -1,7 +1,7 @@
 //! `bench forwarder` and the single-threaded `bench relay` that
 //! scripts/bench-limit.sh runs side by side: the forwarder delivers every
 //! packet once, and the load generator reports latency percentiles and the
-//! CPU time the loaded process spent.
+//! CPU time the loaded process spent, for the relay's offline path too.
 
 mod people;
 
@@ -17,7 +17,7 @@ fn spawn_until(args: &[&str], prefix: &str) -> (Proc, String) {
 }
 
 /// One single-threaded load run against `addr`, as bench-limit.sh does it.
-fn load(addr: &str, pid: u32) -> serde_json::Value {
+fn load(addr: &str, pid: u32, extra: &[&str]) -> serde_json::Value {
     let out = bin()
         .args(["bench", "relay", "--threads", "1", "--url"])
         .arg(format!("ws://{addr}/"))
@@ -36,6 +36,7 @@ fn load(addr: &str, pid: u32) -> serde_json::Value {
             "--relay-pid",
         ])
         .arg(pid.to_string())
+        .args(extra)
         .output()
         .expect("run the load generator");
     assert!(
@@ -65,7 +66,7 @@ fn the_forwarder_and_the_relay_carry_the_same_load_and_report_cpu() {
         &["bench", "forwarder", "--http", "127.0.0.1:0"],
         "listening=",
     );
-    check(&load(&addr, fwd.pid()), "forwarder");
+    check(&load(&addr, fwd.pid(), &[]), "forwarder");
 
     let dir = tempfile::tempdir().expect("tmp");
     let data = dir.path().to_str().expect("utf-8 path");
@@ -81,5 +82,21 @@ fn the_forwarder_and_the_relay_carry_the_same_load_and_report_cpu() {
         ],
         "http=http://",
     );
-    check(&load(&http, relay.pid()), "relay");
+    check(&load(&http, relay.pid(), &[]), "relay");
+
+    // The offline path: everything stored with the receivers away (two
+    // hashes each), then drained, each packet once.
+    let off = load(&http, relay.pid(), &["--offline", "--dests", "2"]);
+    assert_eq!(off["offline"], true, "{off}");
+    assert_eq!(off["sent"], 2000, "{off}");
+    assert_eq!(off["delivered"], 2000, "{off}");
+    assert_eq!(off["lost"], 0, "{off}");
+    assert_eq!(off["duplicates"], 0, "{off}");
+    for k in [
+        "store_msgs_per_sec",
+        "drain_msgs_per_sec",
+        "relay_cpu_s_per_million",
+    ] {
+        assert!(off[k].as_f64().is_some_and(|v| v > 0.0), "{k}: {off}");
+    }
 }

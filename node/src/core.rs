@@ -785,12 +785,14 @@ impl Core {
         false
     }
 
-    /// Stored packets for `hashes`, oldest first, skipping ids already in
+    /// Stored packets for `hashes` with ids above `after` (the last id of
+    /// the drain's previous page), oldest first, skipping ids already in
     /// flight on this connection: at most `limit` of them and about
     /// `max_bytes` (at least one).
     pub async fn pending(
         &self,
         hashes: &[DestHash],
+        after: MailboxId,
         skip: &HashSet<MailboxId>,
         limit: u32,
         max_bytes: usize,
@@ -800,7 +802,9 @@ impl Core {
         }
         self.store
             .mailbox()
-            .pending_within(hashes, now_ms(), limit, max_bytes, &|id| skip.contains(&id))
+            .pending_within(hashes, after, now_ms(), limit, max_bytes, &|id| {
+                skip.contains(&id)
+            })
             .await
     }
 

@@ -144,6 +144,7 @@ impl HotRows {
     pub(crate) fn pending_ids(
         &self,
         dests: &[DestHash],
+        after: i64,
         now_ms: u64,
         limit: usize,
         skip: &dyn Fn(i64) -> bool,
@@ -157,7 +158,7 @@ impl HotRows {
             return Vec::new();
         }
         self.by_id
-            .iter()
+            .range(after.saturating_add(1)..)
             .filter(|(id, r)| r.expires_ms > now_ms && wanted.contains(&r.dest) && !skip(**id))
             .take(limit)
             .map(|(id, r)| (*id, r.packet.len()))

@@ -676,30 +676,51 @@ impl Mailbox<'_> {
         now_ms: u64,
         limit: u32,
     ) -> Result<Vec<StoredPacket>> {
-        self.pending_within(dests, now_ms, limit, usize::MAX, &|_| false)
+        self.pending_within(dests, MailboxId(0), now_ms, limit, usize::MAX, &|_| false)
             .await
     }
 
-    /// Up to `limit` unexpired packets for `dests`, oldest first, that
-    /// `skip` does not exclude (ids already in flight to the client), and
-    /// no more than `max_bytes` of them (always at least one packet if
-    /// there is one). Sizes are read first and only the chosen packets'
-    /// bytes are loaded, so a drain's memory is bounded whatever is stored.
+    /// Up to `limit` unexpired packets for `dests` with ids above `after`,
+    /// oldest first, that `skip` does not exclude (ids already in flight to
+    /// the client), and no more than `max_bytes` of them (always at least
+    /// one packet if there is one). Sizes are read first and only the
+    /// chosen packets' bytes are loaded, so a drain's memory is bounded
+    /// whatever is stored.
+    ///
+    /// A drain passes the last id of its previous page as `after`, so that
+    /// each page reads only what follows (a drain of a long queue is then
+    /// linear, not quadratic). That misses nothing: ids are given in
+    /// increasing order, and the hot tier is read before SQLite, so a
+    /// packet a spill moves between the two reads is seen in one of them.
     pub async fn pending_within(
         &self,
         dests: &[DestHash],
+        after: MailboxId,
         now_ms: u64,
         limit: u32,
         max_bytes: usize,
         skip: &(dyn Fn(MailboxId) -> bool + Sync),
     ) -> Result<Vec<StoredPacket>> {
-        // Ids and sizes: SQLite in bounded IN lists, then the hot tier.
+        // Ids and sizes: the hot tier, then SQLite in bounded IN lists
+        // (this order: see above).
         let mut meta: Vec<(i64, usize)> = Vec::new();
+        if let Some(hot) = self.store.hot_rows() {
+            let rows = match hot.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            meta.extend(
+                rows.pending_ids(dests, after.0, now_ms, limit as usize, &|id| {
+                    skip(MailboxId(id))
+                }),
+            );
+        }
         for chunk in dests.chunks(500) {
             let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "SELECT id, length(packet) AS len FROM mailbox WHERE expires_ms > ",
             );
-            qb.push_bind(ms(now_ms)).push(" AND dest IN (");
+            qb.push_bind(ms(now_ms)).push(" AND id > ");
+            qb.push_bind(after.0).push(" AND dest IN (");
             let mut sep = qb.separated(", ");
             for d in chunk {
                 sep.push_bind(d.0.to_vec());
@@ -726,13 +747,6 @@ impl Mailbox<'_> {
                     break;
                 }
             }
-        }
-        if let Some(hot) = self.store.hot_rows() {
-            let rows = match hot.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            meta.extend(rows.pending_ids(dests, now_ms, limit as usize, &|id| skip(MailboxId(id))));
         }
         meta.sort_unstable_by_key(|(id, _)| *id);
         meta.dedup_by_key(|(id, _)| *id);

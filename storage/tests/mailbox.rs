@@ -481,3 +481,69 @@ async fn forgotten_federated_ids_are_no_longer_duplicates() {
         assert_eq!(dup(after), vec![false, true], "spill {spill:?}");
     }
 }
+
+/// A drain pages through a queue with a cursor (`after`): each page holds
+/// what follows the previous one, from both tiers in id order, nothing
+/// skipped and nothing twice, and in-flight ids are still left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_after_a_cursor_span_both_tiers_in_order() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut ids = Vec::new();
+    // Five packets in SQLite (every group spills), then five hot ones.
+    let store = open_with(&dir, |c| c.hot_spill = std::time::Duration::ZERO).await;
+    for i in 0..5u8 {
+        let mb = store.mailbox();
+        ids.push(
+            mb.enqueue(dest(u64::from(i % 2)), vec![i; 40], NOW)
+                .await
+                .expect("enqueue")
+                .id,
+        );
+    }
+    store.close().await;
+    let store = open_with(&dir, |c| c.hot_spill = std::time::Duration::from_secs(3600)).await;
+    let mb = store.mailbox();
+    for i in 5..10u8 {
+        ids.push(
+            mb.enqueue(dest(u64::from(i % 2)), vec![i; 40], NOW)
+                .await
+                .expect("enqueue")
+                .id,
+        );
+    }
+    let both = [dest(0), dest(1)];
+    let page = |after: MailboxId, limit: u32| {
+        let mb = store.mailbox();
+        async move {
+            mb.pending_within(&both, after, NOW, limit, usize::MAX, &|_| false)
+                .await
+                .expect("page")
+                .iter()
+                .map(|p| p.packet[0])
+                .collect::<Vec<u8>>()
+        }
+    };
+    assert_eq!(page(MailboxId(0), 4).await, vec![0, 1, 2, 3]);
+    assert_eq!(page(ids[3], 4).await, vec![4, 5, 6, 7], "across the tiers");
+    assert_eq!(page(ids[7], 4).await, vec![8, 9]);
+    assert!(page(ids[9], 4).await.is_empty());
+    // In flight: skipped, the cursor notwithstanding.
+    let skip = |id: MailboxId| id == ids[5] || id == ids[1];
+    let left: Vec<u8> = mb
+        .pending_within(&both, ids[0], NOW, 100, usize::MAX, &skip)
+        .await
+        .expect("page")
+        .iter()
+        .map(|p| p.packet[0])
+        .collect();
+    assert_eq!(left, vec![2, 3, 4, 6, 7, 8, 9]);
+    // One hash only, after a cursor.
+    let evens: Vec<u8> = mb
+        .pending_within(&[dest(0)], ids[2], NOW, 100, usize::MAX, &|_| false)
+        .await
+        .expect("page")
+        .iter()
+        .map(|p| p.packet[0])
+        .collect();
+    assert_eq!(evens, vec![4, 6, 8]);
+}

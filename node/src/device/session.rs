@@ -90,6 +90,9 @@ pub async fn run(
     let mut storing = FuturesOrdered::new();
     let mut storing_bytes = 0usize;
     let mut draining = false;
+    // The last id a drain sent: the next page starts after it (back to the
+    // start when the hashes change or the device asks for a drain).
+    let mut drained_to = MailboxId(0);
     let mut deleting: tokio::task::JoinSet<Vec<MailboxId>> = tokio::task::JoinSet::new();
     // Claims at other relays take a federation round trip: answered in
     // the background, a few at a time.
@@ -99,7 +102,16 @@ pub async fn run(
             draining = true;
         }
         if draining && in_flight.room(&bounds) {
-            match drain(&core, &hashes, &mut in_flight, &to_device, &bounds).await {
+            match drain(
+                &core,
+                &hashes,
+                &mut drained_to,
+                &mut in_flight,
+                &to_device,
+                &bounds,
+            )
+            .await
+            {
                 Some(more) => draining = more,
                 None => break,
             }
@@ -186,6 +198,7 @@ pub async fn run(
                         hashes.dedup();
                         core.register(id, &hashes);
                         draining = true;
+                        drained_to = MailboxId(0);
                     }
                     f @ (Frame::Packet { .. } | Frame::PacketTo { .. }) => {
                         let (seq, hint, packet) = match f {
@@ -212,7 +225,10 @@ pub async fn run(
                             acked.push(mid);
                         }
                     }
-                    Frame::Drain => draining = true,
+                    Frame::Drain => {
+                        draining = true;
+                        drained_to = MailboxId(0);
+                    }
                     f @ (Frame::Publish { .. } | Frame::Prekeys { .. } | Frame::Claim { .. }) => {
                         if let Some(r) = crate::device::directory::serve(&core, f).await
                             && to_device.send(r).await.is_err()
@@ -261,6 +277,7 @@ pub async fn run(
 async fn drain(
     core: &Core,
     hashes: &[DestHash],
+    drained_to: &mut MailboxId,
     in_flight: &mut Unacked,
     to_device: &mpsc::Sender<Frame>,
     b: &Bounds,
@@ -270,7 +287,13 @@ async fn drain(
     let limit = (b.drain_batch as usize).min(room).max(1) as u32;
     let skip: HashSet<MailboxId> = in_flight.ids.keys().copied().collect();
     let pending = match core
-        .pending(hashes, &skip, limit, b.drain_bytes.min(room_bytes))
+        .pending(
+            hashes,
+            *drained_to,
+            &skip,
+            limit,
+            b.drain_bytes.min(room_bytes),
+        )
         .await
     {
         Ok(p) => p,
@@ -283,6 +306,7 @@ async fn drain(
         return Some(false);
     }
     for p in pending {
+        *drained_to = (*drained_to).max(p.id);
         in_flight.insert(p.id, p.packet.len());
         core.metrics.packets_drained.fetch_add(1, Relaxed);
         core.events.drain.fetch_add(1, Relaxed);

@@ -183,6 +183,9 @@ struct Session {
     deleting: tokio::task::JoinSet<Vec<MailboxId>>,
     /// Stored packets still to send (hello, pull, or a queue that was full).
     draining: bool,
+    /// The last id the drain sent: the next page starts after it. Back to
+    /// the start on `hello` (new hashes) and `pull`.
+    drained_to: MailboxId,
     /// Bytes read from the socket and being stored.
     storing_bytes: usize,
     /// Home relays named by `route` frames, by destination hash.
@@ -211,6 +214,7 @@ async fn session(s: AppState, mut socket: WebSocket, ip: IpAddr) {
         sent: Vec::new(),
         deleting: tokio::task::JoinSet::new(),
         draining: false,
+        drained_to: MailboxId(0),
         storing_bytes: 0,
         hints: std::collections::HashMap::new(),
         hint_order: std::collections::VecDeque::new(),
@@ -538,6 +542,7 @@ impl Session {
             Some("hello") => self.hello(&v).await,
             Some("pull") => {
                 self.draining = true;
+                self.drained_to = MailboxId(0);
                 Step::Continue
             }
             // Which relay homes a destination: federation sends packets
@@ -610,6 +615,7 @@ impl Session {
             tracing::warn!(error = %e, "could not record a push registration");
         }
         self.draining = true;
+        self.drained_to = MailboxId(0);
         Step::Continue
     }
 
@@ -626,6 +632,7 @@ impl Session {
             .core
             .pending(
                 &self.hashes,
+                self.drained_to,
                 &self.in_flight,
                 limit,
                 l.drain_bytes.min(room_bytes.max(1)),
@@ -644,6 +651,7 @@ impl Session {
             return Step::Continue;
         }
         for p in pending {
+            self.drained_to = self.drained_to.max(p.id);
             self.in_flight.insert(p.id);
             let len = p.packet.len();
             if socket.feed(Message::Binary(p.packet.into())).await.is_err() {
