@@ -499,11 +499,25 @@ impl HotLog {
     /// the rest with the next groups; everything when forced. The younger
     /// ones are usually delivered within milliseconds and stay hot. After
     /// the commit the spilled ones are tombstoned in the log.
+    ///
+    /// A tier over its bounds ([`MAX_ROWS`], [`MAX_BYTES`]) spills down to
+    /// a step below them, however much that is: packets for
+    /// clients that are away can arrive faster than a step a group moves,
+    /// and the tier (memory, and the log) must not grow with them.
     pub(crate) fn take_for_spill(&mut self) -> Vec<(i64, HotRow)> {
         let every = self.spill_every;
         let over = self.over_bounds();
         let force = self.force;
         let rows = self.rows();
+        // Over the bounds: down to a step below them.
+        let (over_rows, over_bytes) = if over {
+            (
+                rows.by_id.len().saturating_sub(MAX_ROWS - SPILL_STEP_ROWS),
+                rows.bytes.saturating_sub(MAX_BYTES - SPILL_STEP_BYTES),
+            )
+        } else {
+            (0, 0)
+        };
         let mut out: Vec<(i64, HotRow)> = Vec::new();
         let mut bytes = 0usize;
         let mut more = false;
@@ -511,7 +525,11 @@ impl HotLog {
             if !(force || over || r.at.is_none_or(|t| t.elapsed() >= every)) {
                 continue;
             }
-            if !force && (bytes >= SPILL_STEP_BYTES || out.len() >= SPILL_STEP_ROWS) {
+            let back_in_bounds = out.len() >= over_rows && bytes >= over_bytes;
+            if !force
+                && back_in_bounds
+                && (bytes >= SPILL_STEP_BYTES || out.len() >= SPILL_STEP_ROWS)
+            {
                 more = true;
                 break;
             }
@@ -727,6 +745,41 @@ mod tests {
         assert_eq!(log.take_for_spill().len(), 1);
         log.committed();
         assert_eq!(std::fs::metadata(&path).expect("meta").len(), 0);
+    }
+
+    /// Packets for clients that are away, arriving faster than a step a
+    /// group: a tier over its bounds spills everything over them (and a
+    /// step) in one go, so its memory stays bounded.
+    #[test]
+    fn a_tier_over_its_bounds_spills_back_under_them() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("x-hot.log");
+        let (mut log, _) =
+            HotLog::open(path.clone(), false, std::time::Duration::from_secs(3600)).expect("open");
+        log.last_spill = std::time::Instant::now();
+        let kib = HotRow {
+            packet: bytes::Bytes::from(vec![7u8; 1024]),
+            ..row(Some(std::time::Instant::now()))
+        };
+        // Three times the byte bound, all young.
+        for _ in 0..3 * MAX_BYTES / 1024 {
+            log.add(kib.clone(), None);
+        }
+        log.flush().expect("flush");
+        assert!(log.spill_due());
+        let spilled = log.take_for_spill();
+        assert!(
+            spilled.len() * 1024 >= 2 * MAX_BYTES + SPILL_STEP_BYTES,
+            "spilled {} KiB",
+            spilled.len()
+        );
+        log.committed();
+        assert!(!log.over_bounds(), "back under the bounds");
+        // And the log was rewritten with what is still hot.
+        assert!(log.log_len < MAX_BYTES, "log {} bytes", log.log_len);
+        // The oldest went.
+        let first_left = log.rows().by_id.keys().next().copied().expect("some left");
+        assert!(spilled.iter().all(|(id, _)| *id < first_left));
     }
 
     /// A fast relay's log grows by hundreds of MB a period: past
