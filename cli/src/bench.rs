@@ -105,6 +105,17 @@ struct PairResult {
     delivered: u64,
     duplicates: u64,
     latencies_us: Vec<u64>,
+    /// When the last packet arrived (before the receiver said goodbye).
+    finished: Option<Instant>,
+}
+
+/// When the last of the receivers had all it was going to get.
+fn finished(results: &[PairResult], started: Instant) -> Duration {
+    results
+        .iter()
+        .filter_map(|r| r.finished)
+        .max()
+        .map_or(Duration::ZERO, |t| t.saturating_duration_since(started))
 }
 
 /// A process's user + system CPU time so far, in seconds (Linux).
@@ -183,7 +194,8 @@ type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// One receiver: counts its pair's packets (by sequence number) until it
-/// has all `msgs` or `deadline` passes, returning a window permit for each.
+/// has all `msgs` or `deadline` passes, returning a window permit for
+/// each, then closes the socket.
 async fn receive(
     mut rx: Ws,
     msgs: u32,
@@ -196,6 +208,7 @@ async fn receive(
         delivered: 0,
         duplicates: 0,
         latencies_us: Vec::with_capacity(msgs as usize),
+        finished: None,
     };
     while r.delivered < u64::from(msgs) {
         let next = tokio::time::timeout_at(deadline.into(), rx.next()).await;
@@ -220,6 +233,21 @@ async fn receive(
         if let Some(w) = &window {
             w.add_permits(1);
         }
+    }
+    r.finished = Some(Instant::now());
+    // The relay pings after each burst of deliveries and deletes their
+    // stored copies once our pong confirms them: answer its pings until
+    // it has none left to send (a quiet 200 ms), then close politely.
+    // Leaving at once would leave the last bursts stored, to be sent
+    // again on the next `hello`, and their deletion uncounted.
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_millis(200), rx.next()).await {
+        if matches!(m, Message::Ping(_)) && rx.flush().await.is_err() {
+            break;
+        }
+    }
+    if rx.close(None).await.is_ok() {
+        let end = Instant::now() + Duration::from_secs(10);
+        while let Ok(Some(Ok(_))) = tokio::time::timeout_at(end.into(), rx.next()).await {}
     }
     r
 }
@@ -306,7 +334,7 @@ async fn offline(b: RelayBench) -> anyhow::Result<()> {
     for t in rx_tasks {
         results.push(t.await.context("receiver task")?);
     }
-    let drained_in = drain_start.elapsed();
+    let drained_in = finished(&results, drain_start);
     let relay_cpu_s = b
         .relay_pid
         .and_then(cpu_seconds)
@@ -445,7 +473,7 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
     for t in rx_tasks {
         results.push(t.await.context("receiver task")?);
     }
-    let elapsed = start.elapsed();
+    let elapsed = finished(&results, start);
     let relay_cpu_s = b
         .relay_pid
         .and_then(cpu_seconds)

@@ -680,6 +680,83 @@ impl Mailbox<'_> {
             .await
     }
 
+    /// SQLite's share of a page: ids and sizes of unexpired packets for
+    /// `dests` above `after`, and the bound up to which the list is
+    /// complete (`None`: everything). Each hash with anything stored
+    /// (found by one index probe each) gives its first few ids as one
+    /// range of the `(dest, id)` index, with no sort; the smallest last id
+    /// of a hash that may have more bounds the page. A page costs about
+    /// `limit` rows and a probe per hash, whatever the queue's length.
+    async fn cold_ids(
+        &self,
+        dests: &[DestHash],
+        after: i64,
+        now_ms: u64,
+        limit: u32,
+        skip: &(dyn Fn(MailboxId) -> bool + Sync),
+    ) -> Result<(Vec<(i64, usize)>, Option<i64>)> {
+        let mut stored: Vec<Vec<u8>> = Vec::new();
+        for chunk in dests.chunks(500) {
+            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new("WITH w(d) AS (VALUES ");
+            let mut sep = qb.separated(", ");
+            for d in chunk {
+                sep.push("(");
+                sep.push_bind_unseparated(d.0.to_vec());
+                sep.push_unseparated(")");
+            }
+            qb.push(
+                ") SELECT d FROM w WHERE EXISTS (SELECT 1 FROM mailbox WHERE dest = w.d AND id > ",
+            );
+            qb.push_bind(after).push(")");
+            let rows: Vec<Vec<u8>> = qb
+                .build_query_scalar()
+                .fetch_all(self.store.readers())
+                .await
+                .map_err(|e| self.store.db_err("list pending", e))?;
+            stored.extend(rows);
+        }
+        if stored.is_empty() {
+            return Ok((Vec::new(), None));
+        }
+        // Enough from each that the page is full if they interleave.
+        let each = (limit as usize).div_ceil(stored.len()).max(8);
+        let mut out = Vec::new();
+        let mut bound: Option<i64> = None;
+        for d in &stored {
+            let rows = sqlx::query(
+                "SELECT id, length(packet) AS len FROM mailbox \
+                 WHERE dest = ? AND id > ? AND expires_ms > ? ORDER BY id LIMIT ?",
+            )
+            .bind(d.as_slice())
+            .bind(after)
+            .bind(ms(now_ms))
+            .bind(each as i64)
+            .fetch_all(self.store.readers())
+            .await
+            .map_err(|e| self.store.db_err("list pending", e))?;
+            let mut last = None;
+            for r in &rows {
+                let id: i64 = r
+                    .try_get("id")
+                    .map_err(|e| self.store.db_err("read pending", e))?;
+                last = Some(id);
+                if skip(MailboxId(id)) {
+                    continue;
+                }
+                let len: i64 = r
+                    .try_get("len")
+                    .map_err(|e| self.store.db_err("read pending", e))?;
+                out.push((id, len.max(0) as usize));
+            }
+            if rows.len() == each
+                && let Some(last) = last
+            {
+                bound = Some(bound.map_or(last, |b: i64| b.min(last)));
+            }
+        }
+        Ok((out, bound))
+    }
+
     /// Up to `limit` unexpired packets for `dests` with ids above `after`,
     /// oldest first, that `skip` does not exclude (ids already in flight to
     /// the client), and no more than `max_bytes` of them (always at least
@@ -701,55 +778,36 @@ impl Mailbox<'_> {
         max_bytes: usize,
         skip: &(dyn Fn(MailboxId) -> bool + Sync),
     ) -> Result<Vec<StoredPacket>> {
-        // Ids and sizes: the hot tier, then SQLite in bounded IN lists
-        // (this order: see above).
-        let mut meta: Vec<(i64, usize)> = Vec::new();
-        if let Some(hot) = self.store.hot_rows() {
-            let rows = match hot.lock() {
-                Ok(g) => g,
-                Err(p) => p.into_inner(),
-            };
-            meta.extend(
-                rows.pending_ids(dests, after.0, now_ms, limit as usize, &|id| {
-                    skip(MailboxId(id))
-                }),
-            );
-        }
-        for chunk in dests.chunks(500) {
-            let mut qb = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "SELECT id, length(packet) AS len FROM mailbox WHERE expires_ms > ",
-            );
-            qb.push_bind(ms(now_ms)).push(" AND id > ");
-            qb.push_bind(after.0).push(" AND dest IN (");
-            let mut sep = qb.separated(", ");
-            for d in chunk {
-                sep.push_bind(d.0.to_vec());
+        // Ids and sizes: the hot tier, then SQLite (this order: see above).
+        // Everything listed is at most `bound` (the page is a prefix of
+        // the queue after `after`); a page whose every id is in flight
+        // moves on past them.
+        let mut after = after.0;
+        let meta = loop {
+            let mut meta: Vec<(i64, usize)> = Vec::new();
+            if let Some(hot) = self.store.hot_rows() {
+                let rows = match hot.lock() {
+                    Ok(g) => g,
+                    Err(p) => p.into_inner(),
+                };
+                meta.extend(
+                    rows.pending_ids(dests, after, now_ms, limit as usize, &|id| {
+                        skip(MailboxId(id))
+                    }),
+                );
             }
-            qb.push(") ORDER BY id");
-            let mut rows = qb.build().fetch(self.store.readers());
-            let mut taken = 0i64;
-            while let Some(r) = futures::TryStreamExt::try_next(&mut rows)
-                .await
-                .map_err(|e| self.store.db_err("list pending", e))?
-            {
-                let id: i64 = r
-                    .try_get("id")
-                    .map_err(|e| self.store.db_err("read pending", e))?;
-                if skip(MailboxId(id)) {
-                    continue;
-                }
-                let len: i64 = r
-                    .try_get("len")
-                    .map_err(|e| self.store.db_err("read pending", e))?;
-                meta.push((id, len.max(0) as usize));
-                taken += 1;
-                if taken >= i64::from(limit) {
-                    break;
-                }
+            let (cold, bound) = self.cold_ids(dests, after, now_ms, limit, skip).await?;
+            meta.extend(cold);
+            if let Some(b) = bound {
+                meta.retain(|(id, _)| *id <= b);
             }
-        }
-        meta.sort_unstable_by_key(|(id, _)| *id);
-        meta.dedup_by_key(|(id, _)| *id);
+            meta.sort_unstable_by_key(|(id, _)| *id);
+            meta.dedup_by_key(|(id, _)| *id);
+            match bound {
+                Some(b) if meta.is_empty() => after = b,
+                _ => break meta,
+            }
+        };
         let mut chosen = Vec::new();
         let mut bytes = 0usize;
         for (id, len) in meta {
