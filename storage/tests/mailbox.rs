@@ -574,7 +574,9 @@ async fn paging_a_long_stored_queue_takes_every_packet_once_in_order() {
     let mut after = MailboxId(0);
     for _ in 0..100 {
         let page = mb
-            .pending_within(&hashes, after, NOW, 10, usize::MAX, &|id| busy.contains(&id))
+            .pending_within(&hashes, after, NOW, 10, usize::MAX, &|id| {
+                busy.contains(&id)
+            })
             .await
             .expect("page");
         if page.is_empty() {
