@@ -109,6 +109,31 @@ struct PairResult {
     finished: Option<Instant>,
 }
 
+/// Every receiver's result, and the CPU time the relay (`pid`) spent since
+/// `cpu_before`.
+async fn gather(
+    tasks: Vec<tokio::task::JoinHandle<PairResult>>,
+    pid: Option<u32>,
+    cpu_before: Option<f64>,
+) -> anyhow::Result<(Vec<PairResult>, Option<f64>)> {
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.context("receiver task")?);
+    }
+    let cpu = pid
+        .and_then(cpu_seconds)
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
+    Ok((results, cpu))
+}
+
+/// Packets delivered and duplicates, over all receivers.
+fn totals(results: &[PairResult]) -> (u64, u64) {
+    results
+        .iter()
+        .fold((0, 0), |(d, u), r| (d + r.delivered, u + r.duplicates))
+}
+
 /// When the last of the receivers had all it was going to get.
 fn finished(results: &[PairResult], started: Instant) -> Duration {
     results
@@ -330,19 +355,10 @@ async fn offline(b: RelayBench) -> anyhow::Result<()> {
             .context("hello")?;
         rx_tasks.push(tokio::spawn(receive(rx, b.msgs, deadline, None, epoch)));
     }
-    let mut results = Vec::new();
-    for t in rx_tasks {
-        results.push(t.await.context("receiver task")?);
-    }
+    let (results, relay_cpu_s) = gather(rx_tasks, b.relay_pid, cpu_before).await?;
     let drained_in = finished(&results, drain_start);
-    let relay_cpu_s = b
-        .relay_pid
-        .and_then(cpu_seconds)
-        .zip(cpu_before)
-        .map(|(after, before)| after - before);
     let expected = u64::from(b.pairs) * u64::from(b.msgs);
-    let delivered: u64 = results.iter().map(|r| r.delivered).sum();
-    let duplicates: u64 = results.iter().map(|r| r.duplicates).sum();
+    let (delivered, duplicates) = totals(&results);
     let per_sec = |n: u64, d: Duration| n as f64 / d.as_secs_f64();
     let summary = serde_json::json!({
         "offline": true, "pairs": b.pairs, "msgs": b.msgs, "size": b.size,
@@ -469,22 +485,13 @@ async fn relay(b: RelayBench) -> anyhow::Result<()> {
             tx
         }));
     }
-    let mut results = Vec::new();
-    for t in rx_tasks {
-        results.push(t.await.context("receiver task")?);
-    }
+    let (results, relay_cpu_s) = gather(rx_tasks, b.relay_pid, cpu_before).await?;
     let elapsed = finished(&results, start);
-    let relay_cpu_s = b
-        .relay_pid
-        .and_then(cpu_seconds)
-        .zip(cpu_before)
-        .map(|(after, before)| after - before);
     for t in tx_tasks {
         let _ = t.await;
     }
     let expected = u64::from(b.pairs) * u64::from(b.msgs);
-    let delivered: u64 = results.iter().map(|r| r.delivered).sum();
-    let duplicates: u64 = results.iter().map(|r| r.duplicates).sum();
+    let (delivered, duplicates) = totals(&results);
     let mut lat: Vec<u64> = results.into_iter().flat_map(|r| r.latencies_us).collect();
     lat.sort_unstable();
     let pct = |p: f64| percentile(&lat, p);
