@@ -136,6 +136,16 @@ pub struct AbuseBench {
     /// packets wait in the store for recipients that are away).
     #[arg(long, default_value = "stalled")]
     slow_reader_mode: String,
+    /// Packet size the slow readers' senders send, bytes (default: the
+    /// relay's largest, `storage.max_blob_size`).
+    #[arg(long)]
+    slow_reader_packet: Option<usize>,
+    /// Destination hashes each slow reader's sender spreads its packets
+    /// over (the reader registers them all): with `offline`, many small
+    /// packets to many hashes is the flood that must not grow the relay's
+    /// memory (each hash keeps at most `storage.max_blobs_per_hash`).
+    #[arg(long, default_value_t = 1)]
+    slow_reader_hashes: usize,
     /// Slowloris connections (headers sent one line every 2 s), spread
     /// over addresses below the per-address cap.
     #[arg(long, default_value_t = 1500)]
@@ -202,6 +212,14 @@ pub fn run(b: AbuseBench) -> anyhow::Result<()> {
     anyhow::ensure!(
         ["stalled", "reading", "offline"].contains(&b.slow_reader_mode.as_str()),
         "--slow-reader-mode is stalled, reading or offline"
+    );
+    anyhow::ensure!(
+        (1..=4096).contains(&b.slow_reader_hashes),
+        "--slow-reader-hashes is 1 to 4096 (a client registers at most that many)"
+    );
+    anyhow::ensure!(
+        b.slow_reader_packet.is_none_or(|p| p >= 47),
+        "--slow-reader-packet is at least 47 bytes"
     );
     for a in &b.only {
         anyhow::ensure!(
@@ -954,30 +972,45 @@ fn mib(b: u64) -> f64 {
     b as f64 / MIB as f64
 }
 
-async fn slow_readers(
-    ctx: &Ctx,
+/// The slow readers' shape: how many, how much each sends, for how long,
+/// the readers' mode, packet size (`None`: the largest) and hashes each.
+struct SlowReaders<'a> {
     n: usize,
     mib_each: u64,
     secs: u64,
-    mode: &str,
-) -> anyhow::Result<Outcome> {
+    mode: &'a str,
+    packet: Option<usize>,
+    hashes: usize,
+}
+
+async fn slow_readers(ctx: &Ctx, sr: SlowReaders<'_>) -> anyhow::Result<Outcome> {
+    let SlowReaders {
+        n,
+        mib_each,
+        secs,
+        mode,
+        packet,
+        hashes,
+    } = sr;
     let cfg = &ctx.cfg;
     let l = &cfg.limits;
-    let size = cfg.storage.max_blob_size;
+    let size = packet
+        .unwrap_or(cfg.storage.max_blob_size)
+        .min(cfg.storage.max_blob_size);
     let m0 = ctx.metrics().await;
     let mut readers = Vec::new();
     let mut reading = Vec::new();
     let mut senders = Vec::new();
     for _ in 0..n {
         let ip = ctx.addrs.take();
-        let dest = ctx.rng.hash();
-        // The second socket: registers the hash, then is never read, with
-        // a small receive buffer so the backlog builds in the relay.
+        let dest: Vec<DestHash> = (0..hashes).map(|_| ctx.rng.hash()).collect();
+        // The second socket: registers the hashes, then is never read,
+        // with a small receive buffer so the backlog builds in the relay.
         if mode != "offline" {
             let mut r = ws_from(ip, ctx.relay, Some(4096))
                 .await
                 .map_err(|e| anyhow::anyhow!("slow reader: {e:?}"))?;
-            r.send(hello(&[dest])).await.context("slow reader hello")?;
+            r.send(hello(&dest)).await.context("slow reader hello")?;
             if mode == "reading" {
                 reading.push(tokio::spawn(async move {
                     while let Some(Ok(_)) = r.next().await {}
@@ -1008,7 +1041,8 @@ async fn slow_readers(
             while bytes < budget {
                 k += 1;
                 payload[..8].copy_from_slice(&k.to_be_bytes());
-                let pkt = meshwhisper_behaviour::packet::build(1, dest, [0x44; 16], 7, &payload);
+                let to = dest[k as usize % dest.len()];
+                let pkt = meshwhisper_behaviour::packet::build(1, to, [0x44; 16], 7, &payload);
                 let len = pkt.len() as u64;
                 match tokio::time::timeout_at(deadline, tx.send(Message::Binary(pkt.into()))).await
                 {
@@ -1080,6 +1114,8 @@ async fn slow_readers(
     };
     o.details.insert("readers".into(), json!(n));
     o.details.insert("mode".into(), json!(mode));
+    o.details.insert("packet_bytes".into(), json!(size));
+    o.details.insert("hashes_each".into(), json!(hashes));
     o.details.insert("sent_bytes".into(), json!(sent));
     o.details
         .insert("seconds".into(), json!(elapsed.as_secs_f64()));
@@ -1966,10 +2002,14 @@ async fn abuse(b: AbuseBench) -> anyhow::Result<()> {
                 "slow-readers" => {
                     slow_readers(
                         &ctx,
-                        b.slow_readers,
-                        b.slow_reader_mib,
-                        b.slow_reader_secs,
-                        &b.slow_reader_mode,
+                        SlowReaders {
+                            n: b.slow_readers,
+                            mib_each: b.slow_reader_mib,
+                            secs: b.slow_reader_secs,
+                            mode: &b.slow_reader_mode,
+                            packet: b.slow_reader_packet,
+                            hashes: b.slow_reader_hashes,
+                        },
                     )
                     .await
                 }
