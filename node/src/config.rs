@@ -184,6 +184,12 @@ pub struct Limits {
     pub client_inflight_bytes: usize,
     /// Bytes of packets being stored across all clients. Default 268435456.
     pub inflight_bytes: usize,
+    /// Bytes a second one WebSocket client may store for recipients who
+    /// are not connected here (a second's worth at once); beyond, its
+    /// packets take the store writer's paced bulk lane, so that a flood
+    /// for absent hashes cannot hold up everyone else's packets. 0: no
+    /// limit. Default 1048576.
+    pub client_away_bytes_per_sec: u64,
     /// Deliveries sent to one client and not yet confirmed (a WebSocket
     /// pong after them, a device's ack); beyond, delivery pauses. Default 4096.
     pub unconfirmed_deliveries: usize,
@@ -495,6 +501,7 @@ impl Default for Limits {
             client_queue_bytes: 1024 * 1024,
             live_queue_bytes: 256 * 1024 * 1024,
             client_inflight_bytes: 4 * 1024 * 1024,
+            client_away_bytes_per_sec: 1024 * 1024,
             inflight_bytes: 256 * 1024 * 1024,
             unconfirmed_deliveries: 4096,
             unconfirmed_bytes: 8 * 1024 * 1024,

@@ -581,8 +581,11 @@ impl Core {
     /// Validates and stores several packets in one commit (one reply for
     /// the batch); results are in the order of `frames`.
     pub async fn accept_many(&self, frames: Vec<Bytes>) -> Vec<Result<Accepted, PacketError>> {
-        self.accept_many_routed(frames.into_iter().map(|f| (f, None)).collect())
-            .await
+        self.accept_many_routed(
+            frames.into_iter().map(|f| (f, None)).collect(),
+            meshwhisper_storage::mailbox::Lane::Main,
+        )
+        .await
     }
 
     /// [`Core::accept_many`], each packet with the home relay its sender
@@ -590,8 +593,9 @@ impl Core {
     pub async fn accept_many_routed(
         &self,
         frames: Vec<(Bytes, Option<[u8; 32]>)>,
+        lane: meshwhisper_storage::mailbox::Lane,
     ) -> Vec<Result<Accepted, PacketError>> {
-        self.accept_inner(frames, None)
+        self.accept_inner(frames, None, lane)
             .await
             .into_iter()
             .map(|r| {
@@ -616,6 +620,7 @@ impl Core {
         self.accept_inner(
             frames.into_iter().map(|f| (f, None)).collect(),
             Some((ids, remember_until_ms)),
+            meshwhisper_storage::mailbox::Lane::Main,
         )
         .await
     }
@@ -624,6 +629,7 @@ impl Core {
         &self,
         frames: Vec<(Bytes, Option<[u8; 32]>)>,
         fed: Option<(Vec<meshwhisper_storage::fed_seen::FedId>, u64)>,
+        lane: meshwhisper_storage::mailbox::Lane,
     ) -> Vec<Result<Option<Accepted>, PacketError>> {
         let mut results: Vec<Option<Result<Option<Accepted>, PacketError>>> =
             Vec::with_capacity(frames.len());
@@ -663,7 +669,7 @@ impl Core {
                         .iter()
                         .map(|(_, d, f, r)| (*d, f.clone(), *r))
                         .collect();
-                    mailbox.enqueue_routed(packets, now_ms()).await
+                    mailbox.enqueue_routed(packets, now_ms(), lane).await
                 }
             };
             match stored {
@@ -696,6 +702,22 @@ impl Core {
                 })
             })
             .collect()
+    }
+
+    /// Bytes of `frames` whose destination has no connection here (their
+    /// recipients are away, or homed elsewhere): what such a batch would
+    /// leave in the store.
+    pub fn away_bytes(&self, frames: &[(Bytes, Option<[u8; 32]>)]) -> usize {
+        let r = self.registry();
+        frames
+            .iter()
+            .filter(|(f, _)| {
+                f.get(2..10)
+                    .and_then(|d| <[u8; 8]>::try_from(d).ok())
+                    .is_none_or(|d| !r.by_hash.contains_key(&DestHash(d)))
+            })
+            .map(|(f, _)| f.len())
+            .sum()
     }
 
     /// Hands a stored packet to its connected recipient (not back to the

@@ -51,6 +51,21 @@ fn insert_sql(n: usize) -> sqlx::AssertSqlSafe<&'static str> {
 /// Entries in the writer's per-hash count cache before it is reset.
 const COUNT_CACHE_MAX: usize = 65_536;
 
+/// Which of the store writer's lanes an enqueue takes. The main lane's
+/// groups take everything waiting in it; the bulk lane gives at most
+/// 1 MiB a group and is paced relay-wide (`storage.bulk_bytes_per_sec`),
+/// so what waits there cannot hold up the main lane. Packets of one caller
+/// in different lanes may commit out of order: a caller that moves from
+/// bulk back to main should wait until its bulk enqueues are answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Lane {
+    /// The default.
+    #[default]
+    Main,
+    /// For a client storing much for recipients who are away.
+    Bulk,
+}
+
 /// The id of a queued packet; ids grow in arrival order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MailboxId(pub i64);
@@ -535,6 +550,7 @@ impl Mailbox<'_> {
             .enqueue(EnqueueOp {
                 rows: vec![row],
                 reply: Reply::One(reply),
+                bulk: false,
             })
             .await?;
         rx.await.map_err(|_| Error::Closed)?
@@ -556,25 +572,19 @@ impl Mailbox<'_> {
             .into_iter()
             .map(|(d, p)| self.row(d, p, now_ms))
             .collect::<Result<Vec<_>>>()?;
-        let (reply, rx) = oneshot::channel();
-        self.store
-            .writer()
-            .enqueue(EnqueueOp {
-                rows,
-                reply: Reply::Many(reply),
-            })
-            .await?;
-        rx.await.map_err(|_| Error::Closed)?
+        self.enqueue_rows(Lane::Main, rows).await
     }
 
     /// Queues packets with the home relay each one's sender named (kept
-    /// with the packet, so a restart still routes it there).
+    /// with the packet, so a restart still routes it there), in `lane`.
     pub async fn enqueue_routed(
         &self,
         packets: Vec<(DestHash, bytes::Bytes, Option<[u8; 32]>)>,
         now_ms: u64,
+        lane: Lane,
     ) -> Result<Vec<Enqueued>> {
         self.enqueue_rows(
+            lane,
             packets
                 .into_iter()
                 .map(|(d, p, route)| {
@@ -596,6 +606,7 @@ impl Mailbox<'_> {
         now_ms: u64,
     ) -> Result<Vec<Enqueued>> {
         self.enqueue_rows(
+            Lane::Main,
             packets
                 .into_iter()
                 .map(|f| {
@@ -608,7 +619,7 @@ impl Mailbox<'_> {
         .await
     }
 
-    async fn enqueue_rows(&self, rows: Vec<Row>) -> Result<Vec<Enqueued>> {
+    async fn enqueue_rows(&self, lane: Lane, rows: Vec<Row>) -> Result<Vec<Enqueued>> {
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -619,6 +630,7 @@ impl Mailbox<'_> {
             .enqueue(EnqueueOp {
                 rows,
                 reply: Reply::Many(reply),
+                bulk: lane == Lane::Bulk,
             })
             .await?;
         rx.await.map_err(|_| Error::Closed)?

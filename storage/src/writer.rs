@@ -18,8 +18,10 @@
 //! one-time prekey, taking a username) are atomic without retries.
 //!
 //! Operations come in two lanes: enqueues carrying a packet of more than
-//! [`BULK_PACKET_BYTES`] go to the bulk lane, everything else (however
-//! many small packets) to the main one. A group takes everything waiting in the main lane and at most
+//! [`BULK_PACKET_BYTES`], and those their caller sends there
+//! ([`crate::mailbox::Lane::Bulk`]: a client storing much for recipients
+//! who are away), go to the bulk lane, everything else (however many small
+//! packets) to the main one. A group takes everything waiting in the main lane and at most
 //! [`BULK_GROUP_BYTES`] from the bulk lane, and the bulk lane is paced to
 //! `bulk_bytes_per_sec`: clients streaming large packets make others wait
 //! for one bulk share at most, and cannot take all of the disk's bandwidth
@@ -176,6 +178,8 @@ impl Reply {
 pub(crate) struct EnqueueOp {
     pub(crate) rows: Vec<Row>,
     pub(crate) reply: Reply,
+    /// The caller asks for the bulk lane (see [`crate::mailbox::Lane`]).
+    pub(crate) bulk: bool,
 }
 
 /// Deletions of delivered packets, merged with their neighbours into one
@@ -221,7 +225,7 @@ pub(crate) struct WriterHandle {
 }
 
 fn is_bulk(op: &EnqueueOp) -> bool {
-    op.rows.iter().any(|r| r.packet.len() > BULK_PACKET_BYTES)
+    op.bulk || op.rows.iter().any(|r| r.packet.len() > BULK_PACKET_BYTES)
 }
 
 /// The packet bytes of a bulk-lane operation (0 for any other).

@@ -212,7 +212,7 @@ pub async fn run(
                         storing_bytes += len;
                         let c = core.clone();
                         storing.push_back(async move {
-                            let r = c.accept_many_routed(vec![(packet, hint)]).await.pop()
+                            let r = c.accept_many_routed(vec![(packet, hint)], meshwhisper_storage::mailbox::Lane::Main).await.pop()
                                 .unwrap_or_else(|| Err(crate::core::PacketError::Store(Arc::new(meshwhisper_storage::Error::Closed))));
                             (seq, hint, r, len, permit)
                         });

@@ -29,6 +29,7 @@ use std::time::Instant;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+pub mod away;
 mod directory;
 mod files;
 pub mod opk_binding;

@@ -34,7 +34,7 @@ use axum::response::{IntoResponse, Response};
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt as _, SinkExt as _, StreamExt as _};
 use meshwhisper_crypto::destination::DestHash;
-use meshwhisper_storage::mailbox::MailboxId;
+use meshwhisper_storage::mailbox::{Lane, MailboxId};
 use serde_json::Value;
 use std::collections::HashSet;
 use std::net::IpAddr;
@@ -157,11 +157,13 @@ fn read_error(e: &axum::Error) -> (u16, &'static str) {
     }
 }
 
-/// A stored batch and the budget it held while being stored.
+/// A stored batch, the budget it held while being stored and the writer
+/// lane it took.
 type Stored = (
     Vec<Result<Accepted, PacketError>>,
     usize,
     Option<tokio::sync::OwnedSemaphorePermit>,
+    Lane,
 );
 
 struct Session {
@@ -195,6 +197,8 @@ struct Session {
     /// Home relays named by `route` frames, by destination hash.
     hints: std::collections::HashMap<DestHash, [u8; 32]>,
     hint_order: std::collections::VecDeque<DestHash>,
+    /// What this client may store for recipients who are away.
+    away: super::away::AwayPacer,
 }
 
 enum Step {
@@ -222,6 +226,10 @@ async fn session(s: AppState, mut socket: WebSocket, ip: IpAddr) {
         storing_bytes: 0,
         hints: std::collections::HashMap::new(),
         hint_order: std::collections::VecDeque::new(),
+        away: super::away::AwayPacer::new(
+            s.cfg.limits.client_away_bytes_per_sec,
+            std::time::Instant::now(),
+        ),
     };
     let mut storing: FuturesOrdered<_> = FuturesOrdered::new();
     // Liveness: idle sockets are pinged, and one that leaves a ping
@@ -313,9 +321,10 @@ async fn session(s: AppState, mut socket: WebSocket, ip: IpAddr) {
                                 .and_then(|d| <[u8; 8]>::try_from(d).ok())
                                 .and_then(|d| sess.hints.get(&DestHash(d)).copied());
                             (f, route)
-                        }).collect();
+                        }).collect::<Vec<_>>();
                         let core = s.core.clone();
-                        storing.push_back(async move { (core.accept_many_routed(batch).await, bytes, permit) });
+                        let lane = sess.away.lane(core.away_bytes(&batch), std::time::Instant::now());
+                        storing.push_back(async move { (core.accept_many_routed(batch, lane).await, bytes, permit, lane) });
                         Step::Continue
                     }
                     other => sess.incoming(&mut socket, other).await,
@@ -351,8 +360,9 @@ impl Session {
 
     /// Routes a stored batch in order. Every packet that was stored is
     /// routed; the first refusal then closes the connection.
-    fn stored(&mut self, (batch, bytes, permit): Stored) -> Step {
+    fn stored(&mut self, (batch, bytes, permit, lane): Stored) -> Step {
         self.storing_bytes = self.storing_bytes.saturating_sub(bytes);
+        self.away.stored(lane);
         drop(permit);
         let mut refusal = None;
         for r in batch {
@@ -389,7 +399,7 @@ impl Session {
             Some(Ok(Message::Binary(frame))) => {
                 // Only reached for a stashed packet: store it alone.
                 let r = self.s.core.accept(frame).await;
-                self.stored((vec![r], 0, None))
+                self.stored((vec![r], 0, None, Lane::Main))
             }
             Some(Ok(Message::Text(text))) => self.control(text.as_str()).await,
             Some(Ok(Message::Pong(payload))) => {
