@@ -36,6 +36,9 @@ pub struct Metrics {
     /// Live deliveries that found their connection's queue (or the
     /// relay-wide budget) full and stayed stored for a drain.
     pub live_queue_full: AtomicU64,
+    /// Packets a WebSocket client sent through the store writer's bulk
+    /// lane, being over `limits.client_away_bytes_per_sec`.
+    pub packets_paced_away: AtomicU64,
     /// WebSocket text frames that were not JSON (ignored).
     pub bad_control_frames: AtomicU64,
     /// WebSocket upgrades refused: the address had `max_websockets_per_ip`.
@@ -537,6 +540,11 @@ impl Metrics {
             "meshwhisper_live_queue_full_total",
             "Live deliveries that found a full queue and stayed stored for a drain",
             self.live_queue_full.load(Relaxed),
+        );
+        counter(
+            "meshwhisper_packets_paced_away_total",
+            "Packets stored through the writer's bulk lane: their client was over its rate for absent recipients",
+            self.packets_paced_away.load(Relaxed),
         );
         counter(
             "meshwhisper_websockets_refused_per_ip_total",

@@ -363,3 +363,40 @@ async fn over_limit_bodies_answer_413_as_json_with_cors() {
     assert!(r.json()["error"].is_string());
     relay.stop().await;
 }
+
+/// A client storing more than its rate for recipients who are away is
+/// moved to the writer's bulk lane (counted), and still loses nothing:
+/// the recipient, once back, gets every packet in the order sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_storing_fast_for_absent_recipients_is_paced_and_keeps_its_order() {
+    let relay = start(|c| c.limits.client_away_bytes_per_sec = 16 * 1024).await;
+    let mut sender = ws(&relay.ws).await;
+    let send = |i: u32| {
+        let mut payload = vec![0u8; 2 * 1024];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        Message::Binary(packet(R, &payload).into())
+    };
+    // Within the allowance (8 KiB of 16), one at a time: the main lane.
+    for i in 0..4u32 {
+        sender.send(send(i)).await.expect("send");
+        wait_health(&relay.base, |h| h["storedBlobs"] == i + 1).await;
+    }
+    assert_eq!(
+        metric(&relay.base, "meshwhisper_packets_paced_away_total").await,
+        0
+    );
+    // Then 392 KiB at once: far over it.
+    for i in 4..200u32 {
+        sender.send(send(i)).await.expect("send");
+    }
+    wait_health(&relay.base, |h| h["storedBlobs"] == 200).await;
+    let paced = metric(&relay.base, "meshwhisper_packets_paced_away_total").await;
+    assert!(paced > 150, "only {paced} of 196 paced");
+    let mut reader = ws(&relay.ws).await;
+    hello(&mut reader, &[R]).await;
+    for want in 0..200u32 {
+        let p = next_packet(&mut reader).await;
+        assert_eq!(u32::from_be_bytes(p[31..35].try_into().expect("4")), want);
+    }
+    relay.stop().await;
+}

@@ -324,6 +324,9 @@ async fn session(s: AppState, mut socket: WebSocket, ip: IpAddr) {
                         }).collect::<Vec<_>>();
                         let core = s.core.clone();
                         let lane = sess.away.lane(core.away_bytes(&batch), std::time::Instant::now());
+                        if lane == Lane::Bulk {
+                            s.metrics.packets_paced_away.fetch_add(batch.len() as u64, Relaxed);
+                        }
                         storing.push_back(async move { (core.accept_many_routed(batch, lane).await, bytes, permit, lane) });
                         Step::Continue
                     }
