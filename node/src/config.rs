@@ -184,8 +184,8 @@ pub struct Limits {
     pub client_inflight_bytes: usize,
     /// Bytes of packets being stored across all clients. Default 268435456.
     pub inflight_bytes: usize,
-    /// Bytes a second one WebSocket client may store for recipients who
-    /// are not connected here (a second's worth at once); beyond, its
+    /// Bytes a second one client (WebSocket or device) may store for
+    /// recipients who are not connected here (a second's worth at once); beyond, its
     /// packets take the store writer's paced bulk lane, so that a flood
     /// for absent hashes cannot hold up everyone else's packets. 0: no
     /// limit. Default 1048576.
@@ -890,6 +890,7 @@ impl Config {
             unacked: self.limits.unconfirmed_deliveries,
             unacked_bytes: self.limits.unconfirmed_bytes,
             inflight_bytes: self.limits.client_inflight_bytes,
+            away_bytes_per_sec: self.limits.client_away_bytes_per_sec,
         }
     }
 

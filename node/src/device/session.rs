@@ -41,6 +41,10 @@ pub struct Bounds {
     pub unacked_bytes: usize,
     /// Bytes of the device's packets being stored.
     pub inflight_bytes: usize,
+    /// Bytes a second the device may store for recipients not connected
+    /// here before its packets take the writer's bulk lane (0: no limit;
+    /// `crate::gateway::away`).
+    pub away_bytes_per_sec: u64,
 }
 
 /// Sent and not yet acknowledged deliveries.
@@ -93,6 +97,9 @@ pub async fn run(
     // The last id a drain sent: the next page starts after it (back to the
     // start when the hashes change or the device asks for a drain).
     let mut drained_to = MailboxId(0);
+    // What the device may store for recipients who are away.
+    let mut away =
+        crate::gateway::away::AwayPacer::new(bounds.away_bytes_per_sec, std::time::Instant::now());
     let mut deleting: tokio::task::JoinSet<Vec<MailboxId>> = tokio::task::JoinSet::new();
     // Claims at other relays take a federation round trip: answered in
     // the background, a few at a time.
@@ -129,8 +136,9 @@ pub async fn run(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
-            Some((seq, hint, r, len, permit)) = storing.next(), if !storing.is_empty() => {
+            Some((seq, hint, r, len, permit, lane)) = storing.next(), if !storing.is_empty() => {
                 storing_bytes -= len;
+                away.stored(lane);
                 drop(permit);
                 let reply = match r {
                     Ok(acc) => {
@@ -211,10 +219,15 @@ pub async fn run(
                         let permit = core.inflight_permit(len).await;
                         storing_bytes += len;
                         let c = core.clone();
+                        let batch = vec![(packet, hint)];
+                        let lane = away.lane(core.away_bytes(&batch), std::time::Instant::now());
+                        if lane == meshwhisper_storage::mailbox::Lane::Bulk {
+                            core.metrics.packets_paced_away.fetch_add(1, Relaxed);
+                        }
                         storing.push_back(async move {
-                            let r = c.accept_many_routed(vec![(packet, hint)], meshwhisper_storage::mailbox::Lane::Main).await.pop()
+                            let r = c.accept_many_routed(batch, lane).await.pop()
                                 .unwrap_or_else(|| Err(crate::core::PacketError::Store(Arc::new(meshwhisper_storage::Error::Closed))));
-                            (seq, hint, r, len, permit)
+                            (seq, hint, r, len, permit, lane)
                         });
                     }
                     // Only what this session delivered: an ack left over
@@ -259,7 +272,7 @@ pub async fn run(
             }
         }
     }
-    while let Some((seq, hint, r, _, _)) = storing.next().await {
+    while let Some((seq, hint, r, _, _, _)) = storing.next().await {
         if let Ok(acc) = r {
             core.route_hinted(id, acc, hint);
             let _ = to_device.try_send(Frame::Stored(seq));

@@ -1,4 +1,5 @@
-//! Pacing what one WebSocket client stores for recipients who are away.
+//! Pacing what one client (a WebSocket, or a device on libp2p) stores for
+//! recipients who are away.
 //!
 //! Packets for a connected recipient are delivered within milliseconds and
 //! their stored copies never reach SQLite; packets for recipients who are
