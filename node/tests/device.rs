@@ -369,3 +369,42 @@ async fn acks_for_undelivered_ids_are_ignored() {
         other => panic!("expected the stored packet, got {other:?}"),
     }
 }
+
+/// A device storing more than its rate for recipients who are away is
+/// paced through the writer's bulk lane (counted); every packet is still
+/// stored, acknowledged in order, and reaches the recipient in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_storing_fast_for_absent_recipients_is_paced_and_keeps_its_order() {
+    let relay = start(|c| c.limits.client_away_bytes_per_sec = 16 * 1024).await;
+    let running = relay.running.as_ref().expect("running");
+    let mut dev = device(running).await;
+    dev.send(Frame::Register(vec![hash(DEV)])).await;
+    wait_health(&relay.base, |h| h["devices"] == 1).await;
+    // 100 × 2 KiB for a recipient who is away: over 12 times the allowance.
+    for seq in 0..100u64 {
+        let mut payload = vec![0u8; 2 * 1024];
+        payload[..8].copy_from_slice(&seq.to_be_bytes());
+        dev.send(Frame::Packet {
+            seq,
+            packet: packet(WEB, &payload).into(),
+        })
+        .await;
+    }
+    for seq in 0..100u64 {
+        assert_eq!(dev.next().await, Frame::Stored(seq));
+    }
+    let metrics =
+        String::from_utf8(get(&format!("{}/metrics", relay.base)).await.body).expect("utf8");
+    let paced: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("meshwhisper_packets_paced_away_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the counter");
+    assert!(paced >= 80, "only {paced} of 100 paced");
+    let mut web = ws(&relay.ws).await;
+    hello(&mut web, &[WEB]).await;
+    for seq in 0..100u64 {
+        assert_eq!(&next_packet(&mut web).await[31..39], &seq.to_be_bytes());
+    }
+    relay.stop().await;
+}
