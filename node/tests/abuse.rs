@@ -36,14 +36,6 @@ async fn raw_ws_from(local: IpAddr, base: &str) -> Raw {
     ws
 }
 
-async fn metric(base: &str, name: &str) -> u64 {
-    let text = String::from_utf8(get(&format!("{base}/metrics")).await.body).expect("utf8");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name}"))
-}
-
 /// Waits (bounded) until metric `name` reaches `at_least`.
 async fn wait_metric(base: &str, name: &str, at_least: u64) -> u64 {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

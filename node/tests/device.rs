@@ -393,13 +393,7 @@ async fn a_device_storing_fast_for_absent_recipients_is_paced_and_keeps_its_orde
     for seq in 0..100u64 {
         assert_eq!(dev.next().await, Frame::Stored(seq));
     }
-    let metrics =
-        String::from_utf8(get(&format!("{}/metrics", relay.base)).await.body).expect("utf8");
-    let paced: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("meshwhisper_packets_paced_away_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("the counter");
+    let paced = metric(&relay.base, "meshwhisper_packets_paced_away_total").await;
     assert!(paced >= 80, "only {paced} of 100 paced");
     let mut web = ws(&relay.ws).await;
     hello(&mut web, &[WEB]).await;

@@ -306,3 +306,12 @@ impl WaitWatch {
         )
     }
 }
+
+/// The value of the relay's metric `name` (from `/metrics`).
+pub async fn metric(base: &str, name: &str) -> u64 {
+    let text = String::from_utf8(get(&format!("{base}/metrics")).await.body).expect("utf8");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name}"))
+}
