@@ -128,6 +128,13 @@ impl Accepted {
     }
 }
 
+/// What [`Core::away_bytes`] needs to know of the federation.
+#[derive(Debug)]
+struct FedGate {
+    me: [u8; 32],
+    pending_soft: u64,
+}
+
 /// A stored packet whose recipient is not homed here: the federation sends
 /// it on and deletes the stored copy once the home relay has stored it.
 #[derive(Debug)]
@@ -191,6 +198,9 @@ pub struct Core {
     homed_dirty_max: usize,
     federation: std::sync::OnceLock<mpsc::Sender<Federate>>,
     claims: std::sync::OnceLock<mpsc::Sender<RemoteClaim>>,
+    /// This relay's key and the federation's pending bound below which
+    /// routed packets do not count as stored for absent recipients.
+    fed_gate: std::sync::OnceLock<FedGate>,
     max_packet: usize,
     client_queue: usize,
     client_queue_bytes: usize,
@@ -225,6 +235,7 @@ impl Core {
             homed_dirty_max: limits.homed_dirty_max.max(1),
             federation: std::sync::OnceLock::new(),
             claims: std::sync::OnceLock::new(),
+            fed_gate: std::sync::OnceLock::new(),
             max_packet: limits.max_packet,
             client_queue: limits.client_queue.max(1),
             client_queue_bytes: limits.client_queue_bytes.max(1),
@@ -273,10 +284,21 @@ impl Core {
     }
 
     /// Hands packets for relays elsewhere to the federation from now on,
-    /// and claims at other relays.
-    pub fn set_federation(&self, tx: mpsc::Sender<Federate>, claims: mpsc::Sender<RemoteClaim>) {
+    /// and claims at other relays. `me` is this relay's key; `max_pending`
+    /// the federation's bound on packets waiting for an ack.
+    pub fn set_federation(
+        &self,
+        tx: mpsc::Sender<Federate>,
+        claims: mpsc::Sender<RemoteClaim>,
+        me: [u8; 32],
+        max_pending: usize,
+    ) {
         let _ = self.federation.set(tx);
         let _ = self.claims.set(claims);
+        let _ = self.fed_gate.set(FedGate {
+            me,
+            pending_soft: (max_pending / 2) as u64,
+        });
     }
 
     /// Asks `home` (over federation) for an identity's bundle and one of
@@ -704,19 +726,40 @@ impl Core {
             .collect()
     }
 
-    /// Bytes of `frames` whose destination has no connection here (their
-    /// recipients are away, or homed elsewhere): what such a batch would
-    /// leave in the store.
+    /// Bytes of `frames` whose destination has no connection here and that
+    /// would stay in the store: their recipients are away, or homed
+    /// elsewhere with no route that takes them off at once. A packet the
+    /// sender routes to another relay (a `route` hint) leaves the store as
+    /// soon as that relay acknowledges it, like a live delivery, so it does
+    /// not count while the federation has a relay connected and is under
+    /// half its `max_pending` (a named relay that does not home the
+    /// recipient still stores it in the end; see `federation::forward`).
     pub fn away_bytes(&self, frames: &[(Bytes, Option<[u8; 32]>)]) -> usize {
-        let r = self.registry();
-        frames
+        let dest = |f: &Bytes| f.get(2..10).and_then(|d| <[u8; 8]>::try_from(d).ok());
+        let absent: Vec<(Option<[u8; 8]>, usize, Option<[u8; 32]>)> = {
+            let r = self.registry();
+            frames
+                .iter()
+                .map(|(f, hint)| (dest(f), f.len(), *hint))
+                .filter(|(d, _, _)| d.is_none_or(|d| !r.by_hash.contains_key(&DestHash(d))))
+                .collect()
+        };
+        let gate = self.fed_gate.get().filter(|g| {
+            let m = &self.metrics.federation;
+            m.peers_connected.load(Relaxed) > 0 && m.pending.load(Relaxed) < g.pending_soft
+        });
+        let Some(gate) = gate else {
+            return absent.iter().map(|(_, len, _)| len).sum();
+        };
+        let now = now_ms();
+        let homed = self.homed_set();
+        absent
             .iter()
-            .filter(|(f, _)| {
-                f.get(2..10)
-                    .and_then(|d| <[u8; 8]>::try_from(d).ok())
-                    .is_none_or(|d| !r.by_hash.contains_key(&DestHash(d)))
+            .filter(|(d, _, hint)| match (d, hint) {
+                (Some(d), Some(h)) => *h == gate.me || homed.contains(&DestHash(*d), now),
+                _ => true,
             })
-            .map(|(f, _)| f.len())
+            .map(|(_, len, _)| len)
             .sum()
     }
 

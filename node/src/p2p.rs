@@ -361,7 +361,12 @@ pub fn start(
     );
     let fed_driver = crate::federation::driver::Driver::new(state, core.clone(), pool);
     if enabled {
-        core.set_federation(out_tx, claim_tx);
+        core.set_federation(
+            out_tx,
+            claim_tx,
+            ed.public().to_bytes(),
+            fed.cfg.max_pending,
+        );
     }
     let (status_tx, status_rx) = watch::channel(FedStatus {
         configured: fed_driver.bootstrap_count(),
