@@ -135,12 +135,13 @@ struct FedGate {
     pending_soft: u64,
 }
 
-/// A stored packet whose recipient is not homed here: the federation sends
-/// it on and deletes the stored copy once the home relay has stored it.
+/// A packet whose recipient is not homed here: the federation sends it on
+/// and deletes the stored copy once the home relay has stored it.
 #[derive(Debug)]
 pub struct Federate {
-    /// The stored copy here.
-    pub mailbox_id: MailboxId,
+    /// The stored copy here (`None`: held in memory only, see
+    /// [`Core::hand_over`]).
+    pub mailbox_id: Option<MailboxId>,
     /// Its destination.
     pub dest: DestHash,
     /// The packet.
@@ -365,7 +366,7 @@ impl Core {
                     continue;
                 }
                 let f = Federate {
-                    mailbox_id: p.id,
+                    mailbox_id: Some(p.id),
                     dest: p.dest,
                     packet: Bytes::from(p.packet),
                     // The route its sender named, kept with the packet.
@@ -617,7 +618,7 @@ impl Core {
         frames: Vec<(Bytes, Option<[u8; 32]>)>,
         lane: meshwhisper_storage::mailbox::Lane,
     ) -> Vec<Result<Accepted, PacketError>> {
-        self.accept_inner(frames, None, lane)
+        self.accept_inner(frames, None, lane, true)
             .await
             .into_iter()
             .map(|r| {
@@ -643,15 +644,107 @@ impl Core {
             frames.into_iter().map(|f| (f, None)).collect(),
             Some((ids, remember_until_ms)),
             meshwhisper_storage::mailbox::Lane::Main,
+            true,
         )
         .await
     }
 
+    /// Hands packets a client sent for recipients homed at other relays
+    /// straight to the federation, without storing them here first: each
+    /// is held in memory until its home relay has stored it, and stored
+    /// here only if that does not happen at once (see
+    /// `federation::forward`). This relay then does no storage work for a
+    /// packet that passes through, as a live delivery costs none either.
+    /// A packet held so is lost if this relay dies (SIGKILL, power) before
+    /// its home relay stores it, like one still in the socket's buffer:
+    /// only for senders that get no acknowledgement (WebSocket clients).
+    ///
+    /// Taken only when every packet names a home relay other than this one
+    /// and the federation has a relay connected and room; returns the
+    /// packets not handed over (from the first one that was not, so that
+    /// order is kept), to be stored as usual.
+    pub fn hand_over(
+        &self,
+        frames: Vec<(Bytes, Option<[u8; 32]>)>,
+    ) -> Vec<(Bytes, Option<[u8; 32]>)> {
+        let (Some(gate), Some(tx)) = (self.fed_gate(), self.federation.get()) else {
+            return frames;
+        };
+        if !frames
+            .iter()
+            .all(|(_, hint)| hint.is_some_and(|h| h != gate.me))
+        {
+            return frames;
+        }
+        let deadline_ms = now_ms().saturating_add(self.mailbox_ttl_ms);
+        let mut rest = Vec::new();
+        let mut handed = 0u64;
+        for (packet, hint) in frames {
+            let dest = match packet::destination(&packet, self.max_packet) {
+                Ok(d) if rest.is_empty() && !self.is_homed(&d) => d,
+                _ => {
+                    rest.push((packet, hint));
+                    continue;
+                }
+            };
+            let f = Federate {
+                mailbox_id: None,
+                dest,
+                packet,
+                hint,
+                deadline_ms,
+            };
+            match tx.try_send(f) {
+                Ok(()) => handed += 1,
+                Err(e) => {
+                    let f = e.into_inner();
+                    rest.push((f.packet, f.hint));
+                }
+            }
+        }
+        if handed > 0 {
+            self.metrics.packets_in.fetch_add(handed, Relaxed);
+            self.events.inbound.fetch_add(handed, Relaxed);
+            self.metrics.packets_queued.fetch_add(handed, Relaxed);
+            self.events.queued.fetch_add(handed, Relaxed);
+            self.metrics.federation.unstored.fetch_add(handed, Relaxed);
+        }
+        rest
+    }
+
+    /// Stores packets that were held in memory on their way to another
+    /// relay (see [`Core::hand_over`]), each with that relay's key as its
+    /// route: their stored copies' ids, in order (`None`: not stored).
+    pub async fn keep_copies(&self, items: Vec<(Bytes, [u8; 32])>) -> Vec<Option<MailboxId>> {
+        self.accept_inner(
+            items.into_iter().map(|(p, r)| (p, Some(r))).collect(),
+            None,
+            meshwhisper_storage::mailbox::Lane::Main,
+            false,
+        )
+        .await
+        .into_iter()
+        .map(|r| r.ok().flatten().map(|a| a.id))
+        .collect()
+    }
+
+    /// The federation's gate, when it is open: a relay connected and the
+    /// pending queue under half full.
+    fn fed_gate(&self) -> Option<&FedGate> {
+        self.fed_gate.get().filter(|g| {
+            let m = &self.metrics.federation;
+            m.peers_connected.load(Relaxed) > 0 && m.pending.load(Relaxed) < g.pending_soft
+        })
+    }
+
+    /// `counted`: new packets (counted in; not for copies of packets
+    /// counted when they came).
     async fn accept_inner(
         &self,
         frames: Vec<(Bytes, Option<[u8; 32]>)>,
         fed: Option<(Vec<meshwhisper_storage::fed_seen::FedId>, u64)>,
         lane: meshwhisper_storage::mailbox::Lane,
+        counted: bool,
     ) -> Vec<Result<Option<Accepted>, PacketError>> {
         let mut results: Vec<Option<Result<Option<Accepted>, PacketError>>> =
             Vec::with_capacity(frames.len());
@@ -670,8 +763,10 @@ impl Core {
         }
         if !valid.is_empty() {
             let n = valid.len() as u64;
-            self.metrics.packets_in.fetch_add(n, Relaxed);
-            self.events.inbound.fetch_add(n, Relaxed);
+            if counted {
+                self.metrics.packets_in.fetch_add(n, Relaxed);
+                self.events.inbound.fetch_add(n, Relaxed);
+            }
             let mailbox = self.store.mailbox();
             let stored = match &fed {
                 Some((ids, until)) => {
@@ -736,7 +831,9 @@ impl Core {
     /// recipient still stores it in the end; see `federation::forward`).
     pub fn away_bytes(&self, frames: &[(Bytes, Option<[u8; 32]>)]) -> usize {
         let dest = |f: &Bytes| f.get(2..10).and_then(|d| <[u8; 8]>::try_from(d).ok());
-        let absent: Vec<(Option<[u8; 8]>, usize, Option<[u8; 32]>)> = {
+        // (destination, length, route) of each packet not for a client here.
+        type Absent = (Option<[u8; 8]>, usize, Option<[u8; 32]>);
+        let absent: Vec<Absent> = {
             let r = self.registry();
             frames
                 .iter()
@@ -744,11 +841,7 @@ impl Core {
                 .filter(|(d, _, _)| d.is_none_or(|d| !r.by_hash.contains_key(&DestHash(d))))
                 .collect()
         };
-        let gate = self.fed_gate.get().filter(|g| {
-            let m = &self.metrics.federation;
-            m.peers_connected.load(Relaxed) > 0 && m.pending.load(Relaxed) < g.pending_soft
-        });
-        let Some(gate) = gate else {
+        let Some(gate) = self.fed_gate() else {
             return absent.iter().map(|(_, len, _)| len).sum();
         };
         let now = now_ms();
@@ -781,7 +874,7 @@ impl Core {
             && !self.is_homed(&accepted.dest)
         {
             let f = Federate {
-                mailbox_id: accepted.id,
+                mailbox_id: Some(accepted.id),
                 dest: accepted.dest,
                 packet: accepted.frame,
                 hint,

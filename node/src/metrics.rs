@@ -193,6 +193,12 @@ pub struct FederationMetrics {
     pub claims_failed: AtomicU64,
     /// Packets waiting for a federation acknowledgement (gauge).
     pub pending: AtomicU64,
+    /// Packets handed to the federation without a stored copy here (held
+    /// in memory until their home relay stores them).
+    pub unstored: AtomicU64,
+    /// Of those (and of packets refused at once), copies stored here after
+    /// all: the home relay did not store them at once.
+    pub kept: AtomicU64,
 }
 
 /// Labels of [`FederationMetrics::records_rejected`], in order.
@@ -213,7 +219,7 @@ impl FederationMetrics {
         }
     }
 
-    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 28] {
+    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 30] {
         [
             (
                 "claims_sent_total",
@@ -229,6 +235,16 @@ impl FederationMetrics {
                 "claims_failed_total",
                 "Claims for our devices that found no room, no relay or no answer in time",
                 &self.claims_failed,
+            ),
+            (
+                "unstored_total",
+                "Packets sent on to their home relay held in memory, without a stored copy here",
+                &self.unstored,
+            ),
+            (
+                "kept_total",
+                "Packets held for another relay that were stored here after all (no prompt ack)",
+                &self.kept,
             ),
             (
                 "stale_hints_total",

@@ -482,6 +482,18 @@ impl EventLoop {
             }
             self.publish_status();
         }
+        // Packets held in memory for other relays are stored before we
+        // stop (sessions store what they read from now on themselves).
+        let unstored = self.fed.take_unstored(&mut self.out_rx);
+        if !unstored.is_empty() {
+            let n = unstored.len();
+            let kept = self.core.keep_copies(unstored).await;
+            let lost = kept.iter().filter(|k| k.is_none()).count();
+            if lost > 0 {
+                tracing::warn!(lost, "could not store packets held for other relays");
+            }
+            tracing::info!(stored = n - lost, "stored packets held for other relays");
+        }
     }
 
     fn publish_status(&mut self) {

@@ -313,6 +313,9 @@ async fn hinted_packet_touches_only_sender_and_home_relay() {
     }
     assert_eq!(fed(f).forwards_received.load(Relaxed), 51);
     assert_eq!(fed(a).routed_forwards.load(Relaxed), 51);
+    // Sent on from memory and never stored at the sender.
+    assert_eq!(fed(a).unstored.load(Relaxed), 51);
+    assert_eq!(fed(a).kept.load(Relaxed), 0);
     assert_eq!(
         fed(a).retries.load(Relaxed),
         0,
@@ -1157,6 +1160,10 @@ async fn a_stale_hint_floods_and_an_unclaimed_one_is_kept_by_the_named_relay() {
     assert_eq!(&next_packet(&mut bob).await[31..], b"moved");
     assert_eq!(fed(a).stale_hints.load(Relaxed), 1);
     assert_eq!(fed(named).stored_locally.load(Relaxed), 0);
+    // Sent on from memory, and stored at the sender once the named relay
+    // turned out not to home the recipient.
+    assert_eq!(fed(a).unstored.load(Relaxed), 1);
+    assert_eq!(fed(a).kept.load(Relaxed), 1);
     // A recipient nobody homes yet (say, a new profile whose client has
     // not connected): after the floods, the named relay keeps it.
     const NEW: &str = "0000000000000abc";
@@ -1455,4 +1462,174 @@ async fn a_dial_whose_listening_port_is_taken_is_retried_from_a_fresh_port() {
     .expect("B reached A from another port")
     .expect("watch");
     stop_all(vec![a, b]).await;
+}
+
+/// A relay that takes federation frames and never acknowledges them: what
+/// a sender holds for it stays pending. Returns its relay key (hex) and a
+/// count of the Routed packets it got.
+async fn silent_relay(
+    target: &Relay,
+) -> (
+    String,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    use libp2p::swarm::SwarmEvent;
+    use meshwhisper_behaviour::federation::{self as fedb, codec::Frame};
+    use meshwhisper_behaviour::node::BehaviourEvent;
+    let addr: libp2p::Multiaddr = p2p_addr(target).await.parse().expect("addr");
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let me = key.public().to_peer_id();
+    let mut swarm = meshwhisper_node::p2p::build_swarm(
+        key,
+        meshwhisper_behaviour::device::Config::new(meshwhisper_behaviour::device::Role::Relay),
+        Default::default(),
+        Default::default(),
+    )
+    .expect("swarm");
+    swarm.dial(addr).expect("dial");
+    let routed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
+    let count = routed.clone();
+    let task = tokio::spawn(async move {
+        let mut opened_tx = Some(opened_tx);
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::Behaviour(BehaviourEvent::Identify(
+                    libp2p::identify::Event::Received { peer_id, .. },
+                )) => {
+                    let b = swarm.behaviour_mut();
+                    let _ = b.policy.admit(peer_id, meshwhisper_node::core::now_ms());
+                    b.federation.open(peer_id);
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Federation(fedb::Event::Opened {
+                    ..
+                })) => {
+                    if let Some(tx) = opened_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                SwarmEvent::Behaviour(BehaviourEvent::Federation(fedb::Event::Frame {
+                    frame,
+                    ..
+                })) => {
+                    let frames = match frame {
+                        Frame::Batch(frames) => frames,
+                        f => vec![f],
+                    };
+                    let n = frames
+                        .iter()
+                        .filter(|f| matches!(f, Frame::Routed { .. }))
+                        .count();
+                    count.fetch_add(n, Relaxed);
+                }
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(20), opened_rx)
+        .await
+        .expect("the silent relay's stream opens in time")
+        .expect("opened");
+    let key = meshwhisper_behaviour::relay_key::RelayKey::from_peer(&me).expect("ed25519");
+    eventually("the relay sees the silent one", 20, || async {
+        fed(target).peers_connected.load(Relaxed) >= 1
+    })
+    .await;
+    (hex::encode(key.0), routed, task)
+}
+
+/// Packets a WebSocket client sends for another relay go on from memory:
+/// the sending relay stores nothing while the home relay acknowledges at
+/// once (two relays, not one, pay for storing a packet that passes
+/// through). What it still holds when it stops is stored then, with its
+/// route, and nothing it read is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_held_for_another_relay_are_stored_when_the_relay_stops() {
+    let relays = mesh(1, |_, c| {
+        c.federation.send_window = 4;
+        c.federation.retry_ms = 600_000;
+    })
+    .await;
+    let a = relays.into_iter().next().expect("one relay");
+    let (silent, routed, task) = silent_relay(&a).await;
+    let mut alice = ws(&a.ws).await;
+    for i in 0..10u8 {
+        send_route(&mut alice, H, &silent).await;
+        send_packet(&mut alice, H, &[i; 32]).await;
+    }
+    eventually("four sent, six waiting for the window", 10, || async {
+        routed.load(Relaxed) == 4 && fed(&a).pending.load(Relaxed) == 10
+    })
+    .await;
+    assert_eq!(fed(&a).unstored.load(Relaxed), 10);
+    assert_eq!(fed(&a).kept.load(Relaxed), 0);
+    assert_eq!(
+        running(&a)
+            .core
+            .store
+            .mailbox()
+            .count()
+            .await
+            .expect("count"),
+        0,
+        "nothing stored while the packets are on their way"
+    );
+    drop(alice);
+    let dir = a.stop().await;
+    task.abort();
+    // Back with federation off, so that nothing is sent on: all ten are
+    // stored, each with the relay it was routed to.
+    let a = start_in(dir, |c| {
+        c.federation.mode = meshwhisper_node::config::FederationMode::Off
+    })
+    .await;
+    let stored = running(&a)
+        .core
+        .store
+        .mailbox()
+        .page_stored(
+            meshwhisper_storage::mailbox::MailboxId(0),
+            meshwhisper_node::core::now_ms(),
+            100,
+        )
+        .await
+        .expect("page");
+    let mut payloads: Vec<u8> = stored.iter().map(|p| p.packet[31]).collect();
+    payloads.sort_unstable();
+    assert_eq!(payloads, (0..10u8).collect::<Vec<_>>());
+    let silent_key: [u8; 32] = hex::decode(&silent).expect("hex").try_into().expect("32");
+    assert!(stored.iter().all(|p| p.route == Some(silent_key)));
+    a.stop().await;
+}
+
+/// A client sending fast for a recipient homed at another relay is not
+/// paced as if it stored for absent recipients (its packets leave at
+/// once): 4 MiB in a burst, four times the pacer's allowance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fast_sender_to_another_relay_is_not_paced() {
+    let relays = converged_mesh(2).await;
+    let (a, f) = (&relays[0], &relays[1]);
+    let mut bob = recipient(f).await;
+    let mut alice = ws(&a.ws).await;
+    let home = key_hex(f);
+    let n = 4096u32;
+    let sender = async {
+        for i in 0..n {
+            send_route(&mut alice, H, &home).await;
+            let mut payload = vec![0u8; 1024];
+            payload[..4].copy_from_slice(&i.to_be_bytes());
+            send_packet(&mut alice, H, &payload).await;
+        }
+    };
+    let receiver = async {
+        for i in 0..n {
+            let p = next_packet(&mut bob).await;
+            assert_eq!(&p[31..35], &i.to_be_bytes(), "in order, once");
+        }
+    };
+    tokio::join!(sender, receiver);
+    assert_eq!(running(a).core.metrics.packets_paced_away.load(Relaxed), 0);
+    assert_eq!(fed(a).retries.load(Relaxed), 0);
+    stop_all(relays).await;
 }

@@ -296,6 +296,10 @@ fn connect_options(cfg: &Config, path: &Path) -> SqliteConnectOptions {
         })
         .busy_timeout(cfg.busy_timeout)
         .foreign_keys(true)
+        // Sorts and temporary tables stay in memory (a temporary file is
+        // created and unlinked for each otherwise); the queries that use
+        // them are bounded by their LIMITs.
+        .pragma("temp_store", "memory")
 }
 
 fn mkdir(path: &Path) -> Result<()> {

@@ -76,6 +76,9 @@ pub enum Job {
     },
     /// Delete our stored copies: their home relays have them.
     Delete(Vec<MailboxId>),
+    /// Store here packets that were held in memory only (each with the
+    /// relay it is routed to); answered with [`JobDone::Kept`].
+    KeepCopy(Vec<super::forward::Keep>),
     /// Forget federated ids whose senders have the acks.
     Forget(Vec<PacketId>),
     /// Keep our own new record in our book.
@@ -210,6 +213,8 @@ pub enum JobDone {
     ServeDone(PeerId),
     /// The book's keys and timestamps (`None`: the store failed).
     Held(Option<Vec<([u8; 32], u64)>>),
+    /// Pending packets' copies stored here (`None`: the store failed).
+    Kept(Vec<(PacketId, Option<MailboxId>)>),
 }
 
 /// What storing a federated packet came to.

@@ -113,6 +113,29 @@ impl Driver {
         }
     }
 
+    /// Packets held in memory for other relays (pending, or still in
+    /// `queued`, the channel sessions hand them over on), each with its
+    /// route: what must be stored before this relay stops.
+    pub fn take_unstored(
+        &mut self,
+        queued: &mut mpsc::Receiver<crate::core::Federate>,
+    ) -> Vec<(bytes::Bytes, [u8; 32])> {
+        let me = self.fed.key().0;
+        let mut all: Vec<(bytes::Bytes, [u8; 32])> = self
+            .fed
+            .take_unstored()
+            .into_iter()
+            .map(|k| (k.packet, k.route))
+            .collect();
+        queued.close();
+        while let Ok(f) = queued.try_recv() {
+            if f.mailbox_id.is_none() {
+                all.push((f.packet, f.hint.unwrap_or(me)));
+            }
+        }
+        all
+    }
+
     /// Bootstrap relays configured.
     pub fn bootstrap_count(&self) -> usize {
         self.fed.dials.bootstrap_count()

@@ -13,6 +13,16 @@
 //! copy goes, the destination's home is learned, and the home relay is
 //! told it may forget the id.
 //!
+//! A packet a WebSocket client sent for a relay that is up may come
+//! **unstored** (`Federate::mailbox_id` is `None`): it is held here in
+//! memory only, and stored here after all (`KeepCopy`, with its route) the
+//! moment anything but a prompt `Stored` ack happens to it: it could not
+//! be sent at once, its stream closed, the frame was not queued, its ack
+//! is late, or the relay refused it or does not home the recipient. The
+//! packet goes on being forwarded meanwhile under the same id; a `Stored`
+//! ack that comes while its copy is being written deletes the copy once
+//! it is written.
+//!
 //! A hint can be stale: a home relay that does not home the recipient
 //! answers `NotHome`, and the packet is flooded instead; if no relay claims
 //! it, it goes back to the named relay to be stored there anyway (the
@@ -78,11 +88,35 @@ enum Mode {
     },
 }
 
+/// Where a pending packet's copy is, besides in [`Pending::packet`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Copy {
+    /// Stored here under this id.
+    Stored(MailboxId),
+    /// Nowhere else yet: lost if this relay stops before its home relay
+    /// stores it (or before it is kept).
+    Memory,
+    /// Being stored here (a `KeepCopy` job is out).
+    Keeping,
+}
+
+/// A packet to store here after all: `id` names the pending packet that
+/// goes on being forwarded (`None`: it is not pending, the copy only stays).
+#[derive(Debug, Clone)]
+pub struct Keep {
+    /// The pending packet, if it still is.
+    pub id: Option<PacketId>,
+    /// The packet.
+    pub packet: Bytes,
+    /// The home relay the sender named (kept with the copy).
+    pub route: [u8; 32],
+}
+
 #[derive(Debug)]
 struct Pending {
     /// Arrival order (packets to one relay go out in this order).
     seq: u64,
-    mailbox_id: MailboxId,
+    copy: Copy,
     dest: DestHash,
     packet: Bytes,
     mode: Mode,
@@ -140,6 +174,11 @@ pub struct Forward {
     peers: hashlink::LruCache<RelayKey, Option<PeerId>, foldhash::fast::RandomState>,
     /// A packet found no room since the last [`Forward::take_overflow`].
     overflow: bool,
+    /// Packets acked while their copy was being kept: the copy goes once
+    /// it is written.
+    drop_when_kept: HashSet<PacketId>,
+    /// Copies whose `KeepCopy` job the workers refused (sent again each tick).
+    unkept: Vec<Keep>,
 }
 
 impl Forward {
@@ -162,6 +201,8 @@ impl Forward {
             by_mailbox: HashSet::new(),
             pending_bytes: 0,
             overflow: false,
+            drop_when_kept: HashSet::new(),
+            unkept: Vec::new(),
         }
     }
 
@@ -209,7 +250,9 @@ impl Forward {
     fn take_pending(&mut self, id: &PacketId) -> Option<Pending> {
         let p = self.pending.remove(id)?;
         self.pending_bytes = self.pending_bytes.saturating_sub(p.packet.len());
-        self.by_mailbox.remove(&p.mailbox_id);
+        if let Copy::Stored(m) = p.copy {
+            self.by_mailbox.remove(&m);
+        }
         if let Mode::Routed { target, .. } = p.mode {
             self.unqueue(target, p.in_window);
         }
@@ -238,7 +281,9 @@ impl Forward {
 
     /// A packet accepted here whose recipient is homed elsewhere.
     pub fn outbound(&mut self, now: u64, f: Federate, id: PacketId, cx: &mut Ctx<'_>) {
-        if self.by_mailbox.contains(&f.mailbox_id) {
+        if let Some(m) = f.mailbox_id
+            && self.by_mailbox.contains(&m)
+        {
             // Already on its way (a restart's hand-back met a live one).
             return;
         }
@@ -246,6 +291,9 @@ impl Forward {
             // The stored copy stays here; it is handed back when room frees.
             cx.m.drops_queue_full.fetch_add(1, Relaxed);
             self.overflow = true;
+            if f.mailbox_id.is_none() {
+                self.keep(None, f.packet, f.hint, cx);
+            }
             return;
         }
         let key = f
@@ -254,7 +302,10 @@ impl Forward {
             .or_else(|| self.routes.get(&f.dest).copied());
         let target = key.and_then(|k| self.peer_of(k).map(|p| (p, k)));
         if key == Some(self.me) {
-            // Named us: it is stored here already.
+            // Named us: it is stored here already (or is now).
+            if f.mailbox_id.is_none() {
+                self.keep(None, f.packet, f.hint, cx);
+            }
             return;
         }
         if let Some((p, _)) = target
@@ -263,6 +314,9 @@ impl Forward {
         {
             cx.m.drops_queue_full.fetch_add(1, Relaxed);
             self.overflow = true;
+            if f.mailbox_id.is_none() {
+                self.keep(None, f.packet, f.hint, cx);
+            }
             return;
         }
         self.next_seq += 1;
@@ -278,12 +332,18 @@ impl Forward {
             None => Mode::Flood { fallback: None },
         };
         self.pending_bytes += f.packet.len();
-        self.by_mailbox.insert(f.mailbox_id);
+        let copy = match f.mailbox_id {
+            Some(m) => {
+                self.by_mailbox.insert(m);
+                Copy::Stored(m)
+            }
+            None => Copy::Memory,
+        };
         self.pending.insert(
             id,
             Pending {
                 seq: self.next_seq,
-                mailbox_id: f.mailbox_id,
+                copy,
                 dest: f.dest,
                 packet: f.packet,
                 mode,
@@ -296,6 +356,104 @@ impl Forward {
             },
         );
         self.dispatch(now, id, cx);
+        if copy == Copy::Memory
+            && !self
+                .pending
+                .get(&id)
+                .is_some_and(|p| p.in_window || p.backlogged)
+        {
+            // Not on its way (nor next in line for a live stream): it
+            // waits here, stored.
+            self.keep_pending(id, cx);
+        }
+    }
+
+    /// Asks for a packet to be stored here (`id`: the pending packet it is).
+    fn keep(
+        &mut self,
+        id: Option<PacketId>,
+        packet: Bytes,
+        route: Option<[u8; 32]>,
+        cx: &mut Ctx<'_>,
+    ) {
+        // Unstored packets always name their relay; without one the copy
+        // is kept unrouted.
+        let route = route.unwrap_or(self.me.0);
+        cx.m.kept.fetch_add(1, Relaxed);
+        cx.out
+            .push(Action::Job(Job::KeepCopy(vec![Keep { id, packet, route }])));
+    }
+
+    /// Stores a pending packet held only in memory (no-op otherwise).
+    fn keep_pending(&mut self, id: PacketId, cx: &mut Ctx<'_>) {
+        let Some(p) = self.pending.get_mut(&id).filter(|p| p.copy == Copy::Memory) else {
+            return;
+        };
+        p.copy = Copy::Keeping;
+        let route = match p.mode {
+            Mode::Routed { key, .. }
+            | Mode::Flood {
+                fallback: Some((_, key)),
+            } => Some(key.0),
+            Mode::Flood { fallback: None } => None,
+        };
+        let packet = p.packet.clone();
+        self.keep(Some(id), packet, route, cx);
+    }
+
+    /// A `KeepCopy` job stored `id`'s copy under `mailbox` (`None`: the
+    /// store failed, and it is tried again at the next setback).
+    pub fn kept(&mut self, id: PacketId, mailbox: Option<MailboxId>, cx: &mut Ctx<'_>) {
+        if self.drop_when_kept.remove(&id) {
+            if let Some(m) = mailbox {
+                cx.out.push(Action::Job(Job::Delete(vec![m])));
+            }
+            return;
+        }
+        if let Some(p) = self
+            .pending
+            .get_mut(&id)
+            .filter(|p| p.copy == Copy::Keeping)
+        {
+            match mailbox {
+                Some(m) => {
+                    p.copy = Copy::Stored(m);
+                    self.by_mailbox.insert(m);
+                }
+                None => p.copy = Copy::Memory,
+            }
+        }
+        // Otherwise it was given up on (expired, refused as malformed):
+        // the copy stays, as a stored packet's would.
+    }
+
+    /// A `KeepCopy` job the workers could not take: tried again next tick.
+    pub fn keep_refused(&mut self, keeps: Vec<Keep>) {
+        self.unkept.extend(keeps);
+    }
+
+    /// Every packet held only in memory (and copies not yet kept), to be
+    /// stored before this relay stops.
+    pub fn take_unstored(&mut self) -> Vec<Keep> {
+        let mut all = std::mem::take(&mut self.unkept);
+        for (id, p) in &mut self.pending {
+            if p.copy == Copy::Memory {
+                p.copy = Copy::Keeping;
+                let route = match p.mode {
+                    Mode::Routed { key, .. }
+                    | Mode::Flood {
+                        fallback: Some((_, key)),
+                    } => key.0,
+                    Mode::Flood { fallback: None } => self.me.0,
+                };
+                all.push(Keep {
+                    id: Some(*id),
+                    packet: p.packet.clone(),
+                    route,
+                });
+            }
+        }
+        all
     }
 
     /// Sends (or resends) a pending packet, or starts reaching its target.
@@ -426,7 +584,13 @@ impl Forward {
                 let Some(p) = self.take_pending(&id) else {
                     return true;
                 };
-                cx.out.push(Action::Job(Job::Delete(vec![p.mailbox_id])));
+                match p.copy {
+                    Copy::Stored(m) => cx.out.push(Action::Job(Job::Delete(vec![m]))),
+                    Copy::Keeping => {
+                        self.drop_when_kept.insert(id);
+                    }
+                    Copy::Memory => {}
+                }
                 if let Some(t) = routed_to {
                     cx.m.routed_acked.fetch_add(1, Relaxed);
                     self.pump(now, t, cx);
@@ -466,6 +630,7 @@ impl Forward {
             AckStatus::NotHome if routed_to == Some(from) => {
                 // A stale hint: the named relay does not home the recipient.
                 // Flood it; if nobody claims it, it goes back there.
+                self.keep_pending(id, cx);
                 if let Mode::Routed { target, key, .. } = mode {
                     let mut in_window = false;
                     if let Some(p) = self.pending.get_mut(&id) {
@@ -487,11 +652,20 @@ impl Forward {
             }
             AckStatus::Malformed | AckStatus::NotTarget if routed_to == Some(from) => {
                 // Never accepted there: keep our stored copy, stop sending.
-                self.take_pending(&id);
+                if let Some(p) = self.take_pending(&id)
+                    && p.copy == Copy::Memory
+                {
+                    let route = match p.mode {
+                        Mode::Routed { key, .. } => Some(key.0),
+                        Mode::Flood { .. } => None,
+                    };
+                    self.keep(None, p.packet, route, cx);
+                }
                 cx.m.drops_malformed.fetch_add(1, Relaxed);
                 self.pump(now, from, cx);
             }
             AckStatus::Refused => {
+                self.keep_pending(id, cx);
                 if let Some(p) = self.pending.get_mut(&id) {
                     match p.mode {
                         Mode::Routed { target, .. } if target == from => {
@@ -575,6 +749,10 @@ impl Forward {
 
     /// Expires, resends and re-floods what is due; flushes Forget batches.
     pub fn tick(&mut self, now: u64, cx: &mut Ctx<'_>) {
+        if !self.unkept.is_empty() {
+            cx.out
+                .push(Action::Job(Job::KeepCopy(std::mem::take(&mut self.unkept))));
+        }
         let mut due: Vec<(u64, PacketId)> = self
             .pending
             .iter()
@@ -583,6 +761,11 @@ impl Forward {
             .collect();
         due.sort_unstable();
         for (_, id) in due {
+            if self.pending.get(&id).is_some_and(|p| p.deadline_ms > now) {
+                // Due before its ack came (a late ack, a closed stream, a
+                // frame not queued): stored here from now on.
+                self.keep_pending(id, cx);
+            }
             let Some(p) = self.pending.get_mut(&id) else {
                 continue;
             };
@@ -676,7 +859,7 @@ mod tests {
 
     fn fed(n: i64, hint: Option<RelayKey>) -> Federate {
         Federate {
-            mailbox_id: MailboxId(n),
+            mailbox_id: Some(MailboxId(n)),
             dest: DestHash([n as u8; 8]),
             packet: Bytes::from(vec![n as u8; 40]),
             hint: hint.map(|k| k.0),
@@ -902,5 +1085,278 @@ mod tests {
         assert!(f.take_overflow());
         assert!(!f.take_overflow());
         assert!(!f.has_room());
+    }
+
+    /// An unstored packet: held in memory, not stored here.
+    fn held(n: u8, hint: RelayKey) -> Federate {
+        Federate {
+            mailbox_id: None,
+            ..fed(i64::from(n), Some(hint))
+        }
+    }
+
+    /// The `KeepCopy` asks among `out`: (pending id, route).
+    fn keeps(out: &[Action]) -> Vec<(Option<PacketId>, [u8; 32])> {
+        out.iter()
+            .filter_map(|a| match a {
+                Action::Job(Job::KeepCopy(k)) => Some(k),
+                _ => None,
+            })
+            .flatten()
+            .map(|k| (k.id, k.route))
+            .collect()
+    }
+
+    fn deletes(out: &[Action]) -> Vec<MailboxId> {
+        out.iter()
+            .filter_map(|a| match a {
+                Action::Job(Job::Delete(ids)) => Some(ids.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    #[test]
+    fn an_unstored_packet_acked_at_once_is_never_stored_here() {
+        let (_, me) = key();
+        let (t, tk) = key();
+        let mut f = Forward::new(cfg(), me);
+        let view = FakeView::with_streams(&[t]);
+        let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
+        let mut out = Vec::new();
+        for n in 1..=3u8 {
+            f.outbound(
+                0,
+                held(n, tk),
+                [n; 16],
+                &mut cx(&view, &mut d, &m, &mut out),
+            );
+        }
+        // Two sent, one waiting for the window: none stored.
+        assert_eq!(routed_ids(&out), vec![[1; 16], [2; 16]]);
+        assert!(keeps(&out).is_empty());
+        out.clear();
+        for n in 1..=3u8 {
+            f.ack(
+                1,
+                t,
+                [n; 16],
+                AckStatus::Stored,
+                Some(tk.0),
+                &mut cx(&view, &mut d, &m, &mut out),
+            );
+        }
+        assert_eq!(
+            routed_ids(&out),
+            vec![[3; 16]],
+            "the third went when room freed"
+        );
+        assert!(keeps(&out).is_empty() && deletes(&out).is_empty());
+        assert_eq!(f.pending_len(), 0);
+        f.tick(10_000, &mut cx(&view, &mut d, &m, &mut out));
+        assert!(keeps(&out).is_empty());
+        assert_eq!(m.kept.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn an_unstored_packet_is_stored_here_at_its_first_setback() {
+        let (_, me) = key();
+        let (t, tk) = key();
+        let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
+        let mut out = Vec::new();
+        type Setback = fn(&mut Forward, PeerId, &mut Ctx<'_>);
+        let setbacks: [(&str, Setback); 5] = [
+            ("a late ack", |f, _, cx| f.tick(200, cx)),
+            ("a closed stream", |f, t, cx| {
+                f.stream_closed(50, t);
+                f.tick(60, cx);
+            }),
+            ("an unqueued frame", |f, t, cx| {
+                let frame = Frame::Routed {
+                    id: [1; 16],
+                    flags: 0,
+                    hops: 1,
+                    target: [0; 32],
+                    packet: Bytes::new(),
+                };
+                f.unsent(50, t, &frame);
+                f.tick(200, cx);
+            }),
+            ("a refusal", |f, t, cx| {
+                f.ack(50, t, [1; 16], AckStatus::Refused, None, cx);
+            }),
+            ("a stale hint", |f, t, cx| {
+                f.ack(50, t, [1; 16], AckStatus::NotHome, None, cx);
+            }),
+        ];
+        for (what, setback) in setbacks {
+            let mut f = Forward::new(cfg(), me);
+            let view = FakeView::with_streams(&[t]);
+            out.clear();
+            f.outbound(
+                0,
+                held(1, tk),
+                [1; 16],
+                &mut cx(&view, &mut d, &m, &mut out),
+            );
+            assert!(keeps(&out).is_empty(), "{what}");
+            out.clear();
+            setback(&mut f, t, &mut cx(&view, &mut d, &m, &mut out));
+            assert_eq!(
+                keeps(&out),
+                vec![(Some([1; 16]), tk.0)],
+                "{what}: stored with its route"
+            );
+            // Asked once, however many setbacks follow.
+            out.clear();
+            f.tick(100_000, &mut cx(&view, &mut d, &m, &mut out));
+            assert!(keeps(&out).is_empty(), "{what}: asked again");
+            // Stored: it is now a stored packet like any other, deleted
+            // once its home relay stores it.
+            f.kept(
+                [1; 16],
+                Some(MailboxId(77)),
+                &mut cx(&view, &mut d, &m, &mut out),
+            );
+            assert_eq!(
+                f.pending_mailboxes().into_iter().collect::<Vec<_>>(),
+                vec![MailboxId(77)]
+            );
+            out.clear();
+            f.ack(
+                100_001,
+                t,
+                [1; 16],
+                AckStatus::Stored,
+                Some(tk.0),
+                &mut cx(&view, &mut d, &m, &mut out),
+            );
+            assert_eq!(deletes(&out), vec![MailboxId(77)], "{what}");
+        }
+    }
+
+    #[test]
+    fn an_ack_while_the_copy_is_written_deletes_it_once_written() {
+        let (_, me) = key();
+        let (t, tk) = key();
+        let mut f = Forward::new(cfg(), me);
+        let view = FakeView::with_streams(&[t]);
+        let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
+        let mut out = Vec::new();
+        f.outbound(
+            0,
+            held(1, tk),
+            [1; 16],
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        f.tick(200, &mut cx(&view, &mut d, &m, &mut out));
+        assert_eq!(keeps(&out).len(), 1);
+        out.clear();
+        f.ack(
+            201,
+            t,
+            [1; 16],
+            AckStatus::Stored,
+            Some(tk.0),
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        assert!(deletes(&out).is_empty(), "nothing to delete yet");
+        f.kept(
+            [1; 16],
+            Some(MailboxId(5)),
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        assert_eq!(deletes(&out), vec![MailboxId(5)]);
+        assert!(f.pending_mailboxes().is_empty());
+    }
+
+    #[test]
+    fn an_unstored_packet_that_cannot_go_at_once_is_stored_and_a_failed_store_is_asked_again() {
+        let (_, me) = key();
+        let (_, tk) = key();
+        let mut f = Forward::new(cfg(), me);
+        // No stream to its relay: it waits, so it is stored.
+        let view = FakeView::with_streams(&[]);
+        let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
+        let mut out = Vec::new();
+        f.outbound(
+            0,
+            held(1, tk),
+            [1; 16],
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        assert_eq!(keeps(&out), vec![(Some([1; 16]), tk.0)]);
+        // The store failed: asked again at the next setback.
+        out.clear();
+        f.kept([1; 16], None, &mut cx(&view, &mut d, &m, &mut out));
+        f.tick(150, &mut cx(&view, &mut d, &m, &mut out));
+        assert_eq!(keeps(&out), vec![(Some([1; 16]), tk.0)]);
+        // The workers refused the job: sent again at the next tick.
+        out.clear();
+        f.keep_refused(vec![Keep {
+            id: Some([1; 16]),
+            packet: Bytes::from_static(b"p"),
+            route: tk.0,
+        }]);
+        f.tick(151, &mut cx(&view, &mut d, &m, &mut out));
+        assert_eq!(keeps(&out), vec![(Some([1; 16]), tk.0)]);
+        // A relay named as us, or no room: stored, not pending.
+        out.clear();
+        let mut full = Forward::new(
+            ForwardConfig {
+                max_pending: 0,
+                ..cfg()
+            },
+            me,
+        );
+        full.outbound(
+            0,
+            held(2, tk),
+            [2; 16],
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        f.outbound(
+            0,
+            held(3, me),
+            [3; 16],
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        assert_eq!(keeps(&out), vec![(None, tk.0), (None, me.0)]);
+        assert!(full.take_overflow());
+    }
+
+    #[test]
+    fn stopping_takes_every_packet_held_only_in_memory() {
+        let (_, me) = key();
+        let (t, tk) = key();
+        let mut f = Forward::new(cfg(), me);
+        let view = FakeView::with_streams(&[t]);
+        let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
+        let mut out = Vec::new();
+        for n in 1..=3u8 {
+            f.outbound(
+                0,
+                held(n, tk),
+                [n; 16],
+                &mut cx(&view, &mut d, &m, &mut out),
+            );
+        }
+        f.outbound(
+            0,
+            fed(4, Some(tk)),
+            [4; 16],
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        let taken: Vec<_> = f
+            .take_unstored()
+            .into_iter()
+            .map(|k| (k.id, k.route))
+            .collect();
+        let mut ids: Vec<_> = taken.iter().map(|(id, _)| id.expect("pending")).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, vec![[1; 16], [2; 16], [3; 16]], "not the stored one");
+        assert!(taken.iter().all(|(_, r)| *r == tk.0));
+        assert!(f.take_unstored().is_empty(), "taken once");
     }
 }

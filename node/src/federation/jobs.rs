@@ -106,7 +106,17 @@ async fn worker(
             Some(j) => j,
             None => tokio::select! {
                 biased;
-                _ = cancel.cancelled() => break,
+                _ = cancel.cancelled() => {
+                    // Copies of packets held in memory are this relay's
+                    // only ones: stored before it stops.
+                    rx.close();
+                    while let Ok(job) = rx.try_recv() {
+                        if let Job::KeepCopy(keeps) = job {
+                            keep(&core, keeps).await;
+                        }
+                    }
+                    break;
+                }
                 j = rx.recv() => match j {
                     Some(j) => j,
                     None => break,
@@ -214,6 +224,27 @@ async fn store(
             JobDone::Stored { peer, id, outcome }
         })
         .collect()
+}
+
+/// Stores copies of packets held in memory (see `forward`): what became
+/// of the pending ones.
+async fn keep(core: &Core, keeps: Vec<super::forward::Keep>) -> Vec<JobDone> {
+    let ids = core
+        .keep_copies(keeps.iter().map(|k| (k.packet.clone(), k.route)).collect())
+        .await;
+    let mut kept = Vec::new();
+    for (k, m) in keeps.iter().zip(ids) {
+        match (k.id, m) {
+            (Some(id), m) => kept.push((id, m)),
+            (None, None) => tracing::warn!("could not store a packet held for another relay"),
+            (None, Some(_)) => {}
+        }
+    }
+    if kept.is_empty() {
+        Vec::new()
+    } else {
+        vec![JobDone::Kept(kept)]
+    }
 }
 
 fn relay_entry(r: &AddressRecord) -> Option<(PeerId, Vec<Multiaddr>, u64)> {
@@ -350,6 +381,7 @@ async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
             core.delivered(ids).await;
             Vec::new()
         }
+        Job::KeepCopy(keeps) => keep(core, keeps).await,
         Job::Forget(ids) => {
             if let Err(e) = core.store.mailbox().forget_federated(ids).await {
                 tracing::warn!(error = %e, "forgetting federated ids");

@@ -225,7 +225,13 @@ impl Federation {
         self.me
     }
 
-    /// Our relay key.
+    /// Packets held only in memory (and copies not yet kept), to store
+    /// before this relay stops.
+    pub fn take_unstored(&mut self) -> Vec<forward::Keep> {
+        self.forward.take_unstored()
+    }
+
+    /// This relay's key.
     pub fn key(&self) -> RelayKey {
         self.my_key
     }
@@ -247,6 +253,13 @@ impl Federation {
     pub fn outbound(&mut self, now: u64, f: Federate, view: &dyn View, out: &mut Vec<Action>) {
         let mark = out.len();
         if !self.enabled {
+            if f.mailbox_id.is_none() {
+                out.push(Action::Job(Job::KeepCopy(vec![forward::Keep {
+                    id: None,
+                    packet: f.packet,
+                    route: f.hint.unwrap_or(self.key().0),
+                }])));
+            }
             return;
         }
         let id = self.random_id();
@@ -383,6 +396,7 @@ impl Federation {
             | Job::ServePull { peer, .. }
             | Job::ServeClaim { peer, .. } => self.ae.served(peer),
             Job::LoadHeld { .. } => self.held.loaded(None),
+            Job::KeepCopy(keeps) => self.forward.keep_refused(keeps),
             _ => {}
         }
     }
@@ -600,6 +614,17 @@ impl Federation {
             }
             JobDone::ServeDone(peer) => self.ae.served(peer),
             JobDone::Held(entries) => self.held.loaded(entries),
+            JobDone::Kept(kept) => {
+                let mut cx = Ctx {
+                    view,
+                    dedup: &mut self.dedup,
+                    m: &self.metrics,
+                    out,
+                };
+                for (id, mailbox) in kept {
+                    self.forward.kept(id, mailbox, &mut cx);
+                }
+            }
             JobDone::Compared {
                 peer,
                 want,
@@ -931,7 +956,7 @@ pub(crate) mod tests {
         a.outbound(
             0,
             Federate {
-                mailbox_id: meshwhisper_storage::mailbox::MailboxId(9),
+                mailbox_id: Some(meshwhisper_storage::mailbox::MailboxId(9)),
                 dest,
                 packet,
                 hint: Some(b.key().0),

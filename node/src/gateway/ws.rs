@@ -309,10 +309,6 @@ async fn session(s: AppState, mut socket: WebSocket, ip: IpAddr) {
                                 None => break,
                             }
                         }
-                        // The relay-wide budget: wait for room (this client
-                        // is not read meanwhile).
-                        let permit = s.core.inflight_permit(bytes).await;
-                        sess.storing_bytes += bytes;
                         // Each with the home relay a `route` frame named for
                         // its destination, kept with the stored copy.
                         let batch = batch.into_iter().map(|f| {
@@ -322,6 +318,19 @@ async fn session(s: AppState, mut socket: WebSocket, ip: IpAddr) {
                                 .and_then(|d| sess.hints.get(&DestHash(d)).copied());
                             (f, route)
                         }).collect::<Vec<_>>();
+                        // Packets routed to a relay elsewhere go on from
+                        // memory (stored here only if it does not store
+                        // them at once); not while earlier ones are still
+                        // being stored, which would overtake them.
+                        let batch = if storing.is_empty() { s.core.hand_over(batch) } else { batch };
+                        if batch.is_empty() {
+                            continue;
+                        }
+                        let bytes = batch.iter().map(|(f, _)| f.len()).sum();
+                        // The relay-wide budget: wait for room (this client
+                        // is not read meanwhile).
+                        let permit = s.core.inflight_permit(bytes).await;
+                        sess.storing_bytes += bytes;
                         let core = s.core.clone();
                         let lane = sess.away.lane(core.away_bytes(&batch), std::time::Instant::now());
                         if lane == Lane::Bulk {
