@@ -676,16 +676,36 @@ impl Core {
         {
             return frames;
         }
+        // Each packet's destination, if it is one and its recipient is not
+        // homed here (one look at the registry and one at the homed set).
+        let mut dests: Vec<Option<DestHash>> = frames
+            .iter()
+            .map(|(f, _)| packet::destination(f, self.max_packet).ok())
+            .collect();
+        {
+            let r = self.registry();
+            for d in &mut dests {
+                if d.is_some_and(|d| r.by_hash.contains_key(&d)) {
+                    *d = None;
+                }
+            }
+        }
+        {
+            let now = now_ms();
+            let homed = self.homed_set();
+            for d in &mut dests {
+                if d.is_some_and(|d| homed.contains(&d, now)) {
+                    *d = None;
+                }
+            }
+        }
         let deadline_ms = now_ms().saturating_add(self.mailbox_ttl_ms);
         let mut rest = Vec::new();
         let mut handed = 0u64;
-        for (packet, hint) in frames {
-            let dest = match packet::destination(&packet, self.max_packet) {
-                Ok(d) if rest.is_empty() && !self.is_homed(&d) => d,
-                _ => {
-                    rest.push((packet, hint));
-                    continue;
-                }
+        for ((packet, hint), dest) in frames.into_iter().zip(dests) {
+            let Some(dest) = dest.filter(|_| rest.is_empty()) else {
+                rest.push((packet, hint));
+                continue;
             };
             let f = Federate {
                 mailbox_id: None,
