@@ -440,6 +440,9 @@ struct EventLoop {
     bootstrap_watch: BootstrapWatch,
 }
 
+/// How long a stopping relay waits for acks of packets it sent.
+const SHUTDOWN_ACKS: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Federation results or packets taken from their queue at once.
 const DRAIN: usize = 512;
 
@@ -481,6 +484,16 @@ impl EventLoop {
                 _ = tick.tick() => self.fed.tick(&mut self.swarm),
             }
             self.publish_status();
+        }
+        // Acks of packets already sent, for a moment: what their home
+        // relays stored is then not sent again (nor kept) after a restart.
+        let until = tokio::time::Instant::now() + SHUTDOWN_ACKS;
+        while self.fed.in_flight(&self.swarm) > 0 {
+            tokio::select! {
+                biased;
+                ev = self.swarm.select_next_some() => self.on_event(ev),
+                _ = tokio::time::sleep_until(until) => break,
+            }
         }
         // Packets held in memory for other relays are stored before we
         // stop (sessions store what they read from now on themselves).

@@ -1464,21 +1464,20 @@ async fn a_dial_whose_listening_port_is_taken_is_retried_from_a_fresh_port() {
     stop_all(vec![a, b]).await;
 }
 
-/// A relay that takes federation frames and never acknowledges them: what
-/// a sender holds for it stays pending. Returns its relay key (hex) and a
-/// count of the Routed packets it got.
+/// The ids of the Routed packets a silent relay got.
+type RoutedIds = std::sync::Arc<std::sync::Mutex<Vec<[u8; 16]>>>;
+
+/// A relay with `key` that takes federation frames and never acknowledges
+/// them: what a sender holds for it stays pending. Returns its relay key
+/// (hex) and the ids of the Routed packets it got.
 async fn silent_relay(
     target: &Relay,
-) -> (
-    String,
-    std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    tokio::task::JoinHandle<()>,
-) {
+    key: libp2p::identity::Keypair,
+) -> (String, RoutedIds, tokio::task::JoinHandle<()>) {
     use libp2p::swarm::SwarmEvent;
     use meshwhisper_behaviour::federation::{self as fedb, codec::Frame};
     use meshwhisper_behaviour::node::BehaviourEvent;
     let addr: libp2p::Multiaddr = p2p_addr(target).await.parse().expect("addr");
-    let key = libp2p::identity::Keypair::generate_ed25519();
     let me = key.public().to_peer_id();
     let mut swarm = meshwhisper_node::p2p::build_swarm(
         key,
@@ -1488,7 +1487,7 @@ async fn silent_relay(
     )
     .expect("swarm");
     swarm.dial(addr).expect("dial");
-    let routed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let routed = RoutedIds::default();
     let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
     let count = routed.clone();
     let task = tokio::spawn(async move {
@@ -1517,11 +1516,12 @@ async fn silent_relay(
                         Frame::Batch(frames) => frames,
                         f => vec![f],
                     };
-                    let n = frames
-                        .iter()
-                        .filter(|f| matches!(f, Frame::Routed { .. }))
-                        .count();
-                    count.fetch_add(n, Relaxed);
+                    let mut ids = count.lock().expect("ids");
+                    for f in frames {
+                        if let Frame::Routed { id, .. } = f {
+                            ids.push(id);
+                        }
+                    }
                 }
                 _ => {}
             }
@@ -1552,14 +1552,15 @@ async fn packets_held_for_another_relay_are_stored_when_the_relay_stops() {
     })
     .await;
     let a = relays.into_iter().next().expect("one relay");
-    let (silent, routed, task) = silent_relay(&a).await;
+    let (silent, routed, task) =
+        silent_relay(&a, libp2p::identity::Keypair::generate_ed25519()).await;
     let mut alice = ws(&a.ws).await;
     for i in 0..10u8 {
         send_route(&mut alice, H, &silent).await;
         send_packet(&mut alice, H, &[i; 32]).await;
     }
     eventually("four sent, six waiting for the window", 10, || async {
-        routed.load(Relaxed) == 4 && fed(&a).pending.load(Relaxed) == 10
+        routed.lock().expect("ids").len() == 4 && fed(&a).pending.load(Relaxed) == 10
     })
     .await;
     assert_eq!(fed(&a).unstored.load(Relaxed), 10);
@@ -1632,4 +1633,119 @@ async fn a_fast_sender_to_another_relay_is_not_paced() {
     assert_eq!(running(a).core.metrics.packets_paced_away.load(Relaxed), 0);
     assert_eq!(fed(a).retries.load(Relaxed), 0);
     stop_all(relays).await;
+}
+
+/// A stored copy goes out under the same packet id after its relay
+/// restarts, so a home relay that stored it before (its ack lost to the
+/// restart) recognises it (see
+/// `a_resent_packet_is_delivered_once_even_after_the_home_relay_restarts`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_copy_goes_out_under_the_same_id_after_a_restart() {
+    let slow = |c: &mut Config| {
+        c.federation.retry_ms = 600_000;
+    };
+    let a = mesh(1, |_, c| slow(c))
+        .await
+        .into_iter()
+        .next()
+        .expect("relay");
+    let key = libp2p::identity::Keypair::ed25519_from_bytes([5u8; 32]).expect("key");
+    let home = hex::encode(
+        meshwhisper_behaviour::relay_key::RelayKey::from_peer(&key.public().to_peer_id())
+            .expect("ed25519")
+            .0,
+    );
+    // No relay connected yet: the packet is stored, then sent once the
+    // named relay shows up.
+    let mut alice = ws(&a.ws).await;
+    send_route(&mut alice, H, &home).await;
+    send_packet(&mut alice, H, b"once, whatever happens").await;
+    eventually("stored", 10, || async {
+        running(&a).core.store.mailbox().count().await.unwrap_or(0) == 1
+    })
+    .await;
+    let (_, ids, task) = silent_relay(&a, key.clone()).await;
+    eventually("sent", 10, || async { ids.lock().expect("ids").len() == 1 }).await;
+    let first = ids.lock().expect("ids")[0];
+    assert_eq!(fed(&a).unstored.load(Relaxed), 0);
+    drop(alice);
+    task.abort();
+    let a = start_in(a.stop().await, slow).await;
+    let (_, ids, task) = silent_relay(&a, key).await;
+    eventually("sent again", 20, || async {
+        !ids.lock().expect("ids").is_empty()
+    })
+    .await;
+    assert_eq!(
+        ids.lock().expect("ids")[0],
+        first,
+        "another id after the restart"
+    );
+    task.abort();
+    a.stop().await;
+}
+
+/// A sending relay that stops while packets are on their way to their
+/// home relay neither loses nor duplicates any: it waits for the acks of
+/// what it sent, stores what it still holds, and sends that after its
+/// restart. Every packet it read reaches the recipient exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_restart_mid_stream_delivers_every_packet_it_read_once() {
+    // Four hashes, each under the 500 packets a relay stores per hash.
+    const HASHES: [&str; 4] = [
+        "00112233445566a1",
+        "00112233445566a2",
+        "00112233445566a3",
+        "00112233445566a4",
+    ];
+    const EACH: u32 = 450;
+    let mut relays = converged_mesh(2).await;
+    let f = relays.pop().expect("home");
+    let a = relays.pop().expect("sender");
+    let home = key_hex(&f);
+    let mut bob = ws(&f.ws).await;
+    hello(&mut bob, &HASHES).await;
+    eventually("bob registered", 10, || async {
+        running(&f).core.registered_hashes() == HASHES.len()
+    })
+    .await;
+    let metrics = running(&a).core.metrics.clone();
+    let mut alice = ws(&a.ws).await;
+    for i in 0..EACH * HASHES.len() as u32 {
+        let dest = HASHES[i as usize % HASHES.len()];
+        send_route(&mut alice, dest, &home).await;
+        send_packet(&mut alice, dest, &i.to_be_bytes()).await;
+    }
+    // Stop at once, packets still on their way.
+    let a_dir = a.stop().await;
+    drop(alice);
+    let read = metrics.packets_in.load(Relaxed);
+    assert!(read > 0);
+    let boot = p2p_addr(&f).await;
+    let a = start_in(a_dir, |c| quick(c, Some(&boot))).await;
+    let mut seen = std::collections::HashSet::new();
+    while (seen.len() as u64) < read {
+        let p = match tokio::time::timeout(Duration::from_secs(10), next_packet(&mut bob)).await {
+            Ok(p) => p,
+            Err(_) => panic!(
+                "{} of {read} arrived; A: {}; F: {}",
+                seen.len(),
+                counters(&a),
+                counters(&f)
+            ),
+        };
+        let i = u32::from_be_bytes(p[31..35].try_into().expect("4 bytes"));
+        assert!(seen.insert(i), "packet {i} delivered twice");
+        assert!(u64::from(i) < read, "packet {i} was never read");
+    }
+    let mut alice = ws(&a.ws).await;
+    send_route(&mut alice, HASHES[0], &home).await;
+    send_packet(&mut alice, HASHES[0], b"marker").await;
+    assert_eq!(
+        &next_packet(&mut bob).await[31..],
+        b"marker",
+        "a duplicate came first"
+    );
+    a.stop().await;
+    f.stop().await;
 }

@@ -113,6 +113,14 @@ impl Driver {
         }
     }
 
+    /// Routed packets sent on open streams and not yet acknowledged.
+    pub fn in_flight(&self, swarm: &Swarm<Behaviour>) -> usize {
+        self.fed.in_flight(&SwarmView {
+            swarm,
+            core: &self.core,
+        })
+    }
+
     /// Packets held in memory for other relays (pending, or still in
     /// `queued`, the channel sessions hand them over on), each with its
     /// route: what must be stored before this relay stops.

@@ -206,6 +206,16 @@ impl Forward {
         }
     }
 
+    /// Routed packets sent on a stream that is still open and not yet
+    /// acknowledged.
+    pub fn in_flight(&self, view: &dyn super::View) -> usize {
+        self.relays
+            .iter()
+            .filter(|(p, _)| view.stream_open(p))
+            .map(|(_, r)| r.inflight)
+            .sum()
+    }
+
     /// Packets waiting for an ack.
     pub fn pending_len(&self) -> usize {
         self.pending.len()

@@ -45,6 +45,7 @@ use meshwhisper_behaviour::federation::codec::{AckStatus, Frame, PacketId};
 use meshwhisper_behaviour::relay_key::RelayKey;
 use meshwhisper_crypto::destination::DestHash;
 use meshwhisper_crypto::identity::IdentityKeyPair;
+use meshwhisper_storage::mailbox::MailboxId;
 use rand_core::Rng as _;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -98,6 +99,8 @@ pub struct Federation {
     enabled: bool,
     external: Vec<Multiaddr>,
     rng: rand_chacha::ChaCha20Rng,
+    /// Key of the ids stored copies go out under (see [`Federation::copy_id`]).
+    copy_ids: zeroize::Zeroizing<[u8; 32]>,
     /// Our address record.
     pub own: own_record::OwnRecord,
     /// Gossip validation.
@@ -143,6 +146,9 @@ impl std::fmt::Debug for Federation {
 /// A connected relay is noted as connected in the book this often.
 const MARK_EVERY_MS: u64 = 600_000;
 
+/// Domain of the key of stored copies' packet ids.
+const COPY_ID_CONTEXT: &[u8] = b"meshwhisper federation copy ids v1";
+
 /// How long an ack may take before its packet is resent.
 const ACK_TIMEOUT_MS: u64 = 60_000;
 /// How long an anti-entropy walk may take before it is given up.
@@ -181,6 +187,10 @@ impl Federation {
                 .filter_map(|a| a.parse().ok())
                 .collect(),
             rng: <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_seed(seed),
+            copy_ids: zeroize::Zeroizing::new(meshwhisper_crypto::primitives::blake3(&[
+                COPY_ID_CONTEXT,
+                identity.seed().as_slice(),
+            ])),
             own: own_record::OwnRecord::new(
                 identity,
                 cfg.record_refresh_hours.saturating_mul(3_600_000),
@@ -225,6 +235,11 @@ impl Federation {
         self.me
     }
 
+    /// Routed packets sent on open streams and not yet acknowledged.
+    pub fn in_flight(&self, view: &dyn View) -> usize {
+        self.forward.in_flight(view)
+    }
+
     /// Packets held only in memory (and copies not yet kept), to store
     /// before this relay stops.
     pub fn take_unstored(&mut self) -> Vec<forward::Keep> {
@@ -234,6 +249,31 @@ impl Federation {
     /// This relay's key.
     pub fn key(&self) -> RelayKey {
         self.my_key
+    }
+
+    /// The id a stored copy goes out under: the same for the same copy
+    /// after a restart, so that a home relay that stored it before (its
+    /// ack lost to the restart) recognises it and the recipient gets it
+    /// once. Keyed with this relay's secret (other relays cannot link ids
+    /// to copies) and taken over the packet too (its length, first 64 and
+    /// last 32 bytes), so that a copy id used again after a restart (ids
+    /// of packets deleted before they reached SQLite can be) with another
+    /// packet gives another id.
+    fn copy_id(&self, copy: MailboxId, packet: &[u8]) -> PacketId {
+        let head = &packet[..packet.len().min(64)];
+        let tail = &packet[packet.len().saturating_sub(32)..];
+        let h = meshwhisper_crypto::primitives::blake3_keyed(
+            &self.copy_ids,
+            &[
+                &copy.0.to_be_bytes(),
+                &(packet.len() as u64).to_be_bytes(),
+                head,
+                tail,
+            ],
+        );
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&h[..16]);
+        id
     }
 
     fn random_id(&mut self) -> PacketId {
@@ -262,7 +302,12 @@ impl Federation {
             }
             return;
         }
-        let id = self.random_id();
+        // A packet held in memory only gets a random id; a stored copy one
+        // derived from it.
+        let id = match f.mailbox_id {
+            Some(m) => self.copy_id(m, &f.packet),
+            None => self.random_id(),
+        };
         self.forward.outbound(
             now,
             f,
@@ -828,6 +873,26 @@ pub(crate) mod tests {
             Arc::new(FederationMetrics::default()),
             [seed; 32],
         )
+    }
+
+    /// A stored copy goes out under the same id after a restart (a new
+    /// `Federation` with the same identity and another random seed), and
+    /// only that copy of that packet does.
+    #[test]
+    fn a_stored_copy_keeps_its_packet_id_across_restarts() {
+        let packet = vec![3u8; 300];
+        let before = fed(1);
+        let mut after = fed(1);
+        after.rng = <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_seed([77; 32]);
+        let id = before.copy_id(MailboxId(5), &packet);
+        assert_eq!(after.copy_id(MailboxId(5), &packet), id);
+        assert_ne!(after.copy_id(MailboxId(6), &packet), id, "another copy");
+        let mut other = packet.clone();
+        other[299] = 4;
+        assert_ne!(after.copy_id(MailboxId(5), &other), id, "the id used again");
+        assert_ne!(fed(2).copy_id(MailboxId(5), &packet), id, "another relay");
+        // A packet held in memory only gets a fresh random id.
+        assert_ne!(after.random_id(), after.random_id());
     }
 
     /// A gossiped record whose store job found no room: its message is
