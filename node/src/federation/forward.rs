@@ -177,6 +177,10 @@ pub struct Forward {
     /// Packets acked while their copy was being kept: the copy goes once
     /// it is written.
     drop_when_kept: HashSet<PacketId>,
+    /// Packets whose `KeepCopy` job is out (destination and bytes): a
+    /// stored copy handed back to us before the job reports (a walk of
+    /// the store after an overflow) is recognised as theirs.
+    keeping: HashMap<PacketId, (DestHash, Bytes)>,
     /// Copies whose `KeepCopy` job the workers refused (sent again each tick).
     unkept: Vec<Keep>,
 }
@@ -202,6 +206,7 @@ impl Forward {
             pending_bytes: 0,
             overflow: false,
             drop_when_kept: HashSet::new(),
+            keeping: HashMap::new(),
             unkept: Vec::new(),
         }
     }
@@ -292,7 +297,7 @@ impl Forward {
     /// A packet accepted here whose recipient is homed elsewhere.
     pub fn outbound(&mut self, now: u64, f: Federate, id: PacketId, cx: &mut Ctx<'_>) {
         if let Some(m) = f.mailbox_id
-            && self.by_mailbox.contains(&m)
+            && (self.by_mailbox.contains(&m) || self.is_being_kept(m, &f, cx))
         {
             // Already on its way (a restart's hand-back met a live one).
             return;
@@ -394,6 +399,36 @@ impl Forward {
             .push(Action::Job(Job::KeepCopy(vec![Keep { id, packet, route }])));
     }
 
+    /// Whether stored copy `m` of `f` is the copy a `KeepCopy` job wrote
+    /// for a packet on its way (handed back before the job reported): then
+    /// it is that packet's copy from now on (or deleted, if the packet was
+    /// acked meanwhile), not a packet to send again under another id.
+    fn is_being_kept(&mut self, m: MailboxId, f: &Federate, cx: &mut Ctx<'_>) -> bool {
+        if self.keeping.is_empty() {
+            return false;
+        }
+        let Some(id) = self
+            .keeping
+            .iter()
+            .find(|(_, (dest, packet))| *dest == f.dest && *packet == f.packet)
+            .map(|(id, _)| *id)
+        else {
+            return false;
+        };
+        self.keeping.remove(&id);
+        if self.drop_when_kept.remove(&id) {
+            cx.out.push(Action::Job(Job::Delete(vec![m])));
+        } else if let Some(p) = self
+            .pending
+            .get_mut(&id)
+            .filter(|p| p.copy == Copy::Keeping)
+        {
+            p.copy = Copy::Stored(m);
+            self.by_mailbox.insert(m);
+        }
+        true
+    }
+
     /// Stores a pending packet held only in memory (no-op otherwise).
     fn keep_pending(&mut self, id: PacketId, cx: &mut Ctx<'_>) {
         let Some(p) = self.pending.get_mut(&id).filter(|p| p.copy == Copy::Memory) else {
@@ -408,12 +443,17 @@ impl Forward {
             Mode::Flood { fallback: None } => None,
         };
         let packet = p.packet.clone();
+        self.keeping.insert(id, (p.dest, packet.clone()));
         self.keep(Some(id), packet, route, cx);
     }
 
     /// A `KeepCopy` job stored `id`'s copy under `mailbox` (`None`: the
     /// store failed, and it is tried again at the next setback).
     pub fn kept(&mut self, id: PacketId, mailbox: Option<MailboxId>, cx: &mut Ctx<'_>) {
+        if self.keeping.remove(&id).is_none() {
+            // Recognised when its copy was handed back (or already done).
+            return;
+        }
         if self.drop_when_kept.remove(&id) {
             if let Some(m) = mailbox {
                 cx.out.push(Action::Job(Job::Delete(vec![m])));
@@ -1334,6 +1374,88 @@ mod tests {
         );
         assert_eq!(keeps(&out), vec![(None, tk.0), (None, me.0)]);
         assert!(full.take_overflow());
+    }
+
+    /// A walk of the store (after an overflow) can hand back the copy a
+    /// `KeepCopy` job just wrote before the job reports: it is recognised
+    /// as the pending packet's, not sent again under another id.
+    #[test]
+    fn a_kept_copy_handed_back_early_is_the_pending_packets_copy() {
+        let (_, me) = key();
+        let (t, tk) = key();
+        let mut f = Forward::new(cfg(), me);
+        let view = FakeView::with_streams(&[t]);
+        let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
+        let mut out = Vec::new();
+        for n in 1..=2u8 {
+            f.outbound(
+                0,
+                held(n, tk),
+                [n; 16],
+                &mut cx(&view, &mut d, &m, &mut out),
+            );
+        }
+        f.tick(200, &mut cx(&view, &mut d, &m, &mut out));
+        assert_eq!(keeps(&out).len(), 2);
+        // Packet 2 is acked while its copy is written.
+        f.ack(
+            201,
+            t,
+            [2; 16],
+            AckStatus::Stored,
+            Some(tk.0),
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        out.clear();
+        // Both copies come back from the store before the job reports.
+        let copy = |n: u8, id: i64| Federate {
+            mailbox_id: Some(MailboxId(id)),
+            ..held(n, tk)
+        };
+        f.outbound(
+            202,
+            copy(1, 41),
+            [9; 16],
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        f.outbound(
+            202,
+            copy(2, 42),
+            [8; 16],
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        assert!(routed_ids(&out).is_empty(), "sent again under another id");
+        assert_eq!(
+            deletes(&out),
+            vec![MailboxId(42)],
+            "the acked one's copy goes"
+        );
+        assert_eq!(f.pending_len(), 1);
+        assert_eq!(
+            f.pending_mailboxes().into_iter().collect::<Vec<_>>(),
+            vec![MailboxId(41)]
+        );
+        // The job's report changes nothing more.
+        out.clear();
+        f.kept(
+            [1; 16],
+            Some(MailboxId(41)),
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        f.kept(
+            [2; 16],
+            Some(MailboxId(42)),
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        assert!(deletes(&out).is_empty());
+        // Another packet's stored copy is not mistaken for one of them.
+        f.outbound(
+            203,
+            fed(7, Some(tk)),
+            [7; 16],
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        assert_eq!(f.pending_len(), 2);
     }
 
     #[test]
