@@ -202,6 +202,9 @@ pub struct Core {
     /// This relay's key and the federation's pending bound below which
     /// routed packets do not count as stored for absent recipients.
     fed_gate: std::sync::OnceLock<FedGate>,
+    /// Home relays the federation learned for destinations (from acks):
+    /// a client's unhinted packets for them go there like hinted ones.
+    routes: Mutex<hashlink::LruCache<DestHash, [u8; 32], foldhash::fast::RandomState>>,
     max_packet: usize,
     client_queue: usize,
     client_queue_bytes: usize,
@@ -237,6 +240,10 @@ impl Core {
             federation: std::sync::OnceLock::new(),
             claims: std::sync::OnceLock::new(),
             fed_gate: std::sync::OnceLock::new(),
+            routes: Mutex::new(hashlink::LruCache::with_hasher(
+                1,
+                foldhash::fast::RandomState::default(),
+            )),
             max_packet: limits.max_packet,
             client_queue: limits.client_queue.max(1),
             client_queue_bytes: limits.client_queue_bytes.max(1),
@@ -286,14 +293,17 @@ impl Core {
 
     /// Hands packets for relays elsewhere to the federation from now on,
     /// and claims at other relays. `me` is this relay's key; `max_pending`
-    /// the federation's bound on packets waiting for an ack.
+    /// the federation's bound on packets waiting for an ack;
+    /// `learned_routes` how many destinations' home relays are remembered.
     pub fn set_federation(
         &self,
         tx: mpsc::Sender<Federate>,
         claims: mpsc::Sender<RemoteClaim>,
         me: [u8; 32],
         max_pending: usize,
+        learned_routes: usize,
     ) {
+        self.learned_routes().set_capacity(learned_routes.max(1));
         let _ = self.federation.set(tx);
         let _ = self.claims.set(claims);
         let _ = self.fed_gate.set(FedGate {
@@ -665,17 +675,11 @@ impl Core {
     /// order is kept), to be stored as usual.
     pub fn hand_over(
         &self,
-        frames: Vec<(Bytes, Option<[u8; 32]>)>,
+        mut frames: Vec<(Bytes, Option<[u8; 32]>)>,
     ) -> Vec<(Bytes, Option<[u8; 32]>)> {
         let (Some(gate), Some(tx)) = (self.fed_gate(), self.federation.get()) else {
             return frames;
         };
-        if !frames
-            .iter()
-            .all(|(_, hint)| hint.is_some_and(|h| h != gate.me))
-        {
-            return frames;
-        }
         // Each packet's destination, if it is one and its recipient is not
         // homed here (one look at the registry and one at the homed set).
         let mut dests: Vec<Option<DestHash>> = frames
@@ -690,6 +694,9 @@ impl Core {
                 }
             }
         }
+        if dests.iter().all(Option::is_none) {
+            return frames;
+        }
         {
             let now = now_ms();
             let homed = self.homed_set();
@@ -698,6 +705,25 @@ impl Core {
                     *d = None;
                 }
             }
+        }
+        // Packets the client named no relay for go where the federation
+        // learned their destination lives (kept with a stored copy too).
+        if frames.iter().any(|(_, h)| h.is_none()) {
+            let mut routes = self.learned_routes();
+            for ((_, hint), d) in frames.iter_mut().zip(&dests) {
+                if hint.is_none()
+                    && let Some(d) = d
+                {
+                    *hint = routes.get(d).copied();
+                }
+            }
+        }
+        if !frames
+            .iter()
+            .zip(&dests)
+            .all(|((_, hint), d)| d.is_some() && hint.is_some_and(|h| h != gate.me))
+        {
+            return frames;
         }
         let deadline_ms = now_ms().saturating_add(self.mailbox_ttl_ms);
         let mut rest = Vec::new();
@@ -730,6 +756,31 @@ impl Core {
             self.metrics.federation.unstored.fetch_add(handed, Relaxed);
         }
         rest
+    }
+
+    fn learned_routes(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        hashlink::LruCache<DestHash, [u8; 32], foldhash::fast::RandomState>,
+    > {
+        match self.routes.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The federation learned `dest`'s home relay (`None`: forget it).
+    pub fn set_route(&self, dest: DestHash, home: Option<[u8; 32]>) {
+        let mut r = self.learned_routes();
+        match home {
+            Some(k) => {
+                r.insert(dest, k);
+            }
+            None => {
+                r.remove(&dest);
+            }
+        }
     }
 
     /// Stores packets that were held in memory on their way to another

@@ -366,6 +366,7 @@ pub fn start(
             claim_tx,
             ed.public().to_bytes(),
             fed.cfg.max_pending,
+            fed.cfg.learned_routes,
         );
     }
     let (status_tx, status_rx) = watch::channel(FedStatus {

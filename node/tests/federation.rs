@@ -1606,31 +1606,60 @@ async fn packets_held_for_another_relay_are_stored_when_the_relay_stops() {
 
 /// A client sending fast for a recipient homed at another relay is not
 /// paced as if it stored for absent recipients (its packets leave at
-/// once): 4 MiB in a burst, four times the pacer's allowance.
+/// once): 4 MiB in a burst, four times the pacer's allowance; with a
+/// `route` hint, or without one once the first packet's ack taught the
+/// relay where the recipient lives.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fast_sender_to_another_relay_is_not_paced() {
     let relays = converged_mesh(2).await;
     let (a, f) = (&relays[0], &relays[1]);
     let mut bob = recipient(f).await;
-    let mut alice = ws(&a.ws).await;
     let home = key_hex(f);
     let n = 4096u32;
-    let sender = async {
-        for i in 0..n {
-            send_route(&mut alice, H, &home).await;
-            let mut payload = vec![0u8; 1024];
-            payload[..4].copy_from_slice(&i.to_be_bytes());
-            send_packet(&mut alice, H, &payload).await;
+    for hinted in [true, false] {
+        let mut alice = ws(&a.ws).await;
+        if !hinted {
+            // Flooded; its ack teaches relay A the route.
+            send_packet(&mut alice, H, &[0xff; 1024]).await;
+            assert_eq!(&next_packet(&mut bob).await[31..33], &[0xff, 0xff]);
+            eventually("route learned", 10, || async {
+                fed(a).routed_acked.load(Relaxed) + fed(a).forwards_sent.load(Relaxed) > 0
+                    && fed(a).pending.load(Relaxed) == 0
+            })
+            .await;
         }
-    };
-    let receiver = async {
-        for i in 0..n {
-            let p = next_packet(&mut bob).await;
-            assert_eq!(&p[31..35], &i.to_be_bytes(), "in order, once");
-        }
-    };
-    tokio::join!(sender, receiver);
-    assert_eq!(running(a).core.metrics.packets_paced_away.load(Relaxed), 0);
+        let unstored = fed(a).unstored.load(Relaxed);
+        let sender = async {
+            for i in 0..n {
+                if hinted {
+                    send_route(&mut alice, H, &home).await;
+                }
+                let mut payload = vec![0u8; 1024];
+                payload[..4].copy_from_slice(&i.to_be_bytes());
+                send_packet(&mut alice, H, &payload).await;
+            }
+        };
+        let receiver = async {
+            for i in 0..n {
+                let p = next_packet(&mut bob).await;
+                assert_eq!(
+                    &p[31..35],
+                    &i.to_be_bytes(),
+                    "in order, once (hinted: {hinted})"
+                );
+            }
+        };
+        tokio::join!(sender, receiver);
+        assert_eq!(
+            running(a).core.metrics.packets_paced_away.load(Relaxed),
+            0,
+            "hinted: {hinted}"
+        );
+        assert!(
+            fed(a).unstored.load(Relaxed) - unstored >= u64::from(n) / 2,
+            "sent on from memory (hinted: {hinted})"
+        );
+    }
     assert_eq!(fed(a).retries.load(Relaxed), 0);
     stop_all(relays).await;
 }

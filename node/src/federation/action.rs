@@ -53,6 +53,10 @@ pub enum Action {
         /// Accept (forward it on), ignore or reject (penalise the source).
         acceptance: MessageAcceptance,
     },
+    /// A destination's home relay was learned from an ack (`Some`), or
+    /// turned out not to be its home (`None`): sessions route a client's
+    /// unhinted packets there too.
+    Route(DestHash, Option<RelayKey>),
     /// Start reaching a relay we must send to (look its record up, dial).
     Reach(PeerId),
     /// Store work.

@@ -247,6 +247,7 @@ impl Driver {
                             );
                         }
                     }
+                    Action::Route(dest, home) => self.core.set_route(dest, home.map(|k| k.0)),
                     // Turned into dial work by the composition already.
                     Action::Reach(_) => {}
                     Action::Job(Job::Delete(ids)) => deletes.extend(ids),

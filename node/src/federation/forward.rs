@@ -656,6 +656,7 @@ impl Forward {
                     // insert and a move to the front).
                     if self.routes.get(&p.dest) != Some(&k) {
                         self.routes.insert(p.dest, k);
+                        cx.out.push(Action::Route(p.dest, Some(k)));
                     }
                     // A routed packet's home is the relay it went to.
                     let hp = match mode {
@@ -693,8 +694,10 @@ impl Forward {
                     }
                     self.unqueue(target, in_window);
                     cx.m.stale_hints.fetch_add(1, Relaxed);
-                    if let Some(dest) = self.pending.get(&id).map(|p| p.dest) {
-                        self.routes.remove(&dest);
+                    if let Some(dest) = self.pending.get(&id).map(|p| p.dest)
+                        && self.routes.remove(&dest).is_some()
+                    {
+                        cx.out.push(Action::Route(dest, None));
                     }
                     self.dispatch(now, id, cx);
                     self.pump(now, target, cx);
@@ -1001,6 +1004,12 @@ mod tests {
             &mut cx(&view, &mut d, &m, &mut out),
         );
         assert_eq!(f.learned_route(&DestHash([1; 8])), Some(hk));
+        assert!(
+            out.iter().any(
+                |a| matches!(a, Action::Route(d, Some(k)) if *d == DestHash([1; 8]) && *k == hk)
+            ),
+            "sessions are told the route"
+        );
         // The next packet for that destination is routed.
         out.clear();
         let mut again = fed(2, None);
