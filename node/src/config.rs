@@ -284,6 +284,11 @@ pub struct Federation {
     pub max_pending_bytes: usize,
     /// Packets queued for one relay while it is being dialed. Default 1024.
     pub dial_queue: usize,
+    /// Packets waiting for one relay's acknowledgement (sent or waiting for
+    /// its window): a relay that never acknowledges cannot take the whole
+    /// `max_pending`. Beyond, its packets stay stored here and are handed
+    /// back once it is under half of this. Default 25000.
+    pub max_pending_per_relay: usize,
     /// Routed packets sent to one relay and not yet acknowledged; the rest
     /// wait in order. Default 1024 (the receiver queues up to 4096).
     pub send_window: usize,
@@ -361,6 +366,7 @@ impl Default for Federation {
             max_pending: 100_000,
             max_pending_bytes: 256 * 1024 * 1024,
             dial_queue: 1024,
+            max_pending_per_relay: 25_000,
             send_window: 1024,
             retry_ms: 2000,
             flood_retry_ms: 60_000,
@@ -790,10 +796,11 @@ impl Config {
             || f.dedup_entries == 0
             || f.max_pending == 0
             || f.dial_queue == 0
+            || f.max_pending_per_relay == 0
         {
             return bad(
                 "federation",
-                "max_hops, dedup_entries, max_pending and dial_queue must be positive",
+                "max_hops, dedup_entries, max_pending, max_pending_per_relay and dial_queue must be positive",
             );
         }
         if f.dedup_secs < 120 {

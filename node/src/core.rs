@@ -349,12 +349,14 @@ impl Core {
     /// the federation (routed where its sender named a home relay, else
     /// flooded): after a restart, or once the forwarding queue has room
     /// again after it overflowed. Packets already on their way are skipped
-    /// by the federation. Bounded by `max`; returns how many were handed
-    /// over.
+    /// by the federation, and so are packets for the relays in `full`
+    /// (their queue has no room yet). Bounded by `max`; returns how many
+    /// were handed over.
     pub async fn refederate_stored(
         &self,
         max: usize,
         skip: &foldhash::HashSet<MailboxId>,
+        full: &foldhash::HashSet<[u8; 32]>,
     ) -> usize {
         let Some(fed) = self.federation.get().cloned() else {
             return 0;
@@ -372,7 +374,14 @@ impl Core {
             let Some(last) = page.last() else { break };
             after = last.id;
             for p in page {
-                if n >= max || skip.contains(&p.id) || self.is_homed(&p.dest) {
+                let route = p
+                    .route
+                    .or_else(|| self.learned_routes().get(&p.dest).copied());
+                if n >= max
+                    || skip.contains(&p.id)
+                    || route.is_some_and(|r| full.contains(&r))
+                    || self.is_homed(&p.dest)
+                {
                     continue;
                 }
                 let f = Federate {

@@ -63,7 +63,7 @@ async fn refederate(
         _ = tokio::time::timeout(REFEDERATE_WAIT, status.wait_for(|s| !s.connected.is_empty())) => {}
     }
     let n = core
-        .refederate_stored(max_pending, &Default::default())
+        .refederate_stored(max_pending, &Default::default(), &Default::default())
         .await;
     if n > 0 {
         tracing::info!(packets = n, "stored packets handed back to the federation");

@@ -1778,3 +1778,46 @@ async fn a_sender_restart_mid_stream_delivers_every_packet_it_read_once() {
     a.stop().await;
     f.stop().await;
 }
+
+/// A relay that takes packets and never acknowledges them (here, one a
+/// client named as the home of its made-up destination) holds at most its
+/// share of the pending queue (`max_pending_per_relay`): packets for
+/// other relays still go at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_never_acks_cannot_hold_up_packets_for_others() {
+    let mut relays = mesh(2, |i, c| {
+        if i == 0 {
+            c.federation.max_pending = 40;
+            c.federation.max_pending_per_relay = 10;
+            c.federation.retry_ms = 600_000;
+        }
+    })
+    .await;
+    converged(&relays, 2).await;
+    let f = relays.pop().expect("home");
+    let a = relays.pop().expect("sender");
+    let (silent, _ids, task) =
+        silent_relay(&a, libp2p::identity::Keypair::generate_ed25519()).await;
+    let mut mallory = ws(&a.ws).await;
+    for i in 0..60u8 {
+        send_route(&mut mallory, "0000000000000bad", &silent).await;
+        send_packet(&mut mallory, "0000000000000bad", &[i; 32]).await;
+    }
+    eventually("the silent relay holds its share only", 10, || async {
+        fed(&a).pending.load(Relaxed) == 10
+            && running(&a).core.store.mailbox().count().await.unwrap_or(0) >= 50
+    })
+    .await;
+    let mut bob = recipient(&f).await;
+    let mut alice = ws(&a.ws).await;
+    for i in 0..5u8 {
+        send_route(&mut alice, H, &key_hex(&f)).await;
+        send_packet(&mut alice, H, &[i; 16]).await;
+    }
+    for i in 0..5u8 {
+        assert_eq!(&next_packet(&mut bob).await[31..], &[i; 16]);
+    }
+    task.abort();
+    a.stop().await;
+    f.stop().await;
+}

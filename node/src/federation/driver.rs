@@ -664,8 +664,9 @@ impl Driver {
         // that fills the queue again sets the overflow flag for the next.
         let room = self.fed.forward.room();
         let skip = self.fed.forward.pending_mailboxes();
+        let full = self.fed.forward.full_relays();
         tokio::spawn(async move {
-            let n = core.refederate_stored(room, &skip).await;
+            let n = core.refederate_stored(room, &skip, &full).await;
             if n >= room {
                 more.store(true, Relaxed);
             }

@@ -65,6 +65,8 @@ pub struct ForwardConfig {
     pub max_pending_bytes: usize,
     /// Packets waiting for one relay that is being reached.
     pub dial_queue: usize,
+    /// Packets waiting for one relay's ack (its stream open).
+    pub max_per_relay: usize,
     /// A routed packet on a live stream is resent after this long without
     /// an ack, ms.
     pub ack_timeout_ms: u64,
@@ -183,6 +185,9 @@ pub struct Forward {
     keeping: HashMap<PacketId, (DestHash, Bytes)>,
     /// Copies whose `KeepCopy` job the workers refused (sent again each tick).
     unkept: Vec<Keep>,
+    /// Relays whose queue was full when a packet for them came: their
+    /// stored packets are not handed back until they are under half.
+    full: HashMap<PeerId, RelayKey>,
 }
 
 impl Forward {
@@ -207,6 +212,7 @@ impl Forward {
             overflow: false,
             drop_when_kept: HashSet::new(),
             keeping: HashMap::new(),
+            full: HashMap::new(),
             unkept: Vec::new(),
         }
     }
@@ -239,6 +245,12 @@ impl Forward {
     /// The stored copies with a packet pending here.
     pub fn pending_mailboxes(&self) -> HashSet<MailboxId> {
         self.by_mailbox.clone()
+    }
+
+    /// Relays whose stored packets are not to be handed back yet (their
+    /// queue was full and is not under half of it).
+    pub fn full_relays(&self) -> HashSet<[u8; 32]> {
+        self.full.values().map(|k| k.0).collect()
     }
 
     /// Whether a packet found no room since the last call (its stored copy
@@ -282,6 +294,12 @@ impl Forward {
             if in_window {
                 r.inflight = r.inflight.saturating_sub(1);
             }
+            if r.queued <= self.cfg.max_per_relay.min(self.cfg.dial_queue) / 2
+                && self.full.remove(&target).is_some()
+            {
+                // Room for what stayed stored for it.
+                self.overflow = true;
+            }
             if r.idle() && r.inflight == 0 {
                 self.relays.remove(&target);
             }
@@ -323,10 +341,15 @@ impl Forward {
             }
             return;
         }
-        if let Some((p, _)) = target
-            && !cx.view.stream_open(&p)
-            && self.relays.get(&p).map_or(0, |r| r.queued) >= self.cfg.dial_queue
+        if let Some((p, k)) = target
+            && self.relays.get(&p).map_or(0, |r| r.queued)
+                >= if cx.view.stream_open(&p) {
+                    self.cfg.max_per_relay
+                } else {
+                    self.cfg.dial_queue
+                }
         {
+            self.full.insert(p, k);
             cx.m.drops_queue_full.fetch_add(1, Relaxed);
             self.overflow = true;
             if f.mailbox_id.is_none() {
@@ -897,6 +920,7 @@ mod tests {
             max_pending: 100,
             max_pending_bytes: 1 << 20,
             dial_queue: 10,
+            max_per_relay: 10,
             ack_timeout_ms: 5000,
             learned_routes: 100,
             forget_batch: 3,
@@ -1144,6 +1168,62 @@ mod tests {
         assert!(f.take_overflow());
         assert!(!f.take_overflow());
         assert!(!f.has_room());
+    }
+
+    /// A relay that never acks cannot take the whole pending queue: past
+    /// `max_per_relay` its packets stay stored, other relays' still go,
+    /// and its own are handed back once it is under half.
+    #[test]
+    fn one_relay_cannot_take_the_whole_pending_queue() {
+        let (_, me) = key();
+        let (silent, sk) = key();
+        let (other, ok) = key();
+        let mut f = Forward::new(
+            ForwardConfig {
+                max_per_relay: 4,
+                ..cfg()
+            },
+            me,
+        );
+        let view = FakeView::with_streams(&[silent, other]);
+        let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
+        let mut out = Vec::new();
+        for n in 1..=6u8 {
+            f.outbound(
+                0,
+                fed(i64::from(n), Some(sk)),
+                [n; 16],
+                &mut cx(&view, &mut d, &m, &mut out),
+            );
+        }
+        assert_eq!(f.pending_len(), 4, "four wait for the silent relay");
+        assert!(f.take_overflow());
+        assert_eq!(f.full_relays().into_iter().collect::<Vec<_>>(), vec![sk.0]);
+        out.clear();
+        f.outbound(
+            0,
+            fed(7, Some(ok)),
+            [7; 16],
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        assert_eq!(
+            routed_ids(&out),
+            vec![[7; 16]],
+            "another relay's packet goes"
+        );
+        // Two acks: the silent relay is under half its share again.
+        for n in 1..=2u8 {
+            f.ack(
+                1,
+                silent,
+                [n; 16],
+                AckStatus::Stored,
+                Some(sk.0),
+                &mut cx(&view, &mut d, &m, &mut out),
+            );
+        }
+        assert!(f.full_relays().is_empty());
+        assert!(f.take_overflow(), "its stored packets are handed back");
     }
 
     /// An unstored packet: held in memory, not stored here.

@@ -215,6 +215,7 @@ impl Federation {
                     max_pending: cfg.max_pending,
                     max_pending_bytes: cfg.max_pending_bytes,
                     dial_queue: cfg.dial_queue,
+                    max_per_relay: cfg.max_pending_per_relay,
                     ack_timeout_ms: ACK_TIMEOUT_MS,
                     learned_routes: cfg.learned_routes,
                     forget_batch: 256,
