@@ -294,7 +294,8 @@ impl Forward {
             if in_window {
                 r.inflight = r.inflight.saturating_sub(1);
             }
-            if r.queued <= self.cfg.max_per_relay.min(self.cfg.dial_queue) / 2
+            if !self.full.is_empty()
+                && r.queued <= self.cfg.max_per_relay.min(self.cfg.dial_queue) / 2
                 && self.full.remove(&target).is_some()
             {
                 // Room for what stayed stored for it.
@@ -341,32 +342,32 @@ impl Forward {
             }
             return;
         }
-        if let Some((p, k)) = target
-            && self.relays.get(&p).map_or(0, |r| r.queued)
-                >= if cx.view.stream_open(&p) {
-                    self.cfg.max_per_relay
-                } else {
-                    self.cfg.dial_queue
+        if let Some((p, k)) = target {
+            // One look at the relay's record: full, or one more queued.
+            let cap = if cx.view.stream_open(&p) {
+                self.cfg.max_per_relay
+            } else {
+                self.cfg.dial_queue
+            };
+            let r = self.relays.entry(p).or_default();
+            if r.queued >= cap {
+                self.full.insert(p, k);
+                cx.m.drops_queue_full.fetch_add(1, Relaxed);
+                self.overflow = true;
+                if f.mailbox_id.is_none() {
+                    self.keep(None, f.packet, f.hint, cx);
                 }
-        {
-            self.full.insert(p, k);
-            cx.m.drops_queue_full.fetch_add(1, Relaxed);
-            self.overflow = true;
-            if f.mailbox_id.is_none() {
-                self.keep(None, f.packet, f.hint, cx);
+                return;
             }
-            return;
+            r.queued += 1;
         }
         self.next_seq += 1;
         let mode = match target {
-            Some((target, key)) => {
-                self.relays.entry(target).or_default().queued += 1;
-                Mode::Routed {
-                    target,
-                    key,
-                    store_anyway: false,
-                }
-            }
+            Some((target, key)) => Mode::Routed {
+                target,
+                key,
+                store_anyway: false,
+            },
             None => Mode::Flood { fallback: None },
         };
         self.pending_bytes += f.packet.len();
