@@ -1257,46 +1257,77 @@ mod tests {
             .collect()
     }
 
+    /// A sender with one relay `t` (its stream open), and what it was
+    /// asked to do.
+    struct Sender {
+        f: Forward,
+        view: FakeView,
+        d: Dedup,
+        m: FederationMetrics,
+        out: Vec<Action>,
+        t: PeerId,
+        tk: RelayKey,
+    }
+
+    impl Sender {
+        fn new() -> Self {
+            let (_, me) = key();
+            let (t, tk) = key();
+            Self {
+                f: Forward::new(cfg(), me),
+                view: FakeView::with_streams(&[t]),
+                d: Dedup::new(100, 1000),
+                m: FederationMetrics::default(),
+                out: Vec::new(),
+                t,
+                tk,
+            }
+        }
+
+        /// Runs `op` on the sender with a context over its view and output.
+        fn run<R>(&mut self, op: impl FnOnce(&mut Forward, &mut Ctx<'_>) -> R) -> R {
+            op(
+                &mut self.f,
+                &mut cx(&self.view, &mut self.d, &self.m, &mut self.out),
+            )
+        }
+
+        /// Unstored packets `1..=n` for `t`, at time 0.
+        fn hold(&mut self, n: u8) {
+            let tk = self.tk;
+            for i in 1..=n {
+                self.run(|f, cx| f.outbound(0, held(i, tk), [i; 16], cx));
+            }
+        }
+
+        /// `t`'s `Stored` ack for packet `n`.
+        fn stored(&mut self, now: u64, n: u8) {
+            let (t, tk) = (self.t, self.tk);
+            self.run(|f, cx| f.ack(now, t, [n; 16], AckStatus::Stored, Some(tk.0), cx));
+        }
+    }
+
     #[test]
     fn an_unstored_packet_acked_at_once_is_never_stored_here() {
-        let (_, me) = key();
-        let (t, tk) = key();
-        let mut f = Forward::new(cfg(), me);
-        let view = FakeView::with_streams(&[t]);
-        let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
-        let mut out = Vec::new();
-        for n in 1..=3u8 {
-            f.outbound(
-                0,
-                held(n, tk),
-                [n; 16],
-                &mut cx(&view, &mut d, &m, &mut out),
-            );
-        }
+        let mut s = Sender::new();
+        s.hold(3);
         // Two sent, one waiting for the window: none stored.
-        assert_eq!(routed_ids(&out), vec![[1; 16], [2; 16]]);
-        assert!(keeps(&out).is_empty());
-        out.clear();
+        assert_eq!(routed_ids(&s.out), vec![[1; 16], [2; 16]]);
+        assert!(keeps(&s.out).is_empty());
+        s.out.clear();
         for n in 1..=3u8 {
-            f.ack(
-                1,
-                t,
-                [n; 16],
-                AckStatus::Stored,
-                Some(tk.0),
-                &mut cx(&view, &mut d, &m, &mut out),
-            );
+            s.stored(1, n);
         }
         assert_eq!(
-            routed_ids(&out),
+            routed_ids(&s.out),
             vec![[3; 16]],
             "the third went when room freed"
         );
-        assert!(keeps(&out).is_empty() && deletes(&out).is_empty());
-        assert_eq!(f.pending_len(), 0);
-        f.tick(10_000, &mut cx(&view, &mut d, &m, &mut out));
-        assert!(keeps(&out).is_empty());
-        assert_eq!(m.kept.load(Relaxed), 0);
+        assert!(keeps(&s.out).is_empty() && deletes(&s.out).is_empty());
+        assert_eq!(s.f.pending_len(), 0);
+        s.run(|f, cx| f.tick(10_000, cx));
+        assert!(keeps(&s.out).is_empty());
+        assert_eq!(s.m.kept.load(Relaxed), 0);
     }
 
     #[test]
@@ -1378,37 +1409,16 @@ mod tests {
 
     #[test]
     fn an_ack_while_the_copy_is_written_deletes_it_once_written() {
-        let (_, me) = key();
-        let (t, tk) = key();
-        let mut f = Forward::new(cfg(), me);
-        let view = FakeView::with_streams(&[t]);
-        let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
-        let mut out = Vec::new();
-        f.outbound(
-            0,
-            held(1, tk),
-            [1; 16],
-            &mut cx(&view, &mut d, &m, &mut out),
-        );
-        f.tick(200, &mut cx(&view, &mut d, &m, &mut out));
-        assert_eq!(keeps(&out).len(), 1);
-        out.clear();
-        f.ack(
-            201,
-            t,
-            [1; 16],
-            AckStatus::Stored,
-            Some(tk.0),
-            &mut cx(&view, &mut d, &m, &mut out),
-        );
-        assert!(deletes(&out).is_empty(), "nothing to delete yet");
-        f.kept(
-            [1; 16],
-            Some(MailboxId(5)),
-            &mut cx(&view, &mut d, &m, &mut out),
-        );
-        assert_eq!(deletes(&out), vec![MailboxId(5)]);
-        assert!(f.pending_mailboxes().is_empty());
+        let mut s = Sender::new();
+        s.hold(1);
+        s.run(|f, cx| f.tick(200, cx));
+        assert_eq!(keeps(&s.out).len(), 1);
+        s.out.clear();
+        s.stored(201, 1);
+        assert!(deletes(&s.out).is_empty(), "nothing to delete yet");
+        s.run(|f, cx| f.kept([1; 16], Some(MailboxId(5)), cx));
+        assert_eq!(deletes(&s.out), vec![MailboxId(5)]);
+        assert!(s.f.pending_mailboxes().is_empty());
     }
 
     #[test]
@@ -1471,114 +1481,57 @@ mod tests {
     /// as the pending packet's, not sent again under another id.
     #[test]
     fn a_kept_copy_handed_back_early_is_the_pending_packets_copy() {
-        let (_, me) = key();
-        let (t, tk) = key();
-        let mut f = Forward::new(cfg(), me);
-        let view = FakeView::with_streams(&[t]);
-        let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
-        let mut out = Vec::new();
-        for n in 1..=2u8 {
-            f.outbound(
-                0,
-                held(n, tk),
-                [n; 16],
-                &mut cx(&view, &mut d, &m, &mut out),
-            );
-        }
-        f.tick(200, &mut cx(&view, &mut d, &m, &mut out));
-        assert_eq!(keeps(&out).len(), 2);
+        let mut s = Sender::new();
+        let tk = s.tk;
+        s.hold(2);
+        s.run(|f, cx| f.tick(200, cx));
+        assert_eq!(keeps(&s.out).len(), 2);
         // Packet 2 is acked while its copy is written.
-        f.ack(
-            201,
-            t,
-            [2; 16],
-            AckStatus::Stored,
-            Some(tk.0),
-            &mut cx(&view, &mut d, &m, &mut out),
-        );
-        out.clear();
+        s.stored(201, 2);
+        s.out.clear();
         // Both copies come back from the store before the job reports.
         let copy = |n: u8, id: i64| Federate {
             mailbox_id: Some(MailboxId(id)),
             ..held(n, tk)
         };
-        f.outbound(
-            202,
-            copy(1, 41),
-            [9; 16],
-            &mut cx(&view, &mut d, &m, &mut out),
-        );
-        f.outbound(
-            202,
-            copy(2, 42),
-            [8; 16],
-            &mut cx(&view, &mut d, &m, &mut out),
-        );
-        assert!(routed_ids(&out).is_empty(), "sent again under another id");
+        s.run(|f, cx| f.outbound(202, copy(1, 41), [9; 16], cx));
+        s.run(|f, cx| f.outbound(202, copy(2, 42), [8; 16], cx));
+        assert!(routed_ids(&s.out).is_empty(), "sent again under another id");
         assert_eq!(
-            deletes(&out),
+            deletes(&s.out),
             vec![MailboxId(42)],
             "the acked one's copy goes"
         );
-        assert_eq!(f.pending_len(), 1);
+        assert_eq!(s.f.pending_len(), 1);
         assert_eq!(
-            f.pending_mailboxes().into_iter().collect::<Vec<_>>(),
+            s.f.pending_mailboxes().into_iter().collect::<Vec<_>>(),
             vec![MailboxId(41)]
         );
         // The job's report changes nothing more.
-        out.clear();
-        f.kept(
-            [1; 16],
-            Some(MailboxId(41)),
-            &mut cx(&view, &mut d, &m, &mut out),
-        );
-        f.kept(
-            [2; 16],
-            Some(MailboxId(42)),
-            &mut cx(&view, &mut d, &m, &mut out),
-        );
-        assert!(deletes(&out).is_empty());
+        s.out.clear();
+        s.run(|f, cx| f.kept([1; 16], Some(MailboxId(41)), cx));
+        s.run(|f, cx| f.kept([2; 16], Some(MailboxId(42)), cx));
+        assert!(deletes(&s.out).is_empty());
         // Another packet's stored copy is not mistaken for one of them.
-        f.outbound(
-            203,
-            fed(7, Some(tk)),
-            [7; 16],
-            &mut cx(&view, &mut d, &m, &mut out),
-        );
-        assert_eq!(f.pending_len(), 2);
+        s.run(|f, cx| f.outbound(203, fed(7, Some(tk)), [7; 16], cx));
+        assert_eq!(s.f.pending_len(), 2);
     }
 
     #[test]
     fn stopping_takes_every_packet_held_only_in_memory() {
-        let (_, me) = key();
-        let (t, tk) = key();
-        let mut f = Forward::new(cfg(), me);
-        let view = FakeView::with_streams(&[t]);
-        let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
-        let mut out = Vec::new();
-        for n in 1..=3u8 {
-            f.outbound(
-                0,
-                held(n, tk),
-                [n; 16],
-                &mut cx(&view, &mut d, &m, &mut out),
-            );
-        }
-        f.outbound(
-            0,
-            fed(4, Some(tk)),
-            [4; 16],
-            &mut cx(&view, &mut d, &m, &mut out),
-        );
-        let taken: Vec<_> = f
-            .take_unstored()
-            .into_iter()
-            .map(|k| (k.id, k.route))
-            .collect();
+        let mut s = Sender::new();
+        let tk = s.tk;
+        s.hold(3);
+        s.run(|f, cx| f.outbound(0, fed(4, Some(tk)), [4; 16], cx));
+        let taken: Vec<_> =
+            s.f.take_unstored()
+                .into_iter()
+                .map(|k| (k.id, k.route))
+                .collect();
         let mut ids: Vec<_> = taken.iter().map(|(id, _)| id.expect("pending")).collect();
         ids.sort_unstable();
         assert_eq!(ids, vec![[1; 16], [2; 16], [3; 16]], "not the stored one");
         assert!(taken.iter().all(|(_, r)| *r == tk.0));
-        assert!(f.take_unstored().is_empty(), "taken once");
+        assert!(s.f.take_unstored().is_empty(), "taken once");
     }
 }
