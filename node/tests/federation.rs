@@ -523,16 +523,7 @@ async fn forged_records_and_bad_frames_are_rejected_and_counted() {
     let relays = mesh(1, |_, _| {}).await;
     let a = &relays[0];
     let a_peer = running(a).p2p.peer_id;
-    let target: libp2p::Multiaddr = p2p_addr(a).await.parse().expect("addr");
-    let key = libp2p::identity::Keypair::generate_ed25519();
-    let mut swarm = meshwhisper_node::p2p::build_swarm(
-        key,
-        meshwhisper_behaviour::device::Config::new(meshwhisper_behaviour::device::Role::Relay),
-        Default::default(),
-        Default::default(),
-    )
-    .expect("swarm");
-    swarm.dial(target).expect("dial");
+    let mut swarm = dial_as_relay(a, libp2p::identity::Keypair::generate_ed25519()).await;
 
     // Forged records: garbage, a bad signature, stale, from the future.
     let now = meshwhisper_node::core::now_ms();
@@ -982,15 +973,7 @@ impl FakeRelay {
     /// Connected to `r` with an open federation stream.
     async fn connect(r: &Relay) -> Self {
         let target = running(r).p2p.peer_id;
-        let addr: libp2p::Multiaddr = p2p_addr(r).await.parse().expect("addr");
-        let mut swarm = meshwhisper_node::p2p::build_swarm(
-            libp2p::identity::Keypair::generate_ed25519(),
-            meshwhisper_behaviour::device::Config::new(meshwhisper_behaviour::device::Role::Relay),
-            Default::default(),
-            Default::default(),
-        )
-        .expect("swarm");
-        swarm.dial(addr).expect("dial");
+        let swarm = dial_as_relay(r, libp2p::identity::Keypair::generate_ed25519()).await;
         let mut fake = FakeRelay {
             swarm,
             target,
@@ -1464,6 +1447,23 @@ async fn a_dial_whose_listening_port_is_taken_is_retried_from_a_fresh_port() {
     stop_all(vec![a, b]).await;
 }
 
+/// A relay's Swarm with `key` (ours, as a relay), dialing `target`.
+async fn dial_as_relay(
+    target: &Relay,
+    key: libp2p::identity::Keypair,
+) -> libp2p::Swarm<meshwhisper_behaviour::node::Behaviour> {
+    let addr: libp2p::Multiaddr = p2p_addr(target).await.parse().expect("addr");
+    let mut swarm = meshwhisper_node::p2p::build_swarm(
+        key,
+        meshwhisper_behaviour::device::Config::new(meshwhisper_behaviour::device::Role::Relay),
+        Default::default(),
+        Default::default(),
+    )
+    .expect("swarm");
+    swarm.dial(addr).expect("dial");
+    swarm
+}
+
 /// The ids of the Routed packets a silent relay got.
 type RoutedIds = std::sync::Arc<std::sync::Mutex<Vec<[u8; 16]>>>;
 
@@ -1477,16 +1477,8 @@ async fn silent_relay(
     use libp2p::swarm::SwarmEvent;
     use meshwhisper_behaviour::federation::{self as fedb, codec::Frame};
     use meshwhisper_behaviour::node::BehaviourEvent;
-    let addr: libp2p::Multiaddr = p2p_addr(target).await.parse().expect("addr");
     let me = key.public().to_peer_id();
-    let mut swarm = meshwhisper_node::p2p::build_swarm(
-        key,
-        meshwhisper_behaviour::device::Config::new(meshwhisper_behaviour::device::Role::Relay),
-        Default::default(),
-        Default::default(),
-    )
-    .expect("swarm");
-    swarm.dial(addr).expect("dial");
+    let mut swarm = dial_as_relay(target, key).await;
     let routed = RoutedIds::default();
     let (opened_tx, opened_rx) = tokio::sync::oneshot::channel();
     let count = routed.clone();

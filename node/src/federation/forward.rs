@@ -1176,55 +1176,37 @@ mod tests {
     /// and its own are handed back once it is under half.
     #[test]
     fn one_relay_cannot_take_the_whole_pending_queue() {
-        let (_, me) = key();
-        let (silent, sk) = key();
         let (other, ok) = key();
-        let mut f = Forward::new(
+        let mut s = Sender::with(
             ForwardConfig {
                 max_per_relay: 4,
                 ..cfg()
             },
-            me,
+            &[other],
         );
-        let view = FakeView::with_streams(&[silent, other]);
-        let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
-        let mut out = Vec::new();
+        let sk = s.tk;
         for n in 1..=6u8 {
-            f.outbound(
-                0,
-                fed(i64::from(n), Some(sk)),
-                [n; 16],
-                &mut cx(&view, &mut d, &m, &mut out),
-            );
+            s.run(|f, cx| f.outbound(0, fed(i64::from(n), Some(sk)), [n; 16], cx));
         }
-        assert_eq!(f.pending_len(), 4, "four wait for the silent relay");
-        assert!(f.take_overflow());
-        assert_eq!(f.full_relays().into_iter().collect::<Vec<_>>(), vec![sk.0]);
-        out.clear();
-        f.outbound(
-            0,
-            fed(7, Some(ok)),
-            [7; 16],
-            &mut cx(&view, &mut d, &m, &mut out),
-        );
+        assert_eq!(s.f.pending_len(), 4, "four wait for the silent relay");
+        assert!(s.f.take_overflow());
         assert_eq!(
-            routed_ids(&out),
+            s.f.full_relays().into_iter().collect::<Vec<_>>(),
+            vec![sk.0]
+        );
+        s.out.clear();
+        s.run(|f, cx| f.outbound(0, fed(7, Some(ok)), [7; 16], cx));
+        assert_eq!(
+            routed_ids(&s.out),
             vec![[7; 16]],
             "another relay's packet goes"
         );
         // Two acks: the silent relay is under half its share again.
         for n in 1..=2u8 {
-            f.ack(
-                1,
-                silent,
-                [n; 16],
-                AckStatus::Stored,
-                Some(sk.0),
-                &mut cx(&view, &mut d, &m, &mut out),
-            );
+            s.stored(1, n);
         }
-        assert!(f.full_relays().is_empty());
-        assert!(f.take_overflow(), "its stored packets are handed back");
+        assert!(s.f.full_relays().is_empty());
+        assert!(s.f.take_overflow(), "its stored packets are handed back");
     }
 
     /// An unstored packet: held in memory, not stored here.
@@ -1271,11 +1253,18 @@ mod tests {
 
     impl Sender {
         fn new() -> Self {
+            Self::with(cfg(), &[])
+        }
+
+        /// With `cfg`, and streams open to `others` too.
+        fn with(cfg: ForwardConfig, others: &[PeerId]) -> Self {
             let (_, me) = key();
             let (t, tk) = key();
+            let mut streams = vec![t];
+            streams.extend_from_slice(others);
             Self {
-                f: Forward::new(cfg(), me),
-                view: FakeView::with_streams(&[t]),
+                f: Forward::new(cfg, me),
+                view: FakeView::with_streams(&streams),
                 d: Dedup::new(100, 1000),
                 m: FederationMetrics::default(),
                 out: Vec::new(),
