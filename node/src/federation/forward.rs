@@ -76,18 +76,35 @@ pub struct ForwardConfig {
     pub forget_batch: usize,
 }
 
+/// A relay's place in [`Relays`]. Pending packets name their relay by it:
+/// a step then costs an index, not the hashing and comparing of an
+/// 80-byte PeerId, and a pending packet stays small (this state is walked
+/// once or twice per packet, at full speed).
+type Slot = u32;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     /// To this relay.
-    Routed {
-        target: PeerId,
-        key: RelayKey,
-        store_anyway: bool,
-    },
+    Routed { to: Slot, store_anyway: bool },
     /// To every peer; back to `fallback` (a stale hint) if nobody claims it.
-    Flood {
-        fallback: Option<(PeerId, RelayKey)>,
-    },
+    Flood { fallback: Option<Slot> },
+}
+
+impl Mode {
+    /// The relay this packet names (holding a reference to its slot).
+    fn named(self) -> Option<Slot> {
+        match self {
+            Mode::Routed { to, .. } => Some(to),
+            Mode::Flood { fallback } => fallback,
+        }
+    }
+
+    fn routed_to(self) -> Option<Slot> {
+        match self {
+            Mode::Routed { to, .. } => Some(to),
+            Mode::Flood { .. } => None,
+        }
+    }
 }
 
 /// Where a pending packet's copy is, besides in [`Pending::packet`].
@@ -126,19 +143,23 @@ struct Pending {
     next_ms: u64,
     /// Floods sent (the backoff grows with each).
     attempt: u8,
-    /// The stream generation a routed packet was last sent on, and when.
-    sent: Option<(u64, u64)>,
     /// Waiting in its target's backlog for room in the window.
     backlogged: bool,
     /// Sent and counted in its target's window (until acked or given up).
     in_window: bool,
+    /// The stream generation a routed packet was last sent on, and when.
+    sent: Option<(u64, u64)>,
 }
 
-/// What the sender keeps per relay (one map lookup per packet and step,
-/// not one per field). Kept while packets are queued for it or ids are
-/// to be forgotten there.
-#[derive(Debug, Default)]
+/// What the sender keeps per relay (its window, backlog, stream generation
+/// and forgets). Kept while a pending packet names it or ids are to be
+/// forgotten there.
+#[derive(Debug)]
 struct Relay {
+    peer: PeerId,
+    key: RelayKey,
+    /// Pending packets that name it (routed to it, or falling back to it).
+    refs: usize,
     /// Pending packets routed to it.
     queued: usize,
     /// Of those, sent and not yet acknowledged (the packets themselves
@@ -152,9 +173,102 @@ struct Relay {
     forget: Vec<PacketId>,
 }
 
-impl Relay {
-    fn idle(&self) -> bool {
-        self.queued == 0 && self.backlog.is_empty() && self.forget.is_empty()
+/// The relays pending packets name, by slot (freed slots are reused).
+#[derive(Debug, Default)]
+struct Relays {
+    slots: Vec<Option<Relay>>,
+    free: Vec<Slot>,
+    by_peer: PeerMap<Slot>,
+    by_key: HashMap<RelayKey, Slot>,
+}
+
+impl Relays {
+    fn get(&self, s: Slot) -> Option<&Relay> {
+        self.slots.get(s as usize).and_then(Option::as_ref)
+    }
+
+    fn get_mut(&mut self, s: Slot) -> Option<&mut Relay> {
+        self.slots.get_mut(s as usize).and_then(Option::as_mut)
+    }
+
+    fn is(&self, s: Slot, peer: &PeerId) -> bool {
+        self.get(s).is_some_and(|r| r.peer == *peer)
+    }
+
+    fn key(&self, s: Slot) -> Option<RelayKey> {
+        self.get(s).map(|r| r.key)
+    }
+
+    fn of_peer(&self, peer: &PeerId) -> Option<Slot> {
+        self.by_peer.get(peer).copied()
+    }
+
+    fn of_key(&self, key: &RelayKey) -> Option<Slot> {
+        self.by_key.get(key).copied()
+    }
+
+    /// The slot of relay `key` (`peer`), made if it has none.
+    fn slot(&mut self, peer: PeerId, key: RelayKey) -> Slot {
+        if let Some(s) = self.of_key(&key) {
+            return s;
+        }
+        let r = Relay {
+            peer,
+            key,
+            refs: 0,
+            queued: 0,
+            inflight: 0,
+            backlog: VecDeque::new(),
+            generation: 0,
+            forget: Vec::new(),
+        };
+        let s = match self.free.pop() {
+            Some(s) => {
+                if let Some(slot) = self.slots.get_mut(s as usize) {
+                    *slot = Some(r);
+                }
+                s
+            }
+            None => {
+                self.slots.push(Some(r));
+                (self.slots.len() - 1) as Slot
+            }
+        };
+        self.by_peer.insert(peer, s);
+        self.by_key.insert(key, s);
+        s
+    }
+
+    /// Frees `s` if nothing names it and it has nothing to send (its
+    /// backlog then holds only ids already done).
+    fn release_if_unused(&mut self, s: Slot) {
+        let Some(slot) = self.slots.get_mut(s as usize) else {
+            return;
+        };
+        if slot
+            .as_ref()
+            .is_some_and(|r| r.refs == 0 && r.forget.is_empty())
+            && let Some(r) = slot.take()
+        {
+            self.by_peer.remove(&r.peer);
+            self.by_key.remove(&r.key);
+            self.free.push(s);
+        }
+    }
+
+    /// A pending packet no longer names `s`.
+    fn unref(&mut self, s: Slot) {
+        if let Some(r) = self.get_mut(s) {
+            r.refs = r.refs.saturating_sub(1);
+        }
+        self.release_if_unused(s);
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (Slot, &Relay)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.as_ref().map(|r| (i as Slot, r)))
     }
 }
 
@@ -165,8 +279,8 @@ pub struct Forward {
     me: RelayKey,
     pending: HashMap<PacketId, Pending>,
     next_seq: u64,
-    /// Per relay: its window, backlog, stream generation and forgets.
-    relays: PeerMap<Relay>,
+    /// The relays pending packets name.
+    relays: Relays,
     /// Stored copies with a pending packet (one federation per copy).
     by_mailbox: HashSet<MailboxId>,
     pending_bytes: usize,
@@ -205,7 +319,7 @@ impl Forward {
             cfg,
             me,
             pending: HashMap::new(),
-            relays: PeerMap::default(),
+            relays: Relays::default(),
             next_seq: 0,
             by_mailbox: HashSet::new(),
             pending_bytes: 0,
@@ -222,7 +336,7 @@ impl Forward {
     pub fn in_flight(&self, view: &dyn super::View) -> usize {
         self.relays
             .iter()
-            .filter(|(p, _)| view.stream_open(p))
+            .filter(|(_, r)| view.stream_open(&r.peer))
             .map(|(_, r)| r.inflight)
             .sum()
     }
@@ -259,14 +373,20 @@ impl Forward {
         std::mem::take(&mut self.overflow)
     }
 
-    /// The PeerId of relay key `k` (`None`: not an Ed25519 key).
-    fn peer_of(&mut self, k: RelayKey) -> Option<PeerId> {
-        if let Some(p) = self.peers.get(&k) {
-            return *p;
+    /// The slot of relay key `k` (`None`: not an Ed25519 key).
+    fn slot_of(&mut self, k: RelayKey) -> Option<Slot> {
+        if let Some(s) = self.relays.of_key(&k) {
+            return Some(s);
         }
-        let p = k.to_peer();
-        self.peers.insert(k, p);
-        p
+        let p = match self.peers.get(&k) {
+            Some(p) => *p,
+            None => {
+                let p = k.to_peer();
+                self.peers.insert(k, p);
+                p
+            }
+        };
+        p.map(|p| self.relays.slot(p, k))
     }
 
     /// The home relay learned for `dest`, if any.
@@ -280,35 +400,36 @@ impl Forward {
         if let Copy::Stored(m) = p.copy {
             self.by_mailbox.remove(&m);
         }
-        if let Mode::Routed { target, .. } = p.mode {
-            self.unqueue(target, p.in_window);
+        if let Mode::Routed { to, .. } = p.mode {
+            self.unqueue(to, p.in_window);
+        }
+        if let Some(s) = p.mode.named() {
+            self.relays.unref(s);
         }
         Some(p)
     }
 
-    /// A packet for `target` is no longer queued for it (and no longer in
+    /// A packet for `to` is no longer queued for it (and no longer in
     /// its window, if it was).
-    fn unqueue(&mut self, target: PeerId, in_window: bool) {
-        if let Some(r) = self.relays.get_mut(&target) {
-            r.queued = r.queued.saturating_sub(1);
-            if in_window {
-                r.inflight = r.inflight.saturating_sub(1);
-            }
-            if !self.full.is_empty()
-                && r.queued <= self.cfg.max_per_relay.min(self.cfg.dial_queue) / 2
-                && self.full.remove(&target).is_some()
-            {
-                // Room for what stayed stored for it.
-                self.overflow = true;
-            }
-            if r.idle() && r.inflight == 0 {
-                self.relays.remove(&target);
-            }
+    fn unqueue(&mut self, to: Slot, in_window: bool) {
+        let Some(r) = self.relays.get_mut(to) else {
+            return;
+        };
+        r.queued = r.queued.saturating_sub(1);
+        if in_window {
+            r.inflight = r.inflight.saturating_sub(1);
+        }
+        if !self.full.is_empty()
+            && r.queued <= self.cfg.max_per_relay.min(self.cfg.dial_queue) / 2
+            && self.full.remove(&r.peer).is_some()
+        {
+            // Room for what stayed stored for it.
+            self.overflow = true;
         }
     }
 
-    fn leave_window(&mut self, target: PeerId) {
-        if let Some(r) = self.relays.get_mut(&target) {
+    fn leave_window(&mut self, to: Slot) {
+        if let Some(r) = self.relays.get_mut(to) {
             r.inflight = r.inflight.saturating_sub(1);
         }
     }
@@ -334,7 +455,6 @@ impl Forward {
             .hint
             .map(RelayKey)
             .or_else(|| self.routes.get(&f.dest).copied());
-        let target = key.and_then(|k| self.peer_of(k).map(|p| (p, k)));
         if key == Some(self.me) {
             // Named us: it is stored here already (or is now).
             if f.mailbox_id.is_none() {
@@ -342,30 +462,33 @@ impl Forward {
             }
             return;
         }
-        if let Some((p, k)) = target {
+        let to = key.and_then(|k| self.slot_of(k));
+        if let Some(s) = to
+            && let Some(r) = self.relays.get_mut(s)
+        {
             // One look at the relay's record: full, or one more queued.
-            let cap = if cx.view.stream_open(&p) {
+            let cap = if cx.view.stream_open(&r.peer) {
                 self.cfg.max_per_relay
             } else {
                 self.cfg.dial_queue
             };
-            let r = self.relays.entry(p).or_default();
             if r.queued >= cap {
-                self.full.insert(p, k);
+                self.full.insert(r.peer, r.key);
                 cx.m.drops_queue_full.fetch_add(1, Relaxed);
                 self.overflow = true;
+                self.relays.release_if_unused(s);
                 if f.mailbox_id.is_none() {
                     self.keep(None, f.packet, f.hint, cx);
                 }
                 return;
             }
             r.queued += 1;
+            r.refs += 1;
         }
         self.next_seq += 1;
-        let mode = match target {
-            Some((target, key)) => Mode::Routed {
-                target,
-                key,
+        let mode = match to {
+            Some(to) => Mode::Routed {
+                to,
                 store_anyway: false,
             },
             None => Mode::Flood { fallback: None },
@@ -394,13 +517,8 @@ impl Forward {
                 in_window: false,
             },
         );
-        self.dispatch(now, id, cx);
-        if copy == Copy::Memory
-            && !self
-                .pending
-                .get(&id)
-                .is_some_and(|p| p.in_window || p.backlogged)
-        {
+        let on_its_way = self.dispatch(now, id, cx);
+        if copy == Copy::Memory && !on_its_way {
             // Not on its way (nor next in line for a live stream): it
             // waits here, stored.
             self.keep_pending(id, cx);
@@ -453,21 +571,20 @@ impl Forward {
         true
     }
 
+    /// The key of the relay a packet in `mode` names, as a route to keep.
+    fn route_of(&self, mode: Mode) -> Option<[u8; 32]> {
+        mode.named().and_then(|s| self.relays.key(s)).map(|k| k.0)
+    }
+
     /// Stores a pending packet held only in memory (no-op otherwise).
     fn keep_pending(&mut self, id: PacketId, cx: &mut Ctx<'_>) {
         let Some(p) = self.pending.get_mut(&id).filter(|p| p.copy == Copy::Memory) else {
             return;
         };
         p.copy = Copy::Keeping;
-        let route = match p.mode {
-            Mode::Routed { key, .. }
-            | Mode::Flood {
-                fallback: Some((_, key)),
-            } => Some(key.0),
-            Mode::Flood { fallback: None } => None,
-        };
-        let packet = p.packet.clone();
-        self.keeping.insert(id, (p.dest, packet.clone()));
+        let (mode, dest, packet) = (p.mode, p.dest, p.packet.clone());
+        let route = self.route_of(mode);
+        self.keeping.insert(id, (dest, packet.clone()));
         self.keep(Some(id), packet, route, cx);
     }
 
@@ -513,17 +630,15 @@ impl Forward {
         for (id, p) in &mut self.pending {
             if p.copy == Copy::Memory {
                 p.copy = Copy::Keeping;
-                let route = match p.mode {
-                    Mode::Routed { key, .. }
-                    | Mode::Flood {
-                        fallback: Some((_, key)),
-                    } => key.0,
-                    Mode::Flood { fallback: None } => self.me.0,
-                };
+                let route = p
+                    .mode
+                    .named()
+                    .and_then(|s| self.relays.key(s))
+                    .unwrap_or(self.me);
                 all.push(Keep {
                     id: Some(*id),
                     packet: p.packet.clone(),
-                    route,
+                    route: route.0,
                 });
             }
         }
@@ -531,29 +646,29 @@ impl Forward {
     }
 
     /// Sends (or resends) a pending packet, or starts reaching its target.
-    fn dispatch(&mut self, now: u64, id: PacketId, cx: &mut Ctx<'_>) {
+    /// Whether it is on its way: sent, or next in line for its relay's
+    /// window on a live stream.
+    fn dispatch(&mut self, now: u64, id: PacketId, cx: &mut Ctx<'_>) -> bool {
         let Some(p) = self.pending.get_mut(&id) else {
-            return;
+            return false;
         };
         match p.mode {
-            Mode::Routed {
-                target,
-                key,
-                store_anyway,
-            } => {
-                if !cx.view.stream_open(&target) {
+            Mode::Routed { to, store_anyway } => {
+                let Some(relay) = self.relays.get_mut(to) else {
+                    return false;
+                };
+                if !cx.view.stream_open(&relay.peer) {
                     p.next_ms = now + self.cfg.retry_ms;
-                    cx.out.push(Action::Reach(target));
-                    return;
+                    cx.out.push(Action::Reach(relay.peer));
+                    return false;
                 }
-                let relay = self.relays.entry(target).or_default();
                 let generation = relay.generation;
                 if p.sent.is_some_and(|(g, at)| {
                     g == generation && now < at.saturating_add(self.cfg.ack_timeout_ms)
                 }) {
                     // On its way over a live stream: wait for the ack.
                     p.next_ms = now + self.cfg.retry_ms;
-                    return;
+                    return true;
                 }
                 if relay.inflight >= self.cfg.send_window && !p.in_window {
                     // The window is full: wait in order for an ack.
@@ -562,7 +677,7 @@ impl Forward {
                         relay.backlog.push_back(id);
                     }
                     p.next_ms = now + self.cfg.ack_timeout_ms;
-                    return;
+                    return true;
                 }
                 if !p.in_window {
                     relay.inflight += 1;
@@ -577,15 +692,16 @@ impl Forward {
                 cx.m.forwards_sent.fetch_add(1, Relaxed);
                 cx.m.routed_forwards.fetch_add(1, Relaxed);
                 cx.out.push(Action::Send {
-                    peer: target,
+                    peer: relay.peer,
                     frame: Frame::Routed {
                         id,
                         flags: if store_anyway { ROUTED_STORE_ANYWAY } else { 0 },
                         hops: 1,
-                        target: key.0,
+                        target: relay.key.0,
                         packet: p.packet.clone(),
                     },
                 });
+                true
             }
             Mode::Flood { .. } => {
                 let attempt = p.attempt;
@@ -614,15 +730,16 @@ impl Forward {
                 };
                 p.next_ms = now + (base << p.attempt.min(16));
                 p.attempt = p.attempt.saturating_add(1);
+                false
             }
         }
     }
 
-    /// Sends backlogged packets to `peer` while its window has room.
-    fn pump(&mut self, now: u64, peer: PeerId, cx: &mut Ctx<'_>) {
+    /// Sends backlogged packets to relay `to` while its window has room.
+    fn pump(&mut self, now: u64, to: Slot, cx: &mut Ctx<'_>) {
         while let Some(next) = self
             .relays
-            .get_mut(&peer)
+            .get_mut(to)
             .filter(|r| r.inflight < self.cfg.send_window)
             .and_then(|r| r.backlog.pop_front())
         {
@@ -649,12 +766,13 @@ impl Forward {
         let Some(mode) = self.pending.get(&id).map(|p| p.mode) else {
             return false;
         };
-        let routed_to = match mode {
-            Mode::Routed { target, .. } => Some(target),
-            Mode::Flood { .. } => None,
-        };
+        let routed_to = mode.routed_to();
+        let from_target = routed_to.filter(|s| self.relays.is(*s, &from));
         match status {
             AckStatus::Stored => {
+                // The routed target's key, read before the packet lets go
+                // of its slot.
+                let target_key = routed_to.and_then(|s| self.relays.key(s));
                 let Some(p) = self.take_pending(&id) else {
                     return true;
                 };
@@ -671,89 +789,71 @@ impl Forward {
                 }
                 // The home relay: remember it for this destination, and
                 // tell it that it may forget the id.
-                let home = home.map(RelayKey).or(match mode {
-                    Mode::Routed { key, .. } => Some(key),
-                    Mode::Flood { .. } => None,
-                });
-                if let Some(k) = home {
+                if let Some(k) = home.map(RelayKey).or(target_key) {
                     // Usually known already (one lookup instead of an
                     // insert and a move to the front).
                     if self.routes.get(&p.dest) != Some(&k) {
                         self.routes.insert(p.dest, k);
                         cx.out.push(Action::Route(p.dest, Some(k)));
                     }
-                    // A routed packet's home is the relay it went to.
-                    let hp = match mode {
-                        Mode::Routed { target, key, .. } if key == k => Some(target),
-                        _ => self.peer_of(k),
-                    };
-                    if let Some(hp) = hp
-                        && cx.view.stream_open(&hp)
-                    {
-                        let batch = &mut self.relays.entry(hp).or_default().forget;
-                        batch.push(id);
-                        if batch.len() >= self.cfg.forget_batch {
-                            let ids = std::mem::take(batch);
-                            cx.out.push(Action::Send {
-                                peer: hp,
-                                frame: Frame::Forget { ids },
-                            });
-                        }
-                    }
+                    self.forget_at(k, id, cx);
                 }
             }
-            AckStatus::NotHome if routed_to == Some(from) => {
-                // A stale hint: the named relay does not home the recipient.
-                // Flood it; if nobody claims it, it goes back there.
-                self.keep_pending(id, cx);
-                if let Mode::Routed { target, key, .. } = mode {
+            AckStatus::NotHome => {
+                if let Some(to) = from_target {
+                    // A stale hint: the named relay does not home the
+                    // recipient. Flood it; if nobody claims it, it goes
+                    // back there (the slot stays named, as the fallback).
+                    self.keep_pending(id, cx);
                     let mut in_window = false;
+                    let mut dest = None;
                     if let Some(p) = self.pending.get_mut(&id) {
-                        p.mode = Mode::Flood {
-                            fallback: Some((target, key)),
-                        };
+                        p.mode = Mode::Flood { fallback: Some(to) };
                         p.sent = None;
                         p.backlogged = false;
                         in_window = std::mem::take(&mut p.in_window);
+                        dest = Some(p.dest);
                     }
-                    self.unqueue(target, in_window);
+                    self.unqueue(to, in_window);
                     cx.m.stale_hints.fetch_add(1, Relaxed);
-                    if let Some(dest) = self.pending.get(&id).map(|p| p.dest)
+                    if let Some(dest) = dest
                         && self.routes.remove(&dest).is_some()
                     {
                         cx.out.push(Action::Route(dest, None));
                     }
                     self.dispatch(now, id, cx);
-                    self.pump(now, target, cx);
+                    self.pump(now, to, cx);
                 }
             }
-            AckStatus::Malformed | AckStatus::NotTarget if routed_to == Some(from) => {
-                // Never accepted there: keep our stored copy, stop sending.
-                if let Some(p) = self.take_pending(&id)
-                    && p.copy == Copy::Memory
-                {
-                    let route = match p.mode {
-                        Mode::Routed { key, .. } => Some(key.0),
-                        Mode::Flood { .. } => None,
-                    };
-                    self.keep(None, p.packet, route, cx);
+            AckStatus::Malformed | AckStatus::NotTarget => {
+                if let Some(to) = from_target {
+                    // Never accepted there: keep our stored copy, stop sending.
+                    let route = self.route_of(mode);
+                    if let Some(p) = self.take_pending(&id)
+                        && p.copy == Copy::Memory
+                    {
+                        self.keep(None, p.packet, route, cx);
+                    }
+                    cx.m.drops_malformed.fetch_add(1, Relaxed);
+                    self.pump(now, to, cx);
                 }
-                cx.m.drops_malformed.fetch_add(1, Relaxed);
-                self.pump(now, from, cx);
             }
             AckStatus::Refused => {
                 self.keep_pending(id, cx);
+                let mut pump = None;
                 if let Some(p) = self.pending.get_mut(&id) {
                     match p.mode {
-                        Mode::Routed { target, .. } if target == from => {
+                        Mode::Routed { to, .. } if Some(to) == from_target => {
                             // Not taken now: resend after retry_ms, let
                             // others through.
                             p.sent = None;
                             p.next_ms = now + self.cfg.retry_ms;
-                            if std::mem::take(&mut p.in_window) {
-                                self.leave_window(from);
+                            if std::mem::take(&mut p.in_window)
+                                && let Some(r) = self.relays.get_mut(to)
+                            {
+                                r.inflight = r.inflight.saturating_sub(1);
                             }
-                            self.pump(now, from, cx);
+                            pump = Some(to);
                         }
                         Mode::Flood { .. } => {
                             // A relay could not take the flood now: flood
@@ -764,19 +864,51 @@ impl Forward {
                         Mode::Routed { .. } => {}
                     }
                 }
+                if let Some(to) = pump {
+                    self.pump(now, to, cx);
+                }
             }
             _ => {}
         }
         true
     }
 
+    /// Tells home relay `k` (batched) that it may forget `id`.
+    fn forget_at(&mut self, k: RelayKey, id: PacketId, cx: &mut Ctx<'_>) {
+        let Some(s) = self.slot_of(k) else {
+            return;
+        };
+        let batch_full = self.cfg.forget_batch;
+        let Some(r) = self.relays.get_mut(s) else {
+            return;
+        };
+        if cx.view.stream_open(&r.peer) {
+            r.forget.push(id);
+            if r.forget.len() >= batch_full {
+                cx.out.push(Action::Send {
+                    peer: r.peer,
+                    frame: Frame::Forget {
+                        ids: std::mem::take(&mut r.forget),
+                    },
+                });
+            }
+        }
+        self.relays.release_if_unused(s);
+    }
+
     /// A stream to `peer` opened: what waits for it goes now.
     pub fn stream_opened(&mut self, now: u64, peer: PeerId, cx: &mut Ctx<'_>) {
-        self.relays.entry(peer).or_default().generation += 1;
+        let Some(s) = self.relays.of_peer(&peer) else {
+            // No packet names it.
+            return;
+        };
+        if let Some(r) = self.relays.get_mut(s) {
+            r.generation += 1;
+        }
         let mut ids: Vec<(u64, PacketId)> = self
             .pending
             .iter()
-            .filter(|(_, p)| matches!(p.mode, Mode::Routed { target, .. } if target == peer))
+            .filter(|(_, p)| p.mode.routed_to() == Some(s))
             .map(|(id, p)| (p.seq, *id))
             .collect();
         ids.sort_unstable();
@@ -787,32 +919,40 @@ impl Forward {
 
     /// A stream to `peer` closed: what was in flight on it is resent.
     pub fn stream_closed(&mut self, now: u64, peer: PeerId) {
-        let Some(relay) = self.relays.get_mut(&peer) else {
+        let Some(s) = self.relays.of_peer(&peer) else {
+            return;
+        };
+        let Some(relay) = self.relays.get_mut(s) else {
             return;
         };
         relay.generation += 1;
         relay.forget.clear();
         if std::mem::take(&mut relay.inflight) > 0 {
             for p in self.pending.values_mut() {
-                if p.in_window && matches!(p.mode, Mode::Routed { target, .. } if target == peer) {
+                if p.in_window && p.mode.routed_to() == Some(s) {
                     p.in_window = false;
                     p.sent = None;
                     p.next_ms = now;
                 }
             }
         }
+        self.relays.release_if_unused(s);
     }
 
     /// A frame could not be queued for `peer`: what we keep is retried.
     pub fn unsent(&mut self, now: u64, peer: PeerId, frame: &Frame) {
         match frame {
             Frame::Routed { id, .. } => {
+                let mut left = None;
                 if let Some(p) = self.pending.get_mut(id) {
                     p.sent = None;
                     p.next_ms = now + self.cfg.retry_ms;
                     if std::mem::take(&mut p.in_window) {
-                        self.leave_window(peer);
+                        left = p.mode.routed_to();
                     }
+                }
+                if let Some(s) = left.filter(|s| self.relays.is(*s, &peer)) {
+                    self.leave_window(s);
                 }
             }
             Frame::Forward { id, .. } => {
@@ -855,14 +995,16 @@ impl Forward {
                 && p.attempt >= self.cfg.flood_attempts
             {
                 match fallback {
-                    // Nobody claimed it: store it where it was sent first.
-                    Some((target, key)) => {
+                    // Nobody claimed it: store it where it was sent first
+                    // (the packet names that slot already).
+                    Some(to) => {
                         p.mode = Mode::Routed {
-                            target,
-                            key,
+                            to,
                             store_anyway: true,
                         };
-                        self.relays.entry(target).or_default().queued += 1;
+                        if let Some(r) = self.relays.get_mut(to) {
+                            r.queued += 1;
+                        }
                     }
                     None => {
                         // No relay homes it (chaff, or a recipient never
@@ -877,17 +1019,26 @@ impl Forward {
             }
             self.dispatch(now, id, cx);
         }
-        for (peer, r) in &mut self.relays {
+        let mut unused = Vec::new();
+        for s in 0..self.relays.slots.len() as Slot {
+            let Some(r) = self.relays.get_mut(s) else {
+                continue;
+            };
             if !r.forget.is_empty() {
                 cx.out.push(Action::Send {
-                    peer: *peer,
+                    peer: r.peer,
                     frame: Frame::Forget {
                         ids: std::mem::take(&mut r.forget),
                     },
                 });
             }
+            if r.refs == 0 {
+                unused.push(s);
+            }
         }
-        self.relays.retain(|_, r| !(r.idle() && r.inflight == 0));
+        for s in unused {
+            self.relays.release_if_unused(s);
+        }
     }
 }
 
@@ -1065,6 +1216,66 @@ mod tests {
             })
             .collect();
         assert_eq!(forgets, vec![(home, vec![[1; 16], [2; 16]])]);
+    }
+
+    #[test]
+    fn a_relays_slot_lives_while_a_packet_names_it_and_is_reused_after() {
+        let (_, me) = key();
+        let relays: Vec<_> = (0..3).map(|_| key()).collect();
+        let peers: Vec<_> = relays.iter().map(|(p, _)| *p).collect();
+        let mut f = Forward::new(cfg(), me);
+        let view = FakeView::with_streams(&peers);
+        let (mut d, m) = (Dedup::new(100, 1000), FederationMetrics::default());
+        let mut out = Vec::new();
+        for (i, (_, k)) in relays.iter().enumerate() {
+            let n = i as u8 + 1;
+            f.outbound(
+                0,
+                fed(n.into(), Some(*k)),
+                [n; 16],
+                &mut cx(&view, &mut d, &m, &mut out),
+            );
+        }
+        assert_eq!(f.relays.iter().count(), 3);
+        // Relay 0 acks: its slot stays for the id to forget, then goes
+        // with the tick that sends the Forget.
+        f.ack(
+            1,
+            peers[0],
+            [1; 16],
+            AckStatus::Stored,
+            Some(relays[0].1.0),
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        assert!(
+            f.relays.of_peer(&peers[0]).is_some(),
+            "an id to forget there"
+        );
+        f.tick(2, &mut cx(&view, &mut d, &m, &mut out));
+        assert!(f.relays.of_peer(&peers[0]).is_none());
+        assert_eq!(f.relays.iter().count(), 2);
+        // A stale hint floods the packet, still naming relay 1 as its
+        // fallback: the slot stays while it does.
+        f.ack(
+            3,
+            peers[1],
+            [2; 16],
+            AckStatus::NotHome,
+            None,
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        f.tick(4, &mut cx(&view, &mut d, &m, &mut out));
+        assert!(f.relays.of_peer(&peers[1]).is_some());
+        // A new relay takes the freed slot: the table does not grow.
+        let (_, k4) = key();
+        f.outbound(
+            5,
+            fed(9, Some(k4)),
+            [9; 16],
+            &mut cx(&view, &mut d, &m, &mut out),
+        );
+        assert_eq!(f.relays.slots.len(), 3);
+        assert_eq!(f.relays.iter().count(), 3);
     }
 
     #[test]
