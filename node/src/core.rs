@@ -175,6 +175,16 @@ const HOMED_WRITE_BATCH: usize = 256;
 /// How long a claim at another relay may take.
 pub const REMOTE_CLAIM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// The live queue of `dest`'s connection, unless it is `from` (a packet
+/// never goes back to its sender).
+fn live_queue(r: &Registry, from: ConnId, dest: &DestHash) -> Option<Arc<LiveQueue>> {
+    r.by_hash
+        .get(dest)
+        .filter(|&&to| to != from)
+        .and_then(|to| r.conns.get(to))
+        .map(|c| c.queue.clone())
+}
+
 /// Clock in unix milliseconds.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -978,14 +988,30 @@ impl Core {
     /// Delivers a stored packet to a connected local recipient or leaves it
     /// queued (push wake); never federates. Returns whether it went live.
     pub fn route_local(self: &Arc<Self>, from: ConnId, accepted: Accepted) -> bool {
-        let target = {
+        let target = live_queue(&self.registry(), from, &accepted.dest);
+        self.offer_local(target, accepted)
+    }
+
+    /// [`Core::route_local`] for a batch from another relay (one look at
+    /// the registry): whether each went live, in order.
+    pub fn route_local_many(self: &Arc<Self>, accepted: Vec<Accepted>) -> Vec<bool> {
+        let targets: Vec<_> = {
             let r = self.registry();
-            r.by_hash
-                .get(&accepted.dest)
-                .filter(|&&to| to != from)
-                .and_then(|to| r.conns.get(to))
-                .map(|c| c.queue.clone())
+            accepted
+                .iter()
+                .map(|a| live_queue(&r, 0, &a.dest))
+                .collect()
         };
+        accepted
+            .into_iter()
+            .zip(targets)
+            .map(|(a, t)| self.offer_local(t, a))
+            .collect()
+    }
+
+    /// Offers `accepted` to its recipient's live queue, if connected;
+    /// else counts it queued and wakes the recipient by push.
+    fn offer_local(self: &Arc<Self>, target: Option<Arc<LiveQueue>>, accepted: Accepted) -> bool {
         if let Some(queue) = target {
             let out = Outbound {
                 packet: accepted.frame,

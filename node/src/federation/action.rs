@@ -63,20 +63,28 @@ pub enum Action {
     Job(Job),
 }
 
+/// A packet from another relay to store here.
+#[derive(Debug)]
+pub struct ToStore {
+    /// Its federated id.
+    pub id: PacketId,
+    /// The packet.
+    pub packet: Bytes,
+    /// Its destination.
+    pub dest: DestHash,
+}
+
 /// Store work, run by a fixed set of workers (never a task per message).
 #[derive(Debug)]
 pub enum Job {
-    /// Store a packet another relay sent us for a recipient homed here,
-    /// once under its id. Jobs of one peer are stored in arrival order.
+    /// Store packets another relay sent us for recipients homed here,
+    /// each once under its id. Jobs of one peer are stored in arrival
+    /// order (the driver joins a peer's consecutive ones into one).
     Store {
-        /// The relay that sent it (the ack goes back there).
+        /// The relay that sent them (the acks go back there).
         peer: PeerId,
-        /// Its federated id.
-        id: PacketId,
-        /// The packet.
-        packet: Bytes,
-        /// Its destination.
-        dest: DestHash,
+        /// The packets, in order.
+        packets: Vec<ToStore>,
     },
     /// Delete our stored copies: their home relays have them.
     Delete(Vec<MailboxId>),

@@ -2,8 +2,8 @@
 //! and feeds them what the Swarm and the store workers report. The only
 //! federation code that touches libp2p or the store.
 
-use super::action::{Action, Job, JobDone};
-use super::jobs::Pool;
+use super::action::{Action, Job, JobDone, ToStore};
+use super::jobs::{Pool, STORE_JOIN};
 use super::{Federation, View};
 use crate::core::{Core, Federate, now_ms};
 use libp2p::gossipsub::{self, IdentTopic};
@@ -198,6 +198,9 @@ impl Driver {
         // Frames go out per peer, batched; deletions go to the store as one.
         let mut sends = Sends::default();
         let mut deletes = Vec::new();
+        // A peer's packets to store, joined while consecutive (one job,
+        // one commit, one hand-off per batch of frames).
+        let mut stores: Vec<(PeerId, Vec<ToStore>)> = Vec::new();
         let mut actions = actions;
         // A refused job may ask for more (a gossip report): one more pass.
         while !actions.is_empty() {
@@ -251,10 +254,19 @@ impl Driver {
                     // Turned into dial work by the composition already.
                     Action::Reach(_) => {}
                     Action::Job(Job::Delete(ids)) => deletes.extend(ids),
+                    Action::Job(Job::Store { peer, packets }) => match stores.last_mut() {
+                        Some((p, joined)) if *p == peer && joined.len() < STORE_JOIN => {
+                            joined.extend(packets)
+                        }
+                        _ => stores.push((peer, packets)),
+                    },
                     Action::Job(job) => self.submit(job, &mut sends, &mut more),
                 }
             }
             actions = more;
+        }
+        for (peer, packets) in stores {
+            self.submit(Job::Store { peer, packets }, &mut sends, &mut Vec::new());
         }
         if !deletes.is_empty() {
             self.submit(Job::Delete(deletes), &mut sends, &mut Vec::new());
@@ -284,14 +296,18 @@ impl Driver {
         };
         self.metrics().jobs_refused.fetch_add(1, Relaxed);
         match *job {
-            Job::Store { peer, id, .. } => sends.push(
-                peer,
-                Frame::Ack {
-                    id,
-                    status: AckStatus::Refused,
-                    home: None,
-                },
-            ),
+            Job::Store { peer, packets } => {
+                for p in packets {
+                    sends.push(
+                        peer,
+                        Frame::Ack {
+                            id: p.id,
+                            status: AckStatus::Refused,
+                            home: None,
+                        },
+                    );
+                }
+            }
             job => self.fed.job_refused(job, more),
         }
     }

@@ -9,7 +9,7 @@
 //! passed in.
 
 use super::Ctx;
-use super::action::{Action, Job, StoreOutcome};
+use super::action::{Action, Job, StoreOutcome, ToStore};
 use super::dedup::Dedup;
 
 use bytes::Bytes;
@@ -17,6 +17,7 @@ use libp2p::PeerId;
 use meshwhisper_behaviour::federation::codec::{AckStatus, Frame, PacketId, ROUTED_STORE_ANYWAY};
 use meshwhisper_behaviour::packet;
 use meshwhisper_behaviour::relay_key::RelayKey;
+use meshwhisper_crypto::destination::DestHash;
 use std::sync::atomic::Ordering::Relaxed;
 
 /// The receiving side of federation.
@@ -35,6 +36,13 @@ fn ack(peer: PeerId, id: PacketId, status: AckStatus) -> Action {
             home: None,
         },
     }
+}
+
+fn store(peer: PeerId, id: PacketId, packet: Bytes, dest: DestHash) -> Action {
+    Action::Job(Job::Store {
+        peer,
+        packets: vec![ToStore { id, packet, dest }],
+    })
 }
 
 impl Inbound {
@@ -79,12 +87,7 @@ impl Inbound {
         let homed = cx.view.is_homed(&dest);
         match routed {
             Some(anyway) if homed || anyway => {
-                cx.out.push(Action::Job(Job::Store {
-                    peer,
-                    id,
-                    packet,
-                    dest,
-                }));
+                cx.out.push(store(peer, id, packet, dest));
             }
             Some(_) => {
                 // A stale hint: let the sender flood it.
@@ -98,12 +101,7 @@ impl Inbound {
                 }
                 if homed {
                     // The store keeps each id once, whatever the attempt.
-                    cx.out.push(Action::Job(Job::Store {
-                        peer,
-                        id,
-                        packet,
-                        dest,
-                    }));
+                    cx.out.push(store(peer, id, packet, dest));
                     return;
                 }
                 self.flood_on(id, attempt, hops, packet, peer, cx);

@@ -6,7 +6,7 @@
 //! queued in one commit, in arrival order. A full queue refuses the job
 //! (the caller answers `Refused`, and the sender resends).
 
-use super::action::{Job, JobDone, StoreOutcome};
+use super::action::{Job, JobDone, StoreOutcome, ToStore};
 use super::announce::News;
 use crate::core::{Core, now_ms};
 use bytes::Bytes;
@@ -17,21 +17,40 @@ use meshwhisper_behaviour::relay_key::RelayKey;
 use meshwhisper_crypto::address_record::AddressRecord;
 use meshwhisper_storage::address_book::Upsert;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-/// Jobs queued per worker.
+/// Jobs queued per worker, counting each packet of a `Store` job.
 pub const WORKER_QUEUE: usize = 4096;
 /// Most packets stored in one commit.
 const STORE_BATCH: usize = 256;
+/// Most packets the driver joins into one `Store` job.
+pub const STORE_JOIN: usize = STORE_BATCH;
+
+/// One worker's queue, and how much is in it (a `Store` job counts as
+/// its packets, so the bound holds however the driver joins them).
+#[derive(Debug)]
+struct Worker {
+    tx: mpsc::Sender<Job>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// What a job counts for in its worker's queue.
+fn weight(job: &Job) -> usize {
+    match job {
+        Job::Store { packets, .. } => packets.len().max(1),
+        _ => 1,
+    }
+}
 /// Records from further `Learn` jobs taken into one commit (up to).
 const LEARN_BATCH: usize = MAX_RECORDS;
 
 /// The pool.
 #[derive(Debug)]
 pub struct Pool {
-    workers: Vec<mpsc::Sender<Job>>,
+    workers: Vec<Worker>,
     next: usize,
     /// Picks a peer's worker (the same one for all its packets).
     by_peer: foldhash::fast::RandomState,
@@ -51,15 +70,19 @@ impl Pool {
         let workers = (0..n.max(1))
             .map(|_| {
                 let (tx, rx) = mpsc::channel(WORKER_QUEUE);
+                let queued = Arc::new(AtomicUsize::new(0));
                 tokio::spawn(worker(
                     core.clone(),
-                    rx,
+                    Queue {
+                        rx,
+                        queued: queued.clone(),
+                    },
                     done_tx.clone(),
                     me,
                     remember_ms,
                     cancel.clone(),
                 ));
-                tx
+                Worker { tx, queued }
             })
             .collect();
         (
@@ -84,17 +107,50 @@ impl Pool {
                 self.next
             }
         };
-        self.workers[i].try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => {
-                Box::new(j)
+        let w = &self.workers[i];
+        let n = weight(&job);
+        if w.queued.load(Relaxed) + n > WORKER_QUEUE {
+            return Err(Box::new(job));
+        }
+        w.queued.fetch_add(n, Relaxed);
+        w.tx.try_send(job).map_err(|e| {
+            w.queued.fetch_sub(n, Relaxed);
+            match e {
+                mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => {
+                    Box::new(j)
+                }
             }
         })
     }
 }
 
+/// A worker's end of its queue.
+struct Queue {
+    rx: mpsc::Receiver<Job>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Queue {
+    fn took(&self, job: &Job) {
+        self.queued.fetch_sub(weight(job), Relaxed);
+    }
+
+    async fn recv(&mut self) -> Option<Job> {
+        let job = self.rx.recv().await?;
+        self.took(&job);
+        Some(job)
+    }
+
+    fn try_recv(&mut self) -> Option<Job> {
+        let job = self.rx.try_recv().ok()?;
+        self.took(&job);
+        Some(job)
+    }
+}
+
 async fn worker(
     core: Arc<Core>,
-    mut rx: mpsc::Receiver<Job>,
+    mut rx: Queue,
     done: mpsc::Sender<JobDone>,
     me: [u8; 32],
     remember_ms: u64,
@@ -109,8 +165,8 @@ async fn worker(
                 _ = cancel.cancelled() => {
                     // Copies of packets held in memory are this relay's
                     // only ones: stored before it stops.
-                    rx.close();
-                    while let Ok(job) = rx.try_recv() {
+                    rx.rx.close();
+                    while let Some(job) = rx.try_recv() {
                         if let Job::KeepCopy(keeps) = job {
                             keep(&core, keeps).await;
                         }
@@ -124,21 +180,20 @@ async fn worker(
             },
         };
         let results = match job {
-            Job::Store {
-                peer, id, packet, ..
-            } => {
+            Job::Store { peer, packets } => {
                 // What else is queued for storing goes in the same commit.
-                let mut batch = vec![(peer, id, packet)];
+                let mut batch: Vec<(PeerId, ToStore)> =
+                    packets.into_iter().map(|p| (peer, p)).collect();
                 while batch.len() < STORE_BATCH {
                     match rx.try_recv() {
-                        Ok(Job::Store {
-                            peer, id, packet, ..
-                        }) => batch.push((peer, id, packet)),
-                        Ok(other) => {
+                        Some(Job::Store { peer, packets }) => {
+                            batch.extend(packets.into_iter().map(|p| (peer, p)))
+                        }
+                        Some(other) => {
                             carried = Some(other);
                             break;
                         }
-                        Err(_) => break,
+                        None => break,
                     }
                 }
                 store(&core, batch, remember_ms).await
@@ -154,7 +209,7 @@ async fn worker(
                 let mut jobs = vec![(records, gossip, from)];
                 while n < LEARN_BATCH {
                     match rx.try_recv() {
-                        Ok(Job::Learn {
+                        Some(Job::Learn {
                             records,
                             gossip,
                             from,
@@ -162,11 +217,11 @@ async fn worker(
                             n += records.len();
                             jobs.push((records, gossip, from));
                         }
-                        Ok(other) => {
+                        Some(other) => {
                             carried = Some(other);
                             break;
                         }
-                        Err(_) => break,
+                        None => break,
                     }
                 }
                 learn_jobs(&core, jobs, me).await
@@ -190,38 +245,52 @@ async fn worker(
 
 /// Stores packets from other relays, each once under its id, and delivers
 /// the new ones to connected recipients.
-async fn store(
-    core: &Arc<Core>,
-    batch: Vec<(PeerId, PacketId, Bytes)>,
-    remember_ms: u64,
-) -> Vec<JobDone> {
+async fn store(core: &Arc<Core>, batch: Vec<(PeerId, ToStore)>, remember_ms: u64) -> Vec<JobDone> {
     let until = now_ms().saturating_add(remember_ms);
-    let items: Vec<(PacketId, Bytes)> = batch.iter().map(|(_, id, p)| (*id, p.clone())).collect();
+    let items: Vec<(PacketId, Bytes)> = batch
+        .iter()
+        .map(|(_, p)| (p.id, p.packet.clone()))
+        .collect();
     let results = core.accept_federated(items, until).await;
     let m = &core.metrics.federation;
+    // What each came to; new packets go to their connected recipients
+    // (one look at the registry for the whole batch).
+    let mut fresh = Vec::new();
+    let outcomes: Vec<Option<StoreOutcome>> = results
+        .into_iter()
+        .map(|r| match r {
+            Ok(Some(acc)) => {
+                fresh.push(acc);
+                None
+            }
+            // Stored before under this id: acknowledged again, not
+            // stored (or delivered) twice.
+            Ok(None) => {
+                m.drops_duplicate.fetch_add(1, Relaxed);
+                Some(StoreOutcome::Stored)
+            }
+            Err(crate::core::PacketError::Malformed(_)) => Some(StoreOutcome::Malformed),
+            Err(_) => Some(StoreOutcome::Refused),
+        })
+        .collect();
+    let mut live = core.route_local_many(fresh).into_iter();
     batch
         .into_iter()
-        .zip(results)
-        .map(|((peer, id, _), r)| {
-            let outcome = match r {
-                Ok(Some(acc)) => {
-                    if core.route_local(0, acc) {
-                        m.delivered_locally.fetch_add(1, Relaxed);
-                    } else {
-                        m.stored_locally.fetch_add(1, Relaxed);
-                    }
-                    StoreOutcome::Stored
+        .zip(outcomes)
+        .map(|((peer, p), outcome)| {
+            let outcome = outcome.unwrap_or_else(|| {
+                if live.next().unwrap_or(false) {
+                    m.delivered_locally.fetch_add(1, Relaxed);
+                } else {
+                    m.stored_locally.fetch_add(1, Relaxed);
                 }
-                // Stored before under this id: acknowledged again, not
-                // stored (or delivered) twice.
-                Ok(None) => {
-                    m.drops_duplicate.fetch_add(1, Relaxed);
-                    StoreOutcome::Stored
-                }
-                Err(crate::core::PacketError::Malformed(_)) => StoreOutcome::Malformed,
-                Err(_) => StoreOutcome::Refused,
-            };
-            JobDone::Stored { peer, id, outcome }
+                StoreOutcome::Stored
+            });
+            JobDone::Stored {
+                peer,
+                id: p.id,
+                outcome,
+            }
         })
         .collect()
 }

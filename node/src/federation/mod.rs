@@ -1037,9 +1037,10 @@ pub(crate) mod tests {
         assert_eq!(peer, pb);
         let mut out_b = Vec::new();
         b.frame(1, pa, frame, &view_b, &mut out_b);
-        let Some(Action::Job(Job::Store { id, .. })) = out_b.pop() else {
+        let Some(Action::Job(Job::Store { packets, .. })) = out_b.pop() else {
             panic!("stored at b");
         };
+        let id = packets[0].id;
         b.job_done(
             2,
             JobDone::Stored {
