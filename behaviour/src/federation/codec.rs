@@ -12,7 +12,7 @@
 //!   0x02 Routed    id (16) ‖ flags (u8) ‖ hops (u8) ‖ target key (32) ‖ client packet
 //!                                         for the relay with that Ed25519 key; flags bit 0:
 //!                                         store it even if that relay does not home the recipient
-//!   0x03 Ack       id (16) ‖ status (u8) [‖ home key (32), with Stored]
+//!   0x03 Ack       id (16) ‖ status (u8) [‖ home key (32), with Stored of a flood]
 //!                                         answers 0x01 and 0x02; a Stored ack names the relay
 //!                                         that stored the packet
 //!   0x04 Forget    n (u16) ‖ n × id (16)  the sender has these Stored acks: the home relay may

@@ -72,6 +72,9 @@ pub struct ToStore {
     pub packet: Bytes,
     /// Its destination.
     pub dest: DestHash,
+    /// It came routed to this relay (not flooded): its sender knows
+    /// where it went, so the ack need not say.
+    pub routed: bool,
 }
 
 /// Store work, run by a fixed set of workers (never a task per message).
@@ -177,6 +180,8 @@ pub enum JobDone {
         id: PacketId,
         /// Whether the store took it (or had it already).
         outcome: StoreOutcome,
+        /// It came routed (see [`ToStore::routed`]).
+        routed: bool,
     },
     /// Several results of one job, in order.
     Many(Vec<JobDone>),

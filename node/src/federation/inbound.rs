@@ -1,7 +1,8 @@
 //! Packets other relays send us: stored when their recipient is homed
 //! here (once per id, in arrival order per sender), flooded on within the
-//! hop cap when not, and acknowledged. A `Stored` ack names this relay, so
-//! the sender learns where the recipient lives.
+//! hop cap when not, and acknowledged. The `Stored` ack of a flooded
+//! packet names this relay, so the sender learns where the recipient
+//! lives (a routed packet's sender knows already).
 //!
 //! A routed packet for a recipient this relay does not home is answered
 //! `NotHome` (the sender then floods it) unless the sender says to store it
@@ -38,10 +39,15 @@ fn ack(peer: PeerId, id: PacketId, status: AckStatus) -> Action {
     }
 }
 
-fn store(peer: PeerId, id: PacketId, packet: Bytes, dest: DestHash) -> Action {
+fn store(peer: PeerId, id: PacketId, packet: Bytes, dest: DestHash, routed: bool) -> Action {
     Action::Job(Job::Store {
         peer,
-        packets: vec![ToStore { id, packet, dest }],
+        packets: vec![ToStore {
+            id,
+            packet,
+            dest,
+            routed,
+        }],
     })
 }
 
@@ -87,7 +93,7 @@ impl Inbound {
         let homed = cx.view.is_homed(&dest);
         match routed {
             Some(anyway) if homed || anyway => {
-                cx.out.push(store(peer, id, packet, dest));
+                cx.out.push(store(peer, id, packet, dest, true));
             }
             Some(_) => {
                 // A stale hint: let the sender flood it.
@@ -101,7 +107,7 @@ impl Inbound {
                 }
                 if homed {
                     // The store keeps each id once, whatever the attempt.
-                    cx.out.push(store(peer, id, packet, dest));
+                    cx.out.push(store(peer, id, packet, dest, false));
                     return;
                 }
                 self.flood_on(id, attempt, hops, packet, peer, cx);
@@ -155,10 +161,14 @@ impl Inbound {
         peer: PeerId,
         id: PacketId,
         outcome: StoreOutcome,
+        routed: bool,
         dedup: &mut Dedup,
         out: &mut Vec<Action>,
     ) {
         let (status, home) = match outcome {
+            // A routed packet's sender named this relay: 32 bytes less
+            // per ack.
+            StoreOutcome::Stored if routed => (AckStatus::Stored, None),
             StoreOutcome::Stored => {
                 // Acked to the sender here; a later Stored from elsewhere
                 // for the same flood is not passed upstream again.
@@ -351,16 +361,29 @@ mod tests {
     }
 
     #[test]
-    fn stored_acks_name_this_relay() {
+    fn stored_acks_of_floods_name_this_relay_and_of_routed_packets_do_not() {
         let (_, me) = key();
         let (s, _) = key();
         let inb = Inbound::new(me, 3);
         let mut d = Dedup::new(10, 10);
         let mut out = Vec::new();
-        inb.stored(s, [1; 16], StoreOutcome::Stored, &mut d, &mut out);
+        inb.stored(s, [1; 16], StoreOutcome::Stored, false, &mut d, &mut out);
         assert!(matches!(
             &out[0],
             Action::Send { frame: Frame::Ack { status: AckStatus::Stored, home: Some(h), .. }, .. } if *h == me.0
+        ));
+        out.clear();
+        inb.stored(s, [2; 16], StoreOutcome::Stored, true, &mut d, &mut out);
+        assert!(matches!(
+            &out[0],
+            Action::Send {
+                frame: Frame::Ack {
+                    status: AckStatus::Stored,
+                    home: None,
+                    ..
+                },
+                ..
+            }
         ));
     }
 }

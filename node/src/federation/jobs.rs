@@ -290,6 +290,7 @@ async fn store(core: &Arc<Core>, batch: Vec<(PeerId, ToStore)>, remember_ms: u64
                 peer,
                 id: p.id,
                 outcome,
+                routed: p.routed,
             }
         })
         .collect()

@@ -594,9 +594,14 @@ impl Federation {
                     self.job_done(now, d, view, out);
                 }
             }
-            JobDone::Stored { peer, id, outcome } => {
-                self.inbound.stored(peer, id, outcome, &mut self.dedup, out)
-            }
+            JobDone::Stored {
+                peer,
+                id,
+                outcome,
+                routed,
+            } => self
+                .inbound
+                .stored(peer, id, outcome, routed, &mut self.dedup, out),
             JobDone::Learned {
                 relays,
                 gossip,
@@ -1040,13 +1045,15 @@ pub(crate) mod tests {
         let Some(Action::Job(Job::Store { packets, .. })) = out_b.pop() else {
             panic!("stored at b");
         };
-        let id = packets[0].id;
+        let (id, routed) = (packets[0].id, packets[0].routed);
+        assert!(routed);
         b.job_done(
             2,
             JobDone::Stored {
                 peer: pa,
                 id,
                 outcome: StoreOutcome::Stored,
+                routed,
             },
             &view_b,
             &mut out_b,
