@@ -207,7 +207,7 @@ pub struct Core {
     /// Homed hashes to write (`Some(expiry)`) or delete (`None`).
     homed_dirty: Mutex<HashMap<DestHash, Option<u64>>>,
     homed_dirty_max: usize,
-    federation: std::sync::OnceLock<mpsc::Sender<Federate>>,
+    federation: std::sync::OnceLock<crate::handoff::HandoffTx>,
     claims: std::sync::OnceLock<mpsc::Sender<RemoteClaim>>,
     /// This relay's key and the federation's pending bound below which
     /// routed packets do not count as stored for absent recipients.
@@ -307,7 +307,7 @@ impl Core {
     /// `learned_routes` how many destinations' home relays are remembered.
     pub fn set_federation(
         &self,
-        tx: mpsc::Sender<Federate>,
+        tx: crate::handoff::HandoffTx,
         claims: mpsc::Sender<RemoteClaim>,
         me: [u8; 32],
         max_pending: usize,
@@ -383,6 +383,7 @@ impl Core {
             };
             let Some(last) = page.last() else { break };
             after = last.id;
+            let mut batch = Vec::new();
             for p in page {
                 let route = p
                     .route
@@ -394,18 +395,18 @@ impl Core {
                 {
                     continue;
                 }
-                let f = Federate {
+                batch.push(Federate {
                     mailbox_id: Some(p.id),
                     dest: p.dest,
                     packet: Bytes::from(p.packet),
                     // The route its sender named, kept with the packet.
                     hint: p.route,
                     deadline_ms: p.expires_ms,
-                };
-                if fed.send(f).await.is_err() {
-                    return n;
-                }
+                });
                 n += 1;
+            }
+            if !batch.is_empty() && fed.send(batch).await.is_err() {
+                return n;
             }
         }
         n
@@ -745,36 +746,35 @@ impl Core {
             return frames;
         }
         let deadline_ms = now_ms().saturating_add(self.mailbox_ttl_ms);
-        let mut rest = Vec::new();
-        let mut handed = 0u64;
-        for ((packet, hint), dest) in frames.into_iter().zip(dests) {
-            let Some(dest) = dest.filter(|_| rest.is_empty()) else {
-                rest.push((packet, hint));
-                continue;
-            };
-            let f = Federate {
-                mailbox_id: None,
-                dest,
-                packet,
-                hint,
-                deadline_ms,
-            };
-            match tx.try_send(f) {
-                Ok(()) => handed += 1,
-                Err(e) => {
-                    let f = e.into_inner();
-                    rest.push((f.packet, f.hint));
-                }
+        // Every packet has a destination here (checked above).
+        let batch: Vec<Federate> = frames
+            .into_iter()
+            .zip(dests)
+            .filter_map(|((packet, hint), dest)| {
+                dest.map(|dest| Federate {
+                    mailbox_id: None,
+                    dest,
+                    packet,
+                    hint,
+                    deadline_ms,
+                })
+            })
+            .collect();
+        let handed = batch.len() as u64;
+        // The batch goes whole or not at all (then it is stored as usual).
+        match tx.try_send(batch) {
+            Ok(()) => {
+                self.metrics.packets_in.fetch_add(handed, Relaxed);
+                self.events.inbound.fetch_add(handed, Relaxed);
+                self.metrics.packets_queued.fetch_add(handed, Relaxed);
+                self.events.queued.fetch_add(handed, Relaxed);
+                self.metrics.federation.unstored.fetch_add(handed, Relaxed);
+                Vec::new()
+            }
+            Err(crate::handoff::NotHanded(back)) => {
+                back.into_iter().map(|f| (f.packet, f.hint)).collect()
             }
         }
-        if handed > 0 {
-            self.metrics.packets_in.fetch_add(handed, Relaxed);
-            self.events.inbound.fetch_add(handed, Relaxed);
-            self.metrics.packets_queued.fetch_add(handed, Relaxed);
-            self.events.queued.fetch_add(handed, Relaxed);
-            self.metrics.federation.unstored.fetch_add(handed, Relaxed);
-        }
-        rest
     }
 
     fn learned_routes(
@@ -970,13 +970,13 @@ impl Core {
                 hint,
                 deadline_ms: now_ms().saturating_add(self.mailbox_ttl_ms),
             };
-            if let Err(e) = fed.try_send(f) {
+            if fed.try_send(vec![f]).is_err() {
                 // The stored copy stays here for the recipient to fetch.
                 self.metrics
                     .federation
                     .drops_queue_full
                     .fetch_add(1, Relaxed);
-                tracing::debug!(error = %e, "federation queue full; packet kept locally");
+                tracing::debug!("federation queue full; packet kept locally");
             }
             self.metrics.packets_queued.fetch_add(1, Relaxed);
             self.events.queued.fetch_add(1, Relaxed);

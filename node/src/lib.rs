@@ -12,6 +12,7 @@ pub mod device;
 pub mod events;
 pub mod federation;
 pub mod gateway;
+pub mod handoff;
 pub mod homed;
 pub mod live;
 pub mod metrics;

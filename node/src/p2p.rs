@@ -323,7 +323,7 @@ pub fn start(
     let peer_id = *swarm.local_peer_id();
     let (tx, rx) = watch::channel(Vec::new());
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
-    let (out_tx, out_rx) = mpsc::channel(crate::federation::OUTBOUND_QUEUE);
+    let (out_tx, out_rx) = crate::handoff::handoff(crate::federation::OUTBOUND_QUEUE);
     let (claim_tx, claim_rx) = mpsc::channel(crate::federation::CLAIM_QUEUE);
     let (block_tx, block_rx) = mpsc::channel(4);
     let enabled = fed.cfg.mode != crate::config::FederationMode::Off;
@@ -419,7 +419,7 @@ struct EventLoop {
     fed: crate::federation::driver::Driver,
     done_rx: crate::federation::driver::Done,
     claim_rx: mpsc::Receiver<crate::core::RemoteClaim>,
-    out_rx: mpsc::Receiver<crate::core::Federate>,
+    out_rx: crate::handoff::HandoffRx,
     block_rx: mpsc::Receiver<std::collections::HashSet<PeerId>>,
     status: watch::Sender<FedStatus>,
     tick: Duration,

@@ -126,7 +126,7 @@ impl Driver {
     /// route: what must be stored before this relay stops.
     pub fn take_unstored(
         &mut self,
-        queued: &mut mpsc::Receiver<crate::core::Federate>,
+        queued: &mut crate::handoff::HandoffRx,
     ) -> Vec<(bytes::Bytes, [u8; 32])> {
         let me = self.fed.key().0;
         let mut all: Vec<(bytes::Bytes, [u8; 32])> = self
@@ -135,8 +135,7 @@ impl Driver {
             .into_iter()
             .map(|k| (k.packet, k.route))
             .collect();
-        queued.close();
-        while let Ok(f) = queued.try_recv() {
+        for f in queued.close() {
             if f.mailbox_id.is_none() {
                 all.push((f.packet, f.hint.unwrap_or(me)));
             }
