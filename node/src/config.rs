@@ -290,7 +290,9 @@ pub struct Federation {
     /// back once it is under half of this. Default 25000.
     pub max_pending_per_relay: usize,
     /// Routed packets sent to one relay and not yet acknowledged; the rest
-    /// wait in order. Default 1024 (the receiver queues up to 4096).
+    /// wait in order. Default 4096 (the receiver queues up to 4096 per
+    /// store worker; its acks for connected recipients wait until they
+    /// confirm delivery, so a busy link has many packets in flight).
     pub send_window: usize,
     /// Resend an unacknowledged packet after this long, ms; dials back off
     /// from here to 30 s. Default 2000.
@@ -367,7 +369,7 @@ impl Default for Federation {
             max_pending_bytes: 256 * 1024 * 1024,
             dial_queue: 1024,
             max_pending_per_relay: 25_000,
-            send_window: 1024,
+            send_window: 4096,
             retry_ms: 2000,
             flood_retry_ms: 60_000,
             flood_attempts: 3,

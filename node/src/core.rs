@@ -648,7 +648,7 @@ impl Core {
         frames: Vec<(Bytes, Option<[u8; 32]>)>,
         lane: meshwhisper_storage::mailbox::Lane,
     ) -> Vec<Result<Accepted, PacketError>> {
-        self.accept_inner(frames, None, lane, true)
+        self.accept_inner(frames, lane, true)
             .await
             .into_iter()
             .map(|r| {
@@ -666,12 +666,20 @@ impl Core {
     /// one stored before.
     pub async fn accept_federated(
         &self,
-        items: Vec<(meshwhisper_storage::fed_seen::FedId, Bytes)>,
+        items: Vec<(meshwhisper_storage::fed_seen::FedId, Bytes, bool)>,
         remember_until_ms: u64,
-    ) -> Vec<Result<Option<Accepted>, PacketError>> {
-        let (ids, frames): (Vec<_>, Vec<_>) = items.into_iter().unzip();
-        self.accept_inner(
-            frames.into_iter().map(|f| (f, None)).collect(),
+    ) -> (
+        Vec<Result<Option<Accepted>, PacketError>>,
+        Option<meshwhisper_storage::mailbox::Settled>,
+    ) {
+        let mut ids = Vec::with_capacity(items.len());
+        let mut frames = Vec::with_capacity(items.len());
+        for (id, frame, unlogged) in items {
+            ids.push((id, unlogged));
+            frames.push((frame, None));
+        }
+        self.accept_inner_settled(
+            frames,
             Some((ids, remember_until_ms)),
             meshwhisper_storage::mailbox::Lane::Main,
             true,
@@ -808,7 +816,6 @@ impl Core {
     pub async fn keep_copies(&self, items: Vec<(Bytes, [u8; 32])>) -> Vec<Option<MailboxId>> {
         self.accept_inner(
             items.into_iter().map(|(p, r)| (p, Some(r))).collect(),
-            None,
             meshwhisper_storage::mailbox::Lane::Main,
             false,
         )
@@ -832,10 +839,27 @@ impl Core {
     async fn accept_inner(
         &self,
         frames: Vec<(Bytes, Option<[u8; 32]>)>,
-        fed: Option<(Vec<meshwhisper_storage::fed_seen::FedId>, u64)>,
         lane: meshwhisper_storage::mailbox::Lane,
         counted: bool,
     ) -> Vec<Result<Option<Accepted>, PacketError>> {
+        self.accept_inner_settled(frames, None, lane, counted)
+            .await
+            .0
+    }
+
+    /// `fed`: the packets' federated ids (each with whether it may be held
+    /// unlogged) and until when they are remembered.
+    async fn accept_inner_settled(
+        &self,
+        frames: Vec<(Bytes, Option<[u8; 32]>)>,
+        fed: Option<(Vec<(meshwhisper_storage::fed_seen::FedId, bool)>, u64)>,
+        lane: meshwhisper_storage::mailbox::Lane,
+        counted: bool,
+    ) -> (
+        Vec<Result<Option<Accepted>, PacketError>>,
+        Option<meshwhisper_storage::mailbox::Settled>,
+    ) {
+        let mut settled = None;
         let mut results: Vec<Option<Result<Option<Accepted>, PacketError>>> =
             Vec::with_capacity(frames.len());
         let mut valid = Vec::with_capacity(frames.len());
@@ -862,14 +886,24 @@ impl Core {
                 Some((ids, until)) => {
                     let items = valid
                         .iter()
-                        .map(|(i, d, f, _)| meshwhisper_storage::mailbox::Federated {
-                            dest: *d,
-                            packet: f.clone(),
-                            id: ids.get(*i).copied().unwrap_or([0; 16]),
-                            remember_until_ms: *until,
+                        .map(|(i, d, f, _)| {
+                            let (id, unlogged) = ids.get(*i).copied().unwrap_or(([0; 16], false));
+                            meshwhisper_storage::mailbox::Federated {
+                                dest: *d,
+                                packet: f.clone(),
+                                id,
+                                remember_until_ms: *until,
+                                unlogged,
+                            }
                         })
                         .collect();
-                    mailbox.enqueue_federated(items, now_ms()).await
+                    mailbox
+                        .enqueue_federated(items, now_ms())
+                        .await
+                        .map(|(enqueued, s)| {
+                            settled = Some(s);
+                            enqueued
+                        })
                 }
                 None => {
                     let packets = valid
@@ -899,7 +933,7 @@ impl Core {
                 }
             }
         }
-        results
+        let results = results
             .into_iter()
             .map(|r| {
                 r.unwrap_or_else(|| {
@@ -908,7 +942,8 @@ impl Core {
                     )))
                 })
             })
-            .collect()
+            .collect();
+        (results, settled)
     }
 
     /// Bytes of `frames` whose destination has no connection here and that
@@ -990,6 +1025,13 @@ impl Core {
     pub fn route_local(self: &Arc<Self>, from: ConnId, accepted: Accepted) -> bool {
         let target = live_queue(&self.registry(), from, &accepted.dest);
         self.offer_local(target, accepted)
+    }
+
+    /// Whether each of `dests` has a connection here (one look at the
+    /// registry).
+    pub fn connected_many(&self, dests: impl Iterator<Item = DestHash>) -> Vec<bool> {
+        let r = self.registry();
+        dests.map(|d| r.by_hash.contains_key(&d)).collect()
     }
 
     /// [`Core::route_local`] for a batch from another relay (one look at

@@ -78,7 +78,13 @@ impl Bloom {
 #[derive(Debug)]
 pub(crate) struct FedSeen {
     /// Recorded since the last spill (also in the hot log), with expiry.
-    recent: HashMap<FedId, u64>,
+    recent: HashMap<FedId, u64, foldhash::fast::RandomState>,
+    /// Ids of packets held in memory only (not yet logged, see
+    /// `hot::HotLog::add_unlogged`): they count for duplicates but are never
+    /// spilled into the table before their packet is logged or delivered —
+    /// an id remembered durably without its packet would make a resend
+    /// after a crash look stored.
+    claimed: HashMap<FedId, u64, foldhash::fast::RandomState>,
     /// Over the table's ids only (`recent` is looked up first and
     /// exactly). Deletions are not removed: a false positive only costs a
     /// read; once it has taken more ids than it was sized for it is built
@@ -90,7 +96,8 @@ impl FedSeen {
     /// Loads the filter from the table.
     pub(crate) async fn load(conn: &mut SqliteConnection, path: &Path) -> Result<Self> {
         Ok(Self {
-            recent: HashMap::new(),
+            recent: HashMap::default(),
+            claimed: HashMap::default(),
             bloom: table_filter(conn, path).await?,
         })
     }
@@ -102,7 +109,7 @@ impl FedSeen {
         path: &Path,
         id: &FedId,
     ) -> Result<bool> {
-        if self.recent.contains_key(id) {
+        if self.recent.contains_key(id) || self.claimed.contains_key(id) {
             return Ok(true);
         }
         if self.bloom.full() {
@@ -123,6 +130,42 @@ impl FedSeen {
     /// the hot log holds it with its packet).
     pub(crate) fn record(&mut self, id: FedId, expires_ms: u64) {
         self.recent.insert(id, expires_ms);
+    }
+
+    /// Counts `id` seen while its packet is held unlogged.
+    pub(crate) fn claim(&mut self, id: FedId, expires_ms: u64) {
+        self.claimed.insert(id, expires_ms);
+    }
+
+    /// Whether `id` is claimed by an unlogged packet.
+    pub(crate) fn is_claimed(&self, id: &FedId) -> bool {
+        self.claimed.contains_key(id)
+    }
+
+    /// The claimed ids' packets were logged or delivered: remembered like
+    /// any other from now on.
+    pub(crate) fn confirm(&mut self, ids: &[FedId]) {
+        for id in ids {
+            if let Some(exp) = self.claimed.remove(id) {
+                self.recent.insert(*id, exp);
+            }
+        }
+    }
+
+    /// Undoes [`FedSeen::confirm`] (the group that logged them failed).
+    pub(crate) fn unconfirm(&mut self, ids: &[FedId]) {
+        for id in ids {
+            if let Some(exp) = self.recent.remove(id) {
+                self.claimed.insert(*id, exp);
+            }
+        }
+    }
+
+    /// Drops claims whose packets are gone unlogged (their group failed).
+    pub(crate) fn unclaim(&mut self, ids: &[FedId]) {
+        for id in ids {
+            self.claimed.remove(id);
+        }
     }
 
     /// Remembers `id` in the table now (inside the caller's transaction:
@@ -170,7 +213,7 @@ impl FedSeen {
         let mut n = 0u64;
         let mut in_table = Vec::new();
         for id in ids {
-            if self.recent.remove(id).is_some() {
+            if self.recent.remove(id).is_some() || self.claimed.remove(id).is_some() {
                 n += 1;
             } else if self.bloom.may_contain(id) {
                 in_table.push(*id);

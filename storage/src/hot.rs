@@ -24,7 +24,21 @@
 //! kind 3   packet with extras: flags (u8) ‖ [federated id (16) ‖ remembered
 //!          until ms (u64), if flags & 1] ‖ [route: home relay key (32), if
 //!          flags & 2] ‖ then as kind 1
+//! kind 4   federated id (16) ‖ remembered until ms (u64): a packet that was
+//!          delivered before it was ever logged (see below)
 //! ```
+//!
+//! **Unlogged packets.** A packet another relay sent us is that relay's
+//! until we acknowledge it: it holds it and sends it again if no ack
+//! comes. Such a packet, for a recipient connected here, is added
+//! *unlogged* (`add_unlogged`): in memory, visible to readers, not yet in
+//! the log. If it is delivered (deleted) first, it is never written: only
+//! its federated id is, as a kind-4 record. Otherwise it is logged by the
+//! first group after `unlogged_for` (a duplicate of it arriving, a forced
+//! spill, or a shutdown log it at once). The caller learns through the
+//! packet's [`Settle`] when each of its packets is logged or delivered,
+//! and only then acknowledges it: a crash before that loses nothing the
+//! sender was told is stored.
 //! A federated id in a kind-3 record counts even when its packet was
 //! deleted since: the id must be remembered (see `fed_seen`) until the
 //! spill that moves it into SQLite.
@@ -43,6 +57,53 @@ pub(crate) const LOG_SUFFIX: &str = "-hot.log";
 const PACKET: u8 = 1;
 const TOMBSTONE: u8 = 2;
 const PACKET_EXTRA: u8 = 3;
+const FED_ID: u8 = 4;
+
+/// Tells an enqueue's caller when every unlogged packet of it is logged
+/// or delivered (and the enqueue itself committed): one count per packet
+/// and one for the commit; a dropped `Settle` (a failed group) reads as an
+/// error on the caller's side.
+#[derive(Debug)]
+pub(crate) struct Settle {
+    left: std::sync::atomic::AtomicUsize,
+    tx: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+impl Settle {
+    /// Waiting for the enqueue's commit.
+    pub(crate) fn new(tx: tokio::sync::oneshot::Sender<()>) -> Arc<Self> {
+        Arc::new(Self {
+            left: std::sync::atomic::AtomicUsize::new(1),
+            tx: Mutex::new(Some(tx)),
+        })
+    }
+
+    /// One more packet to wait for.
+    fn more(&self) {
+        self.left.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// One packet (or the commit) is done.
+    pub(crate) fn done(&self) {
+        if self.left.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            let tx = match self.tx.lock() {
+                Ok(mut g) => g.take(),
+                Err(p) => p.into_inner().take(),
+            };
+            if let Some(tx) = tx {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+/// A packet held unlogged.
+#[derive(Debug)]
+struct Unlogged {
+    fed: Option<(crate::fed_seen::FedId, u64)>,
+    settle: Arc<Settle>,
+    at: std::time::Instant,
+}
 
 /// A packet held in the hot tier.
 #[derive(Debug, Clone)]
@@ -205,6 +266,15 @@ pub(crate) struct Recovered {
     pub(crate) fed_ids: Vec<(crate::fed_seen::FedId, u64)>,
 }
 
+/// Federated ids of unlogged packets a failed group touched.
+#[derive(Debug, Default)]
+pub(crate) struct RolledBack {
+    /// Their packets are unlogged again.
+    pub(crate) unlogged_again: Vec<crate::fed_seen::FedId>,
+    /// Their packets are gone (added by the failed group).
+    pub(crate) gone: Vec<crate::fed_seen::FedId>,
+}
+
 /// The writer's side of the hot tier.
 pub(crate) struct HotLog {
     file: std::fs::File,
@@ -226,6 +296,14 @@ pub(crate) struct HotLog {
     more_due: bool,
     /// Bytes in the log file now (rewritten when mostly dead).
     log_len: usize,
+    /// Packets held in memory only, by id (oldest first).
+    unlogged: BTreeMap<i64, Unlogged>,
+    /// How long a packet may stay unlogged.
+    pub(crate) unlogged_for: std::time::Duration,
+    /// Packets the group logged or delivered (settled at its commit), and
+    /// the state to restore if it fails: (id, its unlogged entry, its row
+    /// if the group removed it).
+    settling: Vec<(i64, Unlogged, Option<HotRow>)>,
 }
 
 /// Packet bytes one group moves into SQLite (unless everything must go):
@@ -380,6 +458,16 @@ pub(crate) fn replay_all(bytes: &[u8]) -> Recovered {
             TOMBSTONE => {
                 live.remove(&id);
             }
+            FED_ID => {
+                if body.len() < 24 {
+                    break;
+                }
+                let mut fid = [0u8; 16];
+                fid.copy_from_slice(&body[..16]);
+                let mut t = [0u8; 8];
+                t.copy_from_slice(&body[16..24]);
+                fed_ids.push((fid, u64::from_be_bytes(t)));
+            }
             _ => break,
         }
     }
@@ -437,6 +525,9 @@ impl HotLog {
                 spill_ran: false,
                 more_due: false,
                 log_len: old.len(),
+                unlogged: BTreeMap::new(),
+                unlogged_for: std::time::Duration::from_millis(50),
+                settling: Vec::new(),
             },
             recovered,
         ))
@@ -464,13 +555,98 @@ impl HotLog {
         id
     }
 
-    /// Removes a hot packet; `Some(dest)` if it was hot.
-    pub(crate) fn remove(&mut self, id: i64) -> Option<[u8; 8]> {
+    /// Adds a packet another relay holds until it is acknowledged, for a
+    /// recipient connected here: in memory only until it is delivered or
+    /// `unlogged_for` passes (see the module's notes). `settle` hears when.
+    pub(crate) fn add_unlogged(
+        &mut self,
+        row: HotRow,
+        fed: Option<(crate::fed_seen::FedId, u64)>,
+        settle: &Arc<Settle>,
+    ) -> i64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        settle.more();
+        self.unlogged.insert(
+            id,
+            Unlogged {
+                fed,
+                settle: settle.clone(),
+                at: std::time::Instant::now(),
+            },
+        );
+        self.rows().insert(id, row);
+        self.added.push(id);
+        id
+    }
+
+    /// Removes a hot packet; `Some(dest)` if it was hot. An unlogged one
+    /// leaves only its federated id in the log (`fed` gets it).
+    pub(crate) fn remove(
+        &mut self,
+        id: i64,
+        fed: &mut Vec<crate::fed_seen::FedId>,
+    ) -> Option<[u8; 8]> {
         let row = self.rows().remove(id)?;
-        encode(&mut self.buf, TOMBSTONE, id, &[]);
         let dest = row.dest;
+        if let Some(u) = self.unlogged.remove(&id) {
+            if let Some((fid, until)) = u.fed {
+                encode(&mut self.buf, FED_ID, id, &[&fid, &until.to_be_bytes()]);
+                fed.push(fid);
+            }
+            self.settling.push((id, u, Some(row)));
+            return Some(dest);
+        }
+        encode(&mut self.buf, TOMBSTONE, id, &[]);
         self.removed.push((id, row));
         Some(dest)
+    }
+
+    /// Logs the unlogged packets held `unlogged_for` (all of them when a
+    /// spill is forced, and `also`, if it is one); their federated ids go
+    /// to `fed`.
+    pub(crate) fn log_due(&mut self, also: Option<i64>, fed: &mut Vec<crate::fed_seen::FedId>) {
+        if self.unlogged.is_empty() {
+            return;
+        }
+        let every = self.unlogged_for;
+        let force = self.force;
+        let due: Vec<i64> = self
+            .unlogged
+            .iter()
+            .take_while(|(_, u)| force || u.at.elapsed() >= every)
+            .map(|(id, _)| *id)
+            .chain(also.filter(|id| self.unlogged.contains_key(id)))
+            .collect();
+        for id in due {
+            let Some(u) = self.unlogged.remove(&id) else {
+                continue;
+            };
+            let row = self.rows().by_id.get(&id).cloned();
+            if let Some(row) = &row {
+                encode_packet(&mut self.buf, id, row, u.fed);
+            }
+            if let Some((fid, _)) = u.fed {
+                fed.push(fid);
+            }
+            self.settling.push((id, u, None));
+        }
+    }
+
+    /// The unlogged packet of federated id `fid`, if one is.
+    pub(crate) fn unlogged_of(&self, fid: &crate::fed_seen::FedId) -> Option<i64> {
+        self.unlogged
+            .iter()
+            .find(|(_, u)| u.fed.is_some_and(|(f, _)| f == *fid))
+            .map(|(id, _)| *id)
+    }
+
+    /// When the oldest unlogged packet is due to be logged.
+    pub(crate) fn next_log_due(&self) -> Option<std::time::Instant> {
+        self.unlogged
+            .values()
+            .next()
+            .map(|u| u.at + self.unlogged_for)
     }
 
     /// The oldest hot packet of `dest`.
@@ -523,6 +699,11 @@ impl HotLog {
         let mut more = false;
         for (id, r) in rows.by_id.iter() {
             if !(force || over || r.at.is_none_or(|t| t.elapsed() >= every)) {
+                continue;
+            }
+            // Unlogged packets are logged first (by the group's start, or
+            // soon): their ids must not reach the table before them.
+            if self.unlogged.contains_key(id) {
                 continue;
             }
             let back_in_bounds = out.len() >= over_rows && bytes >= over_bytes;
@@ -580,6 +761,9 @@ impl HotLog {
     pub(crate) fn committed(&mut self) {
         self.added.clear();
         self.removed.clear();
+        for (_, u, _) in self.settling.drain(..) {
+            u.settle.done();
+        }
         if self.spill_ran {
             self.spill_ran = false;
             let spilled = std::mem::take(&mut self.spilled);
@@ -660,13 +844,37 @@ impl HotLog {
 
     /// The group failed: undo its changes in memory (the log may hold
     /// records of it if the failure came after the flush; compensate).
-    pub(crate) fn rolled_back(&mut self) {
+    /// Returns what happened to federated ids of unlogged packets: those
+    /// to count as unlogged again, and those whose packets are gone.
+    pub(crate) fn rolled_back(&mut self) -> RolledBack {
         let added = std::mem::take(&mut self.added);
         let removed = std::mem::take(&mut self.removed);
         self.spilled.clear();
         self.spill_ran = false;
         let flushed = self.buf.is_empty();
         self.buf.clear();
+        let mut undone = RolledBack::default();
+        for (id, u, row) in std::mem::take(&mut self.settling) {
+            if flushed {
+                // Its record is in the log: logged (or delivered) after all.
+                u.settle.done();
+                continue;
+            }
+            if let Some((fid, _)) = u.fed {
+                undone.unlogged_again.push(fid);
+            }
+            if let Some(row) = row {
+                self.rows().insert(id, row);
+            }
+            self.unlogged.insert(id, u);
+        }
+        for id in &added {
+            if let Some(u) = self.unlogged.remove(id)
+                && let Some((fid, _)) = u.fed
+            {
+                undone.gone.push(fid);
+            }
+        }
         let mut rows = self.rows();
         for id in &added {
             rows.remove(*id);
@@ -686,6 +894,7 @@ impl HotLog {
                 tracing::warn!(error = %e, "could not record a failed group in the hot log");
             }
         }
+        undone
     }
 
     /// Empties the log (everything in it is in SQLite or gone).
@@ -803,7 +1012,7 @@ mod tests {
             delivered.push(log.add(big.clone(), None));
             log.flush().expect("flush");
             for id in delivered.drain(..) {
-                log.remove(id);
+                log.remove(id, &mut Vec::new());
             }
         }
         assert!(log.spill_due(), "due once the log is long");

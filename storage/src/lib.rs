@@ -131,6 +131,10 @@ pub struct Config {
     /// How often the hot log's undelivered packets move into SQLite.
     /// Default 500 ms.
     pub hot_spill: Duration,
+    /// How long a packet another relay holds until we acknowledge it may
+    /// stay unlogged, waiting to be delivered (see
+    /// [`mailbox::Mailbox::enqueue_federated`]). Default 50 ms.
+    pub hot_unlogged: Duration,
     /// Writes that add data (packets, media, archives) are refused with
     /// [`Error::DiskFull`] while the filesystem of the data directory has
     /// less than this free, so the disk never fills up. Default 1 GiB;
@@ -167,6 +171,7 @@ impl Config {
             busy_timeout: Duration::from_secs(5),
             hot_log: true,
             hot_spill: Duration::from_millis(500),
+            hot_unlogged: Duration::from_millis(50),
             min_free_bytes: 1024 * 1024 * 1024,
             archive_ttl_ms: 180 * 24 * MS_PER_HOUR,
         }
@@ -244,6 +249,7 @@ async fn open_hot(
         cfg.hot_spill,
     )
     .map_err(|e| Error::io("open the hot log", &path, e))?;
+    log.unlogged_for = cfg.hot_unlogged;
     if !live.is_empty() || !fed_ids.is_empty() {
         let mut tx = conn
             .begin()

@@ -93,6 +93,33 @@ pub struct Federated {
     pub id: crate::fed_seen::FedId,
     /// Until when the id is remembered (the sender may resend until then).
     pub remember_until_ms: u64,
+    /// Its recipient is connected here: hold it unlogged until it is
+    /// delivered (see [`Mailbox::enqueue_federated`]).
+    pub unlogged: bool,
+}
+
+/// Resolves when the unlogged packets of a federated enqueue are logged or
+/// delivered.
+#[derive(Debug)]
+pub struct Settled(oneshot::Receiver<()>);
+
+impl Settled {
+    /// Whether they were (`false`: the store failed or closed first; the
+    /// packets may be gone, so do not acknowledge them).
+    pub async fn wait(self) -> bool {
+        self.await
+    }
+}
+
+impl std::future::Future for Settled {
+    type Output = bool;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<bool> {
+        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| r.is_ok())
+    }
 }
 
 /// A queued packet.
@@ -309,6 +336,19 @@ pub(crate) async fn hot_insert_group(ctx: &mut WriterCtx, all: &[&Row]) -> Resul
         .map(|(r, _)| *r)
         .collect();
     let stored = hot_insert_plain(ctx, &ops).await?;
+    // A duplicate of a packet still held unlogged is answered as stored
+    // once this group commits: so the packet is logged by this group.
+    for (row, _) in all.iter().zip(&dups).filter(|(_, d)| **d) {
+        if let Some((fid, _)) = row.fed
+            && ctx.seen.is_claimed(&fid)
+            && let Some(hot) = ctx.hot.as_mut()
+            && let Some(id) = hot.unlogged_of(&fid)
+        {
+            let mut fed = Vec::new();
+            hot.log_due(Some(id), &mut fed);
+            ctx.seen.confirm(&fed);
+        }
+    }
     Ok(merge_duplicates(&dups, stored))
 }
 
@@ -320,20 +360,30 @@ async fn hot_insert_plain(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Vec<Enque
         let Some(hot) = ctx.hot.as_mut() else {
             return Err(Error::Closed);
         };
-        let id = hot.add(
-            crate::hot::HotRow {
-                dest: op.dest,
-                packet: op.packet.clone(),
-                received_ms: op.received_ms,
-                expires_ms: op.expires_ms,
-                route: op.route,
-                at: Some(std::time::Instant::now()),
-            },
-            op.fed,
-        );
-        if let Some((fid, until)) = op.fed {
-            ctx.seen.record(fid, until);
-        }
+        let row = crate::hot::HotRow {
+            dest: op.dest,
+            packet: op.packet.clone(),
+            received_ms: op.received_ms,
+            expires_ms: op.expires_ms,
+            route: op.route,
+            at: Some(std::time::Instant::now()),
+        };
+        let id = match &op.unlogged {
+            Some(settle) => {
+                let id = hot.add_unlogged(row, op.fed, settle);
+                if let Some((fid, until)) = op.fed {
+                    ctx.seen.claim(fid, until);
+                }
+                id
+            }
+            None => {
+                let id = hot.add(row, op.fed);
+                if let Some((fid, until)) = op.fed {
+                    ctx.seen.record(fid, until);
+                }
+                id
+            }
+        };
         let Some(hot) = ctx.hot.as_mut() else {
             return Err(Error::Closed);
         };
@@ -362,14 +412,16 @@ async fn hot_insert_plain(ctx: &mut WriterCtx, ops: &[&Row]) -> Result<Vec<Enque
             let Some(hot) = ctx.hot.as_mut() else {
                 return Err(Error::Closed);
             };
+            let mut fed = Vec::new();
             while excess > 0 {
                 let Some(old) = hot.oldest_of(&op.dest) else {
                     break;
                 };
-                hot.remove(old);
+                hot.remove(old, &mut fed);
                 excess -= 1;
                 evicted += 1;
             }
+            ctx.seen.confirm(&fed);
             if let Some(c) = ctx.counts.counts.get_mut(&op.dest) {
                 *c = c.saturating_sub(evicted);
             }
@@ -393,8 +445,9 @@ pub(crate) fn hot_delete(
     let Some(hot) = ctx.hot.as_mut() else {
         return (gone, ids.to_vec());
     };
+    let mut fed = Vec::new();
     for id in ids {
-        match hot.remove(*id) {
+        match hot.remove(*id, &mut fed) {
             Some(dest) => {
                 ctx.counts.decrement(&dest);
                 gone.insert(*id);
@@ -402,6 +455,7 @@ pub(crate) fn hot_delete(
             None => rest.push(*id),
         }
     }
+    ctx.seen.confirm(&fed);
     (gone, rest)
 }
 
@@ -550,6 +604,7 @@ impl Mailbox<'_> {
             .enqueue(EnqueueOp {
                 rows: vec![row],
                 reply: Reply::One(reply),
+                settle: None,
                 bulk: false,
             })
             .await?;
@@ -600,23 +655,41 @@ impl Mailbox<'_> {
     /// Stores packets forwarded by other relays, each once under its
     /// federated id: a packet whose id was stored before (and not
     /// forgotten) is not stored again and comes back `duplicate`.
+    ///
+    /// Packets marked [`Federated::unlogged`] are held in memory until
+    /// they are delivered (deleted) or a short while passes, and written
+    /// only then if at all; the returned [`Settled`] resolves once every
+    /// one of them is logged or delivered. Acknowledge them to their
+    /// sender only then: until that, the sender's copy is the only one.
     pub async fn enqueue_federated(
         &self,
         packets: Vec<Federated>,
         now_ms: u64,
-    ) -> Result<Vec<Enqueued>> {
-        self.enqueue_rows(
-            Lane::Main,
-            packets
-                .into_iter()
-                .map(|f| {
-                    let mut r = self.row(f.dest, f.packet, now_ms)?;
-                    r.fed = Some((f.id, f.remember_until_ms));
-                    Ok(r)
-                })
-                .collect::<Result<Vec<_>>>()?,
-        )
-        .await
+    ) -> Result<(Vec<Enqueued>, Settled)> {
+        let (tx, settled) = oneshot::channel();
+        let settle = crate::hot::Settle::new(tx);
+        let rows = packets
+            .into_iter()
+            .map(|f| {
+                let mut r = self.row(f.dest, f.packet, now_ms)?;
+                r.fed = Some((f.id, f.remember_until_ms));
+                r.unlogged = f.unlogged.then(|| settle.clone());
+                Ok(r)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.store.check_space()?;
+        let (reply, rx) = oneshot::channel();
+        self.store
+            .writer()
+            .enqueue(EnqueueOp {
+                rows,
+                reply: Reply::Many(reply),
+                settle: Some(settle),
+                bulk: false,
+            })
+            .await?;
+        let enqueued = rx.await.map_err(|_| Error::Closed)??;
+        Ok((enqueued, Settled(settled)))
     }
 
     async fn enqueue_rows(&self, lane: Lane, rows: Vec<Row>) -> Result<Vec<Enqueued>> {
@@ -630,6 +703,7 @@ impl Mailbox<'_> {
             .enqueue(EnqueueOp {
                 rows,
                 reply: Reply::Many(reply),
+                settle: None,
                 bulk: lane == Lane::Bulk,
             })
             .await?;
@@ -678,6 +752,7 @@ impl Mailbox<'_> {
             expires_ms: now_ms.saturating_add(cfg.mailbox_ttl_ms),
             route: None,
             fed: None,
+            unlogged: None,
         })
     }
 
@@ -933,11 +1008,13 @@ impl Mailbox<'_> {
                 Box::pin(async move {
                     let mut hot_expired = 0u64;
                     if let Some(hot) = ctx.hot.as_mut() {
+                        let mut fed = Vec::new();
                         for (id, dest) in hot.expired(now_ms, max_rows as usize) {
-                            hot.remove(id);
+                            hot.remove(id, &mut fed);
                             ctx.counts.decrement(&dest);
                             hot_expired += 1;
                         }
+                        ctx.seen.confirm(&fed);
                     }
                     // Packets expire in arrival order (one TTL for all), so
                     // look only at the oldest rows: bounded work per call.

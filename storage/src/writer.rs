@@ -142,6 +142,9 @@ pub(crate) struct Row {
     /// Stored for another relay under this federated id (remembered until
     /// the given time): not stored again if already seen.
     pub(crate) fed: Option<(crate::fed_seen::FedId, u64)>,
+    /// Held unlogged (with the hot tier on) until delivered or due; the
+    /// enqueue's [`crate::hot::Settle`] hears when.
+    pub(crate) unlogged: Option<Arc<crate::hot::Settle>>,
 }
 
 /// Where an enqueue's result goes: one packet or a batch.
@@ -178,6 +181,9 @@ impl Reply {
 pub(crate) struct EnqueueOp {
     pub(crate) rows: Vec<Row>,
     pub(crate) reply: Reply,
+    /// Told once the enqueue committed and its unlogged packets are
+    /// logged or delivered.
+    pub(crate) settle: Option<Arc<crate::hot::Settle>>,
     /// The caller asks for the bulk lane (see [`crate::mailbox::Lane`]).
     pub(crate) bulk: bool,
 }
@@ -327,6 +333,11 @@ async fn run(
     };
     while main_open || bulk_open {
         let bulk_ready = tokio::time::Instant::now() >= bulk_at;
+        let log_due = ctx
+            .hot
+            .as_ref()
+            .and_then(|h| h.next_log_due())
+            .map(tokio::time::Instant::from_std);
         // Wait for one operation in either lane, main first; the bulk lane
         // only when its pace allows.
         tokio::select! {
@@ -341,6 +352,13 @@ async fn run(
                 None => bulk_open = false,
             },
             _ = tokio::time::sleep_until(bulk_at), if bulk_open && !bulk_ready => continue,
+            // Unlogged packets whose time is up: a group of their own logs
+            // them (nothing else may come for a while).
+            _ = tokio::time::sleep_until(log_due.unwrap_or_else(tokio::time::Instant::now)), if log_due.is_some() => {
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                process(&mut ctx, Vec::new(), &stats).await;
+                continue;
+            }
         }
         // Then whatever else waits in the main lane, and a share of bulk.
         while batch.len() < batch_max {
@@ -391,7 +409,7 @@ async fn run(
 }
 
 enum Done {
-    Enqueue(Reply, Vec<Enqueued>),
+    Enqueue(Reply, Vec<Enqueued>, Option<Arc<crate::hot::Settle>>),
     Delete(oneshot::Sender<Result<u64>>, u64),
     Job(Box<dyn Job>),
 }
@@ -407,6 +425,12 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
         && batch
             .iter()
             .all(|m| matches!(m, Msg::Enqueue(_) | Msg::Delete(_) | Msg::Forget(_)));
+    // Unlogged packets whose time is up are logged by this group.
+    if let Some(hot) = ctx.hot.as_mut() {
+        let mut fed = Vec::new();
+        hot.log_due(None, &mut fed);
+        ctx.seen.confirm(&fed);
+    }
     let mut pending: Vec<Msg> = batch;
     pending.reverse();
     if !light && let Err(e) = ctx.exec("begin", "BEGIN IMMEDIATE").await {
@@ -450,7 +474,7 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
                             let mine: Vec<Enqueued> =
                                 results.by_ref().take(op.rows.len()).collect();
                             evicted_total += mine.iter().map(|r| u64::from(r.evicted)).sum::<u64>();
-                            done.push(Done::Enqueue(op.reply, mine));
+                            done.push(Done::Enqueue(op.reply, mine, op.settle));
                         }
                     }
                     Err(e) => {
@@ -563,9 +587,7 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
         }
         ctx.counts.clear();
         ctx.seen_spilled = false;
-        if let Some(hot) = ctx.hot.as_mut() {
-            hot.rolled_back();
-        }
+        roll_back_hot(ctx);
         fail_done(done, &e);
         fail_all(pending.into_iter().filter_map(msg_to_failed), &e);
         return;
@@ -586,7 +608,12 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
             stats.evicted.fetch_add(evicted_total, Ordering::Relaxed);
             for d in done {
                 match d {
-                    Done::Enqueue(reply, r) => reply.ok(r),
+                    Done::Enqueue(reply, r, settle) => {
+                        reply.ok(r);
+                        if let Some(s) = settle {
+                            s.done();
+                        }
+                    }
                     Done::Delete(reply, n) => {
                         let _ = reply.send(Ok(n));
                     }
@@ -598,11 +625,19 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
             let _ = ctx.exec("rollback", "ROLLBACK").await;
             ctx.counts.clear();
             ctx.seen_spilled = false;
-            if let Some(hot) = ctx.hot.as_mut() {
-                hot.rolled_back();
-            }
+            roll_back_hot(ctx);
             fail_done(done, &e);
         }
+    }
+}
+
+/// Undoes a failed group's changes to the hot tier, and to the federated
+/// ids of its unlogged packets.
+fn roll_back_hot(ctx: &mut WriterCtx) {
+    if let Some(hot) = ctx.hot.as_mut() {
+        let undone = hot.rolled_back();
+        ctx.seen.unconfirm(&undone.unlogged_again);
+        ctx.seen.unclaim(&undone.gone);
     }
 }
 
@@ -637,7 +672,7 @@ fn fail_all(items: impl Iterator<Item = Failed>, e: &Error) {
 fn fail_done(done: Vec<Done>, e: &Error) {
     fail_all(
         done.into_iter().map(|d| match d {
-            Done::Enqueue(reply, _) => Failed::Enqueue(reply),
+            Done::Enqueue(reply, _, _) => Failed::Enqueue(reply),
             Done::Delete(reply, _) => Failed::Delete(reply),
             Done::Job(j) => Failed::Job(j),
         }),

@@ -459,10 +459,13 @@ async fn forgotten_federated_ids_are_no_longer_duplicates() {
             packet: bytes::Bytes::from(vec![id; 40]),
             id: [id; 16],
             remember_until_ms: NOW + 3_600_000,
+            unlogged: false,
         };
-        let dup = |r: Vec<meshwhisper_storage::mailbox::Enqueued>| -> Vec<bool> {
-            r.iter().map(|e| e.duplicate).collect()
-        };
+        let dup = |r: (
+            Vec<meshwhisper_storage::mailbox::Enqueued>,
+            meshwhisper_storage::mailbox::Settled,
+        )|
+         -> Vec<bool> { r.0.iter().map(|e| e.duplicate).collect() };
         let first = mb
             .enqueue_federated(vec![fed(1), fed(2)], NOW)
             .await
@@ -588,4 +591,194 @@ async fn paging_a_long_stored_queue_takes_every_packet_once_in_order() {
     }
     let want: Vec<MailboxId> = ids.iter().copied().filter(|i| !busy.contains(i)).collect();
     assert_eq!(got, want);
+}
+
+/// The files of a running store, copied as a crash would leave them.
+fn crash_copy(dir: &tempfile::TempDir) -> tempfile::TempDir {
+    let copy = tempfile::tempdir().expect("tmp");
+    for f in std::fs::read_dir(dir.path()).expect("dir").flatten() {
+        if f.path().is_file() {
+            std::fs::copy(f.path(), copy.path().join(f.file_name())).expect("copy");
+        }
+    }
+    copy
+}
+
+/// Whether `s` settles within 10 s (it settles in milliseconds when it
+/// does; a failure must not hang the suite).
+async fn bounded(s: meshwhisper_storage::mailbox::Settled) -> bool {
+    tokio::time::timeout(std::time::Duration::from_secs(10), s)
+        .await
+        .unwrap_or(false)
+}
+
+fn hot_log_bytes(dir: &tempfile::TempDir) -> Vec<u8> {
+    let db = dir.path().join(meshwhisper_storage::DB_FILE);
+    std::fs::read(format!("{}-hot.log", db.display())).unwrap_or_default()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+fn unlogged(id: u8) -> meshwhisper_storage::mailbox::Federated {
+    meshwhisper_storage::mailbox::Federated {
+        dest: dest(9),
+        packet: bytes::Bytes::from(vec![0xA0 | id; 64]),
+        id: [id; 16],
+        remember_until_ms: NOW + 3_600_000,
+        unlogged: true,
+    }
+}
+
+/// A packet another relay holds until we acknowledge it, delivered
+/// before its time is up, is never written: only its id is, and the
+/// enqueue settles once it is delivered. The id outlives a crash (a
+/// resend is a duplicate); the packet is not brought back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unlogged_packet_delivered_first_is_never_written() {
+    use futures::FutureExt as _;
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = open_with(&dir, |c| {
+        c.hot_spill = std::time::Duration::from_secs(3600);
+        c.hot_unlogged = std::time::Duration::from_secs(3600);
+    })
+    .await;
+    let mb = store.mailbox();
+    let (enq, mut settled) = mb
+        .enqueue_federated(vec![unlogged(1)], NOW)
+        .await
+        .expect("enqueue");
+    let id = enq[0].id;
+    // Readers see it (a drain would deliver it) ...
+    let p = mb.pending(&[dest(9)], NOW, 10).await.expect("pending");
+    assert_eq!(p.iter().map(|p| p.id).collect::<Vec<_>>(), vec![id]);
+    // ... and the writer has committed since, but it is not settled.
+    mb.enqueue(dest(1), vec![1; 10], NOW)
+        .await
+        .expect("another");
+    assert!(
+        (&mut settled).now_or_never().is_none(),
+        "settled before delivery"
+    );
+    assert!(
+        !contains(&hot_log_bytes(&dir), &[0xA1; 64]),
+        "written unlogged"
+    );
+    assert_eq!(mb.delete(vec![id]).await.expect("delete"), 1);
+    assert!(bounded(settled).await, "delivered: settled");
+    let log = hot_log_bytes(&dir);
+    assert!(
+        !contains(&log, &[0xA1; 64]),
+        "a delivered packet was written"
+    );
+    assert!(contains(&log, &[1; 16]), "its id is in the log");
+    let copy = crash_copy(&dir);
+    let after = open(&copy).await;
+    let (again, _) = after
+        .mailbox()
+        .enqueue_federated(vec![unlogged(1)], NOW)
+        .await
+        .expect("resend");
+    assert!(
+        again[0].duplicate,
+        "a resend after the crash is a duplicate"
+    );
+    assert_eq!(
+        after.mailbox().count_for(dest(9)).await.expect("count"),
+        0,
+        "the delivered packet came back"
+    );
+}
+
+/// An unlogged packet lost in a crash (never acknowledged: it was neither
+/// logged nor delivered) leaves no trace: its sender's resend is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unlogged_packet_lost_in_a_crash_is_stored_when_resent() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = open_with(&dir, |c| {
+        c.hot_spill = std::time::Duration::ZERO;
+        c.hot_unlogged = std::time::Duration::from_secs(3600);
+    })
+    .await;
+    let mb = store.mailbox();
+    mb.enqueue_federated(vec![unlogged(2)], NOW)
+        .await
+        .expect("enqueue");
+    // Groups that spill (every one here) do not move its id into the
+    // table while its packet is unlogged.
+    mb.enqueue(dest(1), vec![1; 10], NOW)
+        .await
+        .expect("another");
+    mb.enqueue(dest(1), vec![2; 10], NOW)
+        .await
+        .expect("another");
+    let copy = crash_copy(&dir);
+    let after = open(&copy).await;
+    let (again, settled) = after
+        .mailbox()
+        .enqueue_federated(vec![unlogged(2)], NOW)
+        .await
+        .expect("resend");
+    assert!(
+        !again[0].duplicate,
+        "a lost packet's resend was taken as stored"
+    );
+    drop(settled);
+    assert_eq!(after.mailbox().count_for(dest(9)).await.expect("count"), 1);
+}
+
+/// One not delivered in time is logged by the writer on its own (no
+/// other work needed) and then survives a crash; a duplicate of one still
+/// unlogged logs it at once, so the duplicate's answer never runs ahead
+/// of the packet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unlogged_packet_is_logged_when_due_or_when_resent() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = open_with(&dir, |c| {
+        c.hot_spill = std::time::Duration::from_secs(3600);
+        c.hot_unlogged = std::time::Duration::from_millis(20);
+    })
+    .await;
+    let mb = store.mailbox();
+    let (_, settled) = mb
+        .enqueue_federated(vec![unlogged(3)], NOW)
+        .await
+        .expect("enqueue");
+    assert!(bounded(settled).await, "logged when due");
+    assert!(contains(&hot_log_bytes(&dir), &[0xA3; 64]));
+    let copy = crash_copy(&dir);
+    assert_eq!(
+        open(&copy)
+            .await
+            .mailbox()
+            .count_for(dest(9))
+            .await
+            .expect("count"),
+        1
+    );
+    drop(store);
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = open_with(&dir, |c| {
+        c.hot_spill = std::time::Duration::from_secs(3600);
+        c.hot_unlogged = std::time::Duration::from_secs(3600);
+    })
+    .await;
+    let mb = store.mailbox();
+    let (_, first) = mb
+        .enqueue_federated(vec![unlogged(4)], NOW)
+        .await
+        .expect("enqueue");
+    let (dup, dup_settled) = mb
+        .enqueue_federated(vec![unlogged(4)], NOW)
+        .await
+        .expect("resend");
+    assert!(dup[0].duplicate);
+    assert!(bounded(dup_settled).await);
+    assert!(
+        bounded(first).await,
+        "the original is logged with the duplicate"
+    );
+    assert!(contains(&hot_log_bytes(&dir), &[0xA4; 64]));
 }

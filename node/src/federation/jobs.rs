@@ -10,6 +10,9 @@ use super::action::{Job, JobDone, StoreOutcome, ToStore};
 use super::announce::News;
 use crate::core::{Core, now_ms};
 use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt as _, StreamExt as _};
 use libp2p::gossipsub::MessageAcceptance;
 use libp2p::{Multiaddr, PeerId};
 use meshwhisper_behaviour::federation::codec::{Frame, MAX_RECORDS, PacketId};
@@ -26,6 +29,9 @@ use tokio_util::sync::CancellationToken;
 pub const WORKER_QUEUE: usize = 4096;
 /// Most packets stored in one commit.
 const STORE_BATCH: usize = 256;
+/// Stored batches a worker holds while their packets are settling (it
+/// takes no new work past this).
+const MAX_SETTLING: usize = 64;
 /// Most packets the driver joins into one `Store` job.
 pub const STORE_JOIN: usize = STORE_BATCH;
 
@@ -157,6 +163,9 @@ async fn worker(
     cancel: CancellationToken,
 ) {
     let mut carried: Option<Job> = None;
+    // Stored batches whose acks wait until their packets are logged or
+    // delivered (see `Core::accept_federated`), in order.
+    let mut settling: FuturesOrdered<BoxFuture<'static, Vec<JobDone>>> = FuturesOrdered::new();
     loop {
         let job = match carried.take() {
             Some(j) => j,
@@ -173,7 +182,13 @@ async fn worker(
                     }
                     break;
                 }
-                j = rx.recv() => match j {
+                Some(acks) = settling.next(), if !settling.is_empty() => {
+                    if send_done(&done, acks).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                j = rx.recv(), if settling.len() < MAX_SETTLING => match j {
                     Some(j) => j,
                     None => break,
                 },
@@ -196,7 +211,8 @@ async fn worker(
                         None => break,
                     }
                 }
-                store(&core, batch, remember_ms).await
+                settling.push_back(store(&core, batch, remember_ms).await);
+                continue;
             }
             Job::Learn {
                 records,
@@ -228,30 +244,44 @@ async fn worker(
             }
             other => run(&core, other, me).await,
         };
-        // One message for what one job found (a batch of stored packets
-        // is one hand-off back, not one per packet).
-        let out = match results.len() {
-            0 => continue,
-            1 => results.into_iter().next(),
-            _ => Some(JobDone::Many(results)),
-        };
-        if let Some(r) = out
-            && done.send(r).await.is_err()
-        {
+        if send_done(&done, results).await.is_err() {
             return;
         }
     }
 }
 
+/// Sends what one job found as one message (a batch of stored packets is
+/// one hand-off back, not one per packet); `Err` once nobody listens.
+async fn send_done(done: &mpsc::Sender<JobDone>, results: Vec<JobDone>) -> Result<(), ()> {
+    let out = match results.len() {
+        0 => return Ok(()),
+        1 => results.into_iter().next(),
+        _ => Some(JobDone::Many(results)),
+    };
+    match out {
+        Some(r) => done.send(r).await.map_err(|_| ()),
+        None => Ok(()),
+    }
+}
+
 /// Stores packets from other relays, each once under its id, and delivers
-/// the new ones to connected recipients.
-async fn store(core: &Arc<Core>, batch: Vec<(PeerId, ToStore)>, remember_ms: u64) -> Vec<JobDone> {
+/// the new ones to connected recipients. Those go in unlogged (their
+/// senders hold them until acked; see `Mailbox::enqueue_federated`), so
+/// the acks are a future: they may go once every packet of the batch is
+/// logged or delivered; if the store fails first, they say `Refused`.
+async fn store(
+    core: &Arc<Core>,
+    batch: Vec<(PeerId, ToStore)>,
+    remember_ms: u64,
+) -> BoxFuture<'static, Vec<JobDone>> {
     let until = now_ms().saturating_add(remember_ms);
-    let items: Vec<(PacketId, Bytes)> = batch
+    let connected = core.connected_many(batch.iter().map(|(_, p)| p.dest));
+    let items: Vec<(PacketId, Bytes, bool)> = batch
         .iter()
-        .map(|(_, p)| (p.id, p.packet.clone()))
+        .zip(connected)
+        .map(|((_, p), c)| (p.id, p.packet.clone(), c))
         .collect();
-    let results = core.accept_federated(items, until).await;
+    let (results, settled) = core.accept_federated(items, until).await;
     let m = &core.metrics.federation;
     // What each came to; new packets go to their connected recipients
     // (one look at the registry for the whole batch).
@@ -274,7 +304,7 @@ async fn store(core: &Arc<Core>, batch: Vec<(PeerId, ToStore)>, remember_ms: u64
         })
         .collect();
     let mut live = core.route_local_many(fresh).into_iter();
-    batch
+    let acks: Vec<JobDone> = batch
         .into_iter()
         .zip(outcomes)
         .map(|((peer, p), outcome)| {
@@ -293,7 +323,34 @@ async fn store(core: &Arc<Core>, batch: Vec<(PeerId, ToStore)>, remember_ms: u64
                 routed: p.routed,
             }
         })
-        .collect()
+        .collect();
+    async move {
+        let held = match settled {
+            Some(s) => s.wait().await,
+            None => true,
+        };
+        if held {
+            return acks;
+        }
+        // Not known to be kept here: the senders send them again.
+        acks.into_iter()
+            .map(|a| match a {
+                JobDone::Stored {
+                    peer,
+                    id,
+                    outcome: StoreOutcome::Stored,
+                    routed,
+                } => JobDone::Stored {
+                    peer,
+                    id,
+                    outcome: StoreOutcome::Refused,
+                    routed,
+                },
+                other => other,
+            })
+            .collect()
+    }
+    .boxed()
 }
 
 /// Stores copies of packets held in memory (see `forward`): what became
