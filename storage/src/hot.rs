@@ -784,7 +784,11 @@ impl HotLog {
             } else if self.log_len > live.saturating_mul(2).saturating_add(COMPACT_SLACK) {
                 let mut fresh = Vec::new();
                 for (id, r) in self.rows().by_id.iter() {
-                    encode_packet(&mut fresh, *id, r, None);
+                    // Unlogged packets stay out of the log until they are
+                    // logged (a delivered one leaves no tombstone).
+                    if !self.unlogged.contains_key(id) {
+                        encode_packet(&mut fresh, *id, r, None);
+                    }
                 }
                 self.replace_with(&fresh)
             } else {
@@ -914,6 +918,57 @@ impl HotLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An unlogged packet is not written by a compaction of the log (it
+    /// would come back after a crash once delivered, with no tombstone),
+    /// and once delivered only its id is in the log; the enqueue settles
+    /// at the commit after that.
+    #[test]
+    fn an_unlogged_packet_stays_out_of_a_rewritten_log() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("x-hot.log");
+        let (mut log, _) =
+            HotLog::open(path.clone(), false, std::time::Duration::from_secs(3600)).expect("open");
+        log.unlogged_for = std::time::Duration::from_secs(3600);
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let settle = Settle::new(tx);
+        let secret = HotRow {
+            packet: bytes::Bytes::from(vec![0xEE; 64]),
+            ..row(Some(std::time::Instant::now()))
+        };
+        let held = log.add_unlogged(secret, Some(([9; 16], 5)), &settle);
+        settle.done(); // the enqueue's commit
+        log.committed();
+        // Enough delivered packets to make the spill rewrite the log.
+        let big = HotRow {
+            packet: bytes::Bytes::from(vec![7u8; 1024 * 1024]),
+            ..row(Some(std::time::Instant::now()))
+        };
+        while log.log_len < LOG_SPILL_BYTES {
+            let id = log.add(big.clone(), None);
+            log.flush().expect("flush");
+            log.remove(id, &mut Vec::new());
+        }
+        let _ = log.take_for_spill();
+        log.flush().expect("flush");
+        log.committed();
+        let bytes = std::fs::read(&path).expect("read");
+        assert!(
+            !bytes.windows(64).any(|w| w == [0xEE; 64]),
+            "written unlogged"
+        );
+        assert!(rx.try_recv().is_err(), "settled before delivery");
+        let mut fed = Vec::new();
+        assert!(log.remove(held, &mut fed).is_some());
+        assert_eq!(fed, vec![[9; 16]]);
+        log.flush().expect("flush");
+        log.committed();
+        assert!(rx.try_recv().is_ok(), "settled once delivered");
+        let rec = replay_all(&std::fs::read(&path).expect("read"));
+        assert!(rec.live.is_empty());
+        assert!(rec.fed_ids.contains(&([9; 16], 5)));
+        assert!(rec.max_id >= held);
+    }
 
     fn row(at: Option<std::time::Instant>) -> HotRow {
         HotRow {
