@@ -161,6 +161,13 @@ impl FedSeen {
         }
     }
 
+    /// Forgets recorded ids whose packets are gone (their group failed).
+    pub(crate) fn unrecord(&mut self, ids: &[FedId]) {
+        for id in ids {
+            self.recent.remove(id);
+        }
+    }
+
     /// Drops claims whose packets are gone unlogged (their group failed).
     pub(crate) fn unclaim(&mut self, ids: &[FedId]) {
         for id in ids {

@@ -271,8 +271,11 @@ pub(crate) struct Recovered {
 pub(crate) struct RolledBack {
     /// Their packets are unlogged again.
     pub(crate) unlogged_again: Vec<crate::fed_seen::FedId>,
-    /// Their packets are gone (added by the failed group).
+    /// Their packets are gone (added unlogged by the failed group).
     pub(crate) gone: Vec<crate::fed_seen::FedId>,
+    /// Logged packets the failed group added are gone too: their ids must
+    /// not answer a resend as stored.
+    pub(crate) gone_logged: Vec<crate::fed_seen::FedId>,
 }
 
 /// The writer's side of the hot tier.
@@ -285,6 +288,8 @@ pub(crate) struct HotLog {
     pub(crate) next_id: i64,
     /// Changes of the group in progress, undone if it fails.
     added: Vec<i64>,
+    /// Federated ids of the packets it added (logged ones).
+    added_fed: Vec<crate::fed_seen::FedId>,
     removed: Vec<(i64, HotRow)>,
     /// Rows the group moved into SQLite (dropped from memory after commit).
     spilled: Vec<i64>,
@@ -517,6 +522,7 @@ impl HotLog {
                 rows: Arc::new(Mutex::new(HotRows::default())),
                 next_id: 1,
                 added: Vec::new(),
+                added_fed: Vec::new(),
                 removed: Vec::new(),
                 spilled: Vec::new(),
                 spill_every,
@@ -552,6 +558,9 @@ impl HotLog {
         encode_packet(&mut self.buf, id, &row, fed);
         self.rows().insert(id, row);
         self.added.push(id);
+        if let Some((fid, _)) = fed {
+            self.added_fed.push(fid);
+        }
         id
     }
 
@@ -760,6 +769,7 @@ impl HotLog {
     /// The group committed.
     pub(crate) fn committed(&mut self) {
         self.added.clear();
+        self.added_fed.clear();
         self.removed.clear();
         for (_, u, _) in self.settling.drain(..) {
             u.settle.done();
@@ -853,11 +863,15 @@ impl HotLog {
     pub(crate) fn rolled_back(&mut self) -> RolledBack {
         let added = std::mem::take(&mut self.added);
         let removed = std::mem::take(&mut self.removed);
+        let gone_logged = std::mem::take(&mut self.added_fed);
         self.spilled.clear();
         self.spill_ran = false;
         let flushed = self.buf.is_empty();
         self.buf.clear();
-        let mut undone = RolledBack::default();
+        let mut undone = RolledBack {
+            gone_logged,
+            ..RolledBack::default()
+        };
         for (id, u, row) in std::mem::take(&mut self.settling) {
             if flushed {
                 // Its record is in the log: logged (or delivered) after all.
@@ -968,6 +982,41 @@ mod tests {
         assert!(rec.live.is_empty());
         assert!(rec.fed_ids.contains(&([9; 16], 5)));
         assert!(rec.max_id >= held);
+    }
+
+    /// A failed group gives back the federated ids of the packets it
+    /// added (logged or not) and of the unlogged ones it logged or
+    /// delivered, and puts those back as they were.
+    #[test]
+    fn a_failed_group_gives_back_its_federated_ids() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (mut log, _) = HotLog::open(
+            dir.path().join("x-hot.log"),
+            false,
+            std::time::Duration::from_secs(3600),
+        )
+        .expect("open");
+        log.unlogged_for = std::time::Duration::from_secs(3600);
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        let settle = Settle::new(tx);
+        let earlier = log.add_unlogged(row(None), Some(([1; 16], 5)), &settle);
+        log.committed();
+        // The failing group: adds one of each kind, delivers the earlier one.
+        log.add(row(None), Some(([2; 16], 5)));
+        log.add_unlogged(row(None), Some(([3; 16], 5)), &settle);
+        let mut fed = Vec::new();
+        log.remove(earlier, &mut fed);
+        assert_eq!(fed, vec![[1; 16]]);
+        let undone = log.rolled_back();
+        assert_eq!(undone.gone_logged, vec![[2; 16]]);
+        assert_eq!(undone.gone, vec![[3; 16]]);
+        assert_eq!(undone.unlogged_again, vec![[1; 16]]);
+        assert_eq!(
+            log.unlogged_of(&[1; 16]),
+            Some(earlier),
+            "held unlogged again"
+        );
+        assert_eq!(log.rows().count(), 1);
     }
 
     fn row(at: Option<std::time::Instant>) -> HotRow {

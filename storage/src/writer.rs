@@ -638,6 +638,7 @@ fn roll_back_hot(ctx: &mut WriterCtx) {
         let undone = hot.rolled_back();
         ctx.seen.unconfirm(&undone.unlogged_again);
         ctx.seen.unclaim(&undone.gone);
+        ctx.seen.unrecord(&undone.gone_logged);
     }
 }
 
