@@ -627,7 +627,7 @@ impl Mailbox<'_> {
             .into_iter()
             .map(|(d, p)| self.row(d, p, now_ms))
             .collect::<Result<Vec<_>>>()?;
-        self.enqueue_rows(Lane::Main, rows).await
+        self.enqueue_rows(Lane::Main, rows, None).await
     }
 
     /// Queues packets with the home relay each one's sender named (kept
@@ -648,6 +648,7 @@ impl Mailbox<'_> {
                     Ok(r)
                 })
                 .collect::<Result<Vec<_>>>()?,
+            None,
         )
         .await
     }
@@ -677,23 +678,22 @@ impl Mailbox<'_> {
                 Ok(r)
             })
             .collect::<Result<Vec<_>>>()?;
-        self.store.check_space()?;
-        let (reply, rx) = oneshot::channel();
-        self.store
-            .writer()
-            .enqueue(EnqueueOp {
-                rows,
-                reply: Reply::Many(reply),
-                settle: Some(settle),
-                bulk: false,
-            })
-            .await?;
-        let enqueued = rx.await.map_err(|_| Error::Closed)??;
+        let enqueued = self.enqueue_rows(Lane::Main, rows, Some(settle)).await?;
         Ok((enqueued, Settled(settled)))
     }
 
-    async fn enqueue_rows(&self, lane: Lane, rows: Vec<Row>) -> Result<Vec<Enqueued>> {
+    /// Queues `rows` in one operation; `settle` hears when it committed
+    /// and its unlogged rows were logged or delivered.
+    async fn enqueue_rows(
+        &self,
+        lane: Lane,
+        rows: Vec<Row>,
+        settle: Option<std::sync::Arc<crate::hot::Settle>>,
+    ) -> Result<Vec<Enqueued>> {
         if rows.is_empty() {
+            if let Some(s) = settle {
+                s.done();
+            }
             return Ok(Vec::new());
         }
         self.store.check_space()?;
@@ -703,7 +703,7 @@ impl Mailbox<'_> {
             .enqueue(EnqueueOp {
                 rows,
                 reply: Reply::Many(reply),
-                settle: None,
+                settle,
                 bulk: lane == Lane::Bulk,
             })
             .await?;

@@ -621,6 +621,20 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
+/// A store that spills every `spill` and holds packets unlogged for
+/// `unlogged`.
+async fn holding(
+    dir: &tempfile::TempDir,
+    spill: std::time::Duration,
+    unlogged: std::time::Duration,
+) -> meshwhisper_storage::Store {
+    open_with(dir, |c| {
+        c.hot_spill = spill;
+        c.hot_unlogged = unlogged;
+    })
+    .await
+}
+
 fn unlogged(id: u8) -> meshwhisper_storage::mailbox::Federated {
     meshwhisper_storage::mailbox::Federated {
         dest: dest(9),
@@ -639,10 +653,11 @@ fn unlogged(id: u8) -> meshwhisper_storage::mailbox::Federated {
 async fn an_unlogged_packet_delivered_first_is_never_written() {
     use futures::FutureExt as _;
     let dir = tempfile::tempdir().expect("tmp");
-    let store = open_with(&dir, |c| {
-        c.hot_spill = std::time::Duration::from_secs(3600);
-        c.hot_unlogged = std::time::Duration::from_secs(3600);
-    })
+    let store = holding(
+        &dir,
+        std::time::Duration::from_secs(3600),
+        std::time::Duration::from_secs(3600),
+    )
     .await;
     let mb = store.mailbox();
     let (enq, mut settled) = mb
@@ -696,10 +711,11 @@ async fn an_unlogged_packet_delivered_first_is_never_written() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unlogged_packet_lost_in_a_crash_is_stored_when_resent() {
     let dir = tempfile::tempdir().expect("tmp");
-    let store = open_with(&dir, |c| {
-        c.hot_spill = std::time::Duration::ZERO;
-        c.hot_unlogged = std::time::Duration::from_secs(3600);
-    })
+    let store = holding(
+        &dir,
+        std::time::Duration::ZERO,
+        std::time::Duration::from_secs(3600),
+    )
     .await;
     let mb = store.mailbox();
     mb.enqueue_federated(vec![unlogged(2)], NOW)
@@ -735,10 +751,11 @@ async fn an_unlogged_packet_lost_in_a_crash_is_stored_when_resent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unlogged_packet_is_logged_when_due_or_when_resent() {
     let dir = tempfile::tempdir().expect("tmp");
-    let store = open_with(&dir, |c| {
-        c.hot_spill = std::time::Duration::from_secs(3600);
-        c.hot_unlogged = std::time::Duration::from_millis(20);
-    })
+    let store = holding(
+        &dir,
+        std::time::Duration::from_secs(3600),
+        std::time::Duration::from_millis(20),
+    )
     .await;
     let mb = store.mailbox();
     let (_, settled) = mb
@@ -760,10 +777,11 @@ async fn an_unlogged_packet_is_logged_when_due_or_when_resent() {
     drop(store);
 
     let dir = tempfile::tempdir().expect("tmp");
-    let store = open_with(&dir, |c| {
-        c.hot_spill = std::time::Duration::from_secs(3600);
-        c.hot_unlogged = std::time::Duration::from_secs(3600);
-    })
+    let store = holding(
+        &dir,
+        std::time::Duration::from_secs(3600),
+        std::time::Duration::from_secs(3600),
+    )
     .await;
     let mb = store.mailbox();
     let (_, first) = mb
