@@ -40,6 +40,6 @@ echo "{\"case\":\"one relay\",\"result\":$(load)}"
 echo "{\"case\":\"two relays, hinted\",\"result\":$(load --sender-url "$(ws "$HTTP0")" --home-relay "$KEY1")}"
 echo "{\"case\":\"two relays, flooded\",\"result\":$(load --sender-url "$(ws "$HTTP0")")}"
 for h in "$HTTP0" "$HTTP1"; do
-  curl -fsS "$h/metrics" | grep -E '^meshwhisper_federation_(forwards_sent|forwards_received|routed_acked|retries|unstored|kept|drops_[a-z_]+)_total ' |
+  curl -fsS "$h/metrics" | grep -E '^meshwhisper_(federation_(forwards_sent|forwards_received|routed_acked|retries|unstored|kept|drops_[a-z_]+)|store_unlogged_(delivered|logged))_total ' |
     sed "s|^|# $h |"
 done

@@ -105,6 +105,10 @@ pub struct Gauges {
     pub store_commits: u64,
     /// Writes in those transactions.
     pub store_writes: u64,
+    /// Packets from other relays delivered before they were written.
+    pub store_unlogged_delivered: u64,
+    /// Packets from other relays held unlogged and written after all.
+    pub store_unlogged_logged: u64,
     /// Open gateway connections (HTTP and WebSocket).
     pub gateway_connections: u64,
     /// Gateway connections refused: the address had its share.
@@ -511,6 +515,16 @@ impl Metrics {
             "meshwhisper_store_writes_total",
             "Writes committed by the store",
             g.store_writes,
+        );
+        counter(
+            "meshwhisper_store_unlogged_delivered_total",
+            "Packets from other relays delivered before they were written to disk",
+            g.store_unlogged_delivered,
+        );
+        counter(
+            "meshwhisper_store_unlogged_logged_total",
+            "Packets from other relays held unlogged and written after all (not delivered in time)",
+            g.store_unlogged_logged,
         );
         counter(
             "meshwhisper_http_requests_total",

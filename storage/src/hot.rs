@@ -766,11 +766,20 @@ impl HotLog {
         Ok(())
     }
 
-    /// The group committed.
-    pub(crate) fn committed(&mut self) {
+    /// The group committed. The unlogged packets it settled are counted
+    /// in `stats` (before their callers hear of it).
+    pub(crate) fn committed(&mut self, stats: &crate::writer::WriterStats) {
         self.added.clear();
         self.added_fed.clear();
         self.removed.clear();
+        let delivered = self.settling.iter().filter(|(_, _, r)| r.is_some()).count() as u64;
+        let logged = self.settling.len() as u64 - delivered;
+        stats
+            .unlogged_delivered
+            .fetch_add(delivered, std::sync::atomic::Ordering::Relaxed);
+        stats
+            .unlogged_logged
+            .fetch_add(logged, std::sync::atomic::Ordering::Relaxed);
         for (_, u, _) in self.settling.drain(..) {
             u.settle.done();
         }
@@ -952,7 +961,7 @@ mod tests {
         };
         let held = log.add_unlogged(secret, Some(([9; 16], 5)), &settle);
         settle.done(); // the enqueue's commit
-        log.committed();
+        log.committed(&crate::writer::WriterStats::default());
         // Enough delivered packets to make the spill rewrite the log.
         let big = HotRow {
             packet: bytes::Bytes::from(vec![7u8; 1024 * 1024]),
@@ -965,7 +974,7 @@ mod tests {
         }
         let _ = log.take_for_spill();
         log.flush().expect("flush");
-        log.committed();
+        log.committed(&crate::writer::WriterStats::default());
         let bytes = std::fs::read(&path).expect("read");
         assert!(
             !bytes.windows(64).any(|w| w == [0xEE; 64]),
@@ -976,7 +985,7 @@ mod tests {
         assert!(log.remove(held, &mut fed).is_some());
         assert_eq!(fed, vec![[9; 16]]);
         log.flush().expect("flush");
-        log.committed();
+        log.committed(&crate::writer::WriterStats::default());
         assert!(rx.try_recv().is_ok(), "settled once delivered");
         let rec = replay_all(&std::fs::read(&path).expect("read"));
         assert!(rec.live.is_empty());
@@ -1000,7 +1009,7 @@ mod tests {
         let (tx, _rx) = tokio::sync::oneshot::channel();
         let settle = Settle::new(tx);
         let earlier = log.add_unlogged(row(None), Some(([1; 16], 5)), &settle);
-        log.committed();
+        log.committed(&crate::writer::WriterStats::default());
         // The failing group: adds one of each kind, delivers the earlier one.
         log.add(row(None), Some(([2; 16], 5)));
         log.add_unlogged(row(None), Some(([3; 16], 5)), &settle);
@@ -1045,7 +1054,7 @@ mod tests {
             spilled.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
             vec![old]
         );
-        log.committed();
+        log.committed(&crate::writer::WriterStats::default());
         // A restart replays only the packet still hot: the spilled one is
         // SQLite's now (and may be delivered and deleted there).
         let live = replay(&std::fs::read(&path).expect("read"));
@@ -1056,7 +1065,7 @@ mod tests {
         // Once nothing is hot, the log is emptied.
         log.force_spill();
         assert_eq!(log.take_for_spill().len(), 1);
-        log.committed();
+        log.committed(&crate::writer::WriterStats::default());
         assert_eq!(std::fs::metadata(&path).expect("meta").len(), 0);
     }
 
@@ -1086,7 +1095,7 @@ mod tests {
             "spilled {} KiB",
             spilled.len()
         );
-        log.committed();
+        log.committed(&crate::writer::WriterStats::default());
         assert!(!log.over_bounds(), "back under the bounds");
         // And the log was rewritten with what is still hot.
         assert!(log.log_len < MAX_BYTES, "log {} bytes", log.log_len);
@@ -1122,7 +1131,7 @@ mod tests {
         assert!(log.spill_due(), "due once the log is long");
         assert!(log.take_for_spill().is_empty(), "nothing old enough");
         log.flush().expect("flush");
-        log.committed();
+        log.committed(&crate::writer::WriterStats::default());
         // Rewritten with the one packet still hot.
         let live = replay(&std::fs::read(&path).expect("read"));
         assert_eq!(

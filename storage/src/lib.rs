@@ -633,6 +633,17 @@ impl Store {
         )
     }
 
+    /// Packets from other relays held unlogged so far: delivered before
+    /// they were written, and written after all (see
+    /// [`mailbox::Mailbox::enqueue_federated`]).
+    pub fn unlogged_stats(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.inner.stats.unlogged_delivered.load(Relaxed),
+            self.inner.stats.unlogged_logged.load(Relaxed),
+        )
+    }
+
     /// Deletes expired packets and media, at most `budget` of each per
     /// call, so a sweep never holds the writer for long. Call it
     /// periodically; `more` says whether another call would find work.

@@ -298,6 +298,10 @@ pub(crate) struct WriterStats {
     pub(crate) evicted: AtomicU64,
     pub(crate) batches: AtomicU64,
     pub(crate) ops: AtomicU64,
+    /// Packets held unlogged and delivered before they were written.
+    pub(crate) unlogged_delivered: AtomicU64,
+    /// Packets held unlogged and written after all (not delivered in time).
+    pub(crate) unlogged_logged: AtomicU64,
 }
 
 /// Starts the writer task.
@@ -600,7 +604,7 @@ async fn process(ctx: &mut WriterCtx, batch: Vec<Msg>, stats: &WriterStats) {
     match committed {
         Ok(()) => {
             if let Some(hot) = ctx.hot.as_mut() {
-                hot.committed();
+                hot.committed(stats);
             }
             if std::mem::take(&mut ctx.seen_spilled) {
                 ctx.seen.spilled();

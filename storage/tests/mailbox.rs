@@ -682,6 +682,11 @@ async fn an_unlogged_packet_delivered_first_is_never_written() {
     );
     assert_eq!(mb.delete(vec![id]).await.expect("delete"), 1);
     assert!(bounded(settled).await, "delivered: settled");
+    assert_eq!(
+        store.unlogged_stats(),
+        (1, 0),
+        "counted as delivered unlogged"
+    );
     let log = hot_log_bytes(&dir);
     assert!(
         !contains(&log, &[0xA1; 64]),
@@ -763,6 +768,11 @@ async fn an_unlogged_packet_is_logged_when_due_or_when_resent() {
         .await
         .expect("enqueue");
     assert!(bounded(settled).await, "logged when due");
+    assert_eq!(
+        store.unlogged_stats(),
+        (0, 1),
+        "counted as logged after all"
+    );
     assert!(contains(&hot_log_bytes(&dir), &[0xA3; 64]));
     let copy = crash_copy(&dir);
     assert_eq!(

@@ -23,6 +23,8 @@ pub async fn gauges(s: &AppState) -> Gauges {
         federation_peers_connected: s.federation.borrow().connected.len() as u64,
         store_commits: store.commit_stats().0,
         store_writes: store.commit_stats().1,
+        store_unlogged_delivered: store.unlogged_stats().0,
+        store_unlogged_logged: store.unlogged_stats().1,
         gateway_connections: s.conns.open() as u64,
         connections_refused_per_ip: s.conns.stats.refused_per_ip.load(Relaxed),
         connections_refused_total: s.conns.stats.refused_total.load(Relaxed),
