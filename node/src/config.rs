@@ -203,7 +203,8 @@ pub struct Limits {
     pub max_json_body: usize,
     /// Packets sent per drain (hello / pull). Default 1000.
     pub drain_batch: u32,
-    /// Push webhook calls queued before new ones are dropped (and counted). Default 1024.
+    /// Push wakes queued (each looked up, then a webhook call) before new
+    /// ones are dropped (and counted). Default 1024.
     pub push_queue: usize,
     /// libp2p connections established in total. Default 10000.
     pub max_p2p_connections: u32,

@@ -233,11 +233,17 @@ impl std::fmt::Debug for Core {
 
 impl Core {
     /// A core over `store`.
-    pub fn new(store: Store, metrics: Arc<Metrics>, push: PushSender, limits: CoreLimits) -> Self {
+    pub fn new(
+        store: Store,
+        metrics: Arc<Metrics>,
+        events: Arc<EventCounts>,
+        push: PushSender,
+        limits: CoreLimits,
+    ) -> Self {
         Self {
             store,
             metrics,
-            events: Arc::new(EventCounts::default()),
+            events,
             push,
             registry: Mutex::new(Registry::default()),
             homed: Mutex::new(HomedSet::new(
@@ -1071,22 +1077,9 @@ impl Core {
         }
         self.metrics.packets_queued.fetch_add(1, Relaxed);
         self.events.queued.fetch_add(1, Relaxed);
-        if self.push.enabled() {
-            let core = self.clone();
-            let dest = accepted.dest;
-            tokio::spawn(async move {
-                match core.store.push().get(dest).await {
-                    Ok(Some(reg)) => {
-                        if core.push.wake(&reg, dest) {
-                            core.events.wake.fetch_add(1, Relaxed);
-                        } else {
-                            core.metrics.push_failed.fetch_add(1, Relaxed);
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(error = %e, "reading push registration"),
-                }
-            });
+        if self.push.enabled() && !self.push.wake(accepted.dest) {
+            // The push queue is full: the wake is dropped (the packet stays).
+            self.metrics.push_failed.fetch_add(1, Relaxed);
         }
         false
     }

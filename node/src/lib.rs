@@ -126,11 +126,14 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     })?;
     let store = meshwhisper_storage::Store::open(cfg.storage_config()).await?;
     let metrics = Arc::new(metrics::Metrics::default());
+    let events = Arc::new(events::EventCounts::default());
     let push = match &cfg.push_webhook_url {
         Some(url) => push::PushSender::start(
             url.clone(),
             cfg.limits.push_queue,
+            store.clone(),
             metrics.clone(),
+            events.clone(),
             cancel.clone(),
         ),
         None => push::PushSender::disabled(),
@@ -138,6 +141,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
     let core = Arc::new(core::Core::new(
         store.clone(),
         metrics.clone(),
+        events,
         push,
         cfg.core_limits(),
     ));

@@ -1,8 +1,11 @@
 //! Content-free push wake: a POST to the operator's webhook saying which
-//! destination hash has mail, so a push gateway can wake the device. Calls
-//! go through a bounded queue to one worker; when the queue is full the
-//! wake is dropped and counted (the packet itself stays queued).
+//! destination hash has mail, so a push gateway can wake the device. Wakes
+//! go through a bounded queue to one worker, which looks the destination's
+//! registration up and calls the webhook; when the queue is full the wake
+//! is dropped and counted (the packet itself stays queued). No task is
+//! started per packet.
 
+use crate::events::EventCounts;
 use crate::metrics::Metrics;
 use bytes::Bytes;
 use http_body_util::Full;
@@ -43,7 +46,7 @@ pub fn body(reg: &Registration, dest: DestHash) -> String {
 /// Sends wakes to the webhook.
 #[derive(Debug, Clone)]
 pub struct PushSender {
-    tx: Option<mpsc::Sender<String>>,
+    tx: Option<mpsc::Sender<DestHash>>,
 }
 
 impl PushSender {
@@ -52,22 +55,36 @@ impl PushSender {
         Self { tx: None }
     }
 
-    /// Starts the worker for `url` (http://).
+    /// Starts the worker for `url` (http://), reading registrations from
+    /// `store`; each wake it sends counts in `events`.
     pub fn start(
         url: String,
         queue: usize,
+        store: meshwhisper_storage::Store,
         metrics: Arc<Metrics>,
+        events: Arc<EventCounts>,
         cancel: CancellationToken,
     ) -> Self {
-        let (tx, mut rx) = mpsc::channel::<String>(queue.max(1));
+        let (tx, mut rx) = mpsc::channel::<DestHash>(queue.max(1));
         let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
         tokio::spawn(async move {
             loop {
-                let body = tokio::select! {
+                let dest = tokio::select! {
                     biased;
                     _ = cancel.cancelled() => break,
-                    b = rx.recv() => match b { Some(b) => b, None => break },
+                    d = rx.recv() => match d { Some(d) => d, None => break },
                 };
+                let reg = match store.push().get(dest).await {
+                    Ok(Some(reg)) => reg,
+                    // Not registered for push: nothing to wake.
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading push registration");
+                        continue;
+                    }
+                };
+                events.wake.fetch_add(1, Relaxed);
+                let body = body(&reg, dest);
                 let req = hyper::Request::post(&url)
                     .header("content-type", "application/json")
                     .header("content-length", body.len())
@@ -103,10 +120,11 @@ impl PushSender {
         self.tx.is_some()
     }
 
-    /// Queues a wake; returns `false` if it was dropped.
-    pub fn wake(&self, reg: &Registration, dest: DestHash) -> bool {
+    /// Queues a wake for `dest` (sent if it registered for push);
+    /// returns `false` if the queue was full and it was dropped.
+    pub fn wake(&self, dest: DestHash) -> bool {
         match &self.tx {
-            Some(tx) => tx.try_send(body(reg, dest)).is_ok(),
+            Some(tx) => tx.try_send(dest).is_ok(),
             None => false,
         }
     }
