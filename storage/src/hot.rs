@@ -398,6 +398,14 @@ fn packet_body(body: &[u8], route: Option<[u8; 32]>) -> Option<HotRow> {
     })
 }
 
+/// A federated id and its remembered-until time (24 bytes) at the start
+/// of `b`, if it is that long.
+fn fed_id(b: &[u8]) -> Option<(crate::fed_seen::FedId, u64)> {
+    let fid: crate::fed_seen::FedId = b.get(..16)?.try_into().ok()?;
+    let until: [u8; 8] = b.get(16..24)?.try_into().ok()?;
+    Some((fid, u64::from_be_bytes(until)))
+}
+
 /// Everything a log holds: live packets, the highest id any record names
 /// (deleted ones too, so ids are never handed out twice across a
 /// restart), and the federated ids of every packet it stored.
@@ -433,14 +441,10 @@ pub(crate) fn replay_all(bytes: &[u8]) -> Recovered {
                 let flags = body[0];
                 let mut rest = &body[1..];
                 if flags & 1 != 0 {
-                    if rest.len() < 24 {
+                    let Some(fed) = fed_id(rest) else {
                         break;
-                    }
-                    let mut fid = [0u8; 16];
-                    fid.copy_from_slice(&rest[..16]);
-                    let mut t = [0u8; 8];
-                    t.copy_from_slice(&rest[16..24]);
-                    fed_ids.push((fid, u64::from_be_bytes(t)));
+                    };
+                    fed_ids.push(fed);
                     rest = &rest[24..];
                 }
                 let mut route = None;
@@ -463,16 +467,10 @@ pub(crate) fn replay_all(bytes: &[u8]) -> Recovered {
             TOMBSTONE => {
                 live.remove(&id);
             }
-            FED_ID => {
-                if body.len() < 24 {
-                    break;
-                }
-                let mut fid = [0u8; 16];
-                fid.copy_from_slice(&body[..16]);
-                let mut t = [0u8; 8];
-                t.copy_from_slice(&body[16..24]);
-                fed_ids.push((fid, u64::from_be_bytes(t)));
-            }
+            FED_ID => match fed_id(body) {
+                Some(fed) => fed_ids.push(fed),
+                None => break,
+            },
             _ => break,
         }
     }
