@@ -81,6 +81,9 @@ pub struct Behaviour {
     dialed: PeerMap<HashSet<ConnectionId>>,
     /// Connections with an open stream, per peer.
     open: PeerMap<HashSet<ConnectionId>>,
+    /// Connections that go through an anchor's circuit: a stream on a
+    /// direct connection to the same peer is preferred to theirs.
+    relayed: HashSet<ConnectionId>,
     actions: VecDeque<ToSwarm<Event, stream::In<Frame>>>,
 }
 
@@ -91,6 +94,7 @@ impl Behaviour {
             config,
             dialed: PeerMap::default(),
             open: PeerMap::default(),
+            relayed: HashSet::new(),
             actions: VecDeque::new(),
         }
     }
@@ -114,9 +118,26 @@ impl Behaviour {
         }
     }
 
+    /// The connection frames to `peer` go on: one with an open stream,
+    /// direct rather than through a circuit when there is one (after a
+    /// hole punch the traffic moves to the direct connection).
+    fn chosen(&self, peer: &PeerId) -> Option<ConnectionId> {
+        let open = self.open.get(peer)?;
+        open.iter()
+            .find(|c| !self.relayed.contains(c))
+            .or_else(|| open.iter().next())
+            .copied()
+    }
+
+    /// Whether frames to `peer` go on a direct connection (`Some(false)`:
+    /// through a circuit; `None`: no stream is open).
+    pub fn is_direct(&self, peer: &PeerId) -> Option<bool> {
+        self.chosen(peer).map(|c| !self.relayed.contains(&c))
+    }
+
     /// Sends `frame` on an open stream to `peer`; `false` if there is none.
     pub fn send(&mut self, peer: PeerId, frame: Frame) -> bool {
-        let Some(c) = self.open.get(&peer).and_then(|s| s.iter().next().copied()) else {
+        let Some(c) = self.chosen(&peer) else {
             return false;
         };
         self.actions.push_back(ToSwarm::NotifyHandler {
@@ -157,11 +178,14 @@ impl NetworkBehaviour for Behaviour {
 
     fn handle_established_inbound_connection(
         &mut self,
-        _: ConnectionId,
+        connection: ConnectionId,
         _: PeerId,
-        _: &Multiaddr,
-        _: &Multiaddr,
+        local: &Multiaddr,
+        remote: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
+        if crate::nat::is_relayed(local) || crate::nat::is_relayed(remote) {
+            self.relayed.insert(connection);
+        }
         Ok(stream::Handler::shedding(
             self.config.max_frame,
             self.config.max_queued_frames,
@@ -172,11 +196,19 @@ impl NetworkBehaviour for Behaviour {
         &mut self,
         connection: ConnectionId,
         peer: PeerId,
-        _: &Multiaddr,
-        _: Endpoint,
+        addr: &Multiaddr,
+        role: Endpoint,
         _: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.dialed.entry(peer).or_default().insert(connection);
+        if crate::nat::is_relayed(addr) {
+            self.relayed.insert(connection);
+        }
+        // A hole punch dials from both ends; the end that dialed as the
+        // listener (`role` overridden) leaves the stream to the other, as
+        // with any connection it did not dial.
+        if role == Endpoint::Dialer {
+            self.dialed.entry(peer).or_default().insert(connection);
+        }
         Ok(stream::Handler::shedding(
             self.config.max_frame,
             self.config.max_queued_frames,
@@ -185,6 +217,7 @@ impl NetworkBehaviour for Behaviour {
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
         if let FromSwarm::ConnectionClosed(c) = event {
+            self.relayed.remove(&c.connection_id);
             if let Some(d) = self.dialed.get_mut(&c.peer_id) {
                 d.remove(&c.connection_id);
                 if d.is_empty() {

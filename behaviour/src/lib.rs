@@ -7,6 +7,7 @@
 pub mod client;
 pub mod device;
 pub mod federation;
+pub mod nat;
 pub mod node;
 pub mod packet;
 pub mod policy;

@@ -1,11 +1,11 @@
 //! The composed behaviour of a relay node. Fields are polled in declaration
 //! order; each is documented.
 
-use crate::{device, federation, policy};
+use crate::{device, federation, nat, policy};
 use libp2p::{
-    StreamProtocol, connection_limits, gossipsub, identify,
+    StreamProtocol, autonat, connection_limits, dcutr, gossipsub, identify,
     identity::Keypair,
-    kad, ping,
+    kad, ping, relay,
     swarm::{NetworkBehaviour, behaviour::toggle::Toggle},
 };
 use std::time::Duration;
@@ -92,6 +92,8 @@ pub struct FederationSettings {
     pub gossip: GossipParams,
     /// Federation stream limits.
     pub stream: federation::Config,
+    /// Reachability probes, the anchor service, hole punching.
+    pub nat: nat::Settings,
 }
 
 /// Connection bounds.
@@ -141,6 +143,23 @@ pub struct Behaviour {
     /// Denies blocklisted peers and admits relays; second, so a blocked
     /// peer's connection is refused before any protocol handler exists.
     pub policy: policy::Behaviour,
+    /// The anchor service (circuit relay v2 server) a public relay runs
+    /// for relays behind NAT; enabled only while this relay is public
+    /// (the Swarm owner sets its status). Not built when federation is off
+    /// or the relay never serves.
+    pub relay_server: Toggle<relay::Behaviour>,
+    /// Reservations on anchors, and dialing relays through their
+    /// anchors' circuits (the transport half is in the Swarm's transport).
+    pub relay_client: relay::client::Behaviour,
+    /// Hole punching: upgrades a connection that came through a circuit
+    /// to a direct one. After the limits (which must see, and may deny,
+    /// the direct connection before DCUtR reports it), before the rest.
+    pub dcutr: Toggle<dcutr::Behaviour>,
+    /// Asks relays to dial our observed addresses back (AutoNAT v2):
+    /// whether this relay is publicly reachable.
+    pub autonat: Toggle<autonat::v2::client::Behaviour>,
+    /// Dials other relays' addresses back for them (AutoNAT v2).
+    pub autonat_server: Toggle<autonat::v2::server::Behaviour>,
     /// Tells peers our listen addresses and protocols, and learns theirs:
     /// its protocol list is how a relay is told from a device.
     pub identify: identify::Behaviour,
@@ -162,14 +181,37 @@ pub struct Behaviour {
 }
 
 impl Behaviour {
-    /// The behaviour for `key`, speaking the device protocol in `device.role`.
+    /// The behaviour for `key`, speaking the device protocol in
+    /// `device.role`; `relay_client` comes from the Swarm's transport.
     pub fn new(
         key: &Keypair,
+        relay_client: relay::client::Behaviour,
         device: device::Config,
         limits: Limits,
         fed: FederationSettings,
     ) -> Result<Self, BuildError> {
         let federating = fed.policy.mode != policy::Mode::Off;
+        let peer_id = key.public().to_peer_id();
+        let n = fed.nat;
+        let relay_server = match n.serve {
+            Some(l) if federating => {
+                let mut r = relay::Behaviour::new(peer_id, l.relay_config());
+                // Off until the Swarm owner finds (or is told) this relay
+                // is public: a relay behind NAT, whose only addresses are
+                // circuits, must never offer itself as an anchor.
+                r.set_status(Some(relay::Status::Disable));
+                Some(r)
+            }
+            _ => None,
+        };
+        let autonat = (federating && n.probe).then(|| {
+            autonat::v2::client::Behaviour::new(
+                rand::make_rng::<rand::rngs::StdRng>(),
+                autonat::v2::client::Config::default().with_probe_interval(n.probe_interval),
+            )
+        });
+        let autonat_server = federating
+            .then(|| autonat::v2::server::Behaviour::new(rand::make_rng::<rand::rngs::StdRng>()));
         let (gossipsub, kad) = if federating {
             let (g, k) = federation_protocols(key, &fed.gossip)?;
             (Some(g), Some(k))
@@ -180,6 +222,13 @@ impl Behaviour {
             limits: limits.behaviour(),
             identify: identify_behaviour(key),
             policy: policy::Behaviour::new(fed.policy),
+            relay_server: relay_server.into(),
+            relay_client,
+            dcutr: (federating && n.hole_punch)
+                .then(|| dcutr::Behaviour::new(peer_id))
+                .into(),
+            autonat: autonat.into(),
+            autonat_server: autonat_server.into(),
             ping: ping::Behaviour::new(ping::Config::new()),
             gossipsub: gossipsub.into(),
             kad: kad.into(),

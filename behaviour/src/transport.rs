@@ -5,7 +5,7 @@
 
 use libp2p::identity::Keypair;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{Swarm, noise, tcp, yamux};
+use libp2p::{Swarm, noise, relay, tcp, yamux};
 use std::time::Duration;
 
 /// The stack could not be built.
@@ -29,6 +29,38 @@ pub fn build_swarm<B: NetworkBehaviour>(
         )
         .map_err(|e| Error(e.to_string()))?
         .with_quic()
+        .with_behaviour(make)
+        .map_err(|e| Error(e.to_string()))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .build())
+}
+
+/// A relay's Swarm: the shared transports plus circuit relay v2 (a relay
+/// behind NAT listens and is dialled through an anchor's circuit, with the
+/// same TLS-or-Noise and yamux on top). `make` gets the relay client
+/// behaviour that drives the circuits.
+pub fn build_relay_swarm<B: NetworkBehaviour>(
+    key: Keypair,
+    idle: Duration,
+    make: impl FnOnce(
+        &Keypair,
+        relay::client::Behaviour,
+    ) -> Result<B, Box<dyn std::error::Error + Send + Sync>>,
+) -> Result<Swarm<B>, Error> {
+    Ok(libp2p::SwarmBuilder::with_existing_identity(key)
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            (crate::tls::Config::new, noise::Config::new),
+            yamux::Config::default,
+        )
+        .map_err(|e| Error(e.to_string()))?
+        .with_quic()
+        .with_relay_client(
+            (crate::tls::Config::new, noise::Config::new),
+            yamux::Config::default,
+        )
+        .map_err(|e| Error(e.to_string()))?
         .with_behaviour(make)
         .map_err(|e| Error(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))

@@ -44,6 +44,14 @@ pub struct RelayArgs {
     /// (repeatable).
     #[arg(long, value_name = "MULTIADDR")]
     external_addr: Vec<String>,
+    /// Whether this relay can be dialled from the internet: auto (probe;
+    /// default), public (serve as an anchor) or private (behind NAT:
+    /// anchor on public relays).
+    #[arg(long, value_name = "auto|public|private")]
+    reachability: Option<meshwhisper_node::config::Reachability>,
+    /// Public relays a private relay keeps reservations on. Default 2.
+    #[arg(long, value_name = "N")]
+    anchors: Option<usize>,
 }
 
 pub fn run(args: RelayArgs) -> anyhow::Result<()> {
@@ -57,6 +65,8 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
         bootstrap: args.bootstrap,
         blocklist_file: args.blocklist,
         external_addrs: args.external_addr,
+        reachability: args.reachability,
+        anchors: args.anchors,
     };
     let cfg = Config::load(
         args.config.as_deref(),

@@ -77,6 +77,141 @@ pub struct Config {
     pub limits: Limits,
     /// Relay federation (see docs/federation.md).
     pub federation: Federation,
+    /// Relays behind NAT: reachability, anchors, hole punching, the
+    /// anchor service (see docs/nat.md).
+    pub nat: Nat,
+}
+
+/// Whether this relay can be dialled from the internet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reachability {
+    /// AutoNAT v2 decides: other relays dial our observed addresses back.
+    #[default]
+    Auto,
+    /// Reachable at its listen and external addresses: serves as an anchor,
+    /// never anchors itself.
+    Public,
+    /// Behind NAT: anchors itself on `nat.anchors` public relays, never
+    /// serves as one.
+    Private,
+}
+
+impl std::str::FromStr for Reachability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(Self::Auto),
+            "public" => Ok(Self::Public),
+            "private" => Ok(Self::Private),
+            other => Err(format!("{other:?} is not auto, public or private")),
+        }
+    }
+}
+
+/// Settings for relays behind NAT and for the public relays that anchor
+/// them. Field names are the TOML keys under `[nat]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Nat {
+    /// `auto`, `public` or `private`. Default `auto`. Env
+    /// `MESHWHISPER_REACHABILITY`, flag `--reachability`.
+    pub reachability: Reachability,
+    /// Anchors a private relay keeps reservations on. Default 2; 0 keeps
+    /// none (the relay is then reachable only through relays it dials).
+    /// Flag `--anchors`.
+    pub anchors: usize,
+    /// Seconds before an anchor that refused or lost us is tried again.
+    /// Default 30.
+    pub anchor_retry_secs: u64,
+    /// How often untested observed addresses are probed (AutoNAT v2), ms.
+    /// Default 5000.
+    pub probe_ms: u64,
+    /// Failed probes, with none succeeding, before an `auto` relay takes
+    /// itself for private. Default 2.
+    pub private_after: u32,
+    /// Try hole punching (DCUtR) over circuits. Default true.
+    pub hole_punch: bool,
+    /// Serve as an anchor while public. Default true.
+    pub serve: bool,
+    /// Reservations held at once, all relays together. Default 256.
+    pub max_reservations: usize,
+    /// Reservations one relay may hold here. Default 2.
+    pub max_reservations_per_peer: usize,
+    /// Reservation lifetime, seconds (renewed at three quarters). Default 3600.
+    pub reservation_secs: u64,
+    /// Reservations (renewals included) one relay may make per minute. Default 10.
+    pub reservations_per_peer_per_min: u32,
+    /// Reservations per minute from one IP address. Default 30.
+    pub reservations_per_ip_per_min: u32,
+    /// Circuits open at once. Default 1024.
+    pub max_circuits: usize,
+    /// Circuits one relay may have open. Default 32.
+    pub max_circuits_per_peer: usize,
+    /// Longest life of a circuit, seconds. Default 21600 (6 h).
+    pub circuit_secs: u64,
+    /// Most bytes a circuit carries. Default 1073741824 (1 GiB).
+    pub circuit_bytes: u64,
+    /// Circuits one relay may open per minute. Default 60.
+    pub circuits_per_peer_per_min: u32,
+    /// Circuits per minute from one IP address. Default 120.
+    pub circuits_per_ip_per_min: u32,
+}
+
+impl Default for Nat {
+    fn default() -> Self {
+        let l = meshwhisper_behaviour::nat::AnchorLimits::default();
+        Self {
+            reachability: Reachability::Auto,
+            anchors: 2,
+            anchor_retry_secs: 30,
+            probe_ms: 5000,
+            private_after: 2,
+            hole_punch: true,
+            serve: true,
+            max_reservations: l.max_reservations,
+            max_reservations_per_peer: l.max_reservations_per_peer,
+            reservation_secs: l.reservation.as_secs(),
+            reservations_per_peer_per_min: l.reservations_per_peer_per_min,
+            reservations_per_ip_per_min: l.reservations_per_ip_per_min,
+            max_circuits: l.max_circuits,
+            max_circuits_per_peer: l.max_circuits_per_peer,
+            circuit_secs: l.circuit_duration.as_secs(),
+            circuit_bytes: l.circuit_bytes,
+            circuits_per_peer_per_min: l.circuits_per_peer_per_min,
+            circuits_per_ip_per_min: l.circuits_per_ip_per_min,
+        }
+    }
+}
+
+impl Nat {
+    /// The anchor service's limits.
+    pub fn anchor_limits(&self) -> meshwhisper_behaviour::nat::AnchorLimits {
+        meshwhisper_behaviour::nat::AnchorLimits {
+            max_reservations: self.max_reservations,
+            max_reservations_per_peer: self.max_reservations_per_peer,
+            reservation: std::time::Duration::from_secs(self.reservation_secs),
+            reservations_per_peer_per_min: self.reservations_per_peer_per_min,
+            reservations_per_ip_per_min: self.reservations_per_ip_per_min,
+            max_circuits: self.max_circuits,
+            max_circuits_per_peer: self.max_circuits_per_peer,
+            circuit_duration: std::time::Duration::from_secs(self.circuit_secs),
+            circuit_bytes: self.circuit_bytes,
+            circuits_per_peer_per_min: self.circuits_per_peer_per_min,
+            circuits_per_ip_per_min: self.circuits_per_ip_per_min,
+        }
+    }
+
+    /// The behaviour's NAT settings.
+    pub fn settings(&self) -> meshwhisper_behaviour::nat::Settings {
+        meshwhisper_behaviour::nat::Settings {
+            serve: (self.serve && self.reachability != Reachability::Private)
+                .then(|| self.anchor_limits()),
+            probe: self.reachability == Reachability::Auto,
+            probe_interval: std::time::Duration::from_millis(self.probe_ms.max(1)),
+            hole_punch: self.hole_punch,
+        }
+    }
 }
 
 /// Storage limits (see `meshwhisper_storage::Config`).
@@ -461,6 +596,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             limits: Limits::default(),
             federation: Federation::default(),
+            nat: Nat::default(),
         }
     }
 }
@@ -547,6 +683,10 @@ pub struct Overrides {
     pub blocklist_file: Option<PathBuf>,
     /// `--external-addr` (repeatable; replaces the list).
     pub external_addrs: Vec<String>,
+    /// `--reachability`.
+    pub reachability: Option<Reachability>,
+    /// `--anchors`.
+    pub anchors: Option<usize>,
 }
 
 fn parse_env<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, Error> {
@@ -612,6 +752,12 @@ impl Config {
         }
         if !overrides.external_addrs.is_empty() {
             cfg.federation.external_addrs = overrides.external_addrs.clone();
+        }
+        if let Some(r) = overrides.reachability {
+            cfg.nat.reachability = r;
+        }
+        if let Some(n) = overrides.anchors {
+            cfg.nat.anchors = n;
         }
         cfg.validate()?;
         Ok(cfg)
@@ -692,6 +838,12 @@ impl Config {
                 .filter(|s| !s.is_empty())
                 .collect();
         }
+        if let Some(v) = env("MESHWHISPER_REACHABILITY") {
+            self.nat.reachability = v.parse().map_err(|why| Error::Invalid {
+                key: "MESHWHISPER_REACHABILITY".into(),
+                why,
+            })?;
+        }
         if let Some(v) = env("FEDERATION_MAX_PEERS") {
             self.federation.max_peers = parse_env("FEDERATION_MAX_PEERS", &v)?;
         }
@@ -771,6 +923,18 @@ impl Config {
                     &format!("{b:?} is not a multiaddr ending in /p2p/<PeerId>"),
                 );
             }
+        }
+        if let Err(e) = self.nat.anchor_limits().validate() {
+            return bad(&format!("nat.{}", e.0), "must be positive");
+        }
+        if self.nat.anchors > meshwhisper_crypto::address_record::MAX_ANCHORS {
+            return bad("nat.anchors", "must be at most 16 (an address record names 16 anchors)");
+        }
+        if self.nat.probe_ms == 0 || self.nat.private_after == 0 || self.nat.anchor_retry_secs == 0 {
+            return bad(
+                "nat",
+                "probe_ms, private_after and anchor_retry_secs must be positive",
+            );
         }
         for a in &f.external_addrs {
             if a.parse::<libp2p::Multiaddr>().is_err() {
@@ -949,6 +1113,7 @@ impl Config {
                     .max(self.storage.max_blob_size + 64),
                 ..Default::default()
             },
+            nat: self.nat.settings(),
         }
     }
 

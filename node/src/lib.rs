@@ -16,6 +16,7 @@ pub mod handoff;
 pub mod homed;
 pub mod live;
 pub mod metrics;
+pub mod nat;
 pub mod p2p;
 pub mod push;
 mod tasks;
@@ -170,6 +171,7 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
             cfg: cfg.federation.clone(),
             key,
             mailbox_ttl_ms: cfg.storage.blob_ttl_hours.saturating_mul(3_600_000),
+            nat: cfg.nat.clone(),
         },
     )?;
 

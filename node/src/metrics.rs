@@ -74,6 +74,62 @@ pub struct Metrics {
     pub opk_uploads_refused: AtomicU64,
     /// Federation (shared with its state machines).
     pub federation: std::sync::Arc<FederationMetrics>,
+    /// Reachability, anchors and hole punching.
+    pub nat: NatMetrics,
+}
+
+/// Reachability, anchoring, the anchor service and hole punching
+/// (`meshwhisper_nat_*`).
+#[derive(Debug, Default)]
+pub struct NatMetrics {
+    /// 0 unknown, 1 public, 2 private (gauge).
+    pub reachability: AtomicU64,
+    /// Anchors holding a reservation for this relay (gauge).
+    pub anchors_held: AtomicU64,
+    /// Times this relay re-anchored after losing an anchor.
+    pub reanchors: AtomicU64,
+    /// Reachability probes of our addresses that succeeded (AutoNAT v2).
+    pub probes_ok: AtomicU64,
+    /// Reachability probes of our addresses that failed.
+    pub probes_failed: AtomicU64,
+    /// Reservations this relay holds for relays behind NAT (gauge).
+    pub reservations_served: AtomicU64,
+    /// Reservation requests refused (limits, rate, not public).
+    pub reservations_refused: AtomicU64,
+    /// Circuits through this relay open now (gauge).
+    pub circuits_open: AtomicU64,
+    /// Circuit requests refused (limits, rate, no reservation).
+    pub circuits_refused: AtomicU64,
+    /// Hole punches tried (DCUtR, either end).
+    pub hole_punch_attempts: AtomicU64,
+    /// Hole punches that gave a direct connection.
+    pub hole_punch_successes: AtomicU64,
+    /// Federation peers whose stream goes through a circuit (gauge).
+    pub peers_via_circuit: AtomicU64,
+}
+
+impl NatMetrics {
+    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 7] {
+        [
+            ("reanchors_total", "Times this relay re-anchored after losing an anchor", &self.reanchors),
+            ("probes_ok_total", "Reachability probes of our addresses that succeeded", &self.probes_ok),
+            ("probes_failed_total", "Reachability probes of our addresses that failed", &self.probes_failed),
+            ("reservations_refused_total", "Reservation requests refused by the anchor service", &self.reservations_refused),
+            ("circuits_refused_total", "Circuit requests refused by the anchor service", &self.circuits_refused),
+            ("hole_punch_attempts_total", "Hole punches tried", &self.hole_punch_attempts),
+            ("hole_punch_successes_total", "Hole punches that gave a direct connection", &self.hole_punch_successes),
+        ]
+    }
+
+    fn gauges(&self) -> [(&'static str, &'static str, &AtomicU64); 5] {
+        [
+            ("reachability", "Reachability: 0 unknown, 1 public, 2 private", &self.reachability),
+            ("anchors_held", "Anchors holding a reservation for this relay", &self.anchors_held),
+            ("reservations_served", "Reservations held here for relays behind NAT", &self.reservations_served),
+            ("circuits_open", "Circuits through this relay open now", &self.circuits_open),
+            ("peers_via_circuit", "Federation peers reached through a circuit", &self.peers_via_circuit),
+        ]
+    }
 }
 
 /// Values read from the store and registry at scrape time.
@@ -674,6 +730,20 @@ impl Metrics {
             let _ = write!(
                 out,
                 "# HELP meshwhisper_federation_{name} {help}\n# TYPE meshwhisper_federation_{name} gauge\nmeshwhisper_federation_{name} {}\n",
+                v.load(Relaxed)
+            );
+        }
+        for (name, help, v) in self.nat.counters() {
+            let _ = write!(
+                out,
+                "# HELP meshwhisper_nat_{name} {help}\n# TYPE meshwhisper_nat_{name} counter\nmeshwhisper_nat_{name} {}\n",
+                v.load(Relaxed)
+            );
+        }
+        for (name, help, v) in self.nat.gauges() {
+            let _ = write!(
+                out,
+                "# HELP meshwhisper_nat_{name} {help}\n# TYPE meshwhisper_nat_{name} gauge\nmeshwhisper_nat_{name} {}\n",
                 v.load(Relaxed)
             );
         }

@@ -137,9 +137,15 @@ pub fn build_swarm(
     limits: meshwhisper_behaviour::node::Limits,
     fed: meshwhisper_behaviour::node::FederationSettings,
 ) -> Result<Swarm<Behaviour>, Error> {
-    build_swarm_with(key, move |k| {
-        Behaviour::new(k, device, limits, fed).map_err(|e| Error::Transport(e.to_string()))
-    })
+    meshwhisper_behaviour::transport::build_relay_swarm(
+        key,
+        Duration::from_secs(60),
+        move |k, relay_client| {
+            Behaviour::new(k, relay_client, device, limits, fed)
+                .map_err(|e| Box::from(Error::Transport(e.to_string())))
+        },
+    )
+    .map_err(|e| Error::Transport(e.to_string()))
 }
 
 /// Builds a Swarm with any behaviour over the relay's transports (tests use
@@ -177,6 +183,8 @@ pub struct FedStatus {
     pub connected: Vec<PeerId>,
     /// Why each bootstrap relay not reached yet failed its last dial.
     pub bootstrap_errors: Vec<String>,
+    /// Reachability and anchors.
+    pub nat: crate::nat::NatStatus,
 }
 
 /// How often a bootstrap relay that keeps failing is logged again.
@@ -252,6 +260,8 @@ pub struct FedStart {
     pub key: Keypair,
     /// How long a stored packet lives (bounds forwarding retries).
     pub mailbox_ttl_ms: u64,
+    /// Reachability and anchors.
+    pub nat: crate::config::Nat,
 }
 
 /// Frames queued from the Swarm task to one device session.
@@ -369,12 +379,25 @@ pub fn start(
             fed.cfg.learned_routes,
         );
     }
+    let nat = crate::nat::Driver::new(&fed.nat, core.metrics.clone());
     let (status_tx, status_rx) = watch::channel(FedStatus {
         configured: fed_driver.bootstrap_count(),
+        nat: crate::nat::NatStatus {
+            reachability: nat.status().label(),
+            ..Default::default()
+        },
         ..FedStatus::default()
     });
+    // Addresses the operator declared are ours to advertise (and, for an
+    // anchor, to put in reservations) without waiting for a probe.
+    for a in &fed.cfg.external_addrs {
+        if let Ok(a) = a.parse::<Multiaddr>() {
+            swarm.add_external_address(a);
+        }
+    }
     let event_loop = EventLoop {
         fed: fed_driver,
+        nat,
         done_rx,
         claim_rx,
         out_rx,
@@ -417,6 +440,7 @@ struct Outgoing {
 
 struct EventLoop {
     fed: crate::federation::driver::Driver,
+    nat: crate::nat::Driver,
     done_rx: crate::federation::driver::Done,
     claim_rx: mpsc::Receiver<crate::core::RemoteClaim>,
     out_rx: crate::handoff::HandoffRx,
@@ -482,7 +506,7 @@ impl EventLoop {
                 Some(b) = self.block_rx.recv() => self.fed.on_blocklist(&mut self.swarm, b),
                 // Then the network.
                 ev = self.swarm.select_next_some() => self.on_event(ev),
-                _ = tick.tick() => self.fed.tick(&mut self.swarm),
+                _ = tick.tick() => self.tick(),
             }
             self.publish_status();
         }
@@ -510,6 +534,24 @@ impl EventLoop {
         }
     }
 
+    fn tick(&mut self) {
+        let now = crate::core::now_ms();
+        let policy = &self.swarm.behaviour().policy;
+        let admitted: std::collections::HashSet<PeerId> = self
+            .swarm
+            .connected_peers()
+            .filter(|p| policy.is_admitted(p))
+            .copied()
+            .collect();
+        if let Some(anchors) = self
+            .nat
+            .tick(&mut self.swarm, now, |p| admitted.contains(p))
+        {
+            self.fed.set_anchors(&anchors);
+        }
+        self.fed.tick(&mut self.swarm);
+    }
+
     fn publish_status(&mut self) {
         let b = self.swarm.behaviour();
         let mut connected: Vec<PeerId> = b
@@ -519,13 +561,29 @@ impl EventLoop {
             .copied()
             .collect();
         connected.sort();
+        let via_circuit: Vec<PeerId> = connected
+            .iter()
+            .filter(|p| b.federation.is_direct(p) == Some(false))
+            .copied()
+            .collect();
+        let nat = crate::nat::NatStatus {
+            reachability: self.nat.status().label(),
+            anchors: self.nat.anchors(),
+            via_circuit,
+        };
         let errors = self.bootstrap_watch.lines();
         self.status.send_if_modified(|s| {
-            if s.connected == connected && s.bootstrap_errors == errors {
+            if s.connected == connected && s.bootstrap_errors == errors && s.nat == nat {
                 false
             } else {
+                self.core
+                    .metrics
+                    .nat
+                    .peers_via_circuit
+                    .store(nat.via_circuit.len() as u64, Relaxed);
                 s.connected = connected;
                 s.bootstrap_errors = errors;
+                s.nat = nat;
                 true
             }
         });
@@ -535,15 +593,31 @@ impl EventLoop {
         match ev {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "libp2p listening");
+                self.nat.on_listen_addr(&mut self.swarm, &address);
                 self.addrs.send_modify(|v| v.push(address));
             }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "external address confirmed");
+                self.nat.on_external_confirmed(&address);
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                tracing::info!(%address, "external address expired");
+                self.nat.on_external_expired(&address);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(e)) => self.nat.on_probe(&e),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => self.nat.on_relay_client(&e),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayServer(e)) => self.nat.on_relay_server(&e),
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => self.nat.on_hole_punch(&e),
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.addrs.send_modify(|v| v.retain(|a| a != &address));
             }
             SwarmEvent::Behaviour(BehaviourEvent::Device(e)) => self.on_device(e),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(
                 libp2p::identify::Event::Received { peer_id, info, .. },
-            )) => self.fed.on_identified(&mut self.swarm, peer_id, &info),
+            )) => {
+                self.nat.on_identified(peer_id, &info);
+                self.fed.on_identified(&mut self.swarm, peer_id, &info)
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Policy(e)) => self.fed.on_policy(e),
             SwarmEvent::Behaviour(BehaviourEvent::Federation(e)) => match e {
                 federation::Event::Opened { peer } => self.fed.on_opened(&mut self.swarm, peer),
@@ -612,6 +686,7 @@ impl EventLoop {
                 if let Some(ip) = ip_of(endpoint.get_remote_address()) {
                     self.conn_ips.insert(connection_id, ip);
                 }
+                self.nat.on_connected(peer_id, &endpoint);
                 if endpoint.is_dialer() {
                     self.fed.connected(&peer_id);
                 }
@@ -619,18 +694,35 @@ impl EventLoop {
                     tracing::info!(peer = %peer_id, "bootstrap relay reached");
                 }
             }
-            SwarmEvent::ConnectionClosed { connection_id, .. } => {
+            SwarmEvent::ConnectionClosed {
+                connection_id,
+                peer_id,
+                num_established,
+                ..
+            } => {
                 self.conn_ips.remove(&connection_id);
+                if num_established == 0 {
+                    self.nat.on_disconnected(&peer_id);
+                }
             }
             SwarmEvent::ListenerError { listener_id, error } => {
                 tracing::warn!(?listener_id, error = %root_cause(&error), "libp2p listener error");
             }
             SwarmEvent::ListenerClosed {
+                listener_id,
                 addresses,
-                reason: Err(error),
-                ..
+                reason,
             } => {
-                tracing::error!(?addresses, error = %root_cause(&error), "libp2p listener closed");
+                self.nat.on_listener_closed(listener_id);
+                match reason {
+                    Err(error) if addresses.iter().any(meshwhisper_behaviour::nat::is_relayed) => {
+                        tracing::info!(?addresses, error = %root_cause(&error), "circuit listener closed");
+                    }
+                    Err(error) => {
+                        tracing::error!(?addresses, error = %root_cause(&error), "libp2p listener closed");
+                    }
+                    Ok(()) => {}
+                }
             }
             other => tracing::trace!(?other, "swarm event"),
         }

@@ -341,6 +341,14 @@ impl Driver {
         self.fresh_port.insert(peer, ());
     }
 
+    /// The relays anchoring us changed: our record names them (signed
+    /// and announced at the next tick).
+    pub fn set_anchors(&mut self, anchors: &[PeerId]) {
+        self.fed
+            .own
+            .set_anchors(anchors.iter().filter_map(super::key_of).collect());
+    }
+
     /// A connection to `peer` was established.
     pub fn connected(&mut self, peer: &PeerId) {
         self.fresh_port.remove(peer);

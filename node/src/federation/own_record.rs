@@ -20,9 +20,10 @@ pub struct OwnRecord {
     /// The addresses changed and connected relays were not told yet.
     unannounced: bool,
     next_sign_ms: u64,
-    /// Anchors (NAT'd relays) and capabilities come later; kept in the
-    /// record as given.
+    /// The relays that anchor us (behind NAT), named in the record.
     anchors: Vec<[u8; 32]>,
+    /// The anchors changed since the record was signed.
+    anchors_changed: bool,
 }
 
 impl std::fmt::Debug for OwnRecord {
@@ -50,6 +51,19 @@ impl OwnRecord {
             unannounced: false,
             next_sign_ms: 0,
             anchors: Vec::new(),
+            anchors_changed: false,
+        }
+    }
+
+    /// The relays that anchor us now (at most
+    /// [`address_record::MAX_ANCHORS`]); a change re-signs the record at
+    /// the next [`maintain`](Self::maintain) and announces it at once.
+    pub fn set_anchors(&mut self, mut anchors: Vec<[u8; 32]>) {
+        anchors.truncate(address_record::MAX_ANCHORS);
+        anchors.dedup();
+        if anchors != self.anchors {
+            self.anchors = anchors;
+            self.anchors_changed = true;
         }
     }
 
@@ -80,7 +94,8 @@ impl OwnRecord {
         if addrs.is_empty() {
             return;
         }
-        let changed = self.own.as_ref().is_none_or(|(_, a)| *a != addrs);
+        let changed =
+            self.anchors_changed || self.own.as_ref().is_none_or(|(_, a)| *a != addrs);
         if changed || now >= self.next_sign_ms {
             let ts = self
                 .own
@@ -97,6 +112,7 @@ impl OwnRecord {
                     m.records_signed.fetch_add(1, Relaxed);
                     out.push(Action::Job(Job::StoreOwnRecord(Box::new(r.clone()))));
                     self.own = Some((r, addrs));
+                    self.anchors_changed = false;
                     self.unpublished = self.gossip;
                     self.unannounced |= changed && self.gossip;
                     self.next_sign_ms = now.saturating_add(self.refresh_ms);

@@ -77,8 +77,34 @@ pub(super) async fn health(State(s): State<AppState>) -> Response {
                 "status": fed_state(&s, g.federation_peers_connected),
                 "bootstrapErrors": s.federation.borrow().bootstrap_errors.clone(),
             },
+            "nat": nat_json(&s),
         }),
     )
+}
+
+/// `/health`'s `nat`: what the relay takes itself for (`public`: it
+/// serves as an anchor; `anchored`: behind NAT, reached through `anchors`;
+/// `private`: behind NAT with no anchor yet; `unknown`: not probed yet).
+fn nat_json(s: &AppState) -> serde_json::Value {
+    let f = s.federation.borrow();
+    let n = &f.nat;
+    let state = match n.reachability {
+        "private" if !n.anchors.is_empty() => "anchored",
+        other => other,
+    };
+    let names = |v: &[libp2p::PeerId]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+    json!({
+        "reachability": n.reachability,
+        "setting": match s.cfg.nat.reachability {
+            crate::config::Reachability::Auto => "auto",
+            crate::config::Reachability::Public => "public",
+            crate::config::Reachability::Private => "private",
+        },
+        "state": state,
+        "servingAnchors": n.reachability == "public" && s.cfg.nat.serve && s.cfg.federation.mode != crate::config::FederationMode::Off,
+        "anchors": names(&n.anchors),
+        "peersViaCircuit": names(&n.via_circuit),
+    })
 }
 
 pub(super) async fn metrics(State(s): State<AppState>) -> Response {
