@@ -64,8 +64,16 @@ pub fn build_relay_swarm<B: NetworkBehaviour>(
         .with_behaviour(make)
         .map_err(|e| Error(e.to_string()))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .with_connection_timeout(DIAL_TIMEOUT)
         .build())
 }
+
+/// How long a relay's dial (connect and handshake) may take. Below the
+/// 10 s an AutoNAT v2 client waits for its answer: a relay dialling back a
+/// probed address behind a NAT that drops the SYN must give up, and say
+/// so, before the prober stops listening (at libp2p's default of 10 s both
+/// time out together and the prober learns nothing).
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(8);
 
 #[cfg(test)]
 mod tests {

@@ -128,7 +128,8 @@ pub struct Nat {
     /// Default 5000.
     pub probe_ms: u64,
     /// Failed probes, with none succeeding, before an `auto` relay takes
-    /// itself for private. Default 2.
+    /// itself for private. Default 1 (each observed address is probed
+    /// once; a relay that listens on TCP only has one to probe).
     pub private_after: u32,
     /// Try hole punching (DCUtR) over circuits. Default true.
     pub hole_punch: bool,
@@ -166,7 +167,7 @@ impl Default for Nat {
             anchors: 2,
             anchor_retry_secs: 30,
             probe_ms: 5000,
-            private_after: 2,
+            private_after: 1,
             hole_punch: true,
             serve: true,
             max_reservations: l.max_reservations,
