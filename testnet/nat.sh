@@ -20,7 +20,9 @@
 # router also drops everything the LAN sends anywhere but pub1 (its uplink).
 #
 # Every relay listens on TCP and QUIC port 4001 and HTTP 8080 inside its
-# namespace and starts with `--reachability auto`: AutoNAT decides. Relays
+# namespace. The site relays start with `--reachability auto` (AutoNAT v2
+# finds them private); the public relays are declared `--reachability
+# public` (MW_NAT_PUBLIC=auto lets AutoNAT find that out too). Relays
 # bootstrap from pub1. `up` waits (up to MW_NAT_WAIT seconds, default 120)
 # until the public relays say public and the site relays say anchored.
 #
@@ -174,6 +176,9 @@ start_relay() {
     *) args+=(--listen /ip4/0.0.0.0/tcp/4001 --listen /ip4/0.0.0.0/udp/4001/quic-v1) ;;
   esac
   if [ -n "$boot" ]; then args+=(--bootstrap "$boot"); fi
+  case "$name" in
+    pub*) if [ "${MW_NAT_PUBLIC:-public}" = public ]; then args+=(--reachability public); fi ;;
+  esac
   local extra_var="MW_RELAY_ARGS_$name"
   # shellcheck disable=SC2086
   RUST_LOG="${RUST_LOG:-info}" ip netns exec "$P$name" "$BIN" "${args[@]}" ${MW_RELAY_ARGS:-} ${!extra_var:-} \

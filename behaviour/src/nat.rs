@@ -145,7 +145,6 @@ impl AnchorLimits {
         let c = c.circuit_src_per_peer(n, every);
         let (n, every) = rate(self.circuits_per_ip_per_min);
         c.circuit_src_per_ip(n, every)
-
     }
 }
 

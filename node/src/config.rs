@@ -929,9 +929,13 @@ impl Config {
             return bad(&format!("nat.{}", e.0), "must be positive");
         }
         if self.nat.anchors > meshwhisper_crypto::address_record::MAX_ANCHORS {
-            return bad("nat.anchors", "must be at most 16 (an address record names 16 anchors)");
+            return bad(
+                "nat.anchors",
+                "must be at most 16 (an address record names 16 anchors)",
+            );
         }
-        if self.nat.probe_ms == 0 || self.nat.private_after == 0 || self.nat.anchor_retry_secs == 0 {
+        if self.nat.probe_ms == 0 || self.nat.private_after == 0 || self.nat.anchor_retry_secs == 0
+        {
             return bad(
                 "nat",
                 "probe_ms, private_after and anchor_retry_secs must be positive",

@@ -111,23 +111,71 @@ pub struct NatMetrics {
 impl NatMetrics {
     fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 7] {
         [
-            ("reanchors_total", "Times this relay re-anchored after losing an anchor", &self.reanchors),
-            ("probes_ok_total", "Reachability probes of our addresses that succeeded", &self.probes_ok),
-            ("probes_failed_total", "Reachability probes of our addresses that failed", &self.probes_failed),
-            ("reservations_refused_total", "Reservation requests refused by the anchor service", &self.reservations_refused),
-            ("circuits_refused_total", "Circuit requests refused by the anchor service", &self.circuits_refused),
-            ("hole_punch_attempts_total", "Hole punches tried", &self.hole_punch_attempts),
-            ("hole_punch_successes_total", "Hole punches that gave a direct connection", &self.hole_punch_successes),
+            (
+                "reanchors_total",
+                "Times this relay re-anchored after losing an anchor",
+                &self.reanchors,
+            ),
+            (
+                "probes_ok_total",
+                "Reachability probes of our addresses that succeeded",
+                &self.probes_ok,
+            ),
+            (
+                "probes_failed_total",
+                "Reachability probes of our addresses that failed",
+                &self.probes_failed,
+            ),
+            (
+                "reservations_refused_total",
+                "Reservation requests refused by the anchor service",
+                &self.reservations_refused,
+            ),
+            (
+                "circuits_refused_total",
+                "Circuit requests refused by the anchor service",
+                &self.circuits_refused,
+            ),
+            (
+                "hole_punch_attempts_total",
+                "Hole punches tried",
+                &self.hole_punch_attempts,
+            ),
+            (
+                "hole_punch_successes_total",
+                "Hole punches that gave a direct connection",
+                &self.hole_punch_successes,
+            ),
         ]
     }
 
     fn gauges(&self) -> [(&'static str, &'static str, &AtomicU64); 5] {
         [
-            ("reachability", "Reachability: 0 unknown, 1 public, 2 private", &self.reachability),
-            ("anchors_held", "Anchors holding a reservation for this relay", &self.anchors_held),
-            ("reservations_served", "Reservations held here for relays behind NAT", &self.reservations_served),
-            ("circuits_open", "Circuits through this relay open now", &self.circuits_open),
-            ("peers_via_circuit", "Federation peers reached through a circuit", &self.peers_via_circuit),
+            (
+                "reachability",
+                "Reachability: 0 unknown, 1 public, 2 private",
+                &self.reachability,
+            ),
+            (
+                "anchors_held",
+                "Anchors holding a reservation for this relay",
+                &self.anchors_held,
+            ),
+            (
+                "reservations_served",
+                "Reservations held here for relays behind NAT",
+                &self.reservations_served,
+            ),
+            (
+                "circuits_open",
+                "Circuits through this relay open now",
+                &self.circuits_open,
+            ),
+            (
+                "peers_via_circuit",
+                "Federation peers reached through a circuit",
+                &self.peers_via_circuit,
+            ),
         ]
     }
 }

@@ -94,8 +94,7 @@ impl OwnRecord {
         if addrs.is_empty() {
             return;
         }
-        let changed =
-            self.anchors_changed || self.own.as_ref().is_none_or(|(_, a)| *a != addrs);
+        let changed = self.anchors_changed || self.own.as_ref().is_none_or(|(_, a)| *a != addrs);
         if changed || now >= self.next_sign_ms {
             let ts = self
                 .own

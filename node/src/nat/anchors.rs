@@ -190,7 +190,9 @@ impl Anchors {
     /// died); its anchor rests and another is chosen at the next tick.
     pub fn closed(&mut self, listener: libp2p::core::transport::ListenerId, now: u64) {
         let found = self.anchors.iter().find_map(|(p, s)| match s {
-            State::Reserving { listener: l, .. } | State::Held { listener: l } if *l == listener => {
+            State::Reserving { listener: l, .. } | State::Held { listener: l }
+                if *l == listener =>
+            {
                 Some((*p, matches!(s, State::Held { .. })))
             }
             _ => None,
@@ -293,7 +295,11 @@ mod tests {
         assert_eq!(a.held().copied().collect::<Vec<_>>(), vec![held[1].0]);
         out.clear();
         a.tick(5_100, true, &c, &mut out);
-        assert_eq!(listens(&out), vec![c[2].0], "the third relay, not the dead one");
+        assert_eq!(
+            listens(&out),
+            vec![c[2].0],
+            "the third relay, not the dead one"
+        );
         // Once rested, the first is a candidate again (if another goes).
         let third = hold(&mut a, &out, 5_100);
         a.closed(third[0].1, 40_000);
@@ -315,7 +321,10 @@ mod tests {
         assert_eq!(
             out,
             vec![
-                Action::Close { anchor: c[0].0, listener: l },
+                Action::Close {
+                    anchor: c[0].0,
+                    listener: l
+                },
                 Action::Listen {
                     anchor: c[1].0,
                     addr: circuit_addr(&c[1].1, &c[1].0)

@@ -76,11 +76,13 @@ impl Driver {
         self.anchors.held().copied().collect()
     }
 
-    /// A listen address is up: a relay declared public advertises it.
+    /// A listen address is up: a relay declared public advertises it
+    /// (loopback addresses aside: they name another host to everyone
+    /// else; `--external-addr` declares one where it is meant).
     pub fn on_listen_addr(&mut self, swarm: &mut Swarm<Behaviour>, addr: &Multiaddr) {
         if self.reach.mode() == crate::config::Reachability::Public
             && !is_relayed(addr)
-            && !is_unspecified(addr)
+            && !is_unspecified_or_loopback(addr)
         {
             swarm.add_external_address(addr.clone());
         }
@@ -103,10 +105,7 @@ impl Driver {
 
     /// identify told us what `peer` speaks.
     pub fn on_identified(&mut self, peer: PeerId, info: &libp2p::identify::Info) {
-        let hop = info
-            .protocols
-            .iter()
-            .any(|p| p.as_ref() == HOP_PROTOCOL);
+        let hop = info.protocols.iter().any(|p| p.as_ref() == HOP_PROTOCOL);
         self.hop.insert(peer, hop);
     }
 
@@ -224,7 +223,11 @@ impl Driver {
             } else {
                 relay::Status::Disable
             }));
-            tracing::info!(reachability = status.label(), serving = serve, "anchor service");
+            tracing::info!(
+                reachability = status.label(),
+                serving = serve,
+                "anchor service"
+            );
             self.serving = serve;
         }
         let mut candidates: Vec<(PeerId, Multiaddr)> = self
@@ -265,11 +268,12 @@ fn dec(a: &std::sync::atomic::AtomicU64) {
     let _ = a.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(1)));
 }
 
-/// `0.0.0.0` / `::` addresses (what a relay listens on, not where it is).
-fn is_unspecified(addr: &Multiaddr) -> bool {
+/// `0.0.0.0` / `::` (what a relay listens on, not where it is) and
+/// loopback addresses.
+fn is_unspecified_or_loopback(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| match p {
-        libp2p::multiaddr::Protocol::Ip4(ip) => ip.is_unspecified(),
-        libp2p::multiaddr::Protocol::Ip6(ip) => ip.is_unspecified(),
+        libp2p::multiaddr::Protocol::Ip4(ip) => ip.is_unspecified() || ip.is_loopback(),
+        libp2p::multiaddr::Protocol::Ip6(ip) => ip.is_unspecified() || ip.is_loopback(),
         _ => false,
     })
 }

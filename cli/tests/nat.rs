@@ -1,0 +1,474 @@
+//! Relays behind NAT, in the network namespaces of `testnet/nat.sh`
+//! (three public relays; sites A, B and C behind masquerading routers that
+//! drop unsolicited packets; C may reach only pub1). Needs root: without it
+//! each test says so and passes without running.
+//!
+//! The tests share the namespaces (all named `mwn-*`), so they take a lock.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static TOPOLOGY: Mutex<()> = Mutex::new(());
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+fn skip(test: &str) -> bool {
+    if !is_root() {
+        eprintln!(
+            "SKIPPED {test}: needs root (network namespaces for the NAT topology); CI runs it as root"
+        );
+        return true;
+    }
+    false
+}
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_meshwhisper")
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo")
+        .to_path_buf()
+}
+
+/// A NAT testnet, taken down on drop.
+struct Net {
+    dir: tempfile::TempDir,
+    /// name → (namespace, pid, PeerId, libp2p address, HTTP base)
+    relays: Vec<(String, String, u32, String, String, String)>,
+}
+
+impl Net {
+    fn up(transports: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        let script = repo().join("testnet/nat.sh");
+        // A topology left by a killed run would make `up` refuse.
+        let _ = Command::new(&script)
+            .arg("down")
+            .env("MW_NAT_DIR", dir.path())
+            .output();
+        let out = Command::new(&script)
+            .arg("up")
+            .env("MW_BIN", bin())
+            .env("MW_NAT_DIR", dir.path())
+            .env("MW_NAT_TRANSPORTS", transports)
+            .env("MW_NAT_WAIT", "120")
+            .output()
+            .expect("nat.sh");
+        assert!(
+            out.status.success(),
+            "nat.sh up failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let table = std::fs::read_to_string(dir.path().join("relays.tsv")).expect("relays.tsv");
+        let relays = table
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split('\t').collect();
+                (
+                    f[0].to_string(),
+                    f[1].to_string(),
+                    f[2].parse().expect("pid"),
+                    f[3].to_string(),
+                    f[4].to_string(),
+                    f[5].to_string(),
+                )
+            })
+            .collect();
+        Net { dir, relays }
+    }
+
+    fn relay(&self, name: &str) -> &(String, String, u32, String, String, String) {
+        self.relays
+            .iter()
+            .find(|r| r.0 == name)
+            .unwrap_or_else(|| panic!("no relay {name}"))
+    }
+
+    fn name_of(&self, peer: &str) -> &str {
+        &self
+            .relays
+            .iter()
+            .find(|r| r.3 == peer)
+            .unwrap_or_else(|| panic!("no relay {peer}"))
+            .0
+    }
+
+    /// `GET path` on relay `name`, from inside its namespace.
+    fn get(&self, name: &str, path: &str) -> String {
+        let r = self.relay(name);
+        let out = Command::new("ip")
+            .args(["netns", "exec", &r.1, "curl", "-fsS", "--max-time", "3"])
+            .arg(format!("{}{path}", r.5))
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn health(&self, name: &str) -> serde_json::Value {
+        serde_json::from_str(&self.get(name, "/health")).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn metric(&self, name: &str, metric: &str) -> u64 {
+        self.get(name, "/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{metric} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Polls relay `name`'s `/health` until `pred` holds (bounded).
+    fn wait_health(
+        &self,
+        name: &str,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Duration {
+        let start = Instant::now();
+        loop {
+            let h = self.health(name);
+            if pred(&h) {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < limit,
+                "{what} within {limit:?}: last /health {h}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// `meshwhisper args` in namespace `ns`, asserting success.
+    fn run(&self, ns: &str, args: &[&str]) -> String {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, bin()])
+            .args(args)
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "meshwhisper {args:?} in {ns} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf8")
+    }
+
+    fn profile(&self, ns: &str, name: &str, relay: &str) -> String {
+        let p = self.dir.path().join(name).display().to_string();
+        let addr = self.relay(relay).4.clone();
+        self.run(
+            ns,
+            &[
+                "id",
+                "new",
+                "--profile",
+                &p,
+                "--relay",
+                &addr,
+                "--name",
+                name,
+            ],
+        );
+        p
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("testnet/nat.sh"))
+            .arg("down")
+            .env("MW_NAT_DIR", self.dir.path())
+            .output();
+    }
+}
+
+/// `listen --json` in a namespace; its stdout lines on a channel.
+struct Listener {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Listener {
+    fn start(ns: &str, profile: &str) -> Self {
+        let mut child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                bin(),
+                "listen",
+                "--json",
+                "--profile",
+                profile,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("listen");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::sync_channel(4096);
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for l in std::io::BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Listener { child, lines }
+    }
+
+    /// The next event for which `f` holds (bounded).
+    fn until(&self, what: &str, limit: Duration, f: impl Fn(&serde_json::Value) -> bool) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let l = self
+                .lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no {what} within {limit:?}"));
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l)
+                && f(&v)
+            {
+                return;
+            }
+        }
+    }
+
+    /// Texts of the messages received within `limit` until `n` arrived.
+    fn messages(&self, n: usize, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut got = Vec::new();
+        while got.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(l) = self.lines.recv_timeout(left) else {
+                break;
+            };
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&l)
+                && v["event"] == "message"
+            {
+                got.push(v["text"].as_str().unwrap_or("").to_string());
+            }
+        }
+        got
+    }
+
+    fn stop(mut self) {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32).expect("pid");
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Makes `b` a contact of `a` (and `a` of `b`, through `b`'s listener).
+fn introduce(net: &Net, (a_ns, a): (&str, &str), (b_ns, b): (&str, &str), b_listen: &Listener) {
+    let invite = net.run(b_ns, &["invite", "--profile", b]);
+    net.run(a_ns, &["contact", "add", "--profile", a, invite.trim()]);
+    let _ = b_listen;
+}
+
+const LONG: Duration = Duration::from_secs(60);
+
+#[test]
+fn clients_behind_nat_and_on_a_public_relay_talk_and_relays_punch_holes() {
+    if skip("clients_behind_nat_and_on_a_public_relay_talk_and_relays_punch_holes") {
+        return;
+    }
+    let _g = TOPOLOGY.lock().unwrap_or_else(|e| e.into_inner());
+    let net = Net::up("both");
+    // The sites found themselves private and anchored; the health page says
+    // through whom.
+    for site in ["a", "b", "c"] {
+        let h = net.health(site);
+        assert_eq!(h["nat"]["reachability"], "private", "{site}: {h}");
+        assert_eq!(h["nat"]["state"], "anchored", "{site}: {h}");
+        assert!(!h["nat"]["servingAnchors"].as_bool().unwrap_or(true));
+    }
+    let c_anchors = net.health("c")["nat"]["anchors"].clone();
+    assert_eq!(
+        c_anchors.as_array().map(|a| a.len()),
+        Some(1),
+        "site C reaches only pub1: {c_anchors}"
+    );
+    assert_eq!(net.name_of(c_anchors[0].as_str().expect("peer")), "pub1");
+    assert!(net.metric("pub1", "meshwhisper_nat_reservations_served") >= 1);
+    assert!(net.metric("a", "meshwhisper_nat_probes_failed_total") >= 1);
+
+    // Alice in site A (homed on relay a), carol on public relay pub2.
+    let alice = net.profile("mwn-a-cli", "alice", "a");
+    let carol = net.profile("mwn-pub2", "carol", "pub2");
+    let carol_l = Listener::start("mwn-pub2", &carol);
+    carol_l.until("carol's prekeys", LONG, |v| {
+        v["event"] == "prekeys" && v["oneTime"] == 100
+    });
+    let alice_l = Listener::start("mwn-a-cli", &alice);
+    alice_l.until("alice's prekeys", LONG, |v| {
+        v["event"] == "prekeys" && v["oneTime"] == 100
+    });
+    introduce(&net, ("mwn-a-cli", &alice), ("mwn-pub2", &carol), &carol_l);
+    // Live, both ways.
+    net.run(
+        "mwn-a-cli",
+        &["send", "carol", "a to pub2", "--profile", &alice],
+    );
+    assert_eq!(carol_l.messages(1, LONG), vec!["a to pub2"]);
+    net.run(
+        "mwn-pub2",
+        &["send", "alice", "pub2 to a", "--profile", &carol],
+    );
+    assert_eq!(alice_l.messages(1, LONG), vec!["pub2 to a"]);
+    // Offline, both ways: sent while the recipient is away, read later.
+    alice_l.stop();
+    net.run(
+        "mwn-pub2",
+        &["send", "alice", "while you were away", "--profile", &carol],
+    );
+    let alice_l = Listener::start("mwn-a-cli", &alice);
+    assert_eq!(alice_l.messages(1, LONG), vec!["while you were away"]);
+    carol_l.stop();
+    net.run(
+        "mwn-a-cli",
+        &["send", "carol", "and back", "--profile", &alice],
+    );
+    let carol_l = Listener::start("mwn-pub2", &carol);
+    assert_eq!(carol_l.messages(1, LONG), vec!["and back"]);
+
+    // Bob in site B: the relays of A and B meet through a circuit, punch a
+    // hole and move federation to the direct connection.
+    let bob = net.profile("mwn-b-cli", "bob", "b");
+    let bob_l = Listener::start("mwn-b-cli", &bob);
+    bob_l.until("bob's prekeys", LONG, |v| {
+        v["event"] == "prekeys" && v["oneTime"] == 100
+    });
+    introduce(&net, ("mwn-a-cli", &alice), ("mwn-b-cli", &bob), &bob_l);
+    net.run("mwn-a-cli", &["send", "bob", "a to b", "--profile", &alice]);
+    assert_eq!(bob_l.messages(1, LONG), vec!["a to b"]);
+    net.run("mwn-b-cli", &["send", "alice", "b to a", "--profile", &bob]);
+    assert_eq!(alice_l.messages(1, LONG), vec!["b to a"]);
+    let b_peer = net.relay("b").3.clone();
+    net.wait_health("a", "A federated with B directly", LONG, |h| {
+        let peers = h["federation"]["peers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let via = h["nat"]["peersViaCircuit"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        peers.iter().any(|p| p == b_peer.as_str()) && !via.iter().any(|p| p == b_peer.as_str())
+    });
+    assert!(
+        net.metric("a", "meshwhisper_nat_hole_punch_successes_total")
+            + net.metric("b", "meshwhisper_nat_hole_punch_successes_total")
+            >= 1
+    );
+
+    // SIGKILL one of A's anchors (not carol's relay) while carol sends to
+    // alice: A re-anchors and republishes within 30 s; every message
+    // arrives exactly once.
+    let anchors: Vec<String> = net.health("a")["nat"]["anchors"]
+        .as_array()
+        .expect("anchors")
+        .iter()
+        .map(|p| p.as_str().expect("peer").to_string())
+        .collect();
+    assert_eq!(anchors.len(), 2, "{anchors:?}");
+    let victim = anchors
+        .iter()
+        .find(|p| net.name_of(p) != "pub2")
+        .expect("an anchor other than pub2")
+        .clone();
+    let victim_name = net.name_of(&victim).to_string();
+    let sender = {
+        let carol = carol.clone();
+        std::thread::spawn(move || {
+            for i in 0..20 {
+                let out = Command::new("ip")
+                    .args(["netns", "exec", "mwn-pub2", bin(), "send", "alice"])
+                    .arg(format!("m{i}"))
+                    .args(["--profile", &carol])
+                    .output()
+                    .expect("send");
+                assert!(
+                    out.status.success(),
+                    "send m{i}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let victim_pid = net.relay(&victim_name).2;
+    let pid = rustix::process::Pid::from_raw(victim_pid as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("kill");
+    let took = net.wait_health("a", "A re-anchored", Duration::from_secs(30), |h| {
+        let a = h["nat"]["anchors"].as_array().cloned().unwrap_or_default();
+        a.len() == 2 && !a.iter().any(|p| p == victim.as_str())
+    });
+    eprintln!("re-anchored {took:?} after SIGKILL of {victim_name}");
+    // The new record (anchors named) reached pub2 as well.
+    sender.join().expect("sender");
+    let mut got = alice_l.messages(20, LONG);
+    got.sort_by_key(|m| m[1..].parse::<u32>().unwrap_or(0));
+    let want: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    assert_eq!(got, want, "every message once");
+    assert!(
+        alice_l.messages(1, Duration::from_secs(2)).is_empty(),
+        "no duplicates"
+    );
+    assert!(net.metric("a", "meshwhisper_nat_reanchors_total") >= 1);
+    bob_l.stop();
+}
+
+#[test]
+fn hole_punching_works_over_tcp_alone_and_over_quic_alone() {
+    if skip("hole_punching_works_over_tcp_alone_and_over_quic_alone") {
+        return;
+    }
+    let _g = TOPOLOGY.lock().unwrap_or_else(|e| e.into_inner());
+    for transport in ["tcp", "quic"] {
+        let net = Net::up(transport);
+        let alice = net.profile("mwn-a-cli", "alice", "a");
+        let bob = net.profile("mwn-b-cli", "bob", "b");
+        let bob_l = Listener::start("mwn-b-cli", &bob);
+        bob_l.until("bob's prekeys", LONG, |v| {
+            v["event"] == "prekeys" && v["oneTime"] == 100
+        });
+        introduce(&net, ("mwn-a-cli", &alice), ("mwn-b-cli", &bob), &bob_l);
+        net.run("mwn-a-cli", &["send", "bob", "punch", "--profile", &alice]);
+        assert_eq!(bob_l.messages(1, LONG), vec!["punch"], "{transport}");
+        let b_peer = net.relay("b").3.clone();
+        let took = net.wait_health("a", &format!("{transport}: A and B direct"), LONG, |h| {
+            let peers = h["federation"]["peers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let via = h["nat"]["peersViaCircuit"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            peers.iter().any(|p| p == b_peer.as_str()) && !via.iter().any(|p| p == b_peer.as_str())
+        });
+        let ok = net.metric("a", "meshwhisper_nat_hole_punch_successes_total")
+            + net.metric("b", "meshwhisper_nat_hole_punch_successes_total");
+        assert!(ok >= 1, "{transport}: no hole punch counted");
+        eprintln!("{transport}: direct {took:?} after the first message");
+        bob_l.stop();
+    }
+}
