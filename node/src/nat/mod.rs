@@ -236,7 +236,7 @@ impl Driver {
             .filter(|(p, _)| self.hop.get(*p).copied().unwrap_or(false) && admitted(p))
             .map(|(p, a)| (*p, a.clone()))
             .collect();
-        candidates.sort_by(|a, b| a.0.cmp(&b.0));
+        candidates.sort_by_key(|c| c.0);
         let mut out = Vec::new();
         self.anchors
             .tick(now, status == Status::Private, &candidates, &mut out);
