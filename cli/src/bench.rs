@@ -40,6 +40,9 @@ pub enum BenchCommand {
     /// limit `bench relay` measures a relay against
     /// (scripts/bench-limit.sh runs both side by side).
     Forwarder(crate::bench_forwarder::ForwarderBench),
+    /// One hole punch through a relay's anchor service (run on both ends
+    /// by scripts/bench-holepunch.sh in testnet/nat.sh's namespaces).
+    Holepunch(crate::bench_holepunch::HolepunchBench),
 }
 
 /// The value at fraction `p` of a sorted slice (0 when empty).
@@ -172,6 +175,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Federation(b) => return crate::bench_federation::run(b),
         BenchCommand::Abuse(b) => return crate::bench_abuse::run(b),
         BenchCommand::Forwarder(b) => return crate::bench_forwarder::run(b),
+        BenchCommand::Holepunch(b) => return crate::bench_holepunch::run(b),
     };
     anyhow::ensure!(
         b.size >= 47,

@@ -9,6 +9,7 @@ mod bench_abuse;
 mod bench_client;
 mod bench_federation;
 mod bench_forwarder;
+mod bench_holepunch;
 mod control;
 mod keys;
 mod person;

@@ -46,6 +46,11 @@ struct Net {
 
 impl Net {
     fn up(transports: &str) -> Self {
+        Self::up_with(transports, &[])
+    }
+
+    /// `up` with extra environment for `nat.sh` (MW_RELAY_ARGS_<name>…).
+    fn up_with(transports: &str, env: &[(&str, String)]) -> Self {
         let dir = tempfile::tempdir().expect("tmp");
         let script = repo().join("testnet/nat.sh");
         // A topology left by a killed run would make `up` refuse.
@@ -55,6 +60,7 @@ impl Net {
             .output();
         let out = Command::new(&script)
             .arg("up")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("MW_BIN", bin())
             .env("MW_NAT_DIR", dir.path())
             .env("MW_NAT_TRANSPORTS", transports)
@@ -442,8 +448,17 @@ fn hole_punching_works_over_tcp_alone_and_over_quic_alone() {
         return;
     }
     let _g = TOPOLOGY.lock().unwrap_or_else(|e| e.into_inner());
+    // pub2 takes two reservations a minute from one address (burst two).
+    let conf = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(conf.path(), "[nat]\nreservations_per_ip_per_min = 2\n").expect("conf");
     for transport in ["tcp", "quic"] {
-        let net = Net::up(transport);
+        let net = Net::up_with(
+            transport,
+            &[(
+                "MW_RELAY_ARGS_pub2",
+                format!("--config {}", conf.path().display()),
+            )],
+        );
         let alice = net.profile("mwn-a-cli", "alice", "a");
         let bob = net.profile("mwn-b-cli", "bob", "b");
         let bob_l = Listener::start("mwn-b-cli", &bob);
@@ -470,5 +485,41 @@ fn hole_punching_works_over_tcp_alone_and_over_quic_alone() {
         assert!(ok >= 1, "{transport}: no hole punch counted");
         eprintln!("{transport}: direct {took:?} after the first message");
         bob_l.stop();
+        if transport == "tcp" {
+            reservations_beyond_the_caps_are_refused_and_counted(&net);
+        }
     }
+}
+
+/// Three more reservations on pub2 from site B's one public address:
+/// beyond pub2's per-address rate, at least one is refused and counted,
+/// and pub2 stays healthy and keeps serving the sites it anchors.
+fn reservations_beyond_the_caps_are_refused_and_counted(net: &Net) {
+    let before = net.metric("pub2", "meshwhisper_nat_reservations_refused_total");
+    let anchor = net.relay("pub2").4.clone();
+    let mut listeners: Vec<Child> = (0..3)
+        .map(|_| {
+            Command::new("ip")
+                .args(["netns", "exec", "mwn-b-cli", bin(), "bench", "holepunch"])
+                .args(["--role", "listen", "--anchor", &anchor, "--secs", "20"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("holepunch listener")
+        })
+        .collect();
+    let start = Instant::now();
+    while net.metric("pub2", "meshwhisper_nat_reservations_refused_total") <= before {
+        assert!(
+            start.elapsed() < LONG,
+            "no reservation refused by pub2 within {LONG:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for l in &mut listeners {
+        let _ = l.kill();
+        let _ = l.wait();
+    }
+    assert_eq!(net.health("pub2")["status"], "ok");
+    assert_eq!(net.health("a")["nat"]["state"], "anchored");
 }
