@@ -22,8 +22,8 @@ if [ ! -x "$BIN" ]; then
 fi
 export MW_BIN="$BIN"
 export MW_NAT_DIR="${MW_NAT_DIR:-$REPO/target/bench-holepunch}"
-mkdir -p "$MW_NAT_DIR"
-CONF="$MW_NAT_DIR/pub1.toml"
+mkdir -p "$(dirname "$MW_NAT_DIR")"
+CONF="$MW_NAT_DIR.pub1.toml" # beside the run directory, which up empties
 printf '[nat]\nreservations_per_ip_per_min = 6000\nreservations_per_peer_per_min = 6000\n' >"$CONF"
 export MW_RELAY_ARGS_pub1="--config $CONF"
 "$REPO/testnet/nat.sh" down >/dev/null 2>&1 || true
