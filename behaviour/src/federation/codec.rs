@@ -21,6 +21,13 @@
 //!   0x05 Batch     n (u16) ‖ n × (length (u32) ‖ type (u8) ‖ body)
 //!                                         1..=1024 frames of any other type, in order: what a
 //!                                         relay sends one peer at once goes out as one frame
+//!   0x06 Transit   to (32) ‖ hops (u8) ‖ inner type (u8) ‖ inner body
+//!                                         "deliver the inner frame to relay `to`" (for a relay
+//!                                         that cannot dial it): inner is a Routed packet, a
+//!                                         Claim, or another Transit, nested at most
+//!                                         MAX_TRANSIT_DEPTH deep; `hops` counts the relays the
+//!                                         frame has passed. The relay carrying it answers with
+//!                                         the inner frame's Ack or ClaimReply as they come back
 //! directory
 //!   0x20 Claim      req (u64) ‖ ns len (u8) ‖ namespace ‖ identity (32)
 //!                                         a client of the sender wants this identity's bundle
@@ -56,6 +63,8 @@ pub const MAX_DIGEST: usize = 1024;
 pub const MAX_PULL: usize = 256;
 /// Most records in one Records frame.
 pub const MAX_RECORDS: usize = 64;
+/// Most Transit frames nested in one another.
+pub const MAX_TRANSIT_DEPTH: usize = 4;
 
 /// A forwarded packet's id: random, chosen by the relay that first
 /// forwarded it, used for dedup and acks.
@@ -80,6 +89,10 @@ pub enum AckStatus {
     NotTarget = 5,
     /// Not a routable packet: never retry.
     Malformed = 6,
+    /// A relay carrying the packet in transit could not take it on (hop
+    /// cap, no way to the next relay, its transit table full): the sender
+    /// tries another path.
+    NoPath = 7,
 }
 
 impl AckStatus {
@@ -92,6 +105,7 @@ impl AckStatus {
             4 => Self::Refused,
             5 => Self::NotTarget,
             6 => Self::Malformed,
+            7 => Self::NoPath,
             _ => return None,
         })
     }
@@ -106,6 +120,7 @@ impl AckStatus {
             Self::Refused => "refused",
             Self::NotTarget => "not_target",
             Self::Malformed => "malformed",
+            Self::NoPath => "no_path",
         }
     }
 }
@@ -203,6 +218,34 @@ pub enum Frame {
         /// Encoded records.
         records: Vec<Bytes>,
     },
+    /// Carry `inner` to the relay `to` (see the module docs).
+    Transit {
+        /// The relay the inner frame is for (Ed25519 key).
+        to: [u8; 32],
+        /// Relays the frame has passed (1 when first sent).
+        hops: u8,
+        /// A Routed packet, a Claim, or another Transit.
+        inner: Box<Frame>,
+    },
+}
+
+impl Frame {
+    /// How deep Transit frames nest here (0 for any other frame).
+    pub fn transit_depth(&self) -> usize {
+        match self {
+            Frame::Transit { inner, .. } => 1 + inner.transit_depth(),
+            _ => 0,
+        }
+    }
+
+    /// The frame at the bottom of nested Transit frames (itself for any
+    /// other frame).
+    pub fn innermost(&self) -> &Frame {
+        match self {
+            Frame::Transit { inner, .. } => inner.innermost(),
+            f => f,
+        }
+    }
 }
 
 /// A frame that could not be read or written.
@@ -230,6 +273,7 @@ fn body_len(f: &Frame) -> usize {
         Frame::Records { records, .. } => {
             8 + 2 + records.iter().map(|r| 2 + r.len()).sum::<usize>()
         }
+        Frame::Transit { inner, .. } => 32 + 1 + body_len(inner),
     }
 }
 
@@ -279,6 +323,18 @@ impl crate::stream::Wire for FederationWire {
                 ..
             } if *status != AckStatus::Stored => {
                 return Err(Error::Malformed("only a Stored ack names a home relay"));
+            }
+            Frame::Transit { inner, .. } => {
+                if f.transit_depth() > MAX_TRANSIT_DEPTH {
+                    return Err(Error::Malformed("transit nested too deep"));
+                }
+                if !matches!(
+                    **inner,
+                    Frame::Routed { .. } | Frame::Claim { .. } | Frame::Transit { .. }
+                ) {
+                    return Err(Error::Malformed("transit carries a routed packet, a claim or a transit"));
+                }
+                Self::check(inner)?;
             }
             Frame::Pull { keys, .. } if keys.len() > MAX_PULL => {
                 return Err(Error::Malformed("too many keys in a pull"));
@@ -392,6 +448,12 @@ impl crate::stream::Wire for FederationWire {
                     dst.put_slice(&k);
                 }
             }
+            Frame::Transit { to, hops, inner } => {
+                dst.put_u8(0x06);
+                dst.put_slice(&to);
+                dst.put_u8(hops);
+                Self::write(*inner, dst);
+            }
             Frame::Records { req, records } => {
                 dst.put_u8(0x13);
                 dst.put_u64(req);
@@ -405,7 +467,7 @@ impl crate::stream::Wire for FederationWire {
     }
 
     fn read(kind: u8, body: Bytes) -> Result<Frame, Error> {
-        decode_body(kind, body)
+        decode_body(kind, body, 0)
     }
 }
 
@@ -452,8 +514,28 @@ fn done(body: &Bytes) -> Result<(), Error> {
     }
 }
 
-fn decode_body(kind: u8, mut body: Bytes) -> Result<Frame, Error> {
+/// Decodes a frame body; `depth` is how many Transit frames enclose it.
+fn decode_body(kind: u8, mut body: Bytes, depth: usize) -> Result<Frame, Error> {
     let f = match kind {
+        0x06 => {
+            if depth >= MAX_TRANSIT_DEPTH {
+                return Err(Error::Malformed("transit nested too deep"));
+            }
+            let to = array::<32>(&mut body)?;
+            let hops = u8_(&mut body)?;
+            let kind = u8_(&mut body)?;
+            if !matches!(kind, 0x02 | 0x06 | 0x20) {
+                return Err(Error::Malformed(
+                    "transit carries a routed packet, a claim or a transit",
+                ));
+            }
+            let inner = decode_body(kind, body.split_off(0), depth + 1)?;
+            Frame::Transit {
+                to,
+                hops,
+                inner: Box::new(inner),
+            }
+        }
         0x01 | 0x02 => {
             let id = array::<16>(&mut body)?;
             let second = u8_(&mut body)?;
@@ -611,7 +693,7 @@ fn decode_body(kind: u8, mut body: Bytes) -> Result<Frame, Error> {
                 if kind == 0x05 {
                     return Err(Error::Malformed("a batch inside a batch"));
                 }
-                frames.push(decode_body(kind, inner)?);
+                frames.push(decode_body(kind, inner, 0)?);
             }
             Frame::Batch(frames)
         }
@@ -700,6 +782,64 @@ mod tests {
         round_trip(Frame::Records {
             req: 8,
             records: vec![Bytes::from_static(b"abc"), Bytes::new()],
+        });
+    }
+
+    fn transit(depth: usize, inner: Frame) -> Frame {
+        (0..depth).fold(inner, |f, i| Frame::Transit {
+            to: [i as u8; 32],
+            hops: 1,
+            inner: Box::new(f),
+        })
+    }
+
+    #[test]
+    fn transit_frames_nest_round_trip_and_are_bounded() {
+        let routed = Frame::Routed {
+            id: [8; 16],
+            flags: 0,
+            hops: 1,
+            target: [9; 32],
+            packet: Bytes::from_static(&[1u8; 40]),
+        };
+        let claim = Frame::Claim {
+            req: 7,
+            namespace: "ns".into(),
+            identity: [3; 32],
+        };
+        for depth in 1..=MAX_TRANSIT_DEPTH {
+            round_trip(transit(depth, routed.clone()));
+            let f = transit(depth, claim.clone());
+            assert_eq!(f.transit_depth(), depth);
+            assert_eq!(f.innermost(), &claim);
+            round_trip(f);
+        }
+        // One level deeper: neither written nor read.
+        let deep = transit(MAX_TRANSIT_DEPTH + 1, routed.clone());
+        let mut c = Codec::new(DEFAULT_MAX_FRAME);
+        let mut buf = BytesMut::new();
+        assert!(c.encode(deep.clone(), &mut buf).is_err());
+        let mut raw = BytesMut::new();
+        <FederationWire as crate::stream::Wire>::write(deep, &mut raw);
+        let kind = raw[0];
+        assert!(decode_raw(kind, &raw[1..]).is_err(), "too deep");
+        // Only a routed packet, a claim or a transit may be carried.
+        let ack = Frame::Ack {
+            id: [1; 16],
+            status: AckStatus::Stored,
+            home: None,
+        };
+        assert!(c.encode(transit(1, ack.clone()), &mut buf).is_err());
+        let mut raw = BytesMut::new();
+        <FederationWire as crate::stream::Wire>::write(transit(1, ack), &mut raw);
+        assert!(decode_raw(0x06, &raw[1..]).is_err(), "an ack in transit");
+        // Short: no inner frame.
+        assert!(decode_raw(0x06, &[[0u8; 32].as_slice(), &[1]].concat()).is_err());
+        // The new ack status reads back.
+        round_trip(Frame::Ack {
+            id: [2; 16],
+            status: AckStatus::NoPath,
+            home: None,
         });
     }
 
