@@ -52,6 +52,10 @@ pub struct RelayArgs {
     /// Public relays a private relay keeps reservations on. Default 2.
     #[arg(long, value_name = "N")]
     anchors: Option<usize>,
+    /// Dial only the bootstrap relays (uplinks) and send everything for
+    /// other relays through them (an egress-filtered site).
+    #[arg(long)]
+    transit_only: bool,
 }
 
 pub fn run(args: RelayArgs) -> anyhow::Result<()> {
@@ -67,6 +71,7 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
         external_addrs: args.external_addr,
         reachability: args.reachability,
         anchors: args.anchors,
+        transit_only: args.transit_only,
     };
     let cfg = Config::load(
         args.config.as_deref(),

@@ -390,6 +390,16 @@ pub struct Federation {
     pub external_addrs: Vec<String>,
     /// Most admitted relays at once. Default 64. Env `FEDERATION_MAX_PEERS`.
     pub max_peers: usize,
+    /// Transit-only: this relay dials only its bootstrap relays (its
+    /// uplinks) and sends everything for other relays through them in
+    /// `Transit` frames (docs/nat.md). Default false. Flag `--transit-only`.
+    pub transit_only: bool,
+    /// Most relays a transit frame may pass. Default 3.
+    pub transit_hops: u8,
+    /// Frames this relay carries for others at once. Default 8192.
+    pub transit_max: usize,
+    /// Of those, from one relay. Default 1024.
+    pub transit_per_peer: usize,
     /// Relays refused because `max_peers` is reached that may stay
     /// connected as guests at once, to walk this relay's address book (a
     /// newcomer that knows only this relay learns others to join). Default 16.
@@ -495,6 +505,10 @@ impl Default for Federation {
             blocklist_file: None,
             external_addrs: Vec::new(),
             max_peers: 64,
+            transit_only: false,
+            transit_hops: 3,
+            transit_max: 8192,
+            transit_per_peer: 1024,
             target_peers: 8,
             frames_per_minute: 12_000_000,
             max_guests: 32,
@@ -688,6 +702,8 @@ pub struct Overrides {
     pub reachability: Option<Reachability>,
     /// `--anchors`.
     pub anchors: Option<usize>,
+    /// `--transit-only`.
+    pub transit_only: bool,
 }
 
 fn parse_env<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, Error> {
@@ -759,6 +775,9 @@ impl Config {
         }
         if let Some(n) = overrides.anchors {
             cfg.nat.anchors = n;
+        }
+        if overrides.transit_only {
+            cfg.federation.transit_only = true;
         }
         cfg.validate()?;
         Ok(cfg)
@@ -961,6 +980,23 @@ impl Config {
             return bad(
                 "federation.allowlist",
                 "allowlist mode needs at least one relay",
+            );
+        }
+        if f.transit_hops < 2
+            || usize::from(f.transit_hops)
+                > meshwhisper_behaviour::federation::codec::MAX_TRANSIT_DEPTH + 1
+            || f.transit_max == 0
+            || f.transit_per_peer == 0
+        {
+            return bad(
+                "federation.transit_hops",
+                "transit_hops must be 2 to 5, transit_max and transit_per_peer positive",
+            );
+        }
+        if f.transit_only && f.bootstrap.is_empty() {
+            return bad(
+                "federation.transit_only",
+                "a transit-only relay needs at least one bootstrap relay (its uplink)",
             );
         }
         if f.flood_attempts == 0

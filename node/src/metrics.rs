@@ -307,6 +307,16 @@ pub struct FederationMetrics {
     /// Of those (and of packets refused at once), copies stored here after
     /// all: the home relay did not store them at once.
     pub kept: AtomicU64,
+    /// Frames carried on for other relays (Transit).
+    pub transit_relayed: AtomicU64,
+    /// Transit frames refused: over the hop cap, malformed, the table
+    /// full, no way on in time.
+    pub transit_refused: AtomicU64,
+    /// Frames this relay sent through another relay (it could not dial
+    /// their target).
+    pub transit_sent: AtomicU64,
+    /// Paths searched for such frames.
+    pub paths_searched: AtomicU64,
 }
 
 /// Labels of [`FederationMetrics::records_rejected`], in order.
@@ -327,8 +337,28 @@ impl FederationMetrics {
         }
     }
 
-    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 30] {
+    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 34] {
         [
+            (
+                "transit_relayed_total",
+                "Frames carried on for other relays",
+                &self.transit_relayed,
+            ),
+            (
+                "transit_refused_total",
+                "Transit frames refused (hop cap, malformed, table full, no way on)",
+                &self.transit_refused,
+            ),
+            (
+                "transit_sent_total",
+                "Frames sent through another relay",
+                &self.transit_sent,
+            ),
+            (
+                "paths_searched_total",
+                "Paths searched for frames sent through another relay",
+                &self.paths_searched,
+            ),
             (
                 "claims_sent_total",
                 "Directory claims sent to other relays for our devices",

@@ -15,9 +15,22 @@ use std::collections::HashMap;
 /// How long a claim may wait for its answer.
 pub const CLAIM_TIMEOUT_MS: u64 = 15_000;
 
+/// How a claim goes to the home relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Way {
+    /// Its stream is open.
+    Open,
+    /// Through this relay (we are transit-only).
+    Through(PeerId),
+    /// Reach it first (dial).
+    Reach,
+}
+
 #[derive(Debug)]
 struct Pending {
     target: PeerId,
+    /// The relay the claim went through (a transit-only relay's uplink).
+    via: Option<PeerId>,
     frame: Frame,
     deadline_ms: u64,
     sent: bool,
@@ -52,7 +65,7 @@ impl Claims {
         target: PeerId,
         namespace: String,
         identity: [u8; 32],
-        open: bool,
+        way: Way,
         out: &mut Vec<Action>,
     ) -> Option<u64> {
         if self.pending.len() >= self.max {
@@ -65,21 +78,35 @@ impl Claims {
             namespace,
             identity,
         };
-        if open {
-            out.push(Action::Send {
-                peer: target,
-                frame: frame.clone(),
-            });
-        } else {
-            out.push(Action::Reach(target));
-        }
+        let key = meshwhisper_behaviour::relay_key::RelayKey::from_peer(&target);
+        let (open, via) = match (way, key) {
+            (Way::Open, _) => {
+                out.push(Action::Send {
+                    peer: target,
+                    frame: frame.clone(),
+                });
+                (true, None)
+            }
+            (Way::Through(v), Some(k)) => {
+                out.push(Action::Send {
+                    peer: v,
+                    frame: super::transit::wrap(k.0, frame.clone()),
+                });
+                (false, Some(v))
+            }
+            _ => {
+                out.push(Action::Reach(target));
+                (false, None)
+            }
+        };
         self.pending.insert(
             req,
             Pending {
                 target,
+                via,
                 frame,
                 deadline_ms: now + CLAIM_TIMEOUT_MS,
-                sent: open,
+                sent: open || via.is_some(),
             },
         );
         Some(req)
@@ -100,7 +127,11 @@ impl Claims {
 
     /// `peer` answered claim `req`.
     pub fn reply(&mut self, peer: PeerId, req: u64, status: Status, body: Bytes) {
-        if self.pending.get(&req).is_some_and(|p| p.target == peer) {
+        if self
+            .pending
+            .get(&req)
+            .is_some_and(|p| p.target == peer || p.via == Some(peer))
+        {
             self.pending.remove(&req);
             self.finished.push((req, Some((status, body))));
         }
@@ -136,7 +167,7 @@ mod tests {
         let t = PeerId::random();
         let mut out = Vec::new();
         let r1 = c
-            .request(0, t, "ns".into(), [1; 32], false, &mut out)
+            .request(0, t, "ns".into(), [1; 32], Way::Reach, &mut out)
             .expect("room");
         assert!(matches!(out[0], Action::Reach(p) if p == t));
         out.clear();
@@ -145,10 +176,10 @@ mod tests {
             matches!(&out[0], Action::Send { frame: Frame::Claim { req, .. }, .. } if *req == r1)
         );
         let r2 = c
-            .request(0, t, "ns".into(), [2; 32], true, &mut out)
+            .request(0, t, "ns".into(), [2; 32], Way::Open, &mut out)
             .expect("room");
         assert!(
-            c.request(0, t, "ns".into(), [3; 32], true, &mut out)
+            c.request(0, t, "ns".into(), [3; 32], Way::Open, &mut out)
                 .is_none(),
             "bounded"
         );

@@ -40,6 +40,8 @@ pub struct Dials {
     targets: HashMap<PeerId, Backoff>,
     discovered_at: HashMap<PeerId, u64>,
     next_kad_ms: u64,
+    /// Dial only the bootstrap relays.
+    transit_only: bool,
 }
 
 impl Dials {
@@ -60,7 +62,15 @@ impl Dials {
             targets: HashMap::new(),
             discovered_at: HashMap::new(),
             next_kad_ms: 0,
+            transit_only: false,
         }
+    }
+
+    /// A transit-only relay dials its bootstrap relays (its uplinks) and
+    /// nothing else: no relays to send to, none discovered, no DHT walk.
+    pub fn transit_only(mut self, on: bool) -> Self {
+        self.transit_only = on;
+        self
     }
 
     /// Bootstrap relays configured.
@@ -108,6 +118,9 @@ impl Dials {
             self.bootstrap_backoff_ms = (self.bootstrap_backoff_ms * 2).min(MAX_BACKOFF_MS);
         } else if admitted > 0 {
             self.bootstrap_backoff_ms = 500;
+        }
+        if self.transit_only {
+            return;
         }
         if admitted > 0 && self.next_kad_ms == 0 {
             self.next_kad_ms = now + KAD_FIRST_MS;
@@ -169,7 +182,7 @@ impl Dials {
         view: &dyn View,
         out: &mut Vec<Action>,
     ) {
-        if !self.wants_more(view) || candidates.is_empty() {
+        if !self.wants_more(view) || candidates.is_empty() || self.transit_only {
             return;
         }
         self.discovered_at

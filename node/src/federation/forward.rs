@@ -74,6 +74,8 @@ pub struct ForwardConfig {
     pub learned_routes: usize,
     /// Ids per Forget frame.
     pub forget_batch: usize,
+    /// Never dial a target: send through a connected relay (Transit).
+    pub transit_only: bool,
 }
 
 /// A relay's place in [`Relays`]. Pending packets name their relay by it:
@@ -302,7 +304,16 @@ pub struct Forward {
     /// Relays whose queue was full when a packet for them came: their
     /// stored packets are not handed back until they are under half.
     full: HashMap<PeerId, RelayKey>,
+    /// Packets last sent through another relay (transit-only), by id:
+    /// their acks come from it.
+    vias: HashMap<PacketId, PeerId>,
+    /// Carriers that failed a packet (`NoPath`, a closed stream): the next
+    /// path avoids them (at most [`MAX_AVOID`] each).
+    avoid: HashMap<PacketId, Vec<PeerId>>,
 }
+
+/// Carriers remembered as failed per packet (then the oldest is tried again).
+const MAX_AVOID: usize = 4;
 
 impl Forward {
     /// A sender for the relay `me`.
@@ -328,6 +339,8 @@ impl Forward {
             keeping: HashMap::new(),
             full: HashMap::new(),
             unkept: Vec::new(),
+            vias: HashMap::new(),
+            avoid: HashMap::new(),
         }
     }
 
@@ -395,6 +408,12 @@ impl Forward {
     }
 
     fn take_pending(&mut self, id: &PacketId) -> Option<Pending> {
+        if !self.vias.is_empty() {
+            self.vias.remove(id);
+        }
+        if !self.avoid.is_empty() {
+            self.avoid.remove(id);
+        }
         let p = self.pending.remove(id)?;
         self.pending_bytes = self.pending_bytes.saturating_sub(p.packet.len());
         if let Copy::Stored(m) = p.copy {
@@ -657,10 +676,22 @@ impl Forward {
                 let Some(relay) = self.relays.get_mut(to) else {
                     return false;
                 };
+                let mut via = None;
                 if !cx.view.stream_open(&relay.peer) {
-                    p.next_ms = now + self.cfg.retry_ms;
-                    cx.out.push(Action::Reach(relay.peer));
-                    return false;
+                    if self.cfg.transit_only {
+                        // Through a relay we are connected to (a new path
+                        // each time one failed it).
+                        cx.m.paths_searched.fetch_add(1, Relaxed);
+                        let avoid = self.avoid.get(&id).map_or(&[][..], |v| v.as_slice());
+                        via = super::transit::choose_via(&cx.view.peers(), &relay.peer, avoid);
+                    }
+                    if via.is_none() {
+                        p.next_ms = now + self.cfg.retry_ms;
+                        if !self.cfg.transit_only {
+                            cx.out.push(Action::Reach(relay.peer));
+                        }
+                        return false;
+                    }
                 }
                 let generation = relay.generation;
                 if p.sent.is_some_and(|(g, at)| {
@@ -691,16 +722,32 @@ impl Forward {
                 p.next_ms = now + self.cfg.retry_ms;
                 cx.m.forwards_sent.fetch_add(1, Relaxed);
                 cx.m.routed_forwards.fetch_add(1, Relaxed);
-                cx.out.push(Action::Send {
-                    peer: relay.peer,
-                    frame: Frame::Routed {
-                        id,
-                        flags: if store_anyway { ROUTED_STORE_ANYWAY } else { 0 },
-                        hops: 1,
-                        target: relay.key.0,
-                        packet: p.packet.clone(),
-                    },
-                });
+                let frame = Frame::Routed {
+                    id,
+                    flags: if store_anyway { ROUTED_STORE_ANYWAY } else { 0 },
+                    hops: 1,
+                    target: relay.key.0,
+                    packet: p.packet.clone(),
+                };
+                match via {
+                    Some(v) => {
+                        cx.m.transit_sent.fetch_add(1, Relaxed);
+                        self.vias.insert(id, v);
+                        cx.out.push(Action::Send {
+                            peer: v,
+                            frame: super::transit::wrap(relay.key.0, frame),
+                        });
+                    }
+                    None => {
+                        if !self.vias.is_empty() {
+                            self.vias.remove(&id);
+                        }
+                        cx.out.push(Action::Send {
+                            peer: relay.peer,
+                            frame,
+                        });
+                    }
+                }
                 true
             }
             Mode::Flood { .. } => {
@@ -767,7 +814,22 @@ impl Forward {
             return false;
         };
         let routed_to = mode.routed_to();
-        let from_target = routed_to.filter(|s| self.relays.is(*s, &from));
+        let via = self.vias.get(&id).copied();
+        let from_target =
+            routed_to.filter(|s| self.relays.is(*s, &from) || via == Some(from));
+        let status = match status {
+            // A carrier could not take it on: another path, after retry_ms.
+            AckStatus::NoPath if via == Some(from) => {
+                let a = self.avoid.entry(id).or_default();
+                if a.len() >= MAX_AVOID {
+                    a.remove(0);
+                }
+                a.push(from);
+                self.vias.remove(&id);
+                AckStatus::Refused
+            }
+            s => s,
+        };
         match status {
             AckStatus::Stored => {
                 // The routed target's key, read before the packet lets go
@@ -919,6 +981,7 @@ impl Forward {
 
     /// A stream to `peer` closed: what was in flight on it is resent.
     pub fn stream_closed(&mut self, now: u64, peer: PeerId) {
+        self.carrier_lost(now, &peer);
         let Some(s) = self.relays.of_peer(&peer) else {
             return;
         };
@@ -937,6 +1000,38 @@ impl Forward {
             }
         }
         self.relays.release_if_unused(s);
+    }
+
+    /// Packets sent through `peer` (transit) go again, another way.
+    fn carrier_lost(&mut self, now: u64, peer: &PeerId) {
+        if self.vias.is_empty() {
+            return;
+        }
+        let lost: Vec<PacketId> = self
+            .vias
+            .iter()
+            .filter(|(_, v)| *v == peer)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in lost {
+            self.vias.remove(&id);
+            let a = self.avoid.entry(id).or_default();
+            if a.len() >= MAX_AVOID {
+                a.remove(0);
+            }
+            a.push(*peer);
+            let mut left = None;
+            if let Some(p) = self.pending.get_mut(&id) {
+                p.sent = None;
+                p.next_ms = now;
+                if std::mem::take(&mut p.in_window) {
+                    left = p.mode.routed_to();
+                }
+            }
+            if let Some(s) = left {
+                self.leave_window(s);
+            }
+        }
     }
 
     /// A frame could not be queued for `peer`: what we keep is retried.
@@ -1076,6 +1171,7 @@ mod tests {
             ack_timeout_ms: 5000,
             learned_routes: 100,
             forget_batch: 3,
+            transit_only: false,
         }
     }
 
@@ -1113,6 +1209,75 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_transit_only_relay_sends_through_a_carrier_and_tries_another_when_one_fails() {
+        let (c1, _) = key();
+        let (c2, _) = key();
+        let mut s = Sender::with(
+            ForwardConfig {
+                transit_only: true,
+                ..cfg()
+            },
+            &[c1, c2],
+        );
+        // The target is not connected, and a transit-only relay never dials.
+        s.view.streams.retain(|p| *p != s.t);
+        let (t, tk) = (s.t, s.tk);
+        s.run(|f, cx| f.outbound(0, fed(1, Some(tk)), [1; 16], cx));
+        assert!(
+            !s.out.iter().any(|a| matches!(a, Action::Reach(_))),
+            "no dial"
+        );
+        let first = sends(&s.out);
+        assert_eq!(first.len(), 1);
+        let (via, frame) = first[0];
+        assert_eq!(via, c1);
+        let Frame::Transit { to, hops, inner } = frame else {
+            panic!("a transit frame: {frame:?}")
+        };
+        assert_eq!((*to, *hops), (tk.0, 1));
+        assert!(matches!(**inner, Frame::Routed { id, target, .. } if id == [1; 16] && target == tk.0));
+        assert_eq!(s.m.transit_sent.load(Relaxed), 1);
+        // The first carrier cannot go on: the next try avoids it.
+        s.out.clear();
+        s.run(|f, cx| f.ack(10, c1, [1; 16], AckStatus::NoPath, None, cx));
+        s.run(|f, cx| f.tick(200, cx));
+        let second = sends(&s.out);
+        assert_eq!(second.len(), 1, "{:?}", s.out);
+        assert_eq!(second[0].0, c2);
+        // An ack from the first carrier now means nothing; the home
+        // relay's Stored, passed back by the second, completes the packet.
+        s.out.clear();
+        s.run(|f, cx| f.ack(300, c2, [1; 16], AckStatus::Stored, None, cx));
+        assert_eq!(s.f.pending_len(), 0);
+        assert_eq!(deletes(&s.out), vec![MailboxId(1)]);
+        let _ = t;
+    }
+
+    #[test]
+    fn a_packet_whose_carrier_goes_away_is_sent_by_another() {
+        let (c1, _) = key();
+        let (c2, _) = key();
+        let mut s = Sender::with(
+            ForwardConfig {
+                transit_only: true,
+                ..cfg()
+            },
+            &[c1, c2],
+        );
+        s.view.streams.retain(|p| *p != s.t);
+        let tk = s.tk;
+        s.run(|f, cx| f.outbound(0, fed(1, Some(tk)), [1; 16], cx));
+        assert_eq!(sends(&s.out)[0].0, c1);
+        s.out.clear();
+        s.view.streams.retain(|p| *p != c1);
+        s.f.stream_closed(50, c1);
+        s.run(|f, cx| f.tick(60, cx));
+        let again = sends(&s.out);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].0, c2);
     }
 
     #[test]

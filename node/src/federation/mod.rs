@@ -34,6 +34,7 @@ pub mod held;
 pub mod inbound;
 pub mod jobs;
 pub mod own_record;
+pub mod transit;
 
 pub use action::{Action, Job, JobDone, StoreOutcome};
 
@@ -119,6 +120,10 @@ pub struct Federation {
     pub dedup: dedup::Dedup,
     /// Claims at other relays.
     pub claims: claims::Claims,
+    /// Frames carried for relays that cannot dial.
+    pub transit: transit::Transit,
+    /// This relay dials only its bootstrap relays (`federation.transit_only`).
+    transit_only: bool,
     /// When each connected relay was last noted as connected in the book.
     marked: HashMap<RelayKey, u64>,
     /// Every record in the book, by key (answers anti-entropy in memory).
@@ -205,7 +210,8 @@ impl Federation {
                 cfg.anti_entropy_page,
                 WALK_TIMEOUT_MS,
             ),
-            dials: dials::Dials::new(me, bootstrap, cfg.retry_ms, cfg.target_peers),
+            dials: dials::Dials::new(me, bootstrap, cfg.retry_ms, cfg.target_peers)
+                .transit_only(cfg.transit_only),
             forward: forward::Forward::new(
                 forward::ForwardConfig {
                     send_window: cfg.send_window,
@@ -219,6 +225,7 @@ impl Federation {
                     ack_timeout_ms: ACK_TIMEOUT_MS,
                     learned_routes: cfg.learned_routes,
                     forget_batch: 256,
+                    transit_only: cfg.transit_only,
                 },
                 my_key,
             ),
@@ -227,6 +234,15 @@ impl Federation {
             marked: HashMap::new(),
             to_mark: Vec::new(),
             claims: claims::Claims::new(1024),
+            transit: transit::Transit::new(
+                my_key,
+                transit::TransitConfig {
+                    max_hops: cfg.transit_hops,
+                    max_entries: cfg.transit_max,
+                    max_per_peer: cfg.transit_per_peer,
+                },
+            ),
+            transit_only: cfg.transit_only,
             metrics,
         }
     }
@@ -369,6 +385,7 @@ impl Federation {
             },
         );
         self.claims.stream_opened(peer, out);
+        self.transit.stream_opened(peer, out);
         // Our record first: it may have changed while the peer was away.
         if let Some(r) = self.own.to_announce() {
             let bootstrap = self.dials.bootstrap_addr(&peer).is_some();
@@ -411,6 +428,7 @@ impl Federation {
             }
         }
         self.forward.stream_closed(now, peer);
+        self.transit.stream_closed(peer);
     }
 
     /// A frame could not be queued for `peer`.
@@ -476,6 +494,23 @@ impl Federation {
                     out,
                 },
             ),
+            Frame::Transit { to, hops, inner } => {
+                if let Some(inner) = self.transit.carry(
+                    now,
+                    peer,
+                    to,
+                    hops,
+                    *inner,
+                    |p| view.stream_open(p),
+                    &self.metrics,
+                    out,
+                ) {
+                    // For us: as if the sender had sent it directly.
+                    self.frame(now, peer, inner, view, out);
+                    return;
+                }
+            }
+            Frame::Ack { id, status, home } if self.transit.ack(peer, id, status, home, out) => {}
             Frame::Ack { id, status, home } => {
                 let mine = self.forward.ack(
                     now,
@@ -513,7 +548,14 @@ impl Federation {
                     }));
                 }
             }
-            Frame::ClaimReply { req, status, body } => self.claims.reply(peer, req, status, body),
+            Frame::ClaimReply { req, status, body } => {
+                if !self
+                    .transit
+                    .claim_reply(peer, req, status, body.clone(), out)
+                {
+                    self.claims.reply(peer, req, status, body)
+                }
+            }
             Frame::DigestRequest { req, after, limit } => {
                 if let Some((entries, more)) = self.held.page(after, limit) {
                     out.push(Action::Send {
@@ -710,10 +752,18 @@ impl Federation {
             self.metrics.claims_failed.fetch_add(1, Relaxed);
             return None;
         };
-        let open = view.stream_open(&target);
+        let way = if view.stream_open(&target) {
+            claims::Way::Open
+        } else if self.transit_only {
+            self.metrics.paths_searched.fetch_add(1, Relaxed);
+            transit::choose_via(&view.peers(), &target, &[])
+                .map_or(claims::Way::Reach, claims::Way::Through)
+        } else {
+            claims::Way::Reach
+        };
         let Some(req) = self
             .claims
-            .request(now, target, namespace, identity, open, out)
+            .request(now, target, namespace, identity, way, out)
         else {
             self.metrics.claims_failed.fetch_add(1, Relaxed);
             return None;
@@ -744,6 +794,7 @@ impl Federation {
         }
         self.dedup.evict(now);
         self.claims.tick(now);
+        self.transit.tick(now, &self.metrics, out);
         self.held.tick(now, out);
         self.flush_marks(out);
         let addrs = self

@@ -1,0 +1,607 @@
+//! Transit: carrying frames for relays that cannot dial.
+//!
+//! A transit-only relay (`federation.transit_only`: a site that may reach
+//! only its uplinks) never dials a relay it must send to. It wraps the
+//! frame — a routed packet or a directory claim — in a `Transit { to }`
+//! frame and sends it to a relay it is connected to, which carries the
+//! inner frame on to `to` (dialling it if need be) and passes the answer
+//! (`Ack`, `ClaimReply`) back. Transit frames nest (`Transit { to: Y,
+//! Transit { to: X, Routed } }` goes through Y to X), each relay peeling
+//! one level, so paths compose and bottom out at an ordinary routed packet;
+//! `federation.transit_hops` caps how many relays a frame may pass.
+//!
+//! **Custody**: a carrying relay keeps the inner frame until the next relay
+//! answers (resending it when the stream to that relay opens), and never
+//! answers for it itself: the `Stored` ack the sender gets is the home
+//! relay's own, passed back hop by hop. A carrier that dies loses nothing:
+//! the sender keeps its packet (stored, as any routed packet) until that
+//! ack, and after `ack_timeout` sends it again by another path. A carrier
+//! that cannot go on (hop cap, its table full, no way to `to` before
+//! [`CARRY_TIMEOUT_MS`]) answers `NoPath` (a claim: `Unavailable`).
+//!
+//! What a carrier learns: the next relay's key, the packet's size and id,
+//! and (in the clear in a routed packet's header) its destination hash;
+//! whether it was stored. Onion transit, which hides the destination from
+//! carriers, is separate work (docs/nat.md).
+//!
+//! Pure state: time and the network are passed in.
+
+use super::action::Action;
+use crate::metrics::FederationMetrics;
+use bytes::Bytes;
+use foldhash::{HashMap, HashMapExt as _};
+use libp2p::PeerId;
+use meshwhisper_behaviour::device::codec::Status;
+use meshwhisper_behaviour::federation::codec::{AckStatus, Frame, PacketId};
+use meshwhisper_behaviour::relay_key::RelayKey;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// A carried frame not answered within this long is answered `NoPath`.
+pub const CARRY_TIMEOUT_MS: u64 = 20_000;
+
+/// Bounds of the transit table.
+#[derive(Debug, Clone, Copy)]
+pub struct TransitConfig {
+    /// Most relays a transit frame may pass (`federation.transit_hops`).
+    pub max_hops: u8,
+    /// Frames carried at once (`federation.transit_max`).
+    pub max_entries: usize,
+    /// Of those, from one relay (`federation.transit_per_peer`).
+    pub max_per_peer: usize,
+}
+
+#[derive(Debug)]
+struct Carried {
+    upstream: PeerId,
+    to: PeerId,
+    /// What goes to `to` (hops counted up; a claim under our own req).
+    frame: Frame,
+    deadline_ms: u64,
+    sent: bool,
+    /// The upstream's request id (claims).
+    upstream_req: u64,
+}
+
+/// What is carried, and for whom.
+#[derive(Debug)]
+pub struct Transit {
+    me: RelayKey,
+    cfg: TransitConfig,
+    packets: HashMap<PacketId, Carried>,
+    claims: HashMap<u64, Carried>,
+    next_req: u64,
+    per_peer: HashMap<PeerId, usize>,
+}
+
+/// The id an answer to `frame` carries: a routed packet's id or a
+/// claim's request id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Packet(PacketId),
+    Claim(u64),
+}
+
+fn answer_of(frame: &Frame) -> Option<Answer> {
+    match frame.innermost() {
+        Frame::Routed { id, .. } => Some(Answer::Packet(*id)),
+        Frame::Claim { req, .. } => Some(Answer::Claim(*req)),
+        _ => None,
+    }
+}
+
+/// The refusal `upstream` gets for a frame we cannot carry.
+fn refusal(upstream: PeerId, answer: Answer, why: &str) -> Action {
+    Action::Send {
+        peer: upstream,
+        frame: match answer {
+            Answer::Packet(id) => Frame::Ack {
+                id,
+                status: AckStatus::NoPath,
+                home: None,
+            },
+            Answer::Claim(req) => Frame::ClaimReply {
+                req,
+                status: Status::Unavailable,
+                body: Bytes::copy_from_slice(why.as_bytes()),
+            },
+        },
+    }
+}
+
+impl Transit {
+    /// The carrier of relay `me`.
+    pub fn new(me: RelayKey, cfg: TransitConfig) -> Self {
+        Self {
+            me,
+            cfg,
+            packets: HashMap::new(),
+            claims: HashMap::new(),
+            next_req: 0,
+            per_peer: HashMap::new(),
+        }
+    }
+
+    /// Frames carried now.
+    pub fn len(&self) -> usize {
+        self.packets.len() + self.claims.len()
+    }
+
+    /// Whether nothing is carried.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A `Transit { to, hops, inner }` from `from`. Returns the inner frame
+    /// when it is for this relay (the caller handles it as if `from` had
+    /// sent it); otherwise carries it on, or refuses.
+    #[allow(clippy::too_many_arguments)]
+    pub fn carry(
+        &mut self,
+        now: u64,
+        from: PeerId,
+        to: [u8; 32],
+        hops: u8,
+        inner: Frame,
+        stream_open: impl Fn(&PeerId) -> bool,
+        m: &FederationMetrics,
+        out: &mut Vec<Action>,
+    ) -> Option<Frame> {
+        let Some(answer) = answer_of(&inner) else {
+            m.transit_refused.fetch_add(1, Relaxed);
+            return None;
+        };
+        if RelayKey(to) == self.me {
+            return Some(inner);
+        }
+        let refuse = |why: &str, out: &mut Vec<Action>| {
+            m.transit_refused.fetch_add(1, Relaxed);
+            tracing::debug!(%from, why, "transit refused");
+            out.push(refusal(from, answer, why));
+        };
+        if hops >= self.cfg.max_hops {
+            refuse("over the transit hop cap", out);
+            return None;
+        }
+        let Some(to_peer) = RelayKey(to).to_peer() else {
+            refuse("not a relay key", out);
+            return None;
+        };
+        if to_peer == from {
+            refuse("a transit back to its sender", out);
+            return None;
+        }
+        let theirs = self.per_peer.get(&from).copied().unwrap_or(0);
+        if self.len() >= self.cfg.max_entries || theirs >= self.cfg.max_per_peer {
+            refuse("transit table full", out);
+            return None;
+        }
+        let hops = hops.saturating_add(1);
+        let (frame, key, upstream_req) = match inner {
+            Frame::Transit { to, inner, .. } => (Frame::Transit { to, hops, inner }, answer, 0),
+            Frame::Routed {
+                id,
+                flags,
+                target,
+                packet,
+                ..
+            } => (
+                Frame::Routed {
+                    id,
+                    flags,
+                    hops,
+                    target,
+                    packet,
+                },
+                answer,
+                0,
+            ),
+            Frame::Claim {
+                req,
+                namespace,
+                identity,
+            } => {
+                // Under a request id of ours: two relays' claims through us
+                // never share one.
+                self.next_req = self.next_req.wrapping_add(1);
+                let ours = self.next_req;
+                (
+                    Frame::Claim {
+                        req: ours,
+                        namespace,
+                        identity,
+                    },
+                    Answer::Claim(ours),
+                    req,
+                )
+            }
+            _ => return None,
+        };
+        let sent = stream_open(&to_peer);
+        if sent {
+            out.push(Action::Send {
+                peer: to_peer,
+                frame: frame.clone(),
+            });
+        } else {
+            out.push(Action::Reach(to_peer));
+        }
+        let c = Carried {
+            upstream: from,
+            to: to_peer,
+            frame,
+            deadline_ms: now + CARRY_TIMEOUT_MS,
+            sent,
+            upstream_req,
+        };
+        let replaced = match key {
+            Answer::Packet(id) => self.packets.insert(id, c),
+            Answer::Claim(req) => self.claims.insert(req, c),
+        };
+        match replaced {
+            // A resend of a packet we carry: counted once.
+            Some(old) => self.release(old.upstream),
+            None => {
+                m.transit_relayed.fetch_add(1, Relaxed);
+            }
+        }
+        *self.per_peer.entry(from).or_default() += 1;
+        None
+    }
+
+    fn release(&mut self, upstream: PeerId) {
+        if let Some(n) = self.per_peer.get_mut(&upstream) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_peer.remove(&upstream);
+            }
+        }
+    }
+
+    /// An ack from `from`: if it answers a packet we carried to it, it
+    /// goes back upstream (true: it was ours to pass on).
+    pub fn ack(
+        &mut self,
+        from: PeerId,
+        id: PacketId,
+        status: AckStatus,
+        home: Option<[u8; 32]>,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        if self.packets.get(&id).is_none_or(|c| c.to != from) {
+            return false;
+        }
+        // `Relayed` (a flood went on) is not the answer yet.
+        if status == AckStatus::Relayed {
+            return true;
+        }
+        if let Some(c) = self.packets.remove(&id) {
+            self.release(c.upstream);
+            out.push(Action::Send {
+                peer: c.upstream,
+                frame: Frame::Ack { id, status, home },
+            });
+        }
+        true
+    }
+
+    /// A claim reply from `from`: passed back if it answers one we carried.
+    pub fn claim_reply(
+        &mut self,
+        from: PeerId,
+        req: u64,
+        status: Status,
+        body: Bytes,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        if self.claims.get(&req).is_none_or(|c| c.to != from) {
+            return false;
+        }
+        if let Some(c) = self.claims.remove(&req) {
+            self.release(c.upstream);
+            out.push(Action::Send {
+                peer: c.upstream,
+                frame: Frame::ClaimReply {
+                    req: c.upstream_req,
+                    status,
+                    body,
+                },
+            });
+        }
+        true
+    }
+
+    /// A stream to `peer` opened: what waits for it goes now.
+    pub fn stream_opened(&mut self, peer: PeerId, out: &mut Vec<Action>) {
+        for c in self.packets.values_mut().chain(self.claims.values_mut()) {
+            if c.to == peer && !c.sent {
+                c.sent = true;
+                out.push(Action::Send {
+                    peer,
+                    frame: c.frame.clone(),
+                });
+            }
+        }
+    }
+
+    /// A stream to `peer` closed: what went on it goes again when one opens.
+    pub fn stream_closed(&mut self, peer: PeerId) {
+        for c in self.packets.values_mut().chain(self.claims.values_mut()) {
+            if c.to == peer {
+                c.sent = false;
+            }
+        }
+    }
+
+    /// Frames not answered in time are answered `NoPath` upstream.
+    pub fn tick(&mut self, now: u64, m: &FederationMetrics, out: &mut Vec<Action>) {
+        let late: Vec<PacketId> = self
+            .packets
+            .iter()
+            .filter(|(_, c)| c.deadline_ms <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            if let Some(c) = self.packets.remove(&id) {
+                self.release(c.upstream);
+                m.transit_refused.fetch_add(1, Relaxed);
+                out.push(refusal(c.upstream, Answer::Packet(id), "no way on"));
+            }
+        }
+        let late: Vec<u64> = self
+            .claims
+            .iter()
+            .filter(|(_, c)| c.deadline_ms <= now)
+            .map(|(r, _)| *r)
+            .collect();
+        for r in late {
+            if let Some(c) = self.claims.remove(&r) {
+                self.release(c.upstream);
+                m.transit_refused.fetch_add(1, Relaxed);
+                out.push(refusal(
+                    c.upstream,
+                    Answer::Claim(c.upstream_req),
+                    "no way on",
+                ));
+            }
+        }
+    }
+}
+
+/// A relay to send a frame for `target` through: one with an open stream,
+/// not `target`, not one of `avoid` (carriers that failed this frame).
+pub fn choose_via(peers: &[PeerId], target: &PeerId, avoid: &[PeerId]) -> Option<PeerId> {
+    peers
+        .iter()
+        .find(|p| *p != target && !avoid.contains(p))
+        .copied()
+}
+
+/// `inner` wrapped for relay `to` (Ed25519 key), as first sent.
+pub fn wrap(to: [u8; 32], inner: Frame) -> Frame {
+    Frame::Transit {
+        to,
+        hops: 1,
+        inner: Box::new(inner),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> (PeerId, [u8; 32]) {
+        let p = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        (p, RelayKey::from_peer(&p).expect("ed25519").0)
+    }
+
+    fn routed(id: u8, target: [u8; 32]) -> Frame {
+        Frame::Routed {
+            id: [id; 16],
+            flags: 0,
+            hops: 1,
+            target,
+            packet: Bytes::from_static(&[1; 40]),
+        }
+    }
+
+    fn cfg() -> TransitConfig {
+        TransitConfig {
+            max_hops: 3,
+            max_entries: 4,
+            max_per_peer: 2,
+        }
+    }
+
+    fn sent(out: &[Action]) -> Vec<(PeerId, Frame)> {
+        out.iter()
+            .filter_map(|a| match a {
+                Action::Send { peer, frame } => Some((*peer, frame.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_carrier_passes_the_packet_on_and_the_home_relays_ack_back() {
+        let (_, me) = key();
+        let (up, _) = key();
+        let (home, home_key) = key();
+        let m = FederationMetrics::default();
+        let mut t = Transit::new(RelayKey(me), cfg());
+        let mut out = Vec::new();
+        let r = t.carry(0, up, home_key, 1, routed(1, home_key), |_| true, &m, &mut out);
+        assert!(r.is_none());
+        let s = sent(&out);
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].0, home);
+        assert!(matches!(s[0].1, Frame::Routed { hops: 2, .. }), "hops counted");
+        assert_eq!(m.transit_relayed.load(Relaxed), 1);
+        // An ack for it from someone else is not the answer.
+        out.clear();
+        assert!(!t.ack(up, [1; 16], AckStatus::Stored, None, &mut out));
+        // `Relayed` is not the answer yet; `Stored` goes back upstream.
+        assert!(t.ack(home, [1; 16], AckStatus::Relayed, None, &mut out));
+        assert!(out.is_empty());
+        assert!(t.ack(home, [1; 16], AckStatus::Stored, None, &mut out));
+        assert_eq!(
+            sent(&out),
+            vec![(
+                up,
+                Frame::Ack {
+                    id: [1; 16],
+                    status: AckStatus::Stored,
+                    home: None
+                }
+            )]
+        );
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn nested_transit_is_peeled_one_level_at_a_time_and_capped() {
+        let (_, me) = key();
+        let (up, _) = key();
+        let (next, next_key) = key();
+        let (_, home_key) = key();
+        let m = FederationMetrics::default();
+        let mut t = Transit::new(RelayKey(me), cfg());
+        let mut out = Vec::new();
+        // Through us to `next`, which is to carry it on to `home`.
+        let inner = wrap(home_key, routed(2, home_key));
+        t.carry(0, up, next_key, 1, inner, |_| true, &m, &mut out);
+        let s = sent(&out);
+        assert_eq!(s[0].0, next);
+        let Frame::Transit { to, hops, inner } = &s[0].1 else {
+            panic!("{:?}", s[0].1)
+        };
+        assert_eq!((*to, *hops), (home_key, 2));
+        assert!(matches!(**inner, Frame::Routed { .. }));
+        // A frame that has passed the cap already is refused, with NoPath.
+        out.clear();
+        t.carry(0, up, next_key, 3, routed(3, home_key), |_| true, &m, &mut out);
+        assert_eq!(
+            sent(&out),
+            vec![(
+                up,
+                Frame::Ack {
+                    id: [3; 16],
+                    status: AckStatus::NoPath,
+                    home: None
+                }
+            )]
+        );
+        assert_eq!(m.transit_refused.load(Relaxed), 1);
+        // A transit for this relay is handed back to be handled here.
+        out.clear();
+        let mine = t.carry(0, up, me, 1, routed(4, me), |_| true, &m, &mut out);
+        assert_eq!(mine, Some(routed(4, me)));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn the_table_is_bounded_per_peer_and_in_all() {
+        let (_, me) = key();
+        let (a, _) = key();
+        let (b, _) = key();
+        let (c, _) = key();
+        let (_, to) = key();
+        let m = FederationMetrics::default();
+        let mut t = Transit::new(RelayKey(me), cfg());
+        let mut out = Vec::new();
+        for i in 0..3 {
+            t.carry(0, a, to, 1, routed(i, to), |_| true, &m, &mut out);
+        }
+        assert_eq!(t.len(), 2, "two per peer");
+        for i in 10..13 {
+            t.carry(0, b, to, 1, routed(i, to), |_| true, &m, &mut out);
+        }
+        t.carry(0, c, to, 1, routed(20, to), |_| true, &m, &mut out);
+        assert_eq!(t.len(), 4, "four in all");
+        assert_eq!(m.transit_refused.load(Relaxed), 3);
+    }
+
+    #[test]
+    fn an_unanswered_frame_is_answered_no_path_and_resent_when_the_stream_opens() {
+        let (_, me) = key();
+        let (up, _) = key();
+        let (home, home_key) = key();
+        let m = FederationMetrics::default();
+        let mut t = Transit::new(RelayKey(me), cfg());
+        let mut out = Vec::new();
+        // No stream to `home` yet: reach it, send when it opens.
+        t.carry(0, up, home_key, 1, routed(1, home_key), |_| false, &m, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(matches!(out[0], Action::Reach(p) if p == home));
+        out.clear();
+        t.stream_opened(home, &mut out);
+        assert_eq!(sent(&out).len(), 1);
+        out.clear();
+        t.tick(CARRY_TIMEOUT_MS, &m, &mut out);
+        assert_eq!(
+            sent(&out),
+            vec![(
+                up,
+                Frame::Ack {
+                    id: [1; 16],
+                    status: AckStatus::NoPath,
+                    home: None
+                }
+            )]
+        );
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn claims_go_under_our_request_id_and_come_back_under_theirs() {
+        let (_, me) = key();
+        let (a, _) = key();
+        let (b, _) = key();
+        let (home, home_key) = key();
+        let m = FederationMetrics::default();
+        let mut t = Transit::new(RelayKey(me), cfg());
+        let mut out = Vec::new();
+        let claim = |req| Frame::Claim {
+            req,
+            namespace: "ns".into(),
+            identity: [9; 32],
+        };
+        // Two relays' claims with the same request id.
+        t.carry(0, a, home_key, 1, claim(5), |_| true, &m, &mut out);
+        t.carry(0, b, home_key, 1, claim(5), |_| true, &m, &mut out);
+        let reqs: Vec<u64> = sent(&out)
+            .iter()
+            .map(|(_, f)| match f {
+                Frame::Claim { req, .. } => *req,
+                f => panic!("{f:?}"),
+            })
+            .collect();
+        assert_eq!(reqs.len(), 2);
+        assert_ne!(reqs[0], reqs[1]);
+        out.clear();
+        assert!(t.claim_reply(home, reqs[1], Status::Ok, Bytes::from_static(b"bundle"), &mut out));
+        assert_eq!(
+            sent(&out),
+            vec![(
+                b,
+                Frame::ClaimReply {
+                    req: 5,
+                    status: Status::Ok,
+                    body: Bytes::from_static(b"bundle")
+                }
+            )]
+        );
+        assert!(!t.claim_reply(home, reqs[1], Status::Ok, Bytes::new(), &mut out));
+    }
+
+    #[test]
+    fn choosing_a_carrier_skips_the_target_and_failed_ones() {
+        let (a, _) = key();
+        let (b, _) = key();
+        let (c, _) = key();
+        assert_eq!(choose_via(&[a, b, c], &a, &[]), Some(b));
+        assert_eq!(choose_via(&[a, b, c], &a, &[b]), Some(c));
+        assert_eq!(choose_via(&[a, b], &a, &[b]), None);
+    }
+}
