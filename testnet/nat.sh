@@ -17,14 +17,17 @@
 # Routers masquerade their LAN, forward only what the LAN started, and drop
 # (never answer) unsolicited packets to themselves: the behaviour of common
 # home routers, and what hole punching needs (libp2p-notes §7). Site C's
-# router also drops everything the LAN sends anywhere but pub1 (its uplink).
+# router also drops everything the LAN sends anywhere but pub1 (its uplink),
+# and relay c runs `--transit-only`: it sends everything for other relays
+# through pub1.
 #
 # Every relay listens on TCP and QUIC port 4001 and HTTP 8080 inside its
 # namespace. The site relays start with `--reachability auto` (AutoNAT v2
 # finds them private); the public relays are declared `--reachability
 # public` (MW_NAT_PUBLIC=auto lets AutoNAT find that out too). Relays
 # bootstrap from pub1. `up` waits (up to MW_NAT_WAIT seconds, default 120)
-# until the public relays say public and the site relays say anchored.
+# until the public relays say public, relays a and b say anchored and c
+# (transit-only) has its uplink.
 #
 # Binary: $MW_BIN, else target/release/meshwhisper (built when missing).
 # Run directory: $MW_NAT_DIR, default target/testnet-nat: relays.tsv (name,
@@ -107,7 +110,7 @@ table ip filter {
   chain forward {
     type filter hook forward priority 0; policy drop;
     ct state established,related accept
-    iifname "lan" ${only:+ip daddr != $only drop}
+    iifname "lan" ${only:+ip daddr != $only ip daddr != $lan.0/24 drop}
     iifname "lan" accept
   }
   chain input {
@@ -178,6 +181,7 @@ start_relay() {
   if [ -n "$boot" ]; then args+=(--bootstrap "$boot"); fi
   case "$name" in
     pub*) if [ "${MW_NAT_PUBLIC:-public}" = public ]; then args+=(--reachability public); fi ;;
+    c) args+=(--transit-only) ;; # it may reach only pub1: it never dials anyone else
   esac
   local extra_var="MW_RELAY_ARGS_$name"
   # shellcheck disable=SC2086
@@ -242,7 +246,11 @@ cmd_up() {
     done
     for n in "${SITES[@]}"; do
       h="$(health "$n")"
-      [ "$(nat_field "$h" state)" = anchored ] || pending="$pending $n"
+      case "$n:$(nat_field "$h" state)" in
+        c:transit-only) grep -q '"federationPeersConnected":[1-9]' <<<"$h" || pending="$pending $n" ;;
+        *:anchored) ;;
+        *) pending="$pending $n" ;;
+      esac
     done
     [ -z "$pending" ] && break
     if [ "$SECONDS" -ge "$deadline" ]; then

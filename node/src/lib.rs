@@ -171,7 +171,16 @@ pub async fn start(cfg: Config) -> Result<Running, Error> {
             cfg: cfg.federation.clone(),
             key,
             mailbox_ttl_ms: cfg.storage.blob_ttl_hours.saturating_mul(3_600_000),
-            nat: cfg.nat.clone(),
+            nat: crate::config::Nat {
+                // A transit-only relay is reached through its uplinks, not
+                // through reservations it holds.
+                anchors: if cfg.federation.transit_only {
+                    0
+                } else {
+                    cfg.nat.anchors
+                },
+                ..cfg.nat.clone()
+            },
         },
     )?;
 

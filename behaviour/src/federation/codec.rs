@@ -332,7 +332,9 @@ impl crate::stream::Wire for FederationWire {
                     **inner,
                     Frame::Routed { .. } | Frame::Claim { .. } | Frame::Transit { .. }
                 ) {
-                    return Err(Error::Malformed("transit carries a routed packet, a claim or a transit"));
+                    return Err(Error::Malformed(
+                        "transit carries a routed packet, a claim or a transit",
+                    ));
                 }
                 Self::check(inner)?;
             }

@@ -200,6 +200,8 @@ pub enum JobDone {
         /// Records that passed the checks but were not stored (the store
         /// failed, or the book is full).
         unstored: Vec<Bytes>,
+        /// What the new records say about reaching their relays.
+        topology: Vec<(PeerId, super::transit::Node)>,
     },
     /// Frames to send (digest pages, records).
     Send {
@@ -223,6 +225,8 @@ pub enum JobDone {
         peer: PeerId,
         /// Its addresses.
         addrs: Vec<Multiaddr>,
+        /// How it is reached (`None`: not in the book).
+        node: Option<super::transit::Node>,
     },
     /// Relays from the book worth dialing.
     Discovered(Vec<(PeerId, Vec<Multiaddr>, u64)>),

@@ -16,12 +16,13 @@ use std::collections::HashMap;
 pub const CLAIM_TIMEOUT_MS: u64 = 15_000;
 
 /// How a claim goes to the home relay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Way {
     /// Its stream is open.
     Open,
-    /// Through this relay (we are transit-only).
-    Through(PeerId),
+    /// Along this path (first relay first, the home relay last): we
+    /// cannot dial the home relay.
+    Through(Vec<PeerId>),
     /// Reach it first (dial).
     Reach,
 }
@@ -78,8 +79,11 @@ impl Claims {
             namespace,
             identity,
         };
-        let key = meshwhisper_behaviour::relay_key::RelayKey::from_peer(&target);
-        let (open, via) = match (way, key) {
+        let through = match &way {
+            Way::Through(path) => super::transit::wrap_path(path, frame.clone()),
+            _ => None,
+        };
+        let (open, via) = match (way, through) {
             (Way::Open, _) => {
                 out.push(Action::Send {
                     peer: target,
@@ -87,11 +91,8 @@ impl Claims {
                 });
                 (true, None)
             }
-            (Way::Through(v), Some(k)) => {
-                out.push(Action::Send {
-                    peer: v,
-                    frame: super::transit::wrap(k.0, frame.clone()),
-                });
+            (_, Some((v, f))) => {
+                out.push(Action::Send { peer: v, frame: f });
                 (false, Some(v))
             }
             _ => {

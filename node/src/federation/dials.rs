@@ -151,6 +151,10 @@ impl Dials {
 
     /// The book's addresses for a relay we must reach (empty: ask the DHT).
     pub fn addrs(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, out: &mut Vec<Action>) {
+        if self.transit_only {
+            // Looked up for its record (how to reach it), never dialled.
+            return;
+        }
         if addrs.is_empty() {
             out.push(Action::KadFindPeer(peer));
         } else {

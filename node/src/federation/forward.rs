@@ -76,6 +76,8 @@ pub struct ForwardConfig {
     pub forget_batch: usize,
     /// Never dial a target: send through a connected relay (Transit).
     pub transit_only: bool,
+    /// Most relays on a transit path (`federation.transit_hops`).
+    pub transit_hops: usize,
 }
 
 /// A relay's place in [`Relays`]. Pending packets name their relay by it:
@@ -310,10 +312,35 @@ pub struct Forward {
     /// Carriers that failed a packet (`NoPath`, a closed stream): the next
     /// path avoids them (at most [`MAX_AVOID`] each).
     avoid: HashMap<PacketId, Vec<PeerId>>,
+    /// How relays are reached, from their records (anchors, dialable).
+    topo: hashlink::LruCache<PeerId, super::transit::Node, foldhash::fast::RandomState>,
 }
 
 /// Carriers remembered as failed per packet (then the oldest is tried again).
 const MAX_AVOID: usize = 4;
+
+/// See [`Forward::path`].
+fn find_path(
+    cfg: &ForwardConfig,
+    topo: &hashlink::LruCache<PeerId, super::transit::Node, foldhash::fast::RandomState>,
+    peers: &[PeerId],
+    target: PeerId,
+    avoid: &[PeerId],
+    m: &crate::metrics::FederationMetrics,
+) -> Option<Vec<PeerId>> {
+    let dialable = topo.peek(&target).is_none_or(|n| n.dialable);
+    if dialable && !cfg.transit_only {
+        return None;
+    }
+    m.paths_searched.fetch_add(1, Relaxed);
+    super::transit::search(
+        peers,
+        target,
+        |p| topo.peek(p).cloned(),
+        avoid,
+        cfg.transit_hops,
+    )
+}
 
 impl Forward {
     /// A sender for the relay `me`.
@@ -341,7 +368,29 @@ impl Forward {
             unkept: Vec::new(),
             vias: HashMap::new(),
             avoid: HashMap::new(),
+            topo: hashlink::LruCache::with_hasher(
+                PEER_CACHE,
+                foldhash::fast::RandomState::default(),
+            ),
         }
+    }
+
+    /// What `peer`'s record says about reaching it.
+    pub fn learn_node(&mut self, peer: PeerId, node: super::transit::Node) {
+        self.topo.insert(peer, node);
+    }
+
+    /// A path to `target` through relays we have streams to (`peers`), if
+    /// we must not or cannot dial it: we are transit-only, or its record
+    /// says only its anchors reach it.
+    pub fn path(
+        &self,
+        peers: &[PeerId],
+        target: PeerId,
+        avoid: &[PeerId],
+        m: &crate::metrics::FederationMetrics,
+    ) -> Option<Vec<PeerId>> {
+        find_path(&self.cfg, &self.topo, peers, target, avoid, m)
     }
 
     /// Routed packets sent on a stream that is still open and not yet
@@ -676,20 +725,25 @@ impl Forward {
                 let Some(relay) = self.relays.get_mut(to) else {
                     return false;
                 };
-                let mut via = None;
+                let mut path = None;
                 if !cx.view.stream_open(&relay.peer) {
-                    if self.cfg.transit_only {
-                        // Through a relay we are connected to (a new path
-                        // each time one failed it).
-                        cx.m.paths_searched.fetch_add(1, Relaxed);
-                        let avoid = self.avoid.get(&id).map_or(&[][..], |v| v.as_slice());
-                        via = super::transit::choose_via(&cx.view.peers(), &relay.peer, avoid);
+                    // Through relays we are connected to, when we may not
+                    // or cannot dial it (a new path each time one failed).
+                    let avoid = self.avoid.get(&id).map_or(&[][..], |v| v.as_slice());
+                    path = find_path(
+                        &self.cfg,
+                        &self.topo,
+                        &cx.view.peers(),
+                        relay.peer,
+                        avoid,
+                        cx.m,
+                    );
+                    if !self.cfg.transit_only {
+                        // Dialled too: a direct stream is better from then on.
+                        cx.out.push(Action::Reach(relay.peer));
                     }
-                    if via.is_none() {
+                    if path.is_none() {
                         p.next_ms = now + self.cfg.retry_ms;
-                        if !self.cfg.transit_only {
-                            cx.out.push(Action::Reach(relay.peer));
-                        }
                         return false;
                     }
                 }
@@ -729,13 +783,13 @@ impl Forward {
                     target: relay.key.0,
                     packet: p.packet.clone(),
                 };
-                match via {
-                    Some(v) => {
+                match path.and_then(|p| super::transit::wrap_path(&p, frame.clone())) {
+                    Some((v, wrapped)) => {
                         cx.m.transit_sent.fetch_add(1, Relaxed);
                         self.vias.insert(id, v);
                         cx.out.push(Action::Send {
                             peer: v,
-                            frame: super::transit::wrap(relay.key.0, frame),
+                            frame: wrapped,
                         });
                     }
                     None => {
@@ -815,8 +869,7 @@ impl Forward {
         };
         let routed_to = mode.routed_to();
         let via = self.vias.get(&id).copied();
-        let from_target =
-            routed_to.filter(|s| self.relays.is(*s, &from) || via == Some(from));
+        let from_target = routed_to.filter(|s| self.relays.is(*s, &from) || via == Some(from));
         let status = match status {
             // A carrier could not take it on: another path, after retry_ms.
             AckStatus::NoPath if via == Some(from) => {
@@ -1172,6 +1225,7 @@ mod tests {
             learned_routes: 100,
             forget_batch: 3,
             transit_only: false,
+            transit_hops: 3,
         }
     }
 
@@ -1238,7 +1292,9 @@ mod tests {
             panic!("a transit frame: {frame:?}")
         };
         assert_eq!((*to, *hops), (tk.0, 1));
-        assert!(matches!(**inner, Frame::Routed { id, target, .. } if id == [1; 16] && target == tk.0));
+        assert!(
+            matches!(**inner, Frame::Routed { id, target, .. } if id == [1; 16] && target == tk.0)
+        );
         assert_eq!(s.m.transit_sent.load(Relaxed), 1);
         // The first carrier cannot go on: the next try avoids it.
         s.out.clear();

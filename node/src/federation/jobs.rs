@@ -396,6 +396,7 @@ struct Learnt {
     news: Vec<([u8; 32], Bytes, News)>,
     /// Good records the store did not take (it failed, or the book is full).
     unstored: Vec<Bytes>,
+    topology: Vec<(PeerId, super::transit::Node)>,
 }
 
 /// Checks the records of several `Learn` jobs and stores the good ones in
@@ -444,6 +445,9 @@ async fn learn(core: &Core, groups: &[&[Bytes]], me: [u8; 32]) -> Vec<Learnt> {
             Ok(u @ (Upsert::Inserted | Upsert::Replaced)) => {
                 m.records_learned.fetch_add(1, Relaxed);
                 l.relays.extend(relay_entry(r));
+                if let Some(p) = RelayKey(r.relay_key().to_bytes()).to_peer() {
+                    l.topology.push((p, super::transit::Node::of(r)));
+                }
                 l.new_relay |= u == Upsert::Inserted;
                 if u == Upsert::Replaced {
                     l.news.push((r.relay_key().to_bytes(), bytes, News::Change));
@@ -479,6 +483,7 @@ async fn learn_jobs(core: &Core, jobs: Vec<LearnJob>, me: [u8; 32]) -> Vec<JobDo
                 new_relay,
                 news,
                 unstored,
+                topology,
             } = l;
             let gossip = gossip.map(|(id, source)| {
                 let acceptance = if relays.is_empty() {
@@ -495,6 +500,7 @@ async fn learn_jobs(core: &Core, jobs: Vec<LearnJob>, me: [u8; 32]) -> Vec<JobDo
                 news,
                 from,
                 unstored,
+                topology,
             }
         })
         .collect()
@@ -617,14 +623,17 @@ async fn run(core: &Core, job: Job, me: [u8; 32]) -> Vec<JobDone> {
             }]
         }
         Job::LookupAddrs(peer) => {
-            let addrs = match RelayKey::from_peer(&peer) {
-                Some(k) => match book.get(k.bytes()).await {
-                    Ok(Some(r)) => relay_entry(&r).map(|(_, a, _)| a).unwrap_or_default(),
-                    _ => Vec::new(),
-                },
-                None => Vec::new(),
+            let record = match RelayKey::from_peer(&peer) {
+                Some(k) => book.get(k.bytes()).await.ok().flatten(),
+                None => None,
             };
-            vec![JobDone::Addrs { peer, addrs }]
+            let addrs = record
+                .as_ref()
+                .and_then(relay_entry)
+                .map(|(_, a, _)| a)
+                .unwrap_or_default();
+            let node = record.as_ref().map(super::transit::Node::of);
+            vec![JobDone::Addrs { peer, addrs, node }]
         }
         Job::Discover { want_peers, cursor } => {
             if let Ok(n) = book.count().await {

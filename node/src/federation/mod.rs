@@ -226,6 +226,7 @@ impl Federation {
                     learned_routes: cfg.learned_routes,
                     forget_batch: 256,
                     transit_only: cfg.transit_only,
+                    transit_hops: usize::from(cfg.transit_hops),
                 },
                 my_key,
             ),
@@ -651,8 +652,12 @@ impl Federation {
                 news,
                 from,
                 unstored,
+                topology,
             } => {
                 self.book.unstored(&unstored);
+                for (p, n) in topology {
+                    self.forward.learn_node(p, n);
+                }
                 tracing::debug!(
                     ?from,
                     learned = relays.len(),
@@ -726,7 +731,12 @@ impl Federation {
                 tracing::debug!(%peer, want = want.len(), "anti-entropy page compared");
                 self.ae.compared(peer, want, next_after, out)
             }
-            JobDone::Addrs { peer, addrs } => self.dials.addrs(peer, addrs, out),
+            JobDone::Addrs { peer, addrs, node } => {
+                if let Some(n) = node {
+                    self.forward.learn_node(peer, n);
+                }
+                self.dials.addrs(peer, addrs, out)
+            }
             JobDone::Discovered(relays) => {
                 let start = self.rng.next_u32() as usize;
                 let candidates = relays.into_iter().map(|(p, a, _)| (p, a)).collect();
@@ -754,12 +764,11 @@ impl Federation {
         };
         let way = if view.stream_open(&target) {
             claims::Way::Open
-        } else if self.transit_only {
-            self.metrics.paths_searched.fetch_add(1, Relaxed);
-            transit::choose_via(&view.peers(), &target, &[])
-                .map_or(claims::Way::Reach, claims::Way::Through)
         } else {
-            claims::Way::Reach
+            match self.forward.path(&view.peers(), target, &[], &self.metrics) {
+                Some(path) => claims::Way::Through(path),
+                None => claims::Way::Reach,
+            }
         };
         let Some(req) = self
             .claims
@@ -795,6 +804,18 @@ impl Federation {
         self.dedup.evict(now);
         self.claims.tick(now);
         self.transit.tick(now, &self.metrics, out);
+        if self.transit_only {
+            // Our uplinks are where we are reached: our record names them
+            // as anchors (we hold no reservations and have no circuit
+            // address, so other relays send to us through them).
+            let uplinks: Vec<[u8; 32]> = self
+                .dials
+                .bootstrap_peers()
+                .filter(|p| view.stream_open(p))
+                .filter_map(key_of)
+                .collect();
+            self.own.set_anchors(uplinks);
+        }
         self.held.tick(now, out);
         self.flush_marks(out);
         let addrs = self

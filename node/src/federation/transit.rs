@@ -367,13 +367,96 @@ impl Transit {
     }
 }
 
-/// A relay to send a frame for `target` through: one with an open stream,
-/// not `target`, not one of `avoid` (carriers that failed this frame).
-pub fn choose_via(peers: &[PeerId], target: &PeerId, avoid: &[PeerId]) -> Option<PeerId> {
-    peers
-        .iter()
-        .find(|p| *p != target && !avoid.contains(p))
-        .copied()
+/// What the gossiped topology says about a relay: from its signed record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// The relays it names as anchors (behind NAT: where it holds
+    /// reservations; transit-only: its uplinks).
+    pub anchors: Vec<PeerId>,
+    /// Whether any relay can dial it: it names no anchors (public), or
+    /// it has a circuit address through one. A transit-only relay is
+    /// reached only through its anchors.
+    pub dialable: bool,
+}
+
+impl Node {
+    /// The topology of a relay's record.
+    pub fn of(record: &meshwhisper_crypto::address_record::AddressRecord) -> Self {
+        let c = record.contents();
+        let anchors: Vec<PeerId> = c
+            .anchors
+            .iter()
+            .filter_map(|k| RelayKey(*k).to_peer())
+            .collect();
+        let circuit = c.addrs.iter().any(|a| {
+            libp2p::Multiaddr::try_from(a.clone())
+                .is_ok_and(|a| meshwhisper_behaviour::nat::is_relayed(&a))
+        });
+        Node {
+            dialable: anchors.is_empty() || circuit,
+            anchors,
+        }
+    }
+}
+
+/// The path a frame for `target` takes when we have no stream to it: the
+/// relays it passes, first one we have a stream to (in `peers`), last
+/// `target`; at most `max_hops` long. A bounded breadth-first search
+/// backwards from `target` over the gossiped topology (`topo`): a dialable
+/// relay is reached from any relay, any other one only from its anchors.
+/// An unknown target counts as dialable. Carriers in `avoid` (they failed
+/// this frame) are not first hops.
+pub fn search(
+    peers: &[PeerId],
+    target: PeerId,
+    topo: impl Fn(&PeerId) -> Option<Node>,
+    avoid: &[PeerId],
+    max_hops: usize,
+) -> Option<Vec<PeerId>> {
+    let first = |ok: &dyn Fn(&PeerId) -> bool, suffix: &[PeerId]| {
+        peers
+            .iter()
+            .find(|p| !avoid.contains(p) && !suffix.contains(p) && ok(p))
+            .copied()
+    };
+    // Paths end at `target`: each entry is a path's tail, first relay first.
+    let mut level: Vec<Vec<PeerId>> = vec![vec![target]];
+    let mut seen = vec![target];
+    for _ in 1..max_hops {
+        let mut next = Vec::new();
+        for tail in &level {
+            let head = tail[0];
+            let node = topo(&head).unwrap_or(Node {
+                anchors: Vec::new(),
+                dialable: true,
+            });
+            let s = if node.dialable {
+                first(&|_| true, tail)
+            } else {
+                first(&|p| node.anchors.contains(p), tail)
+            };
+            if let Some(s) = s {
+                let mut path = vec![s];
+                path.extend_from_slice(tail);
+                return Some(path);
+            }
+            if !node.dialable {
+                for a in node.anchors {
+                    if !seen.contains(&a) {
+                        seen.push(a);
+                        let mut t = vec![a];
+                        t.extend_from_slice(tail);
+                        next.push(t);
+                    }
+                }
+            }
+        }
+        if next.is_empty() {
+            return None;
+        }
+        level = next;
+    }
+    None
 }
 
 /// `inner` wrapped for relay `to` (Ed25519 key), as first sent.
@@ -383,6 +466,17 @@ pub fn wrap(to: [u8; 32], inner: Frame) -> Frame {
         hops: 1,
         inner: Box::new(inner),
     }
+}
+
+/// `inner` (for the last relay of `path`) wrapped for each relay of the
+/// path after the first, and the first relay to send it to.
+pub fn wrap_path(path: &[PeerId], inner: Frame) -> Option<(PeerId, Frame)> {
+    let (first, rest) = path.split_first()?;
+    let mut frame = inner;
+    for p in rest.iter().rev() {
+        frame = wrap(RelayKey::from_peer(p)?.0, frame);
+    }
+    Some((*first, frame))
 }
 
 #[cfg(test)]
@@ -431,12 +525,24 @@ mod tests {
         let m = FederationMetrics::default();
         let mut t = Transit::new(RelayKey(me), cfg());
         let mut out = Vec::new();
-        let r = t.carry(0, up, home_key, 1, routed(1, home_key), |_| true, &m, &mut out);
+        let r = t.carry(
+            0,
+            up,
+            home_key,
+            1,
+            routed(1, home_key),
+            |_| true,
+            &m,
+            &mut out,
+        );
         assert!(r.is_none());
         let s = sent(&out);
         assert_eq!(s.len(), 1);
         assert_eq!(s[0].0, home);
-        assert!(matches!(s[0].1, Frame::Routed { hops: 2, .. }), "hops counted");
+        assert!(
+            matches!(s[0].1, Frame::Routed { hops: 2, .. }),
+            "hops counted"
+        );
         assert_eq!(m.transit_relayed.load(Relaxed), 1);
         // An ack for it from someone else is not the answer.
         out.clear();
@@ -480,7 +586,16 @@ mod tests {
         assert!(matches!(**inner, Frame::Routed { .. }));
         // A frame that has passed the cap already is refused, with NoPath.
         out.clear();
-        t.carry(0, up, next_key, 3, routed(3, home_key), |_| true, &m, &mut out);
+        t.carry(
+            0,
+            up,
+            next_key,
+            3,
+            routed(3, home_key),
+            |_| true,
+            &m,
+            &mut out,
+        );
         assert_eq!(
             sent(&out),
             vec![(
@@ -531,7 +646,16 @@ mod tests {
         let mut t = Transit::new(RelayKey(me), cfg());
         let mut out = Vec::new();
         // No stream to `home` yet: reach it, send when it opens.
-        t.carry(0, up, home_key, 1, routed(1, home_key), |_| false, &m, &mut out);
+        t.carry(
+            0,
+            up,
+            home_key,
+            1,
+            routed(1, home_key),
+            |_| false,
+            &m,
+            &mut out,
+        );
         assert_eq!(out.len(), 1);
         assert!(matches!(out[0], Action::Reach(p) if p == home));
         out.clear();
@@ -580,7 +704,13 @@ mod tests {
         assert_eq!(reqs.len(), 2);
         assert_ne!(reqs[0], reqs[1]);
         out.clear();
-        assert!(t.claim_reply(home, reqs[1], Status::Ok, Bytes::from_static(b"bundle"), &mut out));
+        assert!(t.claim_reply(
+            home,
+            reqs[1],
+            Status::Ok,
+            Bytes::from_static(b"bundle"),
+            &mut out
+        ));
         assert_eq!(
             sent(&out),
             vec![(
@@ -596,12 +726,58 @@ mod tests {
     }
 
     #[test]
-    fn choosing_a_carrier_skips_the_target_and_failed_ones() {
-        let (a, _) = key();
-        let (b, _) = key();
-        let (c, _) = key();
-        assert_eq!(choose_via(&[a, b, c], &a, &[]), Some(b));
-        assert_eq!(choose_via(&[a, b, c], &a, &[b]), Some(c));
-        assert_eq!(choose_via(&[a, b], &a, &[b]), None);
+    fn the_path_search_follows_anchors_and_stops_at_the_hop_cap() {
+        let (s1, _) = key();
+        let (s2, _) = key();
+        let (x, _) = key();
+        let (a1, _) = key();
+        let (a2, _) = key();
+        let public = Node {
+            anchors: vec![],
+            dialable: true,
+        };
+        // A dialable target: any peer carries it, failed ones skipped.
+        assert_eq!(
+            search(&[s1, s2], x, |_| Some(public.clone()), &[], 3),
+            Some(vec![s1, x])
+        );
+        assert_eq!(
+            search(&[s1, s2], x, |_| Some(public.clone()), &[s1], 3),
+            Some(vec![s2, x])
+        );
+        assert_eq!(search(&[s1], x, |_| Some(public.clone()), &[s1], 3), None);
+        // A transit-only target (anchor a1, no circuit): through a1 only.
+        let topo = |p: &PeerId| {
+            if *p == x {
+                Some(Node {
+                    anchors: vec![a1],
+                    dialable: false,
+                })
+            } else if *p == a1 {
+                Some(Node {
+                    anchors: vec![a2],
+                    dialable: false,
+                })
+            } else {
+                Some(public.clone())
+            }
+        };
+        assert_eq!(search(&[s1, a1], x, topo, &[], 3), Some(vec![a1, x]));
+        // Not connected to a1: a1 is itself behind a2, which we reach.
+        assert_eq!(search(&[s1, a2], x, topo, &[], 3), Some(vec![a2, a1, x]));
+        // Neither: a2 is dialable, so s1 takes it there, but that is four
+        // relays, over the cap of three.
+        assert_eq!(search(&[s1], x, topo, &[], 3), None);
+        assert_eq!(search(&[s1], x, topo, &[], 4), Some(vec![s1, a2, a1, x]));
+    }
+
+    #[test]
+    fn a_path_is_wrapped_once_per_carrier_after_the_first() {
+        let (s, _) = key();
+        let (a, ak) = key();
+        let (x, xk) = key();
+        let (first, f) = wrap_path(&[s, a, x], routed(1, xk)).expect("path");
+        assert_eq!(first, s);
+        assert_eq!(f, wrap(ak, wrap(xk, routed(1, xk))));
     }
 }

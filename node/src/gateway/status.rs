@@ -89,6 +89,7 @@ fn nat_json(s: &AppState) -> serde_json::Value {
     let f = s.federation.borrow();
     let n = &f.nat;
     let state = match n.reachability {
+        _ if s.cfg.federation.transit_only => "transit-only",
         "private" if !n.anchors.is_empty() => "anchored",
         other => other,
     };
