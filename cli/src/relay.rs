@@ -56,6 +56,13 @@ pub struct RelayArgs {
     /// other relays through them (an egress-filtered site).
     #[arg(long)]
     transit_only: bool,
+    /// Send routed packets as onions through extra relays, so that no relay
+    /// but the last learns which relay a packet is for.
+    #[arg(long)]
+    onion_transit: bool,
+    /// Extra relays on an onion path (0-4). Default 1.
+    #[arg(long, value_name = "N")]
+    onion_hops: Option<u8>,
 }
 
 pub fn run(args: RelayArgs) -> anyhow::Result<()> {
@@ -72,6 +79,8 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
         reachability: args.reachability,
         anchors: args.anchors,
         transit_only: args.transit_only,
+        onion_transit: args.onion_transit,
+        onion_hops: args.onion_hops,
     };
     let cfg = Config::load(
         args.config.as_deref(),

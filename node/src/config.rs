@@ -400,6 +400,15 @@ pub struct Federation {
     pub transit_max: usize,
     /// Of those, from one relay. Default 1024.
     pub transit_per_peer: usize,
+    /// Send routed packets as onions through extra relays (docs/nat.md).
+    /// Default false. Flag `--onion-transit`.
+    pub onion_transit: bool,
+    /// Extra relays on an onion path, 0 to 4. Default 1. Flag `--onion-hops`.
+    pub onion_hops: u8,
+    /// Onion replay tags remembered. Default 65 536.
+    pub onion_replay_tags: usize,
+    /// For how long, seconds. Default 600.
+    pub onion_replay_secs: u64,
     /// Relays refused because `max_peers` is reached that may stay
     /// connected as guests at once, to walk this relay's address book (a
     /// newcomer that knows only this relay learns others to join). Default 16.
@@ -509,6 +518,10 @@ impl Default for Federation {
             transit_hops: 3,
             transit_max: 8192,
             transit_per_peer: 1024,
+            onion_transit: false,
+            onion_hops: 1,
+            onion_replay_tags: 65_536,
+            onion_replay_secs: 600,
             target_peers: 8,
             frames_per_minute: 12_000_000,
             max_guests: 32,
@@ -704,6 +717,10 @@ pub struct Overrides {
     pub anchors: Option<usize>,
     /// `--transit-only`.
     pub transit_only: bool,
+    /// `--onion-transit`.
+    pub onion_transit: bool,
+    /// `--onion-hops`.
+    pub onion_hops: Option<u8>,
 }
 
 fn parse_env<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, Error> {
@@ -778,6 +795,12 @@ impl Config {
         }
         if overrides.transit_only {
             cfg.federation.transit_only = true;
+        }
+        if overrides.onion_transit {
+            cfg.federation.onion_transit = true;
+        }
+        if let Some(n) = overrides.onion_hops {
+            cfg.federation.onion_hops = n;
         }
         cfg.validate()?;
         Ok(cfg)
@@ -991,6 +1014,15 @@ impl Config {
             return bad(
                 "federation.transit_hops",
                 "transit_hops must be 2 to 5, transit_max and transit_per_peer positive",
+            );
+        }
+        if usize::from(f.onion_hops) >= meshwhisper_crypto::onion::MAX_HOPS
+            || f.onion_replay_tags == 0
+            || f.onion_replay_secs == 0
+        {
+            return bad(
+                "federation.onion_hops",
+                "onion_hops must be 0 to 4, onion_replay_tags and onion_replay_secs positive",
             );
         }
         if f.transit_only && f.bootstrap.is_empty() {

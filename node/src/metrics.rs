@@ -317,6 +317,17 @@ pub struct FederationMetrics {
     pub transit_sent: AtomicU64,
     /// Paths searched for such frames.
     pub paths_searched: AtomicU64,
+    /// Onions this relay built and sent (onion transit).
+    pub onion_sent: AtomicU64,
+    /// Onion layers peeled here and sent on to the next relay.
+    pub onion_relayed: AtomicU64,
+    /// Onions whose last layer was ours: packets delivered here.
+    pub onion_delivered: AtomicU64,
+    /// Onion layers refused: did not open, malformed inside, table full,
+    /// no answer from the next relay in time.
+    pub onion_refused: AtomicU64,
+    /// Onion layers dropped as replays (their tag seen before).
+    pub onion_replays: AtomicU64,
 }
 
 /// Labels of [`FederationMetrics::records_rejected`], in order.
@@ -337,8 +348,33 @@ impl FederationMetrics {
         }
     }
 
-    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 34] {
+    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 39] {
         [
+            (
+                "onion_sent_total",
+                "Onions built and sent",
+                &self.onion_sent,
+            ),
+            (
+                "onion_relayed_total",
+                "Onion layers peeled here and sent on",
+                &self.onion_relayed,
+            ),
+            (
+                "onion_delivered_total",
+                "Onions whose last layer was ours",
+                &self.onion_delivered,
+            ),
+            (
+                "onion_refused_total",
+                "Onion layers refused (did not open, malformed, table full, no answer)",
+                &self.onion_refused,
+            ),
+            (
+                "onion_replays_total",
+                "Onion layers dropped as replays",
+                &self.onion_replays,
+            ),
             (
                 "transit_relayed_total",
                 "Frames carried on for other relays",

@@ -28,6 +28,11 @@
 //!                                         MAX_TRANSIT_DEPTH deep; `hops` counts the relays the
 //!                                         frame has passed. The relay carrying it answers with
 //!                                         the inner frame's Ack or ClaimReply as they come back
+//!   0x07 Onion     hop id (16) ‖ layer    one onion v2 layer (a v2 size: every layer of an onion,
+//!                                         and every onion of a size class, has one size); the
+//!                                         hop id is the sender's own, for the answer
+//!   0x08 OnionAck  hop id (16) ‖ status (u8)   how the onion ended: the home relay's Ack status,
+//!                                         passed back hop by hop, each under the hop's own id
 //! directory
 //!   0x20 Claim      req (u64) ‖ ns len (u8) ‖ namespace ‖ identity (32)
 //!                                         a client of the sender wants this identity's bundle
@@ -218,6 +223,20 @@ pub enum Frame {
         /// Encoded records.
         records: Vec<Bytes>,
     },
+    /// One onion layer (see the module docs).
+    Onion {
+        /// This hop's id for it (answers come back under it).
+        hop: [u8; 16],
+        /// The layer: a valid onion v2 size.
+        layer: Bytes,
+    },
+    /// The answer to an Onion frame.
+    OnionAck {
+        /// The hop id the onion came under.
+        hop: [u8; 16],
+        /// The home relay's answer.
+        status: AckStatus,
+    },
     /// Carry `inner` to the relay `to` (see the module docs).
     Transit {
         /// The relay the inner frame is for (Ed25519 key).
@@ -274,6 +293,8 @@ fn body_len(f: &Frame) -> usize {
             8 + 2 + records.iter().map(|r| 2 + r.len()).sum::<usize>()
         }
         Frame::Transit { inner, .. } => 32 + 1 + body_len(inner),
+        Frame::Onion { layer, .. } => 16 + layer.len(),
+        Frame::OnionAck { .. } => 17,
     }
 }
 
@@ -337,6 +358,9 @@ impl crate::stream::Wire for FederationWire {
                     ));
                 }
                 Self::check(inner)?;
+            }
+            Frame::Onion { layer, .. } if !is_onion_size(layer.len()) => {
+                return Err(Error::Malformed("onion layer of no v2 size"));
             }
             Frame::Pull { keys, .. } if keys.len() > MAX_PULL => {
                 return Err(Error::Malformed("too many keys in a pull"));
@@ -456,6 +480,16 @@ impl crate::stream::Wire for FederationWire {
                 dst.put_u8(hops);
                 Self::write(*inner, dst);
             }
+            Frame::Onion { hop, layer } => {
+                dst.put_u8(0x07);
+                dst.put_slice(&hop);
+                dst.put_slice(&layer);
+            }
+            Frame::OnionAck { hop, status } => {
+                dst.put_u8(0x08);
+                dst.put_slice(&hop);
+                dst.put_u8(status as u8);
+            }
             Frame::Records { req, records } => {
                 dst.put_u8(0x13);
                 dst.put_u64(req);
@@ -516,9 +550,32 @@ fn done(body: &Bytes) -> Result<(), Error> {
     }
 }
 
+/// Whether `len` is the size of an onion v2 layer.
+pub fn is_onion_size(len: usize) -> bool {
+    use meshwhisper_crypto::onion::v2;
+    len.checked_sub(v2::PREFIX_LEN)
+        .is_some_and(|p| v2::PAYLOAD_CLASSES.contains(&p))
+}
+
 /// Decodes a frame body; `depth` is how many Transit frames enclose it.
 fn decode_body(kind: u8, mut body: Bytes, depth: usize) -> Result<Frame, Error> {
     let f = match kind {
+        0x07 => {
+            let hop = array::<16>(&mut body)?;
+            if !is_onion_size(body.len()) {
+                return Err(Error::Malformed("onion layer of no v2 size"));
+            }
+            Frame::Onion {
+                hop,
+                layer: body.split_off(0),
+            }
+        }
+        0x08 => {
+            let hop = array::<16>(&mut body)?;
+            let status = AckStatus::from_u8(u8_(&mut body)?)
+                .ok_or(Error::Malformed("unknown ack status"))?;
+            Frame::OnionAck { hop, status }
+        }
         0x06 => {
             if depth >= MAX_TRANSIT_DEPTH {
                 return Err(Error::Malformed("transit nested too deep"));
@@ -837,6 +894,27 @@ mod tests {
         assert!(decode_raw(0x06, &raw[1..]).is_err(), "an ack in transit");
         // Short: no inner frame.
         assert!(decode_raw(0x06, &[[0u8; 32].as_slice(), &[1]].concat()).is_err());
+        // Onion layers: only v2 sizes.
+        let size = meshwhisper_crypto::onion::v2::onion_len(100).expect("size");
+        round_trip(Frame::Onion {
+            hop: [4; 16],
+            layer: Bytes::from(vec![2u8; size]),
+        });
+        assert!(decode_raw(0x07, &vec![0u8; 16 + size - 1]).is_err());
+        assert!(
+            c.encode(
+                Frame::Onion {
+                    hop: [4; 16],
+                    layer: Bytes::from(vec![2u8; size + 1]),
+                },
+                &mut buf
+            )
+            .is_err()
+        );
+        round_trip(Frame::OnionAck {
+            hop: [5; 16],
+            status: AckStatus::Stored,
+        });
         // The new ack status reads back.
         round_trip(Frame::Ack {
             id: [2; 16],

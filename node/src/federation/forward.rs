@@ -78,6 +78,9 @@ pub struct ForwardConfig {
     pub transit_only: bool,
     /// Most relays on a transit path (`federation.transit_hops`).
     pub transit_hops: usize,
+    /// Extra relays on an onion path; 0: no onions
+    /// (`federation.onion_transit`, `federation.onion_hops`).
+    pub onion_hops: usize,
 }
 
 /// A relay's place in [`Relays`]. Pending packets name their relay by it:
@@ -314,10 +317,78 @@ pub struct Forward {
     avoid: HashMap<PacketId, Vec<PeerId>>,
     /// How relays are reached, from their records (anchors, dialable).
     topo: hashlink::LruCache<PeerId, super::transit::Node, foldhash::fast::RandomState>,
+    /// Randomness for onions (ephemeral keys, paths, hop ids).
+    onion_rng: rand_chacha::ChaCha20Rng,
+    /// Onions we sent, by their hop id: the answer names the packet.
+    onion_mine: hashlink::LruCache<[u8; 16], PacketId, foldhash::fast::RandomState>,
 }
 
 /// Carriers remembered as failed per packet (then the oldest is tried again).
 const MAX_AVOID: usize = 4;
+
+type Topo = hashlink::LruCache<PeerId, super::transit::Node, foldhash::fast::RandomState>;
+
+/// An onion path to `target`: a relay we have a stream to (not in
+/// `avoid`), then `extra - 1` more relays from the book that anyone can
+/// dial, all distinct and chosen at random, then `target`; each with its
+/// onion key. `None` when the book does not know enough relays.
+fn onion_path(
+    extra: usize,
+    topo: &Topo,
+    rng: &mut rand_chacha::ChaCha20Rng,
+    peers: &[PeerId],
+    target: PeerId,
+    avoid: &[PeerId],
+) -> Option<Vec<(PeerId, meshwhisper_crypto::primitives::X25519Public)>> {
+    let pick = |rng: &mut rand_chacha::ChaCha20Rng, n: usize| {
+        (rand_core::Rng::next_u64(rng) % n.max(1) as u64) as usize
+    };
+    let key = |p: &PeerId| topo.peek(p).map(|n| n.onion_key);
+    let firsts: Vec<PeerId> = peers
+        .iter()
+        .filter(|p| **p != target && !avoid.contains(p) && key(p).is_some())
+        .copied()
+        .collect();
+    if firsts.is_empty() {
+        return None;
+    }
+    let first = firsts[pick(rng, firsts.len())];
+    let mut path = vec![(first, key(&first)?)];
+    let mut others: Vec<PeerId> = topo
+        .iter()
+        .filter(|(p, n)| n.dialable && **p != target && **p != first)
+        .map(|(p, _)| *p)
+        .collect();
+    for _ in 1..extra {
+        if others.is_empty() {
+            return None;
+        }
+        let next = others.swap_remove(pick(rng, others.len()));
+        path.push((next, key(&next)?));
+    }
+    path.push((target, key(&target)?));
+    Some(path)
+}
+
+/// The onion layer of `routed` for `hops` (the home relay last).
+fn build_onion(
+    rng: &mut rand_chacha::ChaCha20Rng,
+    hops: &[(PeerId, meshwhisper_crypto::primitives::X25519Public)],
+    routed: Frame,
+) -> Option<Bytes> {
+    use meshwhisper_crypto::onion::{Hop, OnionBuilder as _, v2};
+    let hops: Vec<Hop> = hops
+        .iter()
+        .map(|(p, k)| {
+            Some(Hop {
+                relay_key: RelayKey::from_peer(p)?.0,
+                onion_key: *k,
+            })
+        })
+        .collect::<Option<_>>()?;
+    let payload = super::onion::encode(routed);
+    v2::Sender.build(rng, &hops, &payload).ok().map(Bytes::from)
+}
 
 /// See [`Forward::path`].
 fn find_path(
@@ -372,7 +443,22 @@ impl Forward {
                 PEER_CACHE,
                 foldhash::fast::RandomState::default(),
             ),
+            onion_rng: <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_seed([0; 32]),
+            onion_mine: hashlink::LruCache::with_hasher(
+                cfg.max_pending.max(1),
+                foldhash::fast::RandomState::default(),
+            ),
         }
+    }
+
+    /// Seeds the randomness onions are built with (before the first).
+    pub fn seed_onions(&mut self, seed: [u8; 32]) {
+        self.onion_rng = <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_seed(seed);
+    }
+
+    /// The packet an `OnionAck` under `hop` answers, if it is one of ours.
+    pub fn onion_answer(&mut self, hop: &[u8; 16]) -> Option<PacketId> {
+        self.onion_mine.remove(hop)
     }
 
     /// What `peer`'s record says about reaching it.
@@ -726,7 +812,29 @@ impl Forward {
                     return false;
                 };
                 let mut path = None;
-                if !cx.view.stream_open(&relay.peer) {
+                let mut onion = None;
+                if self.cfg.onion_hops > 0 && self.topo.peek(&relay.peer).is_none_or(|n| n.dialable)
+                {
+                    // Through random relays, wrapped in layers: wait until
+                    // the book knows enough of them (never in the clear).
+                    cx.m.paths_searched.fetch_add(1, Relaxed);
+                    let avoid = self.avoid.get(&id).map_or(&[][..], |v| v.as_slice());
+                    onion = onion_path(
+                        self.cfg.onion_hops,
+                        &self.topo,
+                        &mut self.onion_rng,
+                        &cx.view.peers(),
+                        relay.peer,
+                        avoid,
+                    );
+                    if onion.is_none() {
+                        // Its record (and onion key) may not be known yet:
+                        // looked up (and dialled, unless transit-only).
+                        p.next_ms = now + self.cfg.retry_ms;
+                        cx.out.push(Action::Reach(relay.peer));
+                        return false;
+                    }
+                } else if !cx.view.stream_open(&relay.peer) {
                     // Through relays we are connected to, when we may not
                     // or cannot dial it (a new path each time one failed).
                     let avoid = self.avoid.get(&id).map_or(&[][..], |v| v.as_slice());
@@ -783,9 +891,28 @@ impl Forward {
                     target: relay.key.0,
                     packet: p.packet.clone(),
                 };
-                match path.and_then(|p| super::transit::wrap_path(&p, frame.clone())) {
+                let wrapped = match onion {
+                    Some(hops) => {
+                        let layer = build_onion(&mut self.onion_rng, &hops, frame.clone());
+                        let first = hops.first().map(|(p, _)| *p);
+                        match (layer, first) {
+                            (Some(layer), Some(first)) => {
+                                let mut hop = [0u8; 16];
+                                rand_core::Rng::fill_bytes(&mut self.onion_rng, &mut hop);
+                                self.onion_mine.insert(hop, id);
+                                cx.m.onion_sent.fetch_add(1, Relaxed);
+                                Some((first, Frame::Onion { hop, layer }))
+                            }
+                            _ => None,
+                        }
+                    }
+                    None => path.and_then(|p| super::transit::wrap_path(&p, frame.clone())),
+                };
+                match wrapped {
                     Some((v, wrapped)) => {
-                        cx.m.transit_sent.fetch_add(1, Relaxed);
+                        if !matches!(wrapped, Frame::Onion { .. }) {
+                            cx.m.transit_sent.fetch_add(1, Relaxed);
+                        }
                         self.vias.insert(id, v);
                         cx.out.push(Action::Send {
                             peer: v,
@@ -1226,6 +1353,7 @@ mod tests {
             forget_batch: 3,
             transit_only: false,
             transit_hops: 3,
+            onion_hops: 0,
         }
     }
 
@@ -1310,6 +1438,51 @@ mod tests {
         assert_eq!(s.f.pending_len(), 0);
         assert_eq!(deletes(&s.out), vec![MailboxId(1)]);
         let _ = t;
+    }
+
+    #[test]
+    fn with_onion_transit_a_packet_goes_out_only_in_layers_and_the_answer_completes_it() {
+        let (c1, _) = key();
+        let mut s = Sender::with(
+            ForwardConfig {
+                onion_hops: 1,
+                ..cfg()
+            },
+            &[c1],
+        );
+        let node = |b: u8| super::super::transit::Node {
+            anchors: vec![],
+            dialable: true,
+            onion_key: meshwhisper_crypto::identity::IdentityKeyPair::from_seed(&[b; 32])
+                .public()
+                .x25519(),
+        };
+        let tk = s.tk;
+        // Nothing known about the relays yet: the packet waits.
+        s.run(|f, cx| f.outbound(0, fed(1, Some(tk)), [1; 16], cx));
+        assert!(sends(&s.out).is_empty(), "never in the clear");
+        assert!(
+            s.out.iter().any(|a| matches!(a, Action::Reach(_))),
+            "its record looked up"
+        );
+        s.f.learn_node(s.t, node(1));
+        s.f.learn_node(c1, node(2));
+        s.run(|f, cx| f.tick(200, cx));
+        let out = sends(&s.out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0, c1, "through the other relay, not to the target");
+        let Frame::Onion { hop, layer } = out[0].1.clone() else {
+            panic!("{:?}", out[0].1)
+        };
+        assert_eq!(
+            Some(layer.len()),
+            meshwhisper_crypto::onion::v2::onion_len(40 + 1 + 16 + 2 + 32)
+        );
+        assert_eq!(s.m.onion_sent.load(Relaxed), 1);
+        let id = s.f.onion_answer(&hop).expect("ours");
+        s.out.clear();
+        s.run(|f, cx| f.ack(300, c1, id, AckStatus::Stored, None, cx));
+        assert_eq!(s.f.pending_len(), 0);
     }
 
     #[test]

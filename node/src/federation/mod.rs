@@ -33,6 +33,7 @@ pub mod forward;
 pub mod held;
 pub mod inbound;
 pub mod jobs;
+pub mod onion;
 pub mod own_record;
 pub mod transit;
 
@@ -122,6 +123,8 @@ pub struct Federation {
     pub claims: claims::Claims,
     /// Frames carried for relays that cannot dial.
     pub transit: transit::Transit,
+    /// Onion layers peeled and carried here.
+    pub onion: onion::Onion,
     /// This relay dials only its bootstrap relays (`federation.transit_only`).
     transit_only: bool,
     /// When each connected relay was last noted as connected in the book.
@@ -182,7 +185,14 @@ impl Federation {
             })
             .collect();
         let _ = mailbox_ttl_ms;
-        Self {
+        let onion_secret = identity.x25519().clone();
+        // Separate streams for onions (independent of `rng`'s).
+        let seed_of = |label: &[u8]| meshwhisper_crypto::primitives::blake3(&[label, &seed]);
+        let (onion_seed, forward_seed) = (
+            seed_of(b"meshwhisper onion carrier"),
+            seed_of(b"meshwhisper onion sender"),
+        );
+        let mut fed = Self {
             me,
             my_key,
             enabled: cfg.mode != config::FederationMode::Off,
@@ -227,6 +237,11 @@ impl Federation {
                     forget_batch: 256,
                     transit_only: cfg.transit_only,
                     transit_hops: usize::from(cfg.transit_hops),
+                    onion_hops: if cfg.onion_transit {
+                        usize::from(cfg.onion_hops).max(1)
+                    } else {
+                        0
+                    },
                 },
                 my_key,
             ),
@@ -243,9 +258,22 @@ impl Federation {
                     max_per_peer: cfg.transit_per_peer,
                 },
             ),
+            onion: onion::Onion::new(
+                my_key,
+                onion_secret,
+                onion::OnionConfig {
+                    max_entries: cfg.transit_max,
+                    max_per_peer: cfg.transit_per_peer,
+                    replay_tags: cfg.onion_replay_tags,
+                    replay_ttl_ms: cfg.onion_replay_secs.saturating_mul(1000),
+                },
+                onion_seed,
+            ),
             transit_only: cfg.transit_only,
             metrics,
-        }
+        };
+        fed.forward.seed_onions(forward_seed);
+        fed
     }
 
     /// Our PeerId.
@@ -387,6 +415,7 @@ impl Federation {
         );
         self.claims.stream_opened(peer, out);
         self.transit.stream_opened(peer, out);
+        self.onion.stream_opened(peer, out);
         // Our record first: it may have changed while the peer was away.
         if let Some(r) = self.own.to_announce() {
             let bootstrap = self.dials.bootstrap_addr(&peer).is_some();
@@ -430,6 +459,7 @@ impl Federation {
         }
         self.forward.stream_closed(now, peer);
         self.transit.stream_closed(peer);
+        self.onion.stream_closed(peer);
     }
 
     /// A frame could not be queued for `peer`.
@@ -509,6 +539,52 @@ impl Federation {
                     // For us: as if the sender had sent it directly.
                     self.frame(now, peer, inner, view, out);
                     return;
+                }
+            }
+            Frame::Onion { hop, layer } => {
+                if let Some(routed) = self.onion.receive(
+                    now,
+                    peer,
+                    hop,
+                    &layer,
+                    |p| view.stream_open(p),
+                    &self.metrics,
+                    out,
+                ) {
+                    // The last layer: store it as a routed packet; its ack
+                    // goes back as an OnionAck under `hop`.
+                    let m = out.len();
+                    self.inbound.packet(
+                        now,
+                        peer,
+                        routed,
+                        &mut Ctx {
+                            view,
+                            dedup: &mut self.dedup,
+                            m: &self.metrics,
+                            out,
+                        },
+                    );
+                    self.onion.answers(m, out);
+                }
+            }
+            Frame::OnionAck { hop, status } => {
+                if !self.onion.ack(peer, hop, status, out)
+                    && let Some(id) = self.forward.onion_answer(&hop)
+                {
+                    self.forward.ack(
+                        now,
+                        peer,
+                        id,
+                        status,
+                        None,
+                        &mut Ctx {
+                            view,
+                            dedup: &mut self.dedup,
+                            m: &self.metrics,
+                            out,
+                        },
+                    );
                 }
             }
             Frame::Ack { id, status, home } if self.transit.ack(peer, id, status, home, out) => {}
@@ -642,9 +718,12 @@ impl Federation {
                 id,
                 outcome,
                 routed,
-            } => self
-                .inbound
-                .stored(peer, id, outcome, routed, &mut self.dedup, out),
+            } => {
+                let m = out.len();
+                self.inbound
+                    .stored(peer, id, outcome, routed, &mut self.dedup, out);
+                self.onion.answers(m, out);
+            }
             JobDone::Learned {
                 relays,
                 gossip,
@@ -804,6 +883,7 @@ impl Federation {
         self.dedup.evict(now);
         self.claims.tick(now);
         self.transit.tick(now, &self.metrics, out);
+        self.onion.tick(now, &self.metrics, out);
         if self.transit_only {
             // Our uplinks are where we are reached: our record names them
             // as anchors (we hold no reservations and have no circuit

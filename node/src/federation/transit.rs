@@ -377,6 +377,8 @@ pub struct Node {
     /// it has a circuit address through one. A transit-only relay is
     /// reached only through its anchors.
     pub dialable: bool,
+    /// The key that opens onion layers for it.
+    pub onion_key: meshwhisper_crypto::primitives::X25519Public,
 }
 
 impl Node {
@@ -395,6 +397,7 @@ impl Node {
         Node {
             dialable: anchors.is_empty() || circuit,
             anchors,
+            onion_key: c.onion_key,
         }
     }
 }
@@ -429,6 +432,7 @@ pub fn search(
             let node = topo(&head).unwrap_or(Node {
                 anchors: Vec::new(),
                 dialable: true,
+                onion_key: meshwhisper_crypto::primitives::X25519Public([0; 32]),
             });
             let s = if node.dialable {
                 first(&|_| true, tail)
@@ -732,9 +736,11 @@ mod tests {
         let (x, _) = key();
         let (a1, _) = key();
         let (a2, _) = key();
+        let k = meshwhisper_crypto::primitives::X25519Public([9; 32]);
         let public = Node {
             anchors: vec![],
             dialable: true,
+            onion_key: k,
         };
         // A dialable target: any peer carries it, failed ones skipped.
         assert_eq!(
@@ -752,11 +758,13 @@ mod tests {
                 Some(Node {
                     anchors: vec![a1],
                     dialable: false,
+                    onion_key: k,
                 })
             } else if *p == a1 {
                 Some(Node {
                     anchors: vec![a2],
                     dialable: false,
+                    onion_key: k,
                 })
             } else {
                 Some(public.clone())
