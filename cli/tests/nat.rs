@@ -565,3 +565,53 @@ fn reservations_beyond_the_caps_are_refused_and_counted(net: &Net) {
     assert_eq!(net.health("pub2")["status"], "ok");
     assert_eq!(net.health("a")["nat"]["state"], "anchored");
 }
+
+#[test]
+fn onion_transit_carries_messages_through_extra_relays() {
+    if skip("onion_transit_carries_messages_through_extra_relays") {
+        return;
+    }
+    let _g = TOPOLOGY.lock().unwrap_or_else(|e| e.into_inner());
+    for hops in ["1", "2"] {
+        let net = Net::up_with(
+            "both",
+            &[(
+                "MW_RELAY_ARGS",
+                format!("--onion-transit --onion-hops {hops}"),
+            )],
+        );
+        let alice = net.profile("mwn-a-cli", "alice", "a");
+        let carol = net.profile("mwn-pub2", "carol", "pub2");
+        let carol_l = Listener::start("mwn-pub2", &carol);
+        carol_l.until("carol's prekeys", LONG, |v| {
+            v["event"] == "prekeys" && v["oneTime"] == 100
+        });
+        introduce(&net, ("mwn-a-cli", &alice), ("mwn-pub2", &carol));
+        for i in 0..10 {
+            net.run(
+                "mwn-a-cli",
+                &["send", "carol", &format!("o{i}"), "--profile", &alice],
+            );
+        }
+        let mut got = carol_l.messages(10, LONG);
+        got.sort_by_key(|m| m[1..].parse::<u32>().unwrap_or(0));
+        let want: Vec<String> = (0..10).map(|i| format!("o{i}")).collect();
+        assert_eq!(got, want, "{hops} extra hops: 10/10, once each");
+        let sum =
+            |metric: &str| -> u64 { net.relays.iter().map(|r| net.metric(&r.0, metric)).sum() };
+        assert!(net.metric("a", "meshwhisper_federation_onion_sent_total") >= 10);
+        assert!(net.metric("pub2", "meshwhisper_federation_onion_delivered_total") >= 10);
+        let relayed = sum("meshwhisper_federation_onion_relayed_total");
+        let n: u64 = hops.parse().expect("hops");
+        assert!(
+            relayed >= 10 * n,
+            "{hops} extra hops: {relayed} layers relayed"
+        );
+        // Every routed packet a sent went as an onion, none in the clear.
+        assert_eq!(
+            net.metric("a", "meshwhisper_federation_routed_forwards_total"),
+            net.metric("a", "meshwhisper_federation_onion_sent_total")
+        );
+        carol_l.stop();
+    }
+}
