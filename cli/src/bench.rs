@@ -43,6 +43,8 @@ pub enum BenchCommand {
     /// One hole punch through a relay's anchor service (run on both ends
     /// by scripts/bench-holepunch.sh in testnet/nat.sh's namespaces).
     Holepunch(crate::bench_holepunch::HolepunchBench),
+    /// Onion transit per packet against its primitives, in one run.
+    Onion(crate::bench_onion::OnionBench),
 }
 
 /// The value at fraction `p` of a sorted slice (0 when empty).
@@ -176,6 +178,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Abuse(b) => return crate::bench_abuse::run(b),
         BenchCommand::Forwarder(b) => return crate::bench_forwarder::run(b),
         BenchCommand::Holepunch(b) => return crate::bench_holepunch::run(b),
+        BenchCommand::Onion(b) => return crate::bench_onion::run(b),
     };
     anyhow::ensure!(
         b.size >= 47,

@@ -10,6 +10,7 @@ mod bench_client;
 mod bench_federation;
 mod bench_forwarder;
 mod bench_holepunch;
+mod bench_onion;
 mod control;
 mod keys;
 mod person;
