@@ -88,7 +88,8 @@ pub fn run(b: OnionBench) -> anyhow::Result<()> {
         .map(|h| h.trim().parse::<usize>())
         .collect::<Result<_, _>>()?;
     anyhow::ensure!(
-        hops.iter().all(|h| *h < meshwhisper_crypto::onion::MAX_HOPS),
+        hops.iter()
+            .all(|h| *h < meshwhisper_crypto::onion::MAX_HOPS),
         "--hops: each 0 to 4"
     );
     let payload_len = b.size + 1 + 16 + 2 + 32;
@@ -107,11 +108,21 @@ pub fn run(b: OnionBench) -> anyhow::Result<()> {
     let buf = vec![7u8; class];
     let aead = per_op(b.secs, || {
         let _ = std::hint::black_box(primitives::chacha20poly1305_seal(
-            &[1; 32], &[2; 12], &[], &buf,
+            &[1; 32],
+            &[2; 12],
+            &[],
+            &buf,
         ));
     });
-    println!("x25519 DH: {:.1} µs; X25519 key generation: {:.1} µs; ChaCha20-Poly1305 seal of {class} B: {:.1} µs", dh / 1e3, keygen / 1e3, aead / 1e3);
-    println!("| extra relays | layers | onion transit per packet | 2·layers DH + 2·layers AEAD | ratio |");
+    println!(
+        "x25519 DH: {:.1} µs; X25519 key generation: {:.1} µs; ChaCha20-Poly1305 seal of {class} B: {:.1} µs",
+        dh / 1e3,
+        keygen / 1e3,
+        aead / 1e3
+    );
+    println!(
+        "| extra relays | layers | onion transit per packet | 2·layers DH + 2·layers AEAD | ratio |"
+    );
     println!("|---|---|---|---|---|");
     let m = FederationMetrics::default();
     for h in hops {

@@ -554,7 +554,37 @@ async fn forged_records_and_bad_frames_are_rejected_and_counted() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let (mut opened, mut subscribed, mut published) = (false, false, false);
     let mut acks = std::collections::HashMap::new();
+    let mut onion_acks = std::collections::HashMap::new();
     let mut sent_frames = false;
+    let good_onion = {
+        use meshwhisper_crypto::onion::{Hop, OnionBuilder as _, v2};
+        let a_key = key_of(&a_peer).expect("key");
+        let onion_key = meshwhisper_crypto::primitives::Ed25519Public::from_bytes(&a_key)
+            .expect("ed25519")
+            .to_x25519();
+        let routed = Frame::Routed {
+            id: [6; 16],
+            hops: 1,
+            flags: 0,
+            target: a_key,
+            packet: bytes::Bytes::from(packet(H, b"onion")),
+        };
+        let mut rng = <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_seed([1; 32]);
+        let layer = v2::Sender
+            .build(
+                &mut rng,
+                &[Hop {
+                    relay_key: a_key,
+                    onion_key,
+                }],
+                &meshwhisper_node::federation::onion::encode(routed),
+            )
+            .expect("onion");
+        Frame::Onion {
+            hop: [5; 16],
+            layer: layer.into(),
+        }
+    };
     loop {
         if opened && subscribed && !published {
             for f in &forged {
@@ -596,13 +626,41 @@ async fn forged_records_and_bad_frames_are_rejected_and_counted() {
                     packet: bytes::Bytes::from(packet(H, b"x")),
                 },
             );
+            // A transit frame that has passed the hop cap already.
+            fb.send(
+                a_peer,
+                Frame::Transit {
+                    to: [5; 32],
+                    hops: 3,
+                    inner: Box::new(Frame::Routed {
+                        id: [3; 16],
+                        hops: 1,
+                        flags: 0,
+                        target: [5; 32],
+                        packet: bytes::Bytes::from(packet(H, b"x")),
+                    }),
+                },
+            );
+            // An onion layer of a valid size that does not open.
+            let size = meshwhisper_crypto::onion::v2::onion_len(100).expect("size");
+            fb.send(
+                a_peer,
+                Frame::Onion {
+                    hop: [4; 16],
+                    layer: bytes::Bytes::from(vec![2u8; size]),
+                },
+            );
+            // A good onion for `a`, twice: the replay is dropped.
+            fb.send(a_peer, good_onion.clone());
+            fb.send(a_peer, good_onion.clone());
             sent_frames = true;
         }
         let f = fed(a);
         let counted = [0usize, 2, 3, 4]
             .iter()
             .all(|&i| f.records_rejected[i].load(Relaxed) >= 2);
-        if counted && acks.len() == 2 {
+        if counted && acks.len() == 3 && onion_acks.len() == 2 && f.onion_replays.load(Relaxed) == 1
+        {
             break;
         }
         tokio::select! {
@@ -625,8 +683,14 @@ async fn forged_records_and_bad_frames_are_rejected_and_counted() {
                         f => vec![f],
                     };
                     for f in frames {
-                        if let Frame::Ack { id, status, .. } = f {
-                            acks.insert(id, status);
+                        match f {
+                            Frame::Ack { id, status, .. } => {
+                                acks.insert(id, status);
+                            }
+                            Frame::OnionAck { hop, status } => {
+                                onion_acks.insert(hop, status);
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -644,7 +708,18 @@ async fn forged_records_and_bad_frames_are_rejected_and_counted() {
     }
     assert_eq!(acks[&[1; 16]], AckStatus::Malformed);
     assert_eq!(acks[&[2; 16]], AckStatus::NotTarget);
+    assert_eq!(
+        acks[&[3; 16]],
+        AckStatus::NoPath,
+        "over the transit hop cap"
+    );
+    assert_eq!(onion_acks[&[4; 16]], AckStatus::Malformed);
+    // The good onion's packet: not homed here, answered as a routed one is.
+    assert_eq!(onion_acks[&[5; 16]], AckStatus::NotHome);
     assert!(fed(a).drops_malformed.load(Relaxed) >= 1);
+    assert_eq!(fed(a).transit_refused.load(Relaxed), 1);
+    assert_eq!(fed(a).onion_refused.load(Relaxed), 1);
+    assert_eq!(fed(a).onion_delivered.load(Relaxed), 1);
     // Nothing was stored, and the relay is fine.
     assert_eq!(book_count(a).await, 1, "only its own record");
     assert_eq!(
