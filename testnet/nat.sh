@@ -34,6 +34,9 @@
 # namespace, pid, PeerId, libp2p address, HTTP base) and one directory per
 # relay with its data, stdout.log and stderr.log.
 # Transports: MW_NAT_TRANSPORTS=tcp|quic|both (default both).
+# MW_NAT_MGMT=1 adds a management network to the relays' HTTP gateways
+# (namespace mwn-mgmt, 172.31.0.0/24: pub1 .10, pub2 .11, pub3 .12, a .2,
+# b .3, c .4), for benchmarks.
 # Extra relay flags: MW_RELAY_ARGS (all relays), MW_RELAY_ARGS_<name>
 # (one relay, e.g. MW_RELAY_ARGS_c="--anchors 1").
 set -Eeuo pipefail
@@ -45,7 +48,7 @@ WAIT="${MW_NAT_WAIT:-120}"
 P=mwn- # namespace prefix
 PUBLIC=(pub1 pub2 pub3)
 SITES=(a b c)
-ALL_NS=(inet pub1 pub2 pub3 rta rtb rtc a b c a-cli b-cli c-cli)
+ALL_NS=(inet pub1 pub2 pub3 rta rtb rtc a b c a-cli b-cli c-cli mgmt)
 
 die() {
   echo "testnet/nat.sh: $*" >&2
@@ -156,6 +159,33 @@ build_topology() {
   router a 203.0.113.2 10.0.1
   router b 203.0.113.3 10.0.2
   router c 203.0.113.4 10.0.3 203.0.113.10
+  if [ "${MW_NAT_MGMT:-0}" = 1 ]; then management; fi
+}
+
+# MW_NAT_MGMT=1: a management network (172.31.0.0/24, no routes beyond it)
+# from namespace mwn-mgmt to every relay's HTTP gateway, for load
+# generators that must reach relays in different sites at once. Relays
+# listen for libp2p on their own address only, so federation never uses it.
+management() {
+  ip netns add "${P}mgmt"
+  ns mgmt ip link set lo up
+  ns mgmt ip link add mbr type bridge
+  ns mgmt ip addr add 172.31.0.1/24 dev mbr
+  ns mgmt ip link set mbr up
+  local n i
+  for n in pub1 pub2 pub3 a b c; do
+    i="$(mgmt_ip "$n")"
+    link "$n" mgmt mgmt "m-$n"
+    ns mgmt ip link set "m-$n" master mbr
+    ns "$n" ip addr add "$i/24" dev mgmt
+  done
+}
+
+mgmt_ip() {
+  case "$1" in
+    pub1) echo 172.31.0.10 ;; pub2) echo 172.31.0.11 ;; pub3) echo 172.31.0.12 ;;
+    a) echo 172.31.0.2 ;; b) echo 172.31.0.3 ;; c) echo 172.31.0.4 ;;
+  esac
 }
 
 ip_of() {
@@ -172,11 +202,13 @@ start_relay() {
   mkdir -p "$dir"
   : >"$dir/stdout.log"
   : >"$dir/stderr.log"
-  local args=(relay --data-dir "$dir/data" --http "$ip:8080")
+  # libp2p on the host's own address only (so a relay's record names no
+  # loopback address, and nothing of the management network); HTTP on all.
+  local args=(relay --data-dir "$dir/data" --http "0.0.0.0:8080")
   case "${MW_NAT_TRANSPORTS:-both}" in
-    tcp) args+=(--listen /ip4/0.0.0.0/tcp/4001) ;;
-    quic) args+=(--listen /ip4/0.0.0.0/udp/4001/quic-v1) ;;
-    *) args+=(--listen /ip4/0.0.0.0/tcp/4001 --listen /ip4/0.0.0.0/udp/4001/quic-v1) ;;
+    tcp) args+=(--listen "/ip4/$ip/tcp/4001") ;;
+    quic) args+=(--listen "/ip4/$ip/udp/4001/quic-v1") ;;
+    *) args+=(--listen "/ip4/$ip/tcp/4001" --listen "/ip4/$ip/udp/4001/quic-v1") ;;
   esac
   if [ -n "$boot" ]; then args+=(--bootstrap "$boot"); fi
   case "$name" in

@@ -81,9 +81,11 @@ pub struct Behaviour {
     dialed: PeerMap<HashSet<ConnectionId>>,
     /// Connections with an open stream, per peer.
     open: PeerMap<HashSet<ConnectionId>>,
-    /// Connections that go through an anchor's circuit: a stream on a
-    /// direct connection to the same peer is preferred to theirs.
-    relayed: HashSet<ConnectionId>,
+    /// Connections that go through an anchor's circuit, and to whom: a
+    /// stream on a direct connection to the same peer is preferred.
+    relayed: std::collections::HashMap<ConnectionId, PeerId>,
+    /// This relay (who opens the stream on a hole-punched connection).
+    local: Option<PeerId>,
     actions: VecDeque<ToSwarm<Event, stream::In<Frame>>>,
 }
 
@@ -94,7 +96,8 @@ impl Behaviour {
             config,
             dialed: PeerMap::default(),
             open: PeerMap::default(),
-            relayed: HashSet::new(),
+            relayed: std::collections::HashMap::new(),
+            local: None,
             actions: VecDeque::new(),
         }
     }
@@ -124,7 +127,7 @@ impl Behaviour {
     fn chosen(&self, peer: &PeerId) -> Option<ConnectionId> {
         let open = self.open.get(peer)?;
         open.iter()
-            .find(|c| !self.relayed.contains(c))
+            .find(|c| !self.relayed.contains_key(c))
             .or_else(|| open.iter().next())
             .copied()
     }
@@ -132,7 +135,30 @@ impl Behaviour {
     /// Whether frames to `peer` go on a direct connection (`Some(false)`:
     /// through a circuit; `None`: no stream is open).
     pub fn is_direct(&self, peer: &PeerId) -> Option<bool> {
-        self.chosen(peer).map(|c| !self.relayed.contains(&c))
+        self.chosen(peer).map(|c| !self.relayed.contains_key(&c))
+    }
+
+    /// This relay's PeerId: on a direct connection to a peer it already
+    /// reaches through a circuit (a hole punch, which dials from both
+    /// ends), the end with the smaller PeerId opens the stream.
+    pub fn with_local(mut self, local: PeerId) -> Self {
+        self.local = Some(local);
+        self
+    }
+
+    /// Whether we open the stream on a new direct connection to `peer`
+    /// (`dialed`: we dialed it as the dialer). Normally the dialer does;
+    /// on a connection to a peer we reach through a circuit, the end with
+    /// the smaller PeerId does: a hole punch dials from both ends and
+    /// libp2p reports the result differently over TCP (one connection,
+    /// both ends "dialers", one with its role overridden) and QUIC (an
+    /// outbound connection at one end, an inbound one at the other).
+    fn opens(&self, peer: &PeerId, dialed: bool) -> bool {
+        let punched = self.relayed.values().any(|p| p == peer);
+        match (punched, self.local) {
+            (true, Some(local)) => local < *peer,
+            _ => dialed,
+        }
     }
 
     /// Sends `frame` on an open stream to `peer`; `false` if there is none.
@@ -179,12 +205,14 @@ impl NetworkBehaviour for Behaviour {
     fn handle_established_inbound_connection(
         &mut self,
         connection: ConnectionId,
-        _: PeerId,
+        peer: PeerId,
         local: &Multiaddr,
         remote: &Multiaddr,
     ) -> Result<THandler<Self>, ConnectionDenied> {
         if crate::nat::is_relayed(local) || crate::nat::is_relayed(remote) {
-            self.relayed.insert(connection);
+            self.relayed.insert(connection, peer);
+        } else if self.opens(&peer, false) {
+            self.dialed.entry(peer).or_default().insert(connection);
         }
         Ok(stream::Handler::shedding(
             self.config.max_frame,
@@ -201,12 +229,11 @@ impl NetworkBehaviour for Behaviour {
         _: PortUse,
     ) -> Result<THandler<Self>, ConnectionDenied> {
         if crate::nat::is_relayed(addr) {
-            self.relayed.insert(connection);
-        }
-        // A hole punch dials from both ends; the end that dialed as the
-        // listener (`role` overridden) leaves the stream to the other, as
-        // with any connection it did not dial.
-        if role == Endpoint::Dialer {
+            self.relayed.insert(connection, peer);
+            if role == Endpoint::Dialer {
+                self.dialed.entry(peer).or_default().insert(connection);
+            }
+        } else if self.opens(&peer, role == Endpoint::Dialer) {
             self.dialed.entry(peer).or_default().insert(connection);
         }
         Ok(stream::Handler::shedding(

@@ -94,6 +94,9 @@ pub struct FederationSettings {
     pub stream: federation::Config,
     /// Reachability probes, the anchor service, hole punching.
     pub nat: nat::Settings,
+    /// A transit-only relay dials no one but its uplinks: no Kademlia
+    /// (whose lookups would dial relays).
+    pub transit_only: bool,
 }
 
 /// Connection bounds.
@@ -214,7 +217,7 @@ impl Behaviour {
             .then(|| autonat::v2::server::Behaviour::new(rand::make_rng::<rand::rngs::StdRng>()));
         let (gossipsub, kad) = if federating {
             let (g, k) = federation_protocols(key, &fed.gossip)?;
-            (Some(g), Some(k))
+            (Some(g), Some(k).filter(|_| !fed.transit_only))
         } else {
             (None, None)
         };
@@ -232,7 +235,7 @@ impl Behaviour {
             ping: ping::Behaviour::new(ping::Config::new()),
             gossipsub: gossipsub.into(),
             kad: kad.into(),
-            federation: federation::Behaviour::new(fed.stream),
+            federation: federation::Behaviour::new(fed.stream).with_local(peer_id),
             device: device::Behaviour::new(device),
         })
     }

@@ -1187,6 +1187,7 @@ impl Config {
                 ..Default::default()
             },
             nat: self.nat.settings(),
+            transit_only: f.transit_only,
         }
     }
 
