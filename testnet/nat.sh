@@ -40,7 +40,8 @@
 # Extra relay flags: MW_RELAY_ARGS (all relays), MW_RELAY_ARGS_<name>
 # (one relay, e.g. MW_RELAY_ARGS_c="--anchors 1").
 set -Eeuo pipefail
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" # mw_bin
 RUN_DIR="${MW_NAT_DIR:-$REPO/target/testnet-nat}"
 case "$RUN_DIR" in /*) ;; *) RUN_DIR="$PWD/$RUN_DIR" ;; esac
 RELAYS="$RUN_DIR/relays.tsv"
@@ -71,18 +72,6 @@ ns() { ip netns exec "$P$1" "${@:2}"; }
 
 ns_exists() { ip netns list 2>/dev/null | grep -qE "^$P$1( |$)"; }
 
-mw_bin() {
-  if [ -n "${MW_BIN:-}" ]; then
-    echo "$MW_BIN"
-    return
-  fi
-  local bin="$REPO/target/release/meshwhisper"
-  if [ ! -x "$bin" ]; then
-    echo "building $bin ..." >&2
-    (cd "$REPO" && cargo build --release --locked -p meshwhisper >&2) || return 1
-  fi
-  echo "$bin"
-}
 
 # veth pair: $1 namespace, $2 its interface name, $3 peer namespace, $4 peer interface
 link() {
@@ -298,7 +287,7 @@ cmd_up() {
 
 cmd_status() {
   [ -f "$RELAYS" ] || die "no NAT testnet is up (testnet/nat.sh up starts one)"
-  printf '%-5s %-9s %-8s %-10s %-9s %s\n' relay ns pid state anchors peer_id
+  printf '%-5s %-9s %-8s %-13s %-8s %s\n' relay ns pid state anchors peer_id
   local name nsname pid peer addr http h anchors state bad=0
   while IFS=$'\t' read -r name nsname pid peer addr http; do
     h="$(health "$name")"
@@ -308,7 +297,7 @@ cmd_status() {
       anchors=$((anchors + 1))
     fi
     if [ -z "$h" ]; then state=down bad=1; fi
-    printf '%-5s %-9s %-8s %-10s %-9s %s\n' "$name" "$nsname" "$pid" "${state:-?}" "$anchors" "$peer"
+    printf '%-5s %-9s %-8s %-13s %-8s %s\n' "$name" "$nsname" "$pid" "${state:-?}" "$anchors" "$peer"
   done <"$RELAYS"
   echo "libp2p and HTTP addresses: $RELAYS; run a command in a site with: testnet/nat.sh exec a-cli <command>"
   return "$bad"
