@@ -25,6 +25,7 @@ pub mod action;
 pub mod announce;
 pub mod anti_entropy;
 pub mod book;
+pub mod carried;
 pub mod claims;
 pub mod dedup;
 pub mod dials;

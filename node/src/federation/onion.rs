@@ -55,24 +55,14 @@ pub struct OnionConfig {
     pub replay_ttl_ms: u64,
 }
 
-#[derive(Debug)]
-struct Carried {
-    upstream: PeerId,
-    upstream_hop: [u8; 16],
-    to: PeerId,
-    frame: Frame,
-    deadline_ms: u64,
-    sent: bool,
-}
-
 /// The onion state of one relay.
 pub struct Onion {
     me: RelayKey,
     cfg: OnionConfig,
     peeler: v2::Relay,
     replay: onion::ReplayCache,
-    carried: HashMap<[u8; 16], Carried>,
-    per_peer: HashMap<PeerId, usize>,
+    /// Layers sent on, by our hop id, with the upstream's.
+    carried: super::carried::Carried<[u8; 16], [u8; 16]>,
     /// Routed packets delivered here from an onion: their acks go back as
     /// `OnionAck` under the hop id they came with.
     delivered: HashMap<PacketId, (PeerId, [u8; 16])>,
@@ -108,8 +98,7 @@ impl Onion {
             cfg,
             peeler: v2::Relay::new(secret),
             replay: onion::ReplayCache::new(cfg.replay_tags, cfg.replay_ttl_ms),
-            carried: HashMap::new(),
-            per_peer: HashMap::new(),
+            carried: Default::default(),
             delivered: HashMap::new(),
             rng: <rand_chacha::ChaCha20Rng as rand_core::SeedableRng>::from_seed(seed),
         }
@@ -185,37 +174,24 @@ impl Onion {
                     refuse(AckStatus::Malformed, out);
                     return None;
                 };
-                let theirs = self.per_peer.get(&from).copied().unwrap_or(0);
+                let theirs = self.carried.from(&from);
                 if self.carried.len() >= self.cfg.max_entries || theirs >= self.cfg.max_per_peer {
                     refuse(AckStatus::NoPath, out);
                     return None;
                 }
                 let out_hop = self.hop_id();
-                let frame = Frame::Onion {
-                    hop: out_hop,
-                    layer: layer.into(),
-                };
-                let sent = stream_open(&next);
-                out.push(if sent {
-                    Action::Send {
-                        peer: next,
-                        frame: frame.clone(),
-                    }
-                } else {
-                    Action::Reach(next)
-                });
-                self.carried.insert(
-                    out_hop,
-                    Carried {
-                        upstream: from,
-                        upstream_hop: hop,
-                        to: next,
-                        frame,
-                        deadline_ms: now + CARRY_TIMEOUT_MS,
-                        sent,
+                let entry = super::carried::Entry {
+                    upstream: from,
+                    to: next,
+                    frame: Frame::Onion {
+                        hop: out_hop,
+                        layer: layer.into(),
                     },
-                );
-                *self.per_peer.entry(from).or_default() += 1;
+                    deadline_ms: now + CARRY_TIMEOUT_MS,
+                    sent: false,
+                    extra: hop,
+                };
+                self.carried.carry(out_hop, entry, stream_open(&next), out);
                 m.onion_relayed.fetch_add(1, Relaxed);
                 None
             }
@@ -246,15 +222,6 @@ impl Onion {
         }
     }
 
-    fn release(&mut self, upstream: PeerId) {
-        if let Some(n) = self.per_peer.get_mut(&upstream) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.per_peer.remove(&upstream);
-            }
-        }
-    }
-
     /// An `OnionAck` from `from`: an answer to a layer we carried goes
     /// back upstream (true), else it is not ours to pass on.
     pub fn ack(
@@ -264,64 +231,40 @@ impl Onion {
         status: AckStatus,
         out: &mut Vec<Action>,
     ) -> bool {
-        if self.carried.get(&hop).is_none_or(|c| c.to != from) {
+        let Some(c) = self.carried.answered(&hop, &from) else {
             return false;
-        }
-        if let Some(c) = self.carried.remove(&hop) {
-            self.release(c.upstream);
-            out.push(Action::Send {
-                peer: c.upstream,
-                frame: Frame::OnionAck {
-                    hop: c.upstream_hop,
-                    status,
-                },
-            });
-        }
+        };
+        out.push(Action::Send {
+            peer: c.upstream,
+            frame: Frame::OnionAck {
+                hop: c.extra,
+                status,
+            },
+        });
         true
     }
 
     /// A stream to `peer` opened: layers waiting for it go.
     pub fn stream_opened(&mut self, peer: PeerId, out: &mut Vec<Action>) {
-        for c in self.carried.values_mut() {
-            if c.to == peer && !c.sent {
-                c.sent = true;
-                out.push(Action::Send {
-                    peer,
-                    frame: c.frame.clone(),
-                });
-            }
-        }
+        self.carried.stream_opened(peer, out);
     }
 
     /// A stream to `peer` closed: what went on it goes again on the next.
     pub fn stream_closed(&mut self, peer: PeerId) {
-        for c in self.carried.values_mut() {
-            if c.to == peer {
-                c.sent = false;
-            }
-        }
+        self.carried.stream_closed(peer);
     }
 
     /// Layers not answered in time are answered `NoPath` upstream.
     pub fn tick(&mut self, now: u64, m: &FederationMetrics, out: &mut Vec<Action>) {
-        let late: Vec<[u8; 16]> = self
-            .carried
-            .iter()
-            .filter(|(_, c)| c.deadline_ms <= now)
-            .map(|(h, _)| *h)
-            .collect();
-        for h in late {
-            if let Some(c) = self.carried.remove(&h) {
-                self.release(c.upstream);
-                m.onion_refused.fetch_add(1, Relaxed);
-                out.push(Action::Send {
-                    peer: c.upstream,
-                    frame: Frame::OnionAck {
-                        hop: c.upstream_hop,
-                        status: AckStatus::NoPath,
-                    },
-                });
-            }
+        for (_, c) in self.carried.expired(now) {
+            m.onion_refused.fetch_add(1, Relaxed);
+            out.push(Action::Send {
+                peer: c.upstream,
+                frame: Frame::OnionAck {
+                    hop: c.extra,
+                    status: AckStatus::NoPath,
+                },
+            });
         }
     }
 }

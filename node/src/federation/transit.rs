@@ -29,7 +29,6 @@
 use super::action::Action;
 use crate::metrics::FederationMetrics;
 use bytes::Bytes;
-use foldhash::{HashMap, HashMapExt as _};
 use libp2p::PeerId;
 use meshwhisper_behaviour::device::codec::Status;
 use meshwhisper_behaviour::federation::codec::{AckStatus, Frame, PacketId};
@@ -50,27 +49,16 @@ pub struct TransitConfig {
     pub max_per_peer: usize,
 }
 
-#[derive(Debug)]
-struct Carried {
-    upstream: PeerId,
-    to: PeerId,
-    /// What goes to `to` (hops counted up; a claim under our own req).
-    frame: Frame,
-    deadline_ms: u64,
-    sent: bool,
-    /// The upstream's request id (claims).
-    upstream_req: u64,
-}
-
 /// What is carried, and for whom.
 #[derive(Debug)]
 pub struct Transit {
     me: RelayKey,
     cfg: TransitConfig,
-    packets: HashMap<PacketId, Carried>,
-    claims: HashMap<u64, Carried>,
+    /// Routed packets (and transit frames around them), by packet id.
+    packets: super::carried::Carried<PacketId, ()>,
+    /// Claims, by our request id, with the upstream's.
+    claims: super::carried::Carried<u64, u64>,
     next_req: u64,
-    per_peer: HashMap<PeerId, usize>,
 }
 
 /// The id an answer to `frame` carries: a routed packet's id or a
@@ -114,10 +102,9 @@ impl Transit {
         Self {
             me,
             cfg,
-            packets: HashMap::new(),
-            claims: HashMap::new(),
+            packets: Default::default(),
+            claims: Default::default(),
             next_req: 0,
-            per_peer: HashMap::new(),
         }
     }
 
@@ -170,7 +157,7 @@ impl Transit {
             refuse("a transit back to its sender", out);
             return None;
         }
-        let theirs = self.per_peer.get(&from).copied().unwrap_or(0);
+        let theirs = self.packets.from(&from) + self.claims.from(&from);
         if self.len() >= self.cfg.max_entries || theirs >= self.cfg.max_per_peer {
             refuse("transit table full", out);
             return None;
@@ -216,45 +203,37 @@ impl Transit {
             }
             _ => return None,
         };
-        let sent = stream_open(&to_peer);
-        if sent {
-            out.push(Action::Send {
-                peer: to_peer,
-                frame: frame.clone(),
-            });
-        } else {
-            out.push(Action::Reach(to_peer));
-        }
-        let c = Carried {
-            upstream: from,
-            to: to_peer,
-            frame,
-            deadline_ms: now + CARRY_TIMEOUT_MS,
-            sent,
-            upstream_req,
-        };
-        let replaced = match key {
-            Answer::Packet(id) => self.packets.insert(id, c),
-            Answer::Claim(req) => self.claims.insert(req, c),
-        };
-        match replaced {
-            // A resend of a packet we carry: counted once.
-            Some(old) => self.release(old.upstream),
-            None => {
-                m.transit_relayed.fetch_add(1, Relaxed);
+        let open = stream_open(&to_peer);
+        let deadline_ms = now + CARRY_TIMEOUT_MS;
+        let new = match key {
+            Answer::Packet(id) => {
+                let e = super::carried::Entry {
+                    upstream: from,
+                    to: to_peer,
+                    frame,
+                    deadline_ms,
+                    sent: false,
+                    extra: (),
+                };
+                self.packets.carry(id, e, open, out)
             }
+            Answer::Claim(req) => {
+                let e = super::carried::Entry {
+                    upstream: from,
+                    to: to_peer,
+                    frame,
+                    deadline_ms,
+                    sent: false,
+                    extra: upstream_req,
+                };
+                self.claims.carry(req, e, open, out)
+            }
+        };
+        // A resend of a packet we carry is counted once.
+        if new {
+            m.transit_relayed.fetch_add(1, Relaxed);
         }
-        *self.per_peer.entry(from).or_default() += 1;
         None
-    }
-
-    fn release(&mut self, upstream: PeerId) {
-        if let Some(n) = self.per_peer.get_mut(&upstream) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.per_peer.remove(&upstream);
-            }
-        }
     }
 
     /// An ack from `from`: if it answers a packet we carried to it, it
@@ -267,15 +246,14 @@ impl Transit {
         home: Option<[u8; 32]>,
         out: &mut Vec<Action>,
     ) -> bool {
-        if self.packets.get(&id).is_none_or(|c| c.to != from) {
+        if !self.packets.awaits(&id, &from) {
             return false;
         }
         // `Relayed` (a flood went on) is not the answer yet.
         if status == AckStatus::Relayed {
             return true;
         }
-        if let Some(c) = self.packets.remove(&id) {
-            self.release(c.upstream);
+        if let Some(c) = self.packets.answered(&id, &from) {
             out.push(Action::Send {
                 peer: c.upstream,
                 frame: Frame::Ack { id, status, home },
@@ -293,76 +271,41 @@ impl Transit {
         body: Bytes,
         out: &mut Vec<Action>,
     ) -> bool {
-        if self.claims.get(&req).is_none_or(|c| c.to != from) {
+        let Some(c) = self.claims.answered(&req, &from) else {
             return false;
-        }
-        if let Some(c) = self.claims.remove(&req) {
-            self.release(c.upstream);
-            out.push(Action::Send {
-                peer: c.upstream,
-                frame: Frame::ClaimReply {
-                    req: c.upstream_req,
-                    status,
-                    body,
-                },
-            });
-        }
+        };
+        out.push(Action::Send {
+            peer: c.upstream,
+            frame: Frame::ClaimReply {
+                req: c.extra,
+                status,
+                body,
+            },
+        });
         true
     }
 
     /// A stream to `peer` opened: what waits for it goes now.
     pub fn stream_opened(&mut self, peer: PeerId, out: &mut Vec<Action>) {
-        for c in self.packets.values_mut().chain(self.claims.values_mut()) {
-            if c.to == peer && !c.sent {
-                c.sent = true;
-                out.push(Action::Send {
-                    peer,
-                    frame: c.frame.clone(),
-                });
-            }
-        }
+        self.packets.stream_opened(peer, out);
+        self.claims.stream_opened(peer, out);
     }
 
     /// A stream to `peer` closed: what went on it goes again when one opens.
     pub fn stream_closed(&mut self, peer: PeerId) {
-        for c in self.packets.values_mut().chain(self.claims.values_mut()) {
-            if c.to == peer {
-                c.sent = false;
-            }
-        }
+        self.packets.stream_closed(peer);
+        self.claims.stream_closed(peer);
     }
 
     /// Frames not answered in time are answered `NoPath` upstream.
     pub fn tick(&mut self, now: u64, m: &FederationMetrics, out: &mut Vec<Action>) {
-        let late: Vec<PacketId> = self
-            .packets
-            .iter()
-            .filter(|(_, c)| c.deadline_ms <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in late {
-            if let Some(c) = self.packets.remove(&id) {
-                self.release(c.upstream);
-                m.transit_refused.fetch_add(1, Relaxed);
-                out.push(refusal(c.upstream, Answer::Packet(id), "no way on"));
-            }
+        for (id, c) in self.packets.expired(now) {
+            m.transit_refused.fetch_add(1, Relaxed);
+            out.push(refusal(c.upstream, Answer::Packet(id), "no way on"));
         }
-        let late: Vec<u64> = self
-            .claims
-            .iter()
-            .filter(|(_, c)| c.deadline_ms <= now)
-            .map(|(r, _)| *r)
-            .collect();
-        for r in late {
-            if let Some(c) = self.claims.remove(&r) {
-                self.release(c.upstream);
-                m.transit_refused.fetch_add(1, Relaxed);
-                out.push(refusal(
-                    c.upstream,
-                    Answer::Claim(c.upstream_req),
-                    "no way on",
-                ));
-            }
+        for (_, c) in self.claims.expired(now) {
+            m.transit_refused.fetch_add(1, Relaxed);
+            out.push(refusal(c.upstream, Answer::Claim(c.extra), "no way on"));
         }
     }
 }
