@@ -619,3 +619,59 @@ fn onion_transit_carries_messages_through_extra_relays() {
         carol_l.stop();
     }
 }
+
+#[test]
+fn a_circuit_that_reaches_its_limit_is_renewed_without_losing_packets() {
+    if skip("a_circuit_that_reaches_its_limit_is_renewed_without_losing_packets") {
+        return;
+    }
+    let _g = TOPOLOGY.lock().unwrap_or_else(|e| e.into_inner());
+    // Anchors close every circuit after 4 s; a and b never punch a hole,
+    // so their federation stream lives on circuits only.
+    let anchors = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(anchors.path(), "[nat]\ncircuit_secs = 4\n").expect("conf");
+    let sites = tempfile::NamedTempFile::new().expect("tmp");
+    std::fs::write(sites.path(), "[nat]\nhole_punch = false\n").expect("conf");
+    let arg = |f: &tempfile::NamedTempFile| format!("--config {}", f.path().display());
+    let net = Net::up_with(
+        "both",
+        &[
+            ("MW_RELAY_ARGS_pub1", arg(&anchors)),
+            ("MW_RELAY_ARGS_pub2", arg(&anchors)),
+            ("MW_RELAY_ARGS_pub3", arg(&anchors)),
+            ("MW_RELAY_ARGS_a", arg(&sites)),
+            ("MW_RELAY_ARGS_b", arg(&sites)),
+        ],
+    );
+    let alice = net.profile("mwn-a-cli", "alice", "a");
+    let bob = net.profile("mwn-b-cli", "bob", "b");
+    let bob_l = Listener::start("mwn-b-cli", &bob);
+    bob_l.until("bob's prekeys", LONG, |v| {
+        v["event"] == "prekeys" && v["oneTime"] == 100
+    });
+    introduce(&net, ("mwn-a-cli", &alice), ("mwn-b-cli", &bob));
+    // 40 messages over more than two circuit lifetimes.
+    let start = Instant::now();
+    for i in 0..40 {
+        net.run(
+            "mwn-a-cli",
+            &["send", "bob", &format!("c{i}"), "--profile", &alice],
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(start.elapsed() > Duration::from_secs(9));
+    let mut got = bob_l.messages(40, LONG);
+    got.sort_by_key(|m| m[1..].parse::<u32>().unwrap_or(0));
+    let want: Vec<String> = (0..40).map(|i| format!("c{i}")).collect();
+    assert_eq!(got, want, "every message once across circuit renewals");
+    assert!(
+        bob_l.messages(1, Duration::from_secs(2)).is_empty(),
+        "no duplicates"
+    );
+    // Still no hole punch: it all went over circuits.
+    assert_eq!(
+        net.metric("a", "meshwhisper_nat_hole_punch_successes_total"),
+        0
+    );
+    bob_l.stop();
+}

@@ -129,6 +129,9 @@ impl Driver {
                 self.m().probes_ok.fetch_add(1, Relaxed);
                 tracing::info!(addr = %e.tested_addr, server = %e.server, "address reachable");
             }
+            // A relayed connection's "observed address" (`/p2p/<us>`, no
+            // IP) is probed too; it says nothing about our reachability.
+            Err(_) if !has_ip(&e.tested_addr) || is_relayed(&e.tested_addr) => {}
             Err(err) => {
                 self.m().probes_failed.fetch_add(1, Relaxed);
                 self.reach.probe_failed();
@@ -266,6 +269,16 @@ impl Driver {
 
 fn dec(a: &std::sync::atomic::AtomicU64) {
     let _ = a.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(1)));
+}
+
+/// Whether `addr` names an IP address.
+fn has_ip(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| {
+        matches!(
+            p,
+            libp2p::multiaddr::Protocol::Ip4(_) | libp2p::multiaddr::Protocol::Ip6(_)
+        )
+    })
 }
 
 /// `0.0.0.0` / `::` (what a relay listens on, not where it is) and
