@@ -466,6 +466,11 @@ fn clients_behind_nat_and_on_a_public_relay_talk_and_relays_punch_holes() {
             }
         })
     };
+    let signed = net.metric("a", "meshwhisper_federation_records_signed_total");
+    let learned = net.metric(
+        "pub2",
+        "meshwhisper_federation_address_records_learned_total",
+    );
     let victim_pid = net.relay(&victim_name).2;
     let pid = rustix::process::Pid::from_raw(victim_pid as i32).expect("pid");
     rustix::process::kill_process(pid, rustix::process::Signal::KILL).expect("kill");
@@ -474,7 +479,21 @@ fn clients_behind_nat_and_on_a_public_relay_talk_and_relays_punch_holes() {
         a.len() == 2 && !a.iter().any(|p| p == victim.as_str())
     });
     eprintln!("re-anchored {took:?} after SIGKILL of {victim_name}");
-    // The new record (anchors named) reached pub2 as well.
+    // A signed a new record naming its new anchors, and pub2 learned a
+    // newer record (bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while net.metric("a", "meshwhisper_federation_records_signed_total") <= signed
+        || net.metric(
+            "pub2",
+            "meshwhisper_federation_address_records_learned_total",
+        ) <= learned
+    {
+        assert!(
+            Instant::now() < deadline,
+            "A's new record not signed and spread within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     sender.join().expect("sender");
     let mut got = alice_l.messages(20, LONG);
     got.sort_by_key(|m| m[1..].parse::<u32>().unwrap_or(0));
