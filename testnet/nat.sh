@@ -6,6 +6,7 @@
 #   sudo testnet/nat.sh status   # each relay: reachability, anchors, peers
 #   sudo testnet/nat.sh down     # stop the relays, delete the namespaces
 #   sudo testnet/nat.sh exec a-cli meshwhisper id new ...   # run a command in a namespace
+#                                 (`meshwhisper` there is the binary the relays run)
 #
 # Topology ("internet" 203.0.113.0/24 on a bridge; TEST-NET-3, never routed):
 #
@@ -341,6 +342,10 @@ cmd_exec() {
   [ "$(id -u)" = 0 ] || die "needs root: run it with sudo"
   [ $# -ge 2 ] || usage
   ns_exists "$1" || die "no namespace $P$1 (is the NAT testnet up?)"
+  # `meshwhisper` is the binary the testnet runs (sudo drops PATH).
+  if [ "$2" = meshwhisper ]; then
+    set -- "$1" "$(mw_bin)" "${@:3}"
+  fi
   ip netns exec "$P$1" "${@:2}"
 }
 
