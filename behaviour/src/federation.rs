@@ -161,6 +161,15 @@ impl Behaviour {
         }
     }
 
+    /// Connections to `peer` that go through a circuit.
+    pub fn relayed_connections(&self, peer: &PeerId) -> Vec<ConnectionId> {
+        self.relayed
+            .iter()
+            .filter(|(_, p)| *p == peer)
+            .map(|(c, _)| *c)
+            .collect()
+    }
+
     /// Sends `frame` on an open stream to `peer`; `false` if there is none.
     pub fn send(&mut self, peer: PeerId, frame: Frame) -> bool {
         let Some(c) = self.chosen(&peer) else {

@@ -45,7 +45,21 @@ pub struct Driver {
     dialed_at: HashMap<PeerId, Multiaddr>,
     serving: bool,
     metrics: Arc<crate::metrics::Metrics>,
+    /// The circuit address we dialled each relay at (we may dial it again).
+    circuit_at: HashMap<PeerId, Multiaddr>,
+    /// Relays whose hole punch failed: when to try again, and how many
+    /// tries are left.
+    punch_again: HashMap<PeerId, (u64, u8)>,
 }
+
+/// Hole punches tried again after a failure (DCUtR itself tries three
+/// dials at once; a NAT mapping that raced those often lets a later try
+/// through).
+const PUNCH_RETRIES: u8 = 3;
+/// The first retry comes this long after the failure, then twice as long.
+const PUNCH_RETRY_MS: u64 = 5_000;
+/// Relays whose hole punch is remembered as failed, at most.
+const MAX_PUNCH_RETRIES: usize = 1024;
 
 impl Driver {
     /// The driver for these settings.
@@ -57,6 +71,8 @@ impl Driver {
             dialed_at: HashMap::new(),
             serving: false,
             metrics,
+            circuit_at: HashMap::new(),
+            punch_again: HashMap::new(),
         };
         d.m().reachability.store(d.reach.status().gauge(), Relaxed);
         d
@@ -90,10 +106,13 @@ impl Driver {
 
     /// A connection was established.
     pub fn on_connected(&mut self, peer: PeerId, endpoint: &ConnectedPoint) {
-        if let ConnectedPoint::Dialer { address, .. } = endpoint
-            && !is_relayed(address)
-        {
-            self.dialed_at.insert(peer, address.clone());
+        if let ConnectedPoint::Dialer { address, .. } = endpoint {
+            if is_relayed(address) {
+                self.circuit_at.insert(peer, address.clone());
+            } else {
+                self.dialed_at.insert(peer, address.clone());
+                self.punch_again.remove(&peer);
+            }
         }
     }
 
@@ -101,6 +120,9 @@ impl Driver {
     pub fn on_disconnected(&mut self, peer: &PeerId) {
         self.dialed_at.remove(peer);
         self.hop.remove(peer);
+        // (`punch_again` stays: a retry closes and redials the circuit,
+        // and its count must survive that.)
+        self.circuit_at.remove(peer);
     }
 
     /// identify told us what `peer` speaks.
@@ -201,7 +223,57 @@ impl Driver {
                 tracing::info!(peer = %e.remote_peer_id, "hole punched: direct connection");
             }
             Err(err) => {
-                tracing::info!(peer = %e.remote_peer_id, error = %err, "hole punch failed; staying on the circuit")
+                tracing::info!(peer = %e.remote_peer_id, error = %err, "hole punch failed; staying on the circuit");
+                // The end that dialled the circuit tries again later.
+                if self.circuit_at.contains_key(&e.remote_peer_id) {
+                    let now = crate::core::now_ms();
+                    let known = self.punch_again.get(&e.remote_peer_id).copied();
+                    let left = known.map_or(PUNCH_RETRIES, |(_, l)| l);
+                    if left > 0 && (known.is_some() || self.punch_again.len() < MAX_PUNCH_RETRIES) {
+                        let wait = PUNCH_RETRY_MS << (PUNCH_RETRIES - left);
+                        self.punch_again
+                            .insert(e.remote_peer_id, (now + wait, left - 1));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hole punches due again: while a relay is still reached through a
+    /// circuit only, that circuit is closed and dialled anew (DCUtR runs
+    /// on every new circuit). Unacknowledged packets on it are resent.
+    fn punch_again(&mut self, swarm: &mut Swarm<Behaviour>, now: u64) {
+        let due: Vec<PeerId> = self
+            .punch_again
+            .iter()
+            .filter(|(_, (at, _))| *at <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in due {
+            let Some((_, left)) = self.punch_again.get_mut(&peer) else {
+                continue;
+            };
+            let left = *left;
+            // Not again unless this try fails too.
+            self.punch_again.insert(peer, (u64::MAX, left));
+            let b = swarm.behaviour();
+            if b.federation.is_direct(&peer) != Some(false) {
+                continue;
+            }
+            let Some(addr) = self.circuit_at.get(&peer).cloned() else {
+                continue;
+            };
+            let conns = b.federation.relayed_connections(&peer);
+            tracing::info!(%peer, "trying the hole punch again");
+            for c in conns {
+                swarm.close_connection(c);
+            }
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                .addresses(vec![addr])
+                .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+                .build();
+            if let Err(e) = swarm.dial(opts) {
+                tracing::debug!(%peer, error = %e, "redialling the circuit failed");
             }
         }
     }
@@ -215,6 +287,7 @@ impl Driver {
         now: u64,
         admitted: impl Fn(&PeerId) -> bool,
     ) -> Option<Vec<PeerId>> {
+        self.punch_again(swarm, now);
         let status = self.reach.status();
         self.m().reachability.store(status.gauge(), Relaxed);
         let serve = status == Status::Public;
